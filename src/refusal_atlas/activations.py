@@ -1,0 +1,128 @@
+"""Residual-stream representations at chosen layers × post-instruction positions.
+
+Means are accumulated in float64 while streaming batches, so memory does not grow with the
+number of prompts. Per-prompt vectors are kept only at the last position (what SOM training and
+geometry plots need). The forward pass stops right after the deepest requested layer and never
+runs the LM head.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from refusal_atlas.batching import length_sorted_batches
+from refusal_atlas.errors import ArtifactError
+from refusal_atlas.io import load_tensors, save_tensors
+from refusal_atlas.model.adapter import ModelAdapter
+from refusal_atlas.model.chat import ChatFormatter
+from refusal_atlas.progress import progress
+
+
+@dataclass
+class ActivationSet:
+    """Representations of one prompt set.
+
+    ``mean``: [n_positions, n_layers, d] float64; ``last``: [n_prompts, n_layers, d] float32 at
+    position -1 (or None); ``layers`` are block-input indices, ``positions`` negative offsets.
+    """
+
+    layers: list[int]
+    positions: list[int]
+    mean: torch.Tensor
+    n: int
+    last: torch.Tensor | None = None
+
+    def mean_at(self, layer: int, position: int = -1) -> torch.Tensor:
+        return self.mean[self.positions.index(position), self.layers.index(layer)]
+
+    def last_at(self, layer: int) -> torch.Tensor:
+        if self.last is None:
+            raise ArtifactError("per-prompt representations were not kept for this activation set")
+        return self.last[:, self.layers.index(layer)]
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.inference_mode()
+def extract(
+    adapter: ModelAdapter,
+    chat: ChatFormatter,
+    instructions: Sequence[str],
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    batch_size: int = 16,
+    keep_last: bool = True,
+    desc: str = "extract",
+) -> ActivationSet:
+    """Run the prompts and collect block-input residuals (our layer convention)."""
+    layers = sorted(adapter.check_layer(l) for l in (layers if layers is not None else range(adapter.n_layers)))
+    positions = chat.positions(positions)
+    if not instructions:
+        raise ArtifactError("no prompts to extract representations from")
+    if keep_last and -1 not in positions:
+        raise ArtifactError("keep_last needs position -1 among the extracted positions")
+    d = adapter.d_model
+    total = torch.zeros(len(positions), len(layers), d, dtype=torch.float64)
+    last = torch.zeros(len(instructions), len(layers), d, dtype=torch.float32) if keep_last else None
+    pos_index = torch.tensor(positions)
+    captured: dict[int, torch.Tensor] = {}
+
+    def make_hook(layer: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[layer] = hidden[:, pos_index.to(hidden.device)].detach().to("cpu", torch.float64)
+            if layer == layers[-1]:
+                raise _Stop
+
+        return hook
+
+    handles = [adapter.layers[l].register_forward_pre_hook(make_hook(l), with_kwargs=True) for l in layers]
+    bar = progress(len(instructions), desc)
+    try:
+        for idx in length_sorted_batches(chat.token_lengths(instructions), batch_size):
+            batch = chat.encode([instructions[i] for i in idx], device=adapter.device)
+            try:
+                adapter.base(**batch, use_cache=False)
+            except _Stop:
+                pass
+            stacked = torch.stack([captured[l] for l in layers], dim=2)  # [b, P, L, d]
+            total += stacked.sum(dim=0)
+            if last is not None:
+                last[idx] = stacked[:, positions.index(-1)].to(torch.float32)
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+    return ActivationSet(layers=list(layers), positions=list(positions), mean=total / len(instructions),
+                         n=len(instructions), last=last)
+
+
+def save_activation_sets(path: str | os.PathLike, sets: dict[str, ActivationSet]) -> Path:
+    """Save named activation sets (e.g. harmful / harmless) to one safetensors file."""
+    tensors, meta = {}, {}
+    for name, s in sets.items():
+        tensors[f"{name}.mean"] = s.mean
+        if s.last is not None:
+            tensors[f"{name}.last"] = s.last
+        meta[name] = {"layers": s.layers, "positions": s.positions, "n": s.n}
+    return save_tensors(path, tensors, meta)
+
+
+def load_activation_sets(path: str | os.PathLike) -> dict[str, ActivationSet]:
+    tensors, meta = load_tensors(path)
+    try:
+        return {
+            name: ActivationSet(layers=m["layers"], positions=m["positions"], n=m["n"],
+                                mean=tensors[f"{name}.mean"], last=tensors.get(f"{name}.last"))
+            for name, m in meta.items()
+        }
+    except KeyError as exc:
+        raise ArtifactError(f"activation file {path} is incomplete (missing {exc})") from None

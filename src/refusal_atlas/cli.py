@@ -1,0 +1,185 @@
+"""Command line: a thin skin over the Python API. Every verb works on a run directory.
+
+Errors caused by input print one line (``error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from refusal_atlas.errors import RefusalAtlasError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Map, remove and induce refusal in chat language models (research software).")
+directions_app = typer.Typer(help="Build refusal directions from a run directory's representations.",
+                             no_args_is_help=True)
+app.add_typer(directions_app, name="directions")
+
+RunDirOpt = Annotated[Path, typer.Option("--run-dir", "-r", help="run directory")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="HF id, local dir, .gguf file or 'embedded'")]
+
+
+def _ints(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RefusalAtlasError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+@app.command()
+def run(
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-r", help="default: runs/<timestamp>")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file with RunConfig fields")] = None,
+    model: ModelOpt = None,
+    method: Annotated[str, typer.Option(help="direction method: dim")] = "dim",
+    layer: Annotated[Optional[int], typer.Option(help="skip selection; use DIM at this layer")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="candidate layers, e.g. 8,10,12")] = None,
+    positions: Annotated[Optional[str], typer.Option(help="candidate positions, e.g. -1,-2")] = None,
+    n_train: Annotated[Optional[int], typer.Option()] = None,
+    n_val: Annotated[Optional[int], typer.Option()] = None,
+    n_eval: Annotated[Optional[int], typer.Option()] = None,
+    eval_harmful: Annotated[Optional[str], typer.Option(help="comma-separated dataset names or files")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[Optional[str], typer.Option()] = None,
+    system_prompt: Annotated[Optional[str], typer.Option(help="system message (default: the template's)")] = None,
+    resume: Annotated[bool, typer.Option(help="reuse artifacts already in the run directory")] = False,
+) -> None:
+    """The default end-to-end job: extract → DIM → select → held-out evaluation."""
+    from refusal_atlas.config import load_config
+    from refusal_atlas.pipeline import format_table, run as run_pipeline
+
+    if method != "dim":
+        raise RefusalAtlasError(f"unknown method {method!r} for `run` (available: dim)")
+    cfg = load_config(config, dict(model=model, layer=layer, layers=_ints(layers), positions=_ints(positions),
+                                   n_train=n_train, n_val=n_val, n_eval=n_eval, eval_harmful=_names(eval_harmful),
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device,
+                                   system_prompt=system_prompt))
+    run_dir = run_dir or _default_run_dir()
+    ws, records = run_pipeline(cfg, run_dir, resume=resume)
+    d = ws.run.manifest().get("direction", {})
+    typer.echo(f"\nDIM direction: layer {d.get('layer')}, position {d.get('position')}, norm {d.get('norm', 0):.2f}")
+    typer.echo(format_table(records))
+    typer.echo(f"\nrun directory: {ws.run.path}  (metrics.json, manifest.json, completions/)")
+
+
+def _workspace(run_dir: Path, **overrides):
+    from refusal_atlas.pipeline import config_from_run
+    from refusal_atlas.workspace import open_workspace
+
+    if not (run_dir / "manifest.json").is_file():
+        from refusal_atlas.config import load_config
+
+        return open_workspace(load_config(None, overrides), run_dir)
+    return open_workspace(config_from_run(run_dir, overrides), run_dir, must_exist=True)
+
+
+@app.command("extract")
+def extract_cmd(run_dir: RunDirOpt, model: ModelOpt = None, n_train: Annotated[Optional[int], typer.Option()] = None,
+                filter_train: Annotated[Optional[bool], typer.Option()] = None) -> None:
+    """Residual-stream representations of harmful vs harmless train prompts."""
+    from refusal_atlas.pipeline import extract_step
+    from refusal_atlas.workspace import load_prompt_sets
+
+    ws = _workspace(run_dir, model=model, n_train=n_train, filter_train=filter_train)
+    acts = extract_step(ws, load_prompt_sets(ws.cfg))
+    typer.echo(f"saved {acts['harmful'].n} harmful + {acts['harmless'].n} harmless representations "
+               f"({len(acts['harmful'].layers)} layers) to {ws.run / 'activations.safetensors'}")
+
+
+@directions_app.command("dim")
+def directions_dim(run_dir: RunDirOpt) -> None:
+    """Difference-in-means candidates for every (position, layer)."""
+    from refusal_atlas.activations import load_activation_sets
+    from refusal_atlas.directions.dim import difference_in_means
+    from refusal_atlas.io import save_tensors
+    from refusal_atlas.rundir import RunDir
+
+    run = RunDir(run_dir)
+    acts = load_activation_sets(run / "activations.safetensors")
+    cands = difference_in_means(acts["harmful"], acts["harmless"])
+    save_tensors(run.direction_path("dim_candidates"), {"vectors": cands.vectors},
+                 {"layers": cands.layers, "positions": cands.positions})
+    typer.echo(f"saved {len(cands.positions)}×{len(cands.layers)} DIM candidates to {run.direction_path('dim_candidates')}")
+
+
+@app.command("select")
+def select_cmd(run_dir: RunDirOpt, layers: Annotated[Optional[str], typer.Option()] = None,
+               positions: Annotated[Optional[str], typer.Option()] = None,
+               kl_threshold: Annotated[Optional[float], typer.Option()] = None) -> None:
+    """Arditi-style selection of one DIM candidate on validation prompts."""
+    from refusal_atlas.pipeline import load_dim_candidates, select_step
+    from refusal_atlas.workspace import load_prompt_sets
+
+    ws = _workspace(run_dir, layers=_ints(layers), positions=_ints(positions), kl_threshold=kl_threshold)
+    d = select_step(ws, load_dim_candidates(ws), load_prompt_sets(ws.cfg))
+    typer.echo(f"selected layer {d.layer}, position {d.position}: refusal {d.meta.get('refusal', float('nan')):.3f}, "
+               f"KL {d.meta.get('kl', float('nan')):.4f}, steering {d.meta.get('steering', float('nan')):.3f}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(run_dir: RunDirOpt, directions: Annotated[str, typer.Option(help="direction file name")] = "dim",
+                 n_eval: Annotated[Optional[int], typer.Option()] = None,
+                 eval_harmful: Annotated[Optional[str], typer.Option()] = None,
+                 max_new_tokens: Annotated[Optional[int], typer.Option()] = None) -> None:
+    """Held-out refusal rates (baseline, ablation, ActAdd) and KL; appends to metrics.json."""
+    from refusal_atlas.directions.base import DirectionSet
+    from refusal_atlas.pipeline import evaluate_step, format_table
+    from refusal_atlas.workspace import load_prompt_sets
+
+    ws = _workspace(run_dir, n_eval=n_eval, eval_harmful=_names(eval_harmful), max_new_tokens=max_new_tokens)
+    direction = DirectionSet.load(ws.run.direction_path(directions))
+    typer.echo(format_table(evaluate_step(ws, direction, load_prompt_sets(ws.cfg))))
+
+
+@app.command("export")
+def export_cmd(run_dir: RunDirOpt, out: Annotated[Path, typer.Option(help="output model directory")],
+               directions: Annotated[str, typer.Option(help="direction file name")] = "dim") -> None:
+    """Write a weight-orthogonalized copy of the model (safetensors) with the directions removed."""
+    from refusal_atlas.directions.base import DirectionSet
+    from refusal_atlas.orthogonalize import export_orthogonalized
+
+    ws = _workspace(run_dir)
+    direction = DirectionSet.load(ws.run.direction_path(directions))
+    path = export_orthogonalized(ws.loaded, direction, out)
+    typer.echo(f"exported orthogonalized model ({len(direction)} direction(s)) to {path}")
+
+
+@app.command("datasets")
+def datasets_cmd() -> None:
+    """List the bundled prompt sets."""
+    from refusal_atlas.data import list_datasets
+
+    for info in list_datasets():
+        typer.echo(f"{info.name:<22} {info.role:<13} {info.split or '-':<6} {info.n:>6}  {info.source}")
+
+
+def main() -> None:
+    try:
+        app()
+    except RefusalAtlasError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished steps are kept in the run directory (use --resume)", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

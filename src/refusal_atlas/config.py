@@ -1,0 +1,76 @@
+"""Typed settings for a run. Defaults are the embedded CPU demo; a TOML file and CLI flags override.
+
+Data roles follow the held-out rule: train splits build directions, val splits choose among them
+(and drive searches), test splits and benchmarks produce the numbers we report.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from refusal_atlas.errors import ConfigError
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # model
+    model: str = "embedded"
+    device: str | None = None
+    dtype: str | None = None
+    system_prompt: str | None = Field(None, description="None: the chat template's own default")
+    chat_template: str | None = Field(None, description="path to a Jinja chat template, for models without one")
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    # directions (train split)
+    harmful_train: str = "harmful_train"
+    harmless_train: str = "harmless_train"
+    n_train: int = Field(128, ge=2)
+    filter_train: bool = Field(True, description="keep harmful prompts the model refuses / harmless it answers")
+    # selection (val split)
+    harmful_val: str = "harmful_val"
+    harmless_val: str = "harmless_val"
+    n_val: int = Field(32, ge=1)
+    layers: list[int] | None = Field(None, description="candidate layers; None: floor(L/3) .. 0.8·L")
+    positions: list[int] | None = Field([-1], description="post-instruction positions; None: all")
+    kl_threshold: float = 0.1
+    induce_threshold: float = 0.0
+    prune_layer_frac: float = Field(0.2, ge=0.0, lt=1.0)
+    layer: int | None = Field(None, description="skip selection and use DIM at this layer")
+    ablation_mode: Literal["subspace", "sequential"] = "subspace"
+    # evaluation (held-out)
+    eval_harmful: list[str] = ["jailbreakbench"]
+    eval_harmless: str = "harmless_test"
+    n_eval: int = Field(100, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+
+    @field_validator("positions")
+    @classmethod
+    def _negative_positions(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(p >= 0 for p in v)):
+            raise ValueError("positions are negative offsets from the end of the prompt (-1 = last token)")
+        return v
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Build a RunConfig from an optional TOML file plus overrides (None values are ignored)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML in {path}: {exc}") from None
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return RunConfig(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "config"
+        raise ConfigError(f"invalid setting {where}: {first['msg']}") from None

@@ -1,0 +1,6 @@
+"""Refusal directions: one module per method, all producing :class:`DirectionSet`."""
+
+from refusal_atlas.directions.base import DirectionSet
+from refusal_atlas.directions.dim import DimCandidates, difference_in_means
+
+__all__ = ["DimCandidates", "DirectionSet", "difference_in_means"]

@@ -1,0 +1,1 @@
+"""Evaluation: refusal (substring, logit score), damage (KL), generation-based rates."""

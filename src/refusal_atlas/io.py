@@ -1,0 +1,113 @@
+"""Atomic artifact writes: a crash never leaves a half-written file behind.
+
+Everything goes to a temporary file in the destination folder and is renamed into place, which is
+atomic on POSIX file systems. Artifacts are JSON or safetensors, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from refusal_atlas.errors import ArtifactError
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
+            fh.write("\n")
+
+    return _atomic(Path(path), write)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text atomically."""
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    return _atomic(Path(path), write)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read JSON, turning a missing or corrupt file into an :class:`ArtifactError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"corrupt JSON in {path}: {exc}") from None
+
+
+def save_tensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Save tensors as safetensors, atomically; ``metadata`` is stored as one JSON string."""
+    meta = {"json": json.dumps(metadata, default=_json_default)} if metadata is not None else None
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return _atomic(Path(path), lambda tmp: save_file(clean, tmp, metadata=meta))
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a safetensors file written by :func:`save_tensors` → (tensors, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"missing file: {path}")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("json")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"corrupt safetensors file {path}: {exc}") from None
+    return tensors, (json.loads(raw) if raw else {})
+
+
+def append_jsonl(path: str | os.PathLike, records: list[Mapping[str, Any]]) -> None:
+    """Append records to a JSONL file, one flushed line each (safe to resume after a crash)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, default=_json_default) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")

@@ -1,0 +1,46 @@
+"""Write a model directory (safetensors + config + tokenizer) that ``from_pretrained`` reloads.
+
+``save_pretrained`` refuses models that came from a GGUF file, so we write the state dict
+ourselves. The directory is built under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def save_model_dir(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Save ``model`` (weights, config, generation config) and ``tokenizer`` to ``out_dir`` atomically."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state: dict[str, torch.Tensor] = {}
+        seen: dict[int, str] = {}
+        for name, tensor in model.state_dict().items():
+            ptr = tensor.data_ptr()
+            if ptr in seen and getattr(model.config, "tie_word_embeddings", False):
+                continue  # tied weight: from_pretrained re-ties it
+            seen[ptr] = name
+            t = tensor.detach().to("cpu")
+            state[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous().clone()
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config
+        if dtype is not None:
+            config.dtype = dtype
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
