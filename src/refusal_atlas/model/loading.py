@@ -66,8 +66,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelError(f"cannot load GGUF file {path}: {exc}") from None
+    except Exception as exc:  # a malformed file fails inside the GGUF reader in many ways (struct, KeyError, ...)
+        raise ModelError(f"cannot load GGUF file {path}: not a valid GGUF model ({type(exc).__name__}: {exc})") from None
     return model, tokenizer
 
 

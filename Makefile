@@ -1,0 +1,40 @@
+# refusal-atlas: `make setup`, `make demo`, `make test`, `make bench`.
+# torch is installed first and pinned: on this CPU-only setup `torch==2.13.0` is a local CPU build;
+# an unpinned torch would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.setup-done
+TORCH  ?= torch==2.13.0
+RUN_DIR ?= runs/demo
+
+.PHONY: setup demo test unit integration bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,embedded]"
+	$(BIN)/refusal-atlas prepare
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/refusal-atlas run --run-dir $(RUN_DIR)
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/integration
+
+unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: setup
+	$(BIN)/python -m pytest -q tests/integration
+
+bench: setup
+	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,278 @@
+"""The training loop shared by RDO, cones and RepInd: Riemannian AdamW on orthonormal directions.
+
+The parameters are k orthonormal rows B [k, d] (k = 1 for RDO/RepInd), optionally constrained to
+be orthogonal to a fixed set A (RDO⊥). Each step:
+
+1. the step's batch is split into micro-batches; each micro-batch loss is scaled by its share of
+   the batch before ``backward``, so the gradient is the average over examples (the seed's RepInd
+   summed snapshots of the running gradient instead, over-weighting early examples);
+2. the Euclidean gradient is projected onto the tangent space of the constraint set: off span(A),
+   then G ← G − sym(G Bᵀ) B (the Stiefel projection; for k = 1 this is g − (g·r) r);
+3. gradient clipping, AdamW (lr 1e-2, betas (0.9, 0.98), amsgrad, no weight decay);
+4. retraction: project off span(A) and re-orthonormalize (QR with a sign fix = Gram–Schmidt in
+   index order; for k = 1, renormalize).
+
+Model selection is by a *validation* signal evaluated every ``eval_every`` steps (and on the
+initial iterate): mean refusal score under ablation on harmful val prompts + ``val_kl_weight`` ×
+next-token KL on harmless val prompts. The seed keeps the iterate with the lowest training loss,
+which is measured on a different mini-batch at every step and so mostly rewards easy batches.
+The same validation signal drives plateau learning-rate reduction and early stopping.
+
+A non-finite loss stops training and keeps the best validated iterate (flagged in the result); at
+the very first step it is an error, since nothing was learned.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from refusal_atlas.directions.losses import StepBatches, collate, tokenize_examples
+from refusal_atlas.directions.targets import Targets
+from refusal_atlas.errors import ConfigError
+from refusal_atlas.evaluation.damage import next_token_kl
+from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
+from refusal_atlas.interventions import Intervention
+from refusal_atlas.model.adapter import ModelAdapter
+from refusal_atlas.model.chat import ChatFormatter
+from refusal_atlas.progress import progress
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 40
+    batch_size: int = 8
+    micro_batch: int = 4
+    lr: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.98)
+    amsgrad: bool = True
+    clip: float | None = 10.0
+    eval_every: int = 4
+    patience: int = 3  # validations without improvement before the lr is cut
+    n_lr_reduce: int = 2
+    lr_factor: float = 0.1
+    val_kl_weight: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "micro_batch", "eval_every", "patience"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.micro_batch > self.batch_size:
+            self.micro_batch = self.batch_size
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+# ------------------------------------------------------------------------------------------ data
+class TrainingData:
+    """Tokenized targets; ``batches(idx)`` collates example ``i`` of each role into StepBatches."""
+
+    def __init__(self, chat: ChatFormatter, targets: Targets, device: torch.device | str = "cpu"):
+        self.answer = tokenize_examples(chat, targets.harmful, targets.answer)
+        self.refusal = tokenize_examples(chat, targets.harmless, targets.refusal)
+        self.retain = tokenize_examples(chat, targets.harmless, targets.retain)
+        self.n = min(len(self.answer), len(self.refusal))
+        pad = chat.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else chat.tokenizer.eos_token_id)
+        self.device = device
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batches(self, idx: Sequence[int]) -> StepBatches:
+        def pick(examples):
+            return collate([examples[i % len(examples)] for i in idx], self.pad_id, self.device)
+
+        return StepBatches(pick(self.answer), pick(self.refusal), pick(self.retain))
+
+
+class Sampler:
+    """Shuffled passes over the examples; a step's batch may straddle two passes."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.gen, self.order = n, torch.Generator().manual_seed(seed), []
+
+    def take(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            if not self.order:
+                self.order = torch.randperm(self.n, generator=self.gen).tolist()
+            out.append(self.order.pop())
+        return out
+
+
+# ------------------------------------------------------------------------------------ validation
+class ValidationSet:
+    """Cheap validation signal: one forward pass per prompt, baseline harmless log-probs cached."""
+
+    def __init__(self, adapter: ModelAdapter, chat: ChatFormatter, harmful: Sequence[str], harmless: Sequence[str],
+                 refusal_ids: Sequence[int], batch_size: int = 16, kl_weight: float = 10.0):
+        if not harmful or not harmless:
+            raise ConfigError("validation needs harmful and harmless prompts")
+        self.adapter, self.chat, self.refusal_ids = adapter, chat, list(refusal_ids)
+        self.harmful, self.harmless = list(harmful), list(harmless)
+        self.batch_size, self.kl_weight = batch_size, kl_weight
+        self.base_harmless = next_token_logprobs(adapter, chat, self.harmless, batch_size)
+
+    def score_one(self, direction: torch.Tensor) -> dict[str, float]:
+        spec = Intervention("ablate", direction.detach().reshape(1, -1), label="val")
+        lp = next_token_logprobs(self.adapter, self.chat, self.harmful, self.batch_size, intervention=spec)
+        refusal = float(refusal_score(lp, self.refusal_ids).mean())
+        new = next_token_logprobs(self.adapter, self.chat, self.harmless, self.batch_size, intervention=spec)
+        kl = float(next_token_kl(self.base_harmless, new).mean())
+        return {"refusal": refusal, "kl": kl, "objective": refusal + self.kl_weight * kl}
+
+    def score(self, directions: torch.Tensor) -> dict[str, Any]:
+        """Mean of the per-direction objectives (each row ablated on its own)."""
+        rows = [self.score_one(d) for d in directions.reshape(-1, directions.shape[-1])]
+        out: dict[str, Any] = {k: sum(r[k] for r in rows) / len(rows) for k in ("refusal", "kl", "objective")}
+        if len(rows) > 1:
+            out["per_direction"] = rows
+        return out
+
+
+# ------------------------------------------------------------------------------------- geometry
+def orthonormal_rows(m: torch.Tensor) -> torch.Tensor:
+    """Gram–Schmidt in row order (QR with the sign fixed so row i keeps pointing along m_i)."""
+    q, r = torch.linalg.qr(m.to(torch.float64).T)
+    signs = torch.sign(r.diagonal())
+    signs[signs == 0] = 1
+    return (q * signs).T.to(m.dtype)
+
+
+def remove_span(m: torch.Tensor, constraint: torch.Tensor | None) -> torch.Tensor:
+    """m minus its component in span(constraint) (constraint rows orthonormal)."""
+    if constraint is None:
+        return m
+    return m - (m @ constraint.T) @ constraint
+
+
+def tangent_project(grad: torch.Tensor, params: torch.Tensor, constraint: torch.Tensor | None = None) -> torch.Tensor:
+    """Riemannian gradient on {B: B Bᵀ = I, B Aᵀ = 0}: G − sym(G Bᵀ) B, then off span(A)."""
+    g = remove_span(grad, constraint)
+    gb = g @ params.T
+    return g - 0.5 * (gb + gb.T) @ params
+
+
+def retract(params: torch.Tensor, constraint: torch.Tensor | None = None) -> torch.Tensor:
+    return orthonormal_rows(remove_span(params, constraint))
+
+
+# ------------------------------------------------------------------------------------------ loop
+LossFn = Callable[[torch.Tensor, list[int], int, int], tuple[torch.Tensor, dict[str, float]]]
+ValidateFn = Callable[[torch.Tensor], dict[str, Any]]
+
+
+@dataclass
+class TrainResult:
+    params: torch.Tensor  # [k, d] best validated iterate (orthonormal rows)
+    last: torch.Tensor  # [k, d] last finite iterate
+    best_step: int
+    stopped: str  # "max_steps" | "plateau" | "nan_loss"
+    history: dict[str, list[float]] = field(default_factory=dict)
+    val_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def meta(self) -> dict[str, Any]:
+        return {"best_step": self.best_step, "stopped": self.stopped, "history": self.history,
+                "val_history": self.val_history}
+
+
+def train_directions(
+    init: torch.Tensor,
+    loss_fn: LossFn,
+    n_examples: int,
+    validate: ValidateFn,
+    cfg: TrainConfig,
+    constraint: torch.Tensor | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Optimize orthonormal directions [k, d] by ``loss_fn(params, example_idx, slot, step)``.
+
+    ``slot`` numbers the micro-batches within a step (cones use it to pick a direction).
+    """
+    if n_examples < 1:
+        raise ConfigError("training needs at least one example")
+    if constraint is not None:
+        constraint = orthonormal_rows(constraint.to(torch.float32))
+    start = retract(init.detach().to(torch.float32).reshape(-1, init.shape[-1]), constraint)
+    if not torch.isfinite(start).all() or start.norm(dim=1).min() < 0.5:
+        raise ConfigError("initial directions are degenerate (zero, NaN, or inside the excluded span)")
+    param = torch.nn.Parameter(start.clone())
+    opt = torch.optim.AdamW([param], lr=cfg.lr, betas=cfg.betas, weight_decay=0.0, amsgrad=cfg.amsgrad)
+    sampler = Sampler(n_examples, cfg.seed)
+    history: dict[str, list[float]] = {"loss": [], "lr": [], "grad_norm": []}
+    first = validate(param.detach())
+    val_history = [{"step": 0, **first}]
+    best_obj, best_step, best = first["objective"], 0, param.detach().clone()
+    last_good, stale, n_reduced, stopped = param.detach().clone(), 0, 0, "max_steps"
+    micro = [cfg.micro_batch] * (cfg.batch_size // cfg.micro_batch)
+    if cfg.batch_size % cfg.micro_batch:
+        micro.append(cfg.batch_size % cfg.micro_batch)
+    with progress(cfg.steps, desc) as bar:
+        for step in range(1, cfg.steps + 1):
+            opt.zero_grad(set_to_none=True)
+            total, parts = 0.0, {}
+            for slot, size in enumerate(micro):
+                loss, p = loss_fn(param, sampler.take(size), slot, step)
+                if not torch.isfinite(loss):
+                    total = float("nan")
+                    break
+                (loss * (size / cfg.batch_size)).backward()
+                total += float(loss.detach()) * size / cfg.batch_size
+                for k, v in p.items():
+                    parts[k] = parts.get(k, 0.0) + v * size / cfg.batch_size
+            grad = param.grad
+            if not math.isfinite(total) or grad is None or not torch.isfinite(grad).all():
+                if step == 1:
+                    raise ConfigError(f"{desc}: the loss or its gradient is NaN/inf at the first step; check the "
+                                      "targets (empty?), the model dtype (fp16 overflows?) and the loss weights")
+                warnings.warn(f"{desc}: non-finite loss at step {step}; stopping and keeping the best iterate",
+                              stacklevel=2)
+                stopped = "nan_loss"
+                break
+            with torch.no_grad():
+                param.grad = tangent_project(grad, param.detach(), constraint)
+                gnorm = float(param.grad.norm())
+                if cfg.clip:
+                    torch.nn.utils.clip_grad_norm_([param], cfg.clip)
+            opt.step()
+            with torch.no_grad():
+                new = retract(param.detach(), constraint)
+                if not torch.isfinite(new).all():
+                    stopped = "nan_loss"
+                    warnings.warn(f"{desc}: parameters became non-finite at step {step}; stopping", stacklevel=2)
+                    break
+                param.copy_(new)
+                last_good = new.clone()
+            history["loss"].append(total)
+            history["lr"].append(opt.param_groups[0]["lr"])
+            history["grad_norm"].append(gnorm)
+            for k, v in parts.items():
+                history.setdefault(k, []).append(v)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.3f}")
+            if step % cfg.eval_every and step != cfg.steps:
+                continue
+            val = validate(param.detach())
+            val_history.append({"step": step, **val})
+            if val["objective"] < best_obj:
+                best_obj, best_step, best, stale = val["objective"], step, param.detach().clone(), 0
+                continue
+            stale += 1
+            if stale >= cfg.patience:
+                if n_reduced >= cfg.n_lr_reduce:
+                    stopped = "plateau"
+                    break
+                n_reduced, stale = n_reduced + 1, 0
+                for group in opt.param_groups:
+                    group["lr"] *= cfg.lr_factor
+    return TrainResult(best, last_good, best_step, stopped, history, val_history)

@@ -1,0 +1,327 @@
+"""Bayesian search over subsets of k directions (the SOM paper's Optuna step, made reproducible).
+
+* **Search space.** A subset of k distinct ids is a Lehmer code: parameter ``pick_i`` ranges over
+  ``[0, n−1−i]`` and indexes into the ids not yet chosen, so every point of the space is a valid,
+  duplicate-free subset (no rejection or resampling). With ``k_min < k_max`` a parameter ``k`` is
+  searched as well and ``pick_i`` exists only for ``i < k``.
+* **Objectives** (both minimised, one forward pass each): the mean logit refusal score on harmful
+  *validation* prompts under ablation, and the mean next-token KL on harmless validation prompts
+  against cached unmodified log-probs. Test splits and benchmarks are never touched here.
+* **Reproducible and resumable.** The study lives in SQLite. Before each trial the TPE sampler is
+  re-seeded from (seed, number of completed trials), and TPE only learns from completed trials,
+  so a search that was killed and resumed proposes exactly what an uninterrupted one would have.
+  Trials left RUNNING by a crash are marked FAIL when the search reopens (a lock file guarantees
+  no other process owns them).
+* **Result.** The Pareto front of (refusal, KL) plus one chosen trial by a documented rule:
+  the lowest refusal among Pareto trials with KL ≤ ``kl_threshold``; if none qualifies, the
+  lowest KL.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from refusal_atlas.directions.base import DirectionSet
+from refusal_atlas.errors import ArtifactError, ConfigError
+from refusal_atlas.evaluation.damage import next_token_kl
+from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
+from refusal_atlas.interventions import AblationMode, Intervention
+from refusal_atlas.progress import progress
+
+Objective = Callable[[DirectionSet], tuple[float, float]]
+RULE = ("min_refusal_under_kl: among Pareto-optimal trials with mean validation KL <= kl_threshold, the "
+        "lowest mean validation refusal score (ties: lower KL, then earlier trial); if none qualifies, "
+        "the Pareto trial with the lowest KL")
+
+
+# --- search space --------------------------------------------------------------------------------
+def decode_lehmer(codes: Sequence[int], ids: Sequence[int]) -> list[int]:
+    """Lehmer code → distinct ids: code i picks among the ids not chosen by codes 0..i-1."""
+    pool, chosen = list(ids), []
+    for i, c in enumerate(codes):
+        if not 0 <= c < len(pool):
+            raise ConfigError(f"Lehmer digit {i} = {c} is out of range [0, {len(pool) - 1}]")
+        chosen.append(pool.pop(c))
+    return chosen
+
+
+def encode_lehmer(chosen: Sequence[int], ids: Sequence[int]) -> list[int]:
+    """Inverse of :func:`decode_lehmer` (e.g. to enqueue a known subset)."""
+    pool, codes = list(ids), []
+    for i in chosen:
+        if i not in pool:
+            raise ConfigError(f"id {i} is not available (ids {list(ids)}, or it repeats)")
+        codes.append(pool.index(i))
+        pool.remove(i)
+    return codes
+
+
+@dataclass(frozen=True)
+class SubsetSpace:
+    """Subsets of ``k_min..k_max`` distinct ids out of ``ids``."""
+
+    ids: tuple[int, ...]
+    k_min: int
+    k_max: int
+
+    def __post_init__(self) -> None:
+        if self.k_min < 1:
+            raise ConfigError(f"k must be >= 1, got {self.k_min}")
+        if self.k_max < self.k_min:
+            raise ConfigError(f"k_max ({self.k_max}) must be >= k ({self.k_min})")
+        if self.k_max > len(self.ids):
+            raise ConfigError(f"k = {self.k_max} but only {len(self.ids)} directions are available (ids "
+                              f"{list(self.ids)}); lower --k/--k-max or use a larger SOM")
+
+    def suggest(self, trial: Trial) -> list[int]:
+        k = self.k_min if self.k_min == self.k_max else trial.suggest_int("k", self.k_min, self.k_max)
+        n = len(self.ids)
+        return decode_lehmer([trial.suggest_int(f"pick_{i}", 0, n - 1 - i) for i in range(k)], self.ids)
+
+
+# --- objectives ----------------------------------------------------------------------------------
+class ValidationObjective:
+    """(mean refusal score on harmful val, mean next-token KL on harmless val) under ablation.
+
+    The unmodified harmless log-probs (and the baseline refusal score) are computed once per
+    process, on first use.
+    """
+
+    def __init__(self, adapter, chat, harmful: Sequence[str], harmless: Sequence[str], refusal_ids: Sequence[int],
+                 *, batch_size: int = 16, mode: AblationMode = "subspace"):
+        if not harmful or not harmless:
+            raise ConfigError("the search needs harmful and harmless validation prompts")
+        self.adapter, self.chat, self.mode, self.batch_size = adapter, chat, mode, batch_size
+        self.harmful, self.harmless, self.refusal_ids = list(harmful), list(harmless), list(refusal_ids)
+        self._base_lp: torch.Tensor | None = None
+        self._base_refusal: float | None = None
+
+    def fingerprint(self) -> str:
+        """Identifies the prompts and mode, so a study is never resumed with another objective."""
+        text = "\x00".join([self.mode, *self.harmful, "\x01", *self.harmless])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def baseline(self) -> dict[str, float]:
+        if self._base_lp is None:
+            self._base_lp = next_token_logprobs(self.adapter, self.chat, self.harmless, self.batch_size)
+            lp = next_token_logprobs(self.adapter, self.chat, self.harmful, self.batch_size)
+            self._base_refusal = float(refusal_score(lp, self.refusal_ids).mean())
+        return {"refusal": float(self._base_refusal), "kl": 0.0}
+
+    def __call__(self, directions: DirectionSet) -> tuple[float, float]:
+        self.baseline()
+        spec = Intervention("ablate", directions, mode=self.mode)
+        lp = next_token_logprobs(self.adapter, self.chat, self.harmful, self.batch_size, intervention=spec)
+        refusal = float(refusal_score(lp, self.refusal_ids).mean())
+        new = next_token_logprobs(self.adapter, self.chat, self.harmless, self.batch_size, intervention=spec)
+        return refusal, float(next_token_kl(self._base_lp, new).mean())
+
+
+# --- study storage -------------------------------------------------------------------------------
+def fingerprint_directions(directions: DirectionSet) -> str:
+    data = directions.vectors.to(torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data + repr((directions.ids, directions.layer)).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def study_lock(db_path: Path) -> Iterator[None]:
+    """Exclusive lock beside the study: under it, any RUNNING trial was left by a dead process."""
+    lock_path = db_path.with_name(db_path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another search is running on {db_path} (locked)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def open_study(db_path: str | os.PathLike, name: str, identity: dict[str, Any] | None = None,
+               create: bool = True) -> optuna.Study:
+    """Open (or create) the two-objective study ``name`` in the SQLite file ``db_path``.
+
+    ``identity`` (search space, seed, objective fingerprint) is stored with a new study and must
+    match on reopening; a mismatch is an error rather than a silently mixed study.
+    """
+    db_path = Path(db_path)
+    if not create and not db_path.is_file():
+        raise ArtifactError(f"no search study at {db_path}; run `refusal-atlas search` first")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db_path}")
+        names = [s.study_name for s in storage.get_all_studies()]
+        if name not in names and not create:
+            raise ArtifactError(f"{db_path} holds no study named {name!r} (studies: {names})")
+        study = optuna.create_study(storage=storage, study_name=name, directions=["minimize", "minimize"],
+                                    load_if_exists=True)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # sqlalchemy / optuna storage errors: the file is not a usable study
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ArtifactError(f"corrupt or unreadable study file {db_path}: {msg}") from None
+    if len(study.directions) != 2:
+        raise ArtifactError(f"study {name!r} in {db_path} is not a two-objective (refusal, KL) study")
+    if identity is not None:
+        stored = study.user_attrs.get("identity")
+        if stored is None:
+            study.set_user_attr("identity", identity)
+        else:
+            diff = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+            if diff:
+                raise ConfigError(
+                    f"{db_path} holds a study made with different settings ({', '.join(diff)}: "
+                    f"{ {k: stored.get(k) for k in diff} } vs now { {k: identity.get(k) for k in diff} }); "
+                    "use the same settings to resume, or another run directory")
+    return study
+
+
+def fail_stale_trials(study: optuna.Study) -> list[int]:
+    """Mark RUNNING trials (left by a killed process) FAIL; returns their numbers."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stale:
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+    return [t.number for t in stale]
+
+
+def completed(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def _sampler(seed: int, n_complete: int, group: bool, n_startup_trials: int) -> optuna.samplers.TPESampler:
+    trial_seed = int(np.random.SeedSequence([seed, n_complete]).generate_state(1)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(multivariate=True, group=group, seed=trial_seed,
+                                          n_startup_trials=n_startup_trials)
+
+
+# --- the search loop ---------------------------------------------------------------------------------
+@dataclass
+class SearchSettings:
+    """What to search (``k``..``k_max`` of the directions), how (seed, TPE start-up) and the pick rule."""
+
+    k: int = 3
+    k_max: int | None = None
+    seed: int = 0
+    mode: AblationMode = "subspace"
+    kl_threshold: float = 0.1
+    n_startup_trials: int = 10
+
+    def space(self, directions: DirectionSet) -> SubsetSpace:
+        return SubsetSpace(tuple(directions.ids), self.k, self.k if self.k_max is None else self.k_max)
+
+    def identity(self, directions: DirectionSet, objective_fingerprint: str) -> dict[str, Any]:
+        space = self.space(directions)
+        return {"ids": list(space.ids), "k_min": space.k_min, "k_max": space.k_max, "seed": self.seed,
+                "mode": self.mode, "n_startup_trials": self.n_startup_trials,
+                "directions": fingerprint_directions(directions), "objective": objective_fingerprint}
+
+
+def _subset_key(ids: Sequence[int], mode: str) -> tuple[int, ...]:
+    return tuple(sorted(ids)) if mode == "subspace" else tuple(ids)  # subspace ablation is order-free
+
+
+def run_trials(study: optuna.Study, directions: DirectionSet, objective: Objective, settings: SearchSettings,
+               n_trials: int) -> list[FrozenTrial]:
+    """Run ``n_trials`` more trials (ask/tell); returns the trials this call finished.
+
+    A subset already evaluated in this study is not re-run: its values are copied (objectives are
+    deterministic) and the trial records ``reused_from``.
+    """
+    space = settings.space(directions)
+    done: dict[tuple[int, ...], FrozenTrial] = {
+        _subset_key(t.user_attrs["ids"], settings.mode): t for t in completed(study) if "ids" in t.user_attrs}
+    finished = []
+    bar = progress(n_trials, "search trials")
+    try:
+        for _ in range(n_trials):
+            study.sampler = _sampler(settings.seed, len(completed(study)), space.k_min < space.k_max,
+                                     settings.n_startup_trials)
+            trial = study.ask()
+            try:
+                ids = space.suggest(trial)
+                trial.set_user_attr("ids", ids)
+                trial.set_user_attr("k", len(ids))
+                previous = done.get(_subset_key(ids, settings.mode))
+                if previous is not None:
+                    trial.set_user_attr("reused_from", previous.number)
+                    values = tuple(previous.values)
+                else:
+                    values = objective(directions.select(ids))
+            except BaseException:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            frozen = study.tell(trial, list(values))
+            done.setdefault(_subset_key(ids, settings.mode), frozen)
+            finished.append(frozen)
+            bar.update(1)
+            bar.set_postfix(refusal=f"{values[0]:.2f}", kl=f"{values[1]:.3f}")
+    finally:
+        bar.close()
+    return finished
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed trials no other completed trial beats on both refusal and KL."""
+    if not completed(study):
+        raise ArtifactError(f"the search study {study.study_name!r} has no finished trials yet; "
+                            "run `refusal-atlas search --trials N`")
+    return sorted(study.best_trials, key=lambda t: (t.values[1], t.values[0], t.number))
+
+
+def choose_trial(front: Sequence[FrozenTrial], kl_threshold: float) -> tuple[FrozenTrial, str]:
+    """Apply :data:`RULE` → (trial, which branch of the rule chose it)."""
+    if not front:
+        raise ArtifactError("the Pareto front is empty: no finished trials")
+    ok = [t for t in front if t.values[1] <= kl_threshold]
+    if ok:
+        return min(ok, key=lambda t: (t.values[0], t.values[1], t.number)), f"lowest refusal with KL <= {kl_threshold}"
+    return min(front, key=lambda t: (t.values[1], t.values[0], t.number)), \
+        f"fallback: no Pareto trial has KL <= {kl_threshold}; lowest KL"
+
+
+def trial_record(t: FrozenTrial) -> dict[str, Any]:
+    rec: dict[str, Any] = {"number": t.number, "state": t.state.name, "ids": t.user_attrs.get("ids"),
+                           "params": dict(t.params)}
+    if t.values is not None:
+        rec["refusal"], rec["kl"] = t.values
+    if "reused_from" in t.user_attrs:
+        rec["reused_from"] = t.user_attrs["reused_from"]
+    return rec
+
+
+def summarize(study: optuna.Study, settings: SearchSettings) -> dict[str, Any]:
+    """Everything search.json records: all trials, the Pareto front, the rule and the chosen trial."""
+    front = pareto_front(study)
+    chosen, branch = choose_trial(front, settings.kl_threshold)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.FAIL,
+                                                                         TrialState.RUNNING)}
+    return {
+        "study": study.study_name, "settings": asdict(settings), "identity": study.user_attrs.get("identity"),
+        "objectives": {"refusal": "mean logit refusal score on harmful validation prompts under ablation "
+                                  "(log-odds of a refusal-start token; lower = less refusal)",
+                       "kl": "mean next-token KL(unmodified || ablated) on harmless validation prompts"},
+        "n_trials": counts, "baseline": study.user_attrs.get("baseline"),
+        "reference": study.user_attrs.get("reference"),
+        "rule": {"name": "min_refusal_under_kl", "kl_threshold": settings.kl_threshold, "description": RULE},
+        "chosen": {**trial_record(chosen), "why": branch},
+        "pareto_front": [trial_record(t) for t in front],
+        "trials": [trial_record(t) for t in trials],
+    }

@@ -1,0 +1,220 @@
+"""The SOM workflow on a run directory: SOM directions → subset search → held-out comparison with DIM.
+
+Steps read and write run-directory artifacts (directions/som.safetensors, study.db, search.json,
+directions/search_best.safetensors, metrics.json), so each CLI verb is one of these functions and
+``run --method som`` chains them after the DIM pipeline. Data roles: SOM on the train
+representations, the search on the validation prompts, the comparison on the held-out sets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from refusal_atlas.activations import load_activation_sets
+from refusal_atlas.config import RunConfig
+from refusal_atlas.data import Prompt
+from refusal_atlas.directions.base import DirectionSet
+from refusal_atlas.directions.som import SomDirections
+from refusal_atlas.errors import ArtifactError, ConfigError
+from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
+from refusal_atlas.interventions import Intervention
+from refusal_atlas.io import read_json, write_json
+from refusal_atlas.rundir import RunDir
+from refusal_atlas.search import (SearchSettings, ValidationObjective, completed, fail_stale_trials, open_study,
+                                  run_trials, study_lock, summarize)
+from refusal_atlas.workspace import PromptSets, Workspace, load_prompt_sets
+
+
+# --- SOM directions --------------------------------------------------------------------------------
+def default_som_layer(run: RunDir) -> int:
+    """The layer of the selected DIM direction (our convention), so SOM and DIM are compared like for like."""
+    path = run.direction_path("dim")
+    if not path.exists():
+        raise ConfigError(f"no --layer given and no DIM direction in {run.path} (directions/dim.safetensors); "
+                          "pass --layer or run `refusal-atlas run` first")
+    return DirectionSet.load(path).layer
+
+
+def som_step(run: RunDir, builder: SomDirections, layer: int | None = None, resume: bool = False) -> DirectionSet:
+    """Train the SOM on the run's harmful train representations → directions/som.safetensors."""
+    path = run.direction_path("som")
+    if resume and path.exists():
+        return DirectionSet.load(path)
+    acts = load_activation_sets(run / "activations.safetensors")
+    if "harmful" not in acts or "harmless" not in acts:
+        raise ArtifactError(f"{run / 'activations.safetensors'} lacks harmful/harmless representations")
+    layer = default_som_layer(run) if layer is None else layer
+    directions = builder.fit(acts["harmful"], acts["harmless"], layer)
+    dim_path = run.direction_path("dim")
+    if dim_path.exists():
+        dim = DirectionSet.load(dim_path)
+        if dim.layer == layer:
+            cos = (directions.unit() @ dim.unit()[0]).tolist()
+            directions.meta["cos_to_dim"] = [round(c, 6) for c in cos]
+    directions.save(path)
+    return directions
+
+
+# --- search ----------------------------------------------------------------------------------------
+def validation_objective(ws: Workspace, sets: PromptSets, mode: str) -> ValidationObjective:
+    return ValidationObjective(ws.adapter, ws.chat, [p.instruction for p in sets.harmful_val],
+                               [p.instruction for p in sets.harmless_val], ws.refusal_ids,
+                               batch_size=ws.cfg.batch_size, mode=mode)  # type: ignore[arg-type]
+
+
+def search_step(ws: Workspace, sets: PromptSets, settings: SearchSettings, directions_name: str = "som",
+                trials: int | None = None, until: int | None = None) -> dict[str, Any]:
+    """Add ``trials`` trials (or run until ``until`` trials are complete) → study.db, search.json, search_best.
+
+    Returns the search summary (see :func:`refusal_atlas.search.summarize`).
+    """
+    if (trials is None) == (until is None):
+        raise ConfigError("give exactly one of trials (add N) or until (reach N completed trials)")
+    if (trials if trials is not None else until) < 0:  # type: ignore[operator]
+        raise ConfigError("the number of trials must be >= 0")
+    directions = DirectionSet.load(ws.run.direction_path(directions_name))
+    objective = validation_objective(ws, sets, settings.mode)
+    db = ws.run / "study.db"
+    with study_lock(db), ws.timed("search"):
+        study = open_study(db, f"search-{directions_name}", settings.identity(directions, objective.fingerprint()))
+        stale = fail_stale_trials(study)
+        n_new = trials if trials is not None else max(0, until - len(completed(study)))  # type: ignore[operator]
+        if n_new > 0:
+            settings.space(directions)  # validates k against the number of directions before any work
+            if "baseline" not in study.user_attrs:
+                study.set_user_attr("baseline", objective.baseline())
+            dim_path = ws.run.direction_path("dim")
+            if "reference" not in study.user_attrs and dim_path.exists():
+                refusal, kl = objective(DirectionSet.load(dim_path))
+                study.set_user_attr("reference", {"dim": {"refusal": refusal, "kl": kl,
+                                                          "note": "DIM was selected on these same val prompts"}})
+            run_trials(study, directions, objective, settings, n_new)
+        summary = summarize(study, settings)
+    summary["directions"] = directions_name
+    summary["stale_trials_failed"] = stale
+    chosen = directions.select(summary["chosen"]["ids"])
+    chosen.meta = {**chosen.meta, "search": {"trial": summary["chosen"]["number"], "refusal": summary["chosen"]["refusal"],
+                                             "kl": summary["chosen"]["kl"], "rule": summary["rule"]["name"]}}
+    chosen.save(ws.run.direction_path("search_best"))
+    write_json(ws.run / "search.json", summary)
+    return summary
+
+
+# --- held-out comparison ---------------------------------------------------------------------------
+def _existing(records: list[dict], label: str, dataset: str, n: int, max_new_tokens: int, need_kl: bool) -> dict | None:
+    for r in records:
+        if (r.get("intervention"), r.get("dataset"), r.get("judge"), r.get("n")) == (label, dataset, "substring", n) \
+                and r.get("max_new_tokens") == max_new_tokens and (not need_kl or r.get("kl") is not None):
+            return r
+    return None
+
+
+def heldout_comparison(ws: Workspace, sets: PromptSets, chosen: DirectionSet, dim: DirectionSet) -> dict[str, Any]:
+    """Baseline vs DIM vs the chosen subset on held-out harmful sets (refusal rate) and harmless (KL).
+
+    Records already in metrics.json for the same dataset, n and max_new_tokens (the DIM pipeline's
+    baseline and DIM ablation, same greedy decoding) are reused; new ones are added.
+    """
+    cfg, existing, new = ws.cfg, ws.run.metrics(), []
+    ids = "-".join(str(i) for i in chosen.ids)
+    specs = {"baseline": Intervention("none"), "dim": Intervention("ablate", dim, mode=cfg.ablation_mode),
+             "som": Intervention("ablate", chosen, mode=cfg.ablation_mode,
+                                 label=f"ablate:{chosen.method}-search[{ids},{cfg.ablation_mode}]")}
+    table: list[dict] = []
+
+    def record(prompts: list[Prompt], dataset: str, spec: Intervention, harmless: bool, base_lp):
+        rec = _existing(existing, spec.label, dataset, len(prompts), cfg.max_new_tokens, harmless)
+        if rec is None:
+            rec = evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.batch_size,
+                                   completions_path=ws.run.completions_path(dataset, spec.label))
+            if harmless:
+                rec["kl"], base_lp = evaluate_kl(ws.adapter, ws.chat, prompts, spec, base_lp, cfg.batch_size)
+            new.append(rec)
+        table.append(rec)
+        return rec, base_lp
+
+    out: dict[str, Any] = {"direction_ids": list(chosen.ids), "k": len(chosen), "layer": chosen.layer,
+                           "mode": cfg.ablation_mode, "datasets": {}}
+    with ws.timed("evaluate_search"):
+        for dataset, prompts in sets.eval_harmful.items():
+            out["datasets"][dataset] = {name: record(prompts, dataset, spec, False, None)[0]["refusal_rate"]
+                                        for name, spec in specs.items()}
+            out["datasets"][dataset]["n"] = len(prompts)
+        base_lp, harmless = None, {}
+        for name, spec in specs.items():
+            rec, base_lp = record(sets.eval_harmless, cfg.eval_harmless, spec, True, base_lp)
+            harmless[name] = {"refusal_rate": rec["refusal_rate"], "kl": rec["kl"]}
+        out["harmless"] = {"dataset": cfg.eval_harmless, **harmless}
+        ws.run.add_metrics(new)
+    out["winner"] = {d: _winner(v) for d, v in out["datasets"].items()}
+    out["records"] = table
+    return out
+
+
+def _winner(rates: dict[str, float]) -> dict[str, Any]:
+    """Lower held-out refusal rate = stronger suppression; a tie is a tie."""
+    diff = rates["som"] - rates["dim"]
+    name = "tie" if abs(diff) < 1e-12 else ("som" if diff < 0 else "dim")
+    return {"method": name, "som_minus_dim_pp": round(100 * diff, 2)}
+
+
+def compare_step(ws: Workspace, sets: PromptSets, chosen_name: str = "search_best") -> dict[str, Any]:
+    chosen = DirectionSet.load(ws.run.direction_path(chosen_name))
+    dim_path = ws.run.direction_path("dim")
+    if not dim_path.exists():
+        raise ArtifactError(f"no DIM direction in {ws.run.path} to compare with; run `refusal-atlas run` first")
+    comparison = heldout_comparison(ws, sets, chosen, DirectionSet.load(dim_path))
+    path = ws.run / "search.json"
+    summary = read_json(path) if path.exists() else {}
+    write_json(path, {**summary, "heldout": {k: v for k, v in comparison.items() if k != "records"}})
+    return comparison
+
+
+# --- formatting ------------------------------------------------------------------------------------
+def format_search(summary: dict[str, Any]) -> str:
+    c, base, ref = summary["chosen"], summary.get("baseline") or {}, (summary.get("reference") or {}).get("dim")
+    lines = [f"trials: {summary['n_trials']}; Pareto front (validation; refusal score, KL):"]
+    lines += [f"  #{t['number']:<4} ids {str(t['ids']):<16} refusal {t['refusal']:8.3f}  KL {t['kl']:.4f}"
+              for t in summary["pareto_front"]]
+    if base:
+        lines.append(f"  no intervention: refusal {base['refusal']:.3f}")
+    if ref:
+        lines.append(f"  DIM (k=1):       refusal {ref['refusal']:.3f}  KL {ref['kl']:.4f}")
+    lines.append(f"chosen: trial #{c['number']} ids {c['ids']} ({c['why']})")
+    return "\n".join(lines)
+
+
+def format_comparison(comparison: dict[str, Any]) -> str:
+    from refusal_atlas.pipeline import format_table
+
+    lines = [format_table(comparison["records"]), ""]
+    kl = comparison["harmless"]
+    for dataset, w in comparison["winner"].items():
+        r = comparison["datasets"][dataset]
+        lines.append(f"{dataset}: refusal baseline {r['baseline']:.2f}, DIM {r['dim']:.2f}, SOM subset "
+                     f"{comparison['direction_ids']} {r['som']:.2f} → winner {w['method']} "
+                     f"({w['som_minus_dim_pp']:+.1f} pp SOM−DIM); KL on {kl['dataset']}: DIM {kl['dim']['kl']:.3f}, "
+                     f"SOM {kl['som']['kl']:.3f}")
+    return "\n".join(lines)
+
+
+# --- end to end ------------------------------------------------------------------------------------
+def run_som(cfg: RunConfig, run_dir: str | Path, builder: SomDirections, settings: SearchSettings,
+            trials: int, resume: bool = False) -> tuple[Workspace, dict[str, Any], dict[str, Any]]:
+    """DIM pipeline, then SOM at the DIM layer, search to ``trials`` completed trials, held-out comparison."""
+    from refusal_atlas.pipeline import run as run_dim
+
+    if trials < 1:
+        raise ConfigError("--trials must be >= 1 for `run --method som`")
+    ws, _ = run_dim(cfg, run_dir, resume=resume)
+    ws.run.update_manifest(status="running")
+    sets = load_prompt_sets(cfg)
+    with ws.timed("som"):
+        som = som_step(ws.run, builder, layer=None, resume=resume)
+    summary = search_step(ws, sets, settings, "som", until=trials)
+    comparison = compare_step(ws, sets)
+    ws.run.update_manifest(status="complete", som={"layer": som.layer, "n_directions": len(som),
+                                                   "hits": som.meta.get("hits"), "chosen_ids": summary["chosen"]["ids"]})
+    return ws, summary, comparison

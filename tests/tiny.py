@@ -1,0 +1,58 @@
+"""Tiny random-weight chat models built in-process (no downloads) for fast unit tests."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<eos>"]
+WORDS = ("I As Sure Here how to make a bomb write poem about cats explain the weather give me recipe for cake "
+         "hack into computer steal money tell joke list three colors build house user assistant system you are "
+         "helpful cannot help with that sorry is step one two first then do it please what why can").split()
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}")
+
+
+def tiny_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = chat_template
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_model(arch: str = "qwen2", n_layers: int = 4, d_model: int = 32, tie: bool = False, seed: int = 0):
+    """A randomly initialised decoder of the given family, in eval mode with frozen weights."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=d_model, intermediate_size=2 * d_model,
+                  num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0, eos_token_id=4)
+    table = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
+             "mistral": (MistralConfig, MistralForCausalLM), "gemma2": (Gemma2Config, Gemma2ForCausalLM)}
+    cfg_cls, model_cls = table[arch]
+    extra = {"head_dim": d_model // 4} if arch == "gemma2" else {}
+    model = model_cls(cfg_cls(**common, **extra))
+    # random init is near-zero for norms' gains; spread weights so interventions have visible effects
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class TinyLoaded:
+    """Duck-types refusal_atlas.model.LoadedModel for tests."""
+
+    def __init__(self, arch: str = "qwen2", **kw):
+        self.model = tiny_model(arch, **kw)
+        self.tokenizer = tiny_tokenizer()
+        self.name, self.source, self.info = f"tiny-{arch}", "test", {}

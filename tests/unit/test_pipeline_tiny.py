@@ -1,0 +1,53 @@
+"""The whole default job on a tiny model: plumbing, artifacts and resume (fast)."""
+
+import json
+
+import pytest
+
+from refusal_atlas.config import load_config
+from refusal_atlas.directions.base import DirectionSet
+from refusal_atlas.errors import ConfigError
+from refusal_atlas.model.export import save_model_dir
+from refusal_atlas.pipeline import run
+from tiny import TinyLoaded
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "tiny"
+    t = TinyLoaded("qwen2")
+    save_model_dir(t.model, t.tokenizer, path)
+    return path
+
+
+def test_run_writes_all_artifacts_and_resumes(tmp_path, tiny_dir):
+    cfg = load_config(None, dict(model=str(tiny_dir), n_train=6, n_val=4, n_eval=4, filter_train=False,
+                                 layers=[0, 1], positions=[-1], max_new_tokens=3, kl_threshold=1e9,
+                                 induce_threshold=-1e9, device="cpu"))
+    ws, records = run(cfg, tmp_path / "r")
+    r = tmp_path / "r"
+    for name in ("manifest.json", "metrics.json", "activations.safetensors", "selection.json",
+                 "directions/dim.safetensors", "directions/dim_candidates.safetensors"):
+        assert (r / name).is_file(), name
+    d = DirectionSet.load(r / "directions/dim.safetensors")
+    assert d.layer in (0, 1) and d.method == "dim"
+    metrics = json.loads((r / "metrics.json").read_text())
+    assert len(metrics) == len(records) == 2 + 3
+    assert {m["intervention"] for m in metrics} == {"none", "ablate:dim", f"actadd:dim@{d.layer}x1"}
+    assert len(list((r / "completions").glob("*.jsonl"))) == 5
+    manifest = json.loads((r / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and set(manifest["timings_s"]) >= {"extract", "select", "evaluate"}
+    # resume reuses the saved direction instead of re-selecting
+    before = (r / "directions/dim.safetensors").stat().st_mtime_ns
+    run(cfg, r, resume=True)
+    assert (r / "directions/dim.safetensors").stat().st_mtime_ns == before
+    assert len(json.loads((r / "metrics.json").read_text())) == 5  # same records replaced, not duplicated
+
+
+def test_invalid_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="positions"):
+        load_config(None, {"positions": [0]})
+    with pytest.raises(ConfigError, match="n_train"):
+        load_config(None, {"n_train": 0})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/no/such/config.toml")
