@@ -40,6 +40,7 @@ class RunConfig(BaseModel):
     kl_threshold: float = 0.1
     induce_threshold: float = 0.0
     prune_layer_frac: float = Field(0.2, ge=0.0, lt=1.0)
+    strict_filters: bool = Field(False, description="fail instead of relaxing filters when no candidate passes")
     layer: int | None = Field(None, description="skip selection and use DIM at this layer")
     ablation_mode: Literal["subspace", "sequential"] = "subspace"
     # evaluation (held-out)

@@ -7,6 +7,7 @@ step whose artifact already exists.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from refusal_atlas.activations import ActivationSet, extract, load_activation_sets, save_activation_sets
@@ -21,6 +22,8 @@ from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.interventions import Intervention
 from refusal_atlas.io import load_tensors, read_json, save_tensors, write_json
 from refusal_atlas.workspace import PromptSets, Workspace, load_prompt_sets, open_workspace
+
+log = logging.getLogger(__name__)
 
 
 def filter_by_refusal(ws: Workspace, harmful: list[Prompt], harmless: list[Prompt]) -> tuple[list, list]:
@@ -86,12 +89,31 @@ def select_step(ws: Workspace, cands: DimCandidates, sets: PromptSets, resume: b
                 [p.instruction for p in sets.harmless_val], ws.refusal_ids,
                 kl_threshold=ws.cfg.kl_threshold, induce_threshold=ws.cfg.induce_threshold,
                 prune_layer_frac=ws.cfg.prune_layer_frac, layers=ws.candidate_layers(),
-                positions=ws.cfg.positions, batch_size=ws.cfg.batch_size)
-            write_json(ws.run / "selection.json", {"chosen": {"layer": sel.direction.layer,
-                       "position": sel.direction.position}, "baseline": sel.baseline, "candidates": sel.scores})
+                positions=ws.cfg.positions, batch_size=ws.cfg.batch_size, strict=ws.cfg.strict_filters)
+            chosen = None if sel.direction is None else {"layer": sel.direction.layer,
+                                                         "position": sel.direction.position}
+            write_json(ws.run / "selection.json", {"chosen": chosen, "relaxed_filters": sel.relaxed,
+                                                   "baseline": sel.baseline, "candidates": sel.scores})
+            if sel.direction is None:
+                raise ConfigError(_no_survivor_message(ws.cfg, sel.scores))
+            if sel.relaxed:
+                log.warning("no DIM candidate passed every filter; relaxed: %s (see selection.json)",
+                            ", ".join(sel.relaxed))
             direction = sel.direction
         direction.save(path)
     return direction
+
+
+def _no_survivor_message(cfg: RunConfig, scores: list[dict]) -> str:
+    scored = [r for r in scores if "kl" in r]
+    best_kl = min(scored, key=lambda r: r["kl"]) if scored else None
+    best_steer = max(scored, key=lambda r: r["steering"]) if scored else None
+    detail = "" if not scored else (
+        f"; lowest KL {best_kl['kl']:.3f} (layer {best_kl['layer']}), highest steering "
+        f"{best_steer['steering']:.2f} (layer {best_steer['layer']}); scores are in selection.json")
+    return (f"no DIM candidate passed the filters (KL <= {cfg.kl_threshold}, steering >= "
+            f"{cfg.induce_threshold}){detail}. Allow relaxation (strict_filters=false), change the thresholds, "
+            "or use more validation prompts")
 
 
 def evaluate_step(ws: Workspace, direction: DirectionSet, sets: PromptSets,
@@ -129,6 +151,9 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> tuple[Work
     records = evaluate_step(ws, direction, sets)
     ws.run.update_manifest(status="complete", direction={"layer": direction.layer, "position": direction.position,
                                                           "norm": float(direction.norms[0])})
+    from refusal_atlas.report import build_report
+
+    build_report(ws.run.path)
     return ws, records
 
 

@@ -91,8 +91,24 @@ def test_lazy_selection_matches_exhaustive(tiny_parts):
     assert any(r["status"] == "not_evaluated" for r in lazy.scores) or len(lazy.scores) == 1
 
 
-def test_selection_fails_clearly_when_nothing_survives(tiny_parts):
+def test_strict_selection_returns_nothing_and_relaxed_selection_records_relaxation(tiny_parts):
     _, adapter, chat = tiny_parts
-    with pytest.raises(ConfigError, match="no DIM candidate passed"):
-        select_direction(adapter, chat, _candidates(adapter, chat), HARMFUL, HARMLESS,
-                         refusal_token_ids(chat.tokenizer), kl_threshold=-1.0)
+    args = (adapter, chat, _candidates(adapter, chat), HARMFUL, HARMLESS, refusal_token_ids(chat.tokenizer))
+    strict = select_direction(*args, kl_threshold=-1.0, strict=True)  # KL >= 0 always fails
+    assert strict.direction is None and all(r["status"].startswith("filtered") for r in strict.scores)
+    relaxed = select_direction(*args, kl_threshold=-1.0, induce_threshold=1e9)
+    assert relaxed.relaxed == ["induce", "kl"]
+    best = min((r for r in relaxed.scores if "refusal" in r), key=lambda r: r["refusal"])
+    assert (relaxed.direction.layer, relaxed.direction.position) == (best["layer"], best["position"])
+    assert relaxed.direction.meta["relaxed_filters"] == ["induce", "kl"]
+    # only the induce filter fails → only it is relaxed, and KL still constrains the choice
+    only_induce = select_direction(*args, kl_threshold=1e9, induce_threshold=1e9)
+    assert only_induce.relaxed == ["induce"]
+
+
+def test_pipeline_reports_scores_when_strict_selection_fails(tmp_path):
+    from refusal_atlas.config import RunConfig
+    from refusal_atlas.pipeline import _no_survivor_message
+
+    msg = _no_survivor_message(RunConfig(), [{"layer": 3, "kl": 0.2, "steering": -1.0}])
+    assert "lowest KL 0.200 (layer 3)" in msg and "selection.json" in msg

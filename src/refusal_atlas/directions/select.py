@@ -7,6 +7,10 @@ candidate is dropped if KL > ``kl_threshold``, steering < ``induce_threshold`` (
 refusal), or it sits in the last ``prune_layer_frac`` of layers. The winner is the survivor with
 the lowest ablation refusal score.
 
+If no candidate passes, the filters are relaxed in a fixed order (first the induce filter, then
+KL), as the Geometry-of-refusal code does when every candidate fails a check; the relaxation is
+recorded in the result. ``strict=True`` raises instead.
+
 Cost cut: (1) is computed for every candidate; (2) and (3) only in increasing order of (1) until
 the first survivor, which gives the same winner as computing everything. ``exhaustive=True``
 computes all three for every candidate (for plots).
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.dim import DimCandidates
@@ -31,17 +35,21 @@ from refusal_atlas.progress import progress
 
 @dataclass
 class Selection:
-    direction: DirectionSet
+    direction: DirectionSet | None  # None only when strict and nothing passed
     scores: list[dict]  # one record per candidate: position, layer, refusal, kl, steering, status
     baseline: dict
+    relaxed: list[str] = field(default_factory=list)  # filters dropped because every candidate failed them
 
 
-def _filter_reason(rec: dict, kl_threshold: float, induce_threshold: float) -> str | None:
+RELAXATION_ORDER = ("induce", "kl")
+
+
+def _filter_reason(rec: dict, kl_threshold: float, induce_threshold: float, ignore: tuple[str, ...] = ()) -> str | None:
     if any(isinstance(rec.get(k), float) and math.isnan(rec[k]) for k in ("refusal", "kl", "steering")):
         return "nan"
-    if rec["kl"] > kl_threshold:
+    if rec["kl"] > kl_threshold and "kl" not in ignore:
         return "kl"
-    if rec["steering"] < induce_threshold:
+    if rec["steering"] < induce_threshold and "induce" not in ignore:
         return "induce"
     return None
 
@@ -61,6 +69,7 @@ def select_direction(
     positions: Sequence[int] | None = None,
     batch_size: int = 16,
     exhaustive: bool = False,
+    strict: bool = False,
 ) -> Selection:
     """Score DIM candidates on validation prompts and pick one (see module docstring)."""
     if not harmful_val or not harmless_val:
@@ -102,18 +111,25 @@ def select_direction(
                 chosen = (p, l)
                 if not exhaustive:
                     break
-    if chosen is None:
-        raise ConfigError(
-            f"no DIM candidate passed the filters (KL <= {kl_threshold}, steering >= {induce_threshold}); "
-            "relax --kl-threshold/--induce-threshold or use more validation prompts"
-        )
+    relaxed: list[str] = []
+    if chosen is None and not strict:  # every candidate now has kl and steering computed
+        for n_relaxed in range(1, len(RELAXATION_ORDER) + 1):
+            ignore = RELAXATION_ORDER[:n_relaxed]
+            passing = [pl for pl in ordered if _filter_reason(records[pl], kl_threshold, induce_threshold, ignore) is None]
+            if passing:
+                chosen, relaxed = passing[0], list(ignore)
+                records[chosen]["status"] = "ok:relaxed:" + "+".join(ignore)
+                break
     scores = [records[(p, l)] for p, l in grid if (p, l) in records]
     for rec in scores:
         rec.setdefault("status", "not_evaluated")
     for p, l in grid:
         if l >= max_layer:
             scores.append({"position": p, "layer": l, "status": "filtered:late_layer"})
+    baseline = {"harmful_refusal_score": base_harmful_score, "harmless_refusal_score": base_harmless_score}
+    if chosen is None:
+        return Selection(direction=None, scores=scores, baseline=baseline)
     direction = candidates.at(chosen[1], chosen[0])
     direction.meta.update({k: records[chosen][k] for k in ("refusal", "kl", "steering")})
-    baseline = {"harmful_refusal_score": base_harmful_score, "harmless_refusal_score": base_harmless_score}
-    return Selection(direction=direction, scores=scores, baseline=baseline)
+    direction.meta["relaxed_filters"] = relaxed
+    return Selection(direction=direction, scores=scores, baseline=baseline, relaxed=relaxed)
