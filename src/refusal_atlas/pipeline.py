@@ -173,4 +173,5 @@ def config_from_run(run_dir: str | Path, overrides: dict | None = None) -> RunCo
     from refusal_atlas.config import load_config
 
     manifest = read_json(Path(run_dir) / "manifest.json")
-    return load_config(None, {**manifest.get("config", {}), **(overrides or {})})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}  # unset flags keep the run's values
+    return load_config(None, {**manifest.get("config", {}), **given})

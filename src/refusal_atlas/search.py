@@ -306,6 +306,18 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
     return rec
 
 
+def _dedupe(trials: Sequence[FrozenTrial], mode: str) -> list[dict[str, Any]]:
+    """One record per distinct subset (re-proposed subsets list their trial numbers as duplicates)."""
+    out: dict[tuple[int, ...], dict[str, Any]] = {}
+    for t in trials:
+        key = _subset_key(t.user_attrs.get("ids", []), mode)
+        if key in out:
+            out[key]["duplicates"].append(t.number)
+        else:
+            out[key] = {**trial_record(t), "duplicates": []}
+    return list(out.values())
+
+
 def summarize(study: optuna.Study, settings: SearchSettings) -> dict[str, Any]:
     """Everything search.json records: all trials, the Pareto front, the rule and the chosen trial."""
     front = pareto_front(study)
@@ -313,6 +325,8 @@ def summarize(study: optuna.Study, settings: SearchSettings) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.FAIL,
                                                                          TrialState.RUNNING)}
+    counts["distinct_subsets"] = len({_subset_key(t.user_attrs.get("ids", []), settings.mode)
+                                      for t in trials if t.state == TrialState.COMPLETE})
     return {
         "study": study.study_name, "settings": asdict(settings), "identity": study.user_attrs.get("identity"),
         "objectives": {"refusal": "mean logit refusal score on harmful validation prompts under ablation "
@@ -322,6 +336,7 @@ def summarize(study: optuna.Study, settings: SearchSettings) -> dict[str, Any]:
         "reference": study.user_attrs.get("reference"),
         "rule": {"name": "min_refusal_under_kl", "kl_threshold": settings.kl_threshold, "description": RULE},
         "chosen": {**trial_record(chosen), "why": branch},
-        "pareto_front": [trial_record(t) for t in front],
+        "pareto_front": [t.number for t in front],
+        "pareto": _dedupe(front, settings.mode),
         "trials": [trial_record(t) for t in trials],
     }

@@ -76,7 +76,7 @@ def search_step(ws: Workspace, sets: PromptSets, settings: SearchSettings, direc
     directions = DirectionSet.load(ws.run.direction_path(directions_name))
     objective = validation_objective(ws, sets, settings.mode)
     db = ws.run / "study.db"
-    with study_lock(db), ws.timed("search"):
+    with study_lock(db):
         study = open_study(db, f"search-{directions_name}", settings.identity(directions, objective.fingerprint()))
         stale = fail_stale_trials(study)
         n_new = trials if trials is not None else max(0, until - len(completed(study)))  # type: ignore[operator]
@@ -89,7 +89,8 @@ def search_step(ws: Workspace, sets: PromptSets, settings: SearchSettings, direc
                 refusal, kl = objective(DirectionSet.load(dim_path))
                 study.set_user_attr("reference", {"dim": {"refusal": refusal, "kl": kl,
                                                           "note": "DIM was selected on these same val prompts"}})
-            run_trials(study, directions, objective, settings, n_new)
+            with ws.timed("search"):
+                run_trials(study, directions, objective, settings, n_new)
         summary = summarize(study, settings)
     summary["directions"] = directions_name
     summary["stale_trials_failed"] = stale
@@ -117,10 +118,10 @@ def heldout_comparison(ws: Workspace, sets: PromptSets, chosen: DirectionSet, di
     baseline and DIM ablation, same greedy decoding) are reused; new ones are added.
     """
     cfg, existing, new = ws.cfg, ws.run.metrics(), []
-    ids = "-".join(str(i) for i in chosen.ids)
+    ids = ",".join(str(i) for i in chosen.ids)
     specs = {"baseline": Intervention("none"), "dim": Intervention("ablate", dim, mode=cfg.ablation_mode),
              "som": Intervention("ablate", chosen, mode=cfg.ablation_mode,
-                                 label=f"ablate:{chosen.method}-search[{ids},{cfg.ablation_mode}]")}
+                                 label=f"ablate:{chosen.method}[{ids}]")}
     table: list[dict] = []
 
     def record(prompts: list[Prompt], dataset: str, spec: Intervention, harmless: bool, base_lp):
@@ -177,7 +178,7 @@ def format_search(summary: dict[str, Any]) -> str:
     c, base, ref = summary["chosen"], summary.get("baseline") or {}, (summary.get("reference") or {}).get("dim")
     lines = [f"trials: {summary['n_trials']}; Pareto front (validation; refusal score, KL):"]
     lines += [f"  #{t['number']:<4} ids {str(t['ids']):<16} refusal {t['refusal']:8.3f}  KL {t['kl']:.4f}"
-              for t in summary["pareto_front"]]
+              for t in summary["pareto"]]
     if base:
         lines.append(f"  no intervention: refusal {base['refusal']:.3f}")
     if ref:
@@ -217,4 +218,7 @@ def run_som(cfg: RunConfig, run_dir: str | Path, builder: SomDirections, setting
     comparison = compare_step(ws, sets)
     ws.run.update_manifest(status="complete", som={"layer": som.layer, "n_directions": len(som),
                                                    "hits": som.meta.get("hits"), "chosen_ids": summary["chosen"]["ids"]})
+    from refusal_atlas.report import build_report
+
+    build_report(ws.run.path)  # again: the DIM pipeline's report predates the search
     return ws, summary, comparison

@@ -51,3 +51,12 @@ def test_invalid_settings_are_config_errors():
         load_config(None, {"n_train": 0})
     with pytest.raises(ConfigError, match="not found"):
         load_config("/no/such/config.toml")
+
+
+def test_config_from_run_keeps_run_values_for_unset_overrides(tmp_path):
+    from refusal_atlas.io import write_json
+    from refusal_atlas.pipeline import config_from_run
+
+    write_json(tmp_path / "manifest.json", {"config": {"n_eval": 7, "max_new_tokens": 5}})
+    cfg = config_from_run(tmp_path, {"n_eval": None, "max_new_tokens": 9})
+    assert cfg.n_eval == 7 and cfg.max_new_tokens == 9

@@ -62,7 +62,7 @@ def plot_metrics(records: list[dict], path: Path) -> Path:
         ax.set_ylabel("refusal rate")
         for i, r in enumerate(rows):
             if r.get("kl") is not None:
-                ax.text(i, min(0.95, rates[i] + 0.06), f"KL {r['kl']:.2f}", ha="center", fontsize=7)
+                ax.text(i, min(0.93, r["ci95"][1] + 0.03), f"KL {r['kl']:.2f}", ha="center", fontsize=7)
     return _save(fig, path)
 
 
