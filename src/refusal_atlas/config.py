@@ -47,6 +47,8 @@ class RunConfig(BaseModel):
     eval_harmful: list[str] = ["jailbreakbench"]
     eval_harmless: str = "harmless_test"
     n_eval: int = Field(100, ge=1)
+    # 32 keeps the CPU demo short. Measured (docs/evaluation.md): vs 256 tokens, 32 flips 2/50 baseline
+    # verdicts (refusal reads 0.56 instead of 0.60) and no ablated one; 64 flips none. Use 64+ for reports.
     max_new_tokens: int = Field(32, ge=1)
 
     @field_validator("positions")

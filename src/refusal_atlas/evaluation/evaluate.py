@@ -1,32 +1,56 @@
-"""Held-out evaluation of interventions: generate, judge, measure damage, record.
+"""Held-out evaluation: {datasets} × {interventions} × {judges}, damage metrics and benchmarks.
 
-Each (dataset, intervention) pair yields one record for metrics.json with the refusal rate, its
-n and 95% interval, and, where asked, the next-token KL against the unmodified model on the same
-prompts. Completions are saved as JSONL beside the metrics, so any judge can re-read them.
+Every rate recorded carries its n, count and a 95% interval; every KL carries n and a bootstrap
+interval. Generation happens once per (dataset, intervention, max_new_tokens) and is stored in
+``R/completions``; judges read those files, and model judges cache their verdicts in
+``R/judgements``, so adding a judge or re-running after a crash costs only what is new.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from refusal_atlas.data import Prompt
-from refusal_atlas.evaluation.damage import next_token_kl
-from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs
-from refusal_atlas.evaluation.stats import rate_record
-from refusal_atlas.generation import generate
+from refusal_atlas.data import Prompt, load_prompts
+from refusal_atlas.data.registry import REGISTRY
+from refusal_atlas.errors import ArtifactError, ConfigError
+from refusal_atlas.evaluation.completions import completions_for
+from refusal_atlas.evaluation.damage import continuation_kl, kl_records, next_token_kl, refusal_metric
+from refusal_atlas.evaluation.judges import Judge, JudgeItem, SubstringJudge, Verdict
+from refusal_atlas.evaluation.refusal import next_token_logprobs
+from refusal_atlas.evaluation.stats import mean_record, rate_record
 from refusal_atlas.interventions import Intervention
-from refusal_atlas.io import write_text
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 
 
-def _save_completions(path: Path, prompts: Sequence[Prompt], responses: Sequence[str], verdicts: Sequence[bool]):
-    import json
+def dataset_role(name: str) -> str:
+    """harmful / harmless / over_refusal for registered sets; user files count as harmful."""
+    info = REGISTRY.get(name)
+    return info.role if info is not None else "harmful"
 
-    lines = [json.dumps({"instruction": p.instruction, "category": p.category, "response": r, "refusal": v})
-             for p, r, v in zip(prompts, responses, verdicts)]
-    write_text(path, "\n".join(lines) + "\n")
+
+def judged_record(intervention: Intervention, dataset: str, role: str, judge: Judge,
+                  verdicts: Sequence[Verdict], responses: Sequence[str], max_new_tokens: int) -> dict:
+    """One metrics record: refusal-type rate over the items the judge decided, with n and a CI."""
+    refused = sum(v.label == "refused" for v in verdicts)
+    complied = sum(v.label == "complied" for v in verdicts)
+    n = refused + complied
+    rec = {**intervention.describe(), "dataset": dataset, "role": role, **judge.describe(role),
+           "metric": refusal_metric(role, intervention.kind)}
+    if n:
+        stats = rate_record(refused, n)
+        rec.update(n=n, count=refused, rate=stats["rate"], refusal_rate=stats["rate"], ci95=stats["ci95"])
+    else:
+        rec.update(n=0, count=0, rate=None, refusal_rate=None, ci95=None)
+    scores = [v.score for v in verdicts if v.label != "unclear" and v.score is not None]
+    if n and len(scores) == n and rec.get("rubric") == "strongreject":
+        m = mean_record(scores)
+        rec.update(score_mean=m["mean"], score_ci95=m["ci95"])
+    rec.update(unclear=len(verdicts) - n, empty_responses=sum(1 for r in responses if not r.strip()),
+               max_new_tokens=max_new_tokens)
+    return rec
 
 
 def evaluate_refusal(
@@ -40,24 +64,12 @@ def evaluate_refusal(
     batch_size: int = 16,
     completions_path: Path | None = None,
 ) -> dict:
-    """Generate greedily under ``intervention`` and judge refusal by substring → one record."""
-    instructions = [p.instruction for p in prompts]
-    responses = generate(adapter, chat, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         intervention=intervention, desc=f"generate {dataset} [{intervention.label}]")
-    verdicts = [is_refusal(r) for r in responses]
-    if completions_path is not None:
-        _save_completions(completions_path, prompts, responses, verdicts)
-    stats = rate_record(sum(verdicts), len(verdicts))
-    return {
-        **intervention.describe(),
-        "dataset": dataset,
-        "judge": "substring",
-        "n": stats["n"],
-        "refusal_rate": stats["rate"],
-        "ci95": stats["ci95"],
-        "empty_responses": sum(1 for r in responses if not r.strip()),
-        "max_new_tokens": max_new_tokens,
-    }
+    """Generate greedily under ``intervention`` (or reuse saved completions), judge by substring."""
+    comp = completions_for(adapter, chat, prompts, intervention, max_new_tokens, batch_size, completions_path,
+                           desc=f"generate {dataset} [{intervention.label}]")
+    judge, role = SubstringJudge(), dataset_role(dataset)
+    verdicts = judge.judge([JudgeItem(p.instruction, r) for p, r in zip(prompts, comp.responses)], role)
+    return judged_record(intervention, dataset, role, judge, verdicts, comp.responses, max_new_tokens)
 
 
 def evaluate_kl(
@@ -77,3 +89,120 @@ def evaluate_kl(
     new = next_token_logprobs(adapter, chat, instructions, batch_size=batch_size, intervention=intervention,
                               desc=f"KL [{intervention.label}]")
     return float(next_token_kl(base_logprobs, new).mean()), base_logprobs
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class EvalPlan:
+    """What ``evaluate_run`` does; the CLI builds one from its flags."""
+
+    datasets: list[str]
+    interventions: list[Intervention]
+    judges: list[Judge]
+    n: int | None = 100
+    max_new_tokens: int = 64
+    kl_tokens: int = 16
+    benchmarks: list[str] = field(default_factory=list)
+    limit: int | None = None
+    batch_size: int = 16
+    seed: int = 0
+
+
+def check_interventions(names: Sequence[str]) -> list[tuple[str, float]]:
+    """Parse intervention names → (kind, coeff); cheap, so the CLI runs it before loading a model."""
+    out = []
+    for name in names:
+        kind, _, arg = name.partition(":")
+        if kind not in ("none", "ablate", "actadd") or (arg and kind != "actadd"):
+            raise ConfigError(f"unknown intervention {name!r}; use none, ablate, actadd or actadd:<coeff>")
+        try:
+            out.append((kind, float(arg) if arg else 1.0))
+        except ValueError:
+            raise ConfigError(f"bad ActAdd coefficient in {name!r}") from None
+    if not out:
+        raise ConfigError("no interventions given")
+    return out
+
+
+def parse_interventions(names: Sequence[str], directions, mode: str = "subspace") -> list[Intervention]:
+    """``none``, ``ablate``, ``actadd`` (+1 × the direction: induce refusal) or ``actadd:<coeff>``."""
+    out = []
+    for name, (kind, coeff) in zip(names, check_interventions(names)):
+        if kind != "none" and directions is None:
+            raise ArtifactError(f"intervention {name!r} needs a direction file in the run directory "
+                                "(run `refusal-atlas run` or `select` first)")
+        if kind == "none":
+            out.append(Intervention("none"))
+        elif kind == "ablate":
+            out.append(Intervention("ablate", directions, mode=mode))
+        else:
+            out.append(Intervention("actadd", directions, coeff=coeff))
+    return out
+
+
+def evaluate_run(ws, plan: EvalPlan) -> list[dict]:
+    """Run ``plan`` on a workspace; records are added to metrics.json as each group finishes."""
+    if plan.kl_tokens < 1 or plan.max_new_tokens < 1:
+        raise ConfigError("max_new_tokens and kl_tokens must be >= 1")
+    prompt_sets = {name: load_prompts(name, n=plan.n, seed=plan.seed) for name in plan.datasets}  # fail early
+    records: list[dict] = []
+    for name, prompts in prompt_sets.items():
+        role = dataset_role(name)
+        group = []
+        for spec in plan.interventions:
+            comp = completions_for(ws.adapter, ws.chat, prompts, spec, plan.max_new_tokens, plan.batch_size,
+                                   ws.run.completions_path(name, spec.label), desc=f"generate {name} [{spec.label}]")
+            items = [JudgeItem(p.instruction, r) for p, r in zip(prompts, comp.responses)]
+            for judge in plan.judges:
+                rec = judged_record(spec, name, role, judge, judge.judge(items, role), comp.responses,
+                                    plan.max_new_tokens)
+                rec["reused_completions"] = comp.reused
+                group.append(rec)
+        if role == "harmless":
+            group += _damage(ws, plan, name, prompts)
+        ws.run.add_metrics(group)
+        records += group
+    for spec in plan.interventions if plan.benchmarks else []:
+        from refusal_atlas.evaluation.benchmarks import run_benchmarks
+
+        recs = run_benchmarks(ws.loaded.model, ws.loaded.tokenizer, plan.benchmarks, adapter=ws.adapter,
+                              intervention=spec, limit=plan.limit, batch_size=plan.batch_size)
+        recs = [{**spec.describe(), **r, "model": ws.loaded.name} for r in recs]
+        ws.run.add_metrics(recs)
+        records += recs
+    return records
+
+
+def _damage(ws, plan: EvalPlan, dataset: str, prompts: list[Prompt]) -> list[dict]:
+    """First-token and n-token KL(clean ‖ intervened) on a harmless set, per intervention."""
+    specs = [s for s in plan.interventions if s.kind != "none"]
+    if not specs:
+        return []
+    clean = Intervention("none")
+    length = max(plan.max_new_tokens, plan.kl_tokens)  # reuse the clean completions when long enough
+    comp = completions_for(ws.adapter, ws.chat, prompts, clean, length, plan.batch_size,
+                           ws.run.completions_path(dataset, clean.label), desc=f"generate {dataset} [none]")
+    conts = [ids[: plan.kl_tokens] for ids in comp.token_ids]  # greedy: a prefix is the shorter continuation
+    out = []
+    for spec in specs:
+        kl = continuation_kl(ws.adapter, ws.chat, [p.instruction for p in prompts], conts, spec,
+                             batch_size=max(1, plan.batch_size // 2), desc=f"KL {dataset} [{spec.label}]")
+        for rec in kl_records(kl, plan.kl_tokens):
+            out.append({**spec.describe(), "dataset": dataset, "role": "harmless", "judge": None, **rec})
+    return out
+
+
+def format_records(records: Sequence[dict]) -> str:
+    """A fixed-width table of any metrics records (rates, KLs, benchmark scores)."""
+    cols = ("dataset", "intervention", "judge", "metric")
+    width = {c: max([len(c)] + [len(str(r.get(c) or "-")) for r in records]) for c in cols}
+    header = " ".join(f"{c:<{width[c]}}" for c in cols) + f" {'n':>4} {'value':>7}  95% CI"
+    lines = [header, "-" * (len(header) + 12)]
+    for r in records:
+        value, ci, is_rate = r.get("rate", r.get("kl")), r.get("ci95"), "rate" in r
+        val_s = "-" if not isinstance(value, (int, float)) else f"{value:.3f}" if is_rate else f"{value:.3g}"
+        ci_s = "-" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]" if is_rate else f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+        extra = "".join(f"  {k}={r[k]}" for k in ("unclear", "empty_responses") if r.get(k))
+        cells = " ".join(f"{str(r.get(c) or '-'):<{width[c]}}" for c in cols)
+        lines.append(f"{cells} {r.get('n', 0):>4} {val_s:>7}  {ci_s}{extra}")
+    return "\n".join(lines)

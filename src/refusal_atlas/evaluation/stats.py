@@ -19,3 +19,16 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 def rate_record(successes: int, n: int) -> dict:
     lo, hi = wilson_interval(successes, n)
     return {"n": n, "count": successes, "rate": successes / n, "ci95": [round(lo, 4), round(hi, 4)]}
+
+
+def mean_record(values, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean with a percentile-bootstrap 95% interval (KL is skewed, so no normal approximation)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ValueError("no values")
+    rng = np.random.default_rng(seed)
+    boots = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return {"n": int(x.size), "mean": float(x.mean()), "ci95": [round(float(lo), 6), round(float(hi), 6)]}

@@ -67,8 +67,8 @@ class Judge(Protocol):
 
     name: str
 
-    def describe(self) -> dict:
-        """Identity of the judge for metrics records (name, model, rubric)."""
+    def describe(self, role: Role = "harmful") -> dict:
+        """Identity of the judge for metrics records (label, model) and the rubric used for ``role``."""
         ...
 
     def judge(self, items: Sequence[JudgeItem], role: Role = "harmful") -> list[Verdict]:
