@@ -19,12 +19,9 @@ def _run(args, cwd):
     return subprocess.run(CLI + args, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny"
-    t = TinyLoaded("qwen2")
-    save_model_dir(t.model, t.tokenizer, path)
-    return path
+@pytest.fixture
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def _assert_clean_error(proc, pattern, run_dir: Path | None = None):

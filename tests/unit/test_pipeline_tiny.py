@@ -7,17 +7,12 @@ import pytest
 from refusal_atlas.config import load_config
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.errors import ConfigError
-from refusal_atlas.model.export import save_model_dir
 from refusal_atlas.pipeline import run
-from tiny import TinyLoaded
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("m") / "tiny"
-    t = TinyLoaded("qwen2")
-    save_model_dir(t.model, t.tokenizer, path)
-    return path
+@pytest.fixture
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_run_writes_all_artifacts_and_resumes(tmp_path, tiny_dir):

@@ -5,10 +5,8 @@ import torch
 
 from refusal_atlas.analysis.geometry import classical_mds, cosine_matrix
 from refusal_atlas.config import load_config
-from refusal_atlas.model.export import save_model_dir
 from refusal_atlas.pipeline import run
 from refusal_atlas.report import build_report
-from tiny import TinyLoaded
 
 
 def test_mds_preserves_cosine_geometry():
@@ -23,10 +21,8 @@ def test_mds_preserves_cosine_geometry():
     assert torch.allclose(cosine_matrix(vecs).diagonal(), torch.ones(6, dtype=torch.float64))
 
 
-def test_report_has_tables_and_real_pngs(tmp_path):
-    t = TinyLoaded("qwen2")
-    save_model_dir(t.model, t.tokenizer, tmp_path / "m")
-    cfg = load_config(None, dict(model=str(tmp_path / "m"), n_train=4, n_val=3, n_eval=3, filter_train=False,
+def test_report_has_tables_and_real_pngs(tmp_path, tiny_model_dir):
+    cfg = load_config(None, dict(model=str(tiny_model_dir), n_train=4, n_val=3, n_eval=3, filter_train=False,
                                  layers=[0, 1, 2], positions=[-2, -1], max_new_tokens=2, device="cpu"))
     run(cfg, tmp_path / "r")
     page = build_report(tmp_path / "r").read_text()
