@@ -12,6 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from refusal_atlas.cli_gradient import register as register_gradient_commands
+from refusal_atlas.cli_som import register as register_som_commands
 from refusal_atlas.errors import RefusalAtlasError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -46,7 +48,7 @@ def run(
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-r", help="default: runs/<timestamp>")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file with RunConfig fields")] = None,
     model: ModelOpt = None,
-    method: Annotated[str, typer.Option(help="direction method: dim")] = "dim",
+    method: Annotated[str, typer.Option(help="dim, or som (dim + SOM directions + subset search)")] = "dim",
     layer: Annotated[Optional[int], typer.Option(help="skip selection; use DIM at this layer")] = None,
     layers: Annotated[Optional[str], typer.Option(help="candidate layers, e.g. 8,10,12")] = None,
     positions: Annotated[Optional[str], typer.Option(help="candidate positions, e.g. -1,-2")] = None,
@@ -60,18 +62,24 @@ def run(
     device: Annotated[Optional[str], typer.Option()] = None,
     system_prompt: Annotated[Optional[str], typer.Option(help="system message (default: the template's)")] = None,
     resume: Annotated[bool, typer.Option(help="reuse artifacts already in the run directory")] = False,
+    trials: Annotated[int, typer.Option(help="--method som: completed search trials to reach")] = 30,
+    k: Annotated[int, typer.Option(help="--method som: directions per searched subset")] = 3,
 ) -> None:
     """The default end-to-end job: extract → DIM → select → held-out evaluation."""
     from refusal_atlas.config import load_config
     from refusal_atlas.pipeline import format_table, run as run_pipeline
 
-    if method != "dim":
-        raise RefusalAtlasError(f"unknown method {method!r} for `run` (available: dim)")
+    if method not in ("dim", "som"):
+        raise RefusalAtlasError(f"unknown method {method!r} for `run` (available: dim, som)")
     cfg = load_config(config, dict(model=model, layer=layer, layers=_ints(layers), positions=_ints(positions),
                                    n_train=n_train, n_val=n_val, n_eval=n_eval, eval_harmful=_names(eval_harmful),
                                    max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device,
                                    system_prompt=system_prompt))
     run_dir = run_dir or _default_run_dir()
+    if method == "som":
+        from refusal_atlas.cli_som import run_som_command
+
+        return run_som_command(cfg, run_dir, resume, trials=trials, k=k)
     ws, records = run_pipeline(cfg, run_dir, resume=resume)
     d = ws.run.manifest().get("direction", {})
     typer.echo(f"\nDIM direction: layer {d.get('layer')}, position {d.get('position')}, norm {d.get('norm', 0):.2f}")
@@ -134,18 +142,46 @@ def select_cmd(run_dir: RunDirOpt, layers: Annotated[Optional[str], typer.Option
 
 
 @app.command("evaluate")
-def evaluate_cmd(run_dir: RunDirOpt, directions: Annotated[str, typer.Option(help="direction file name")] = "dim",
-                 n_eval: Annotated[Optional[int], typer.Option()] = None,
-                 eval_harmful: Annotated[Optional[str], typer.Option()] = None,
-                 max_new_tokens: Annotated[Optional[int], typer.Option()] = None) -> None:
-    """Held-out refusal rates (baseline, ablation, ActAdd) and KL; appends to metrics.json."""
+def evaluate_cmd(
+    run_dir: RunDirOpt,
+    judge: Annotated[str, typer.Option(help="comma-separated: substring, hf, endpoint")] = "substring",
+    datasets: Annotated[Optional[str], typer.Option(help="default: the run's eval sets + xstest")] = None,
+    interventions: Annotated[str, typer.Option(help="none, ablate, actadd, actadd:<coeff>")] = "none,ablate,actadd",
+    directions: Annotated[str, typer.Option(help="direction file name in the run directory")] = "dim",
+    n: Annotated[Optional[int], typer.Option(help="prompts per dataset (default: the run's n_eval)")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="default: the run's max_new_tokens")] = None,
+    kl_tokens: Annotated[int, typer.Option(help="teacher-forced KL over this many clean tokens")] = 16,
+    judge_model: Annotated[Optional[str], typer.Option(help="hf judge: HF id, directory or 'embedded'")] = None,
+    endpoint_url: Annotated[Optional[str], typer.Option(help="endpoint judge: http://host:port/v1")] = None,
+    endpoint_model: Annotated[Optional[str], typer.Option(help="endpoint judge: served model name")] = None,
+    rubric: Annotated[str, typer.Option(help="endpoint judge rubric: strongreject or harmbench")] = "strongreject",
+    concurrency: Annotated[int, typer.Option(help="endpoint judge: parallel requests")] = 8,
+    timeout: Annotated[float, typer.Option(help="endpoint judge: seconds per request")] = 60.0,
+    benchmarks: Annotated[Optional[str], typer.Option(help="lm-eval tasks, e.g. smoke,arc_challenge")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="lm-eval: examples per task (smoke runs)")] = None,
+) -> None:
+    """Judge {datasets} × {interventions} × {judges}, damage (KL) and benchmarks; appends to metrics.json."""
     from refusal_atlas.directions.base import DirectionSet
-    from refusal_atlas.pipeline import evaluate_step, format_table
-    from refusal_atlas.workspace import load_prompt_sets
+    from refusal_atlas.evaluation.evaluate import (EvalPlan, check_interventions, evaluate_run, format_records,
+                                                   parse_interventions)
+    from refusal_atlas.evaluation.judges import JudgeOptions, check_judges, make_judges
 
-    ws = _workspace(run_dir, n_eval=n_eval, eval_harmful=_names(eval_harmful), max_new_tokens=max_new_tokens)
-    direction = DirectionSet.load(ws.run.direction_path(directions))
-    typer.echo(format_table(evaluate_step(ws, direction, load_prompt_sets(ws.cfg))))
+    judge_names, names = _names(judge) or [], _names(interventions) or []
+    opts = JudgeOptions(judge_model=judge_model, endpoint_url=endpoint_url, endpoint_model=endpoint_model,
+                        endpoint_rubric=rubric, concurrency=concurrency, timeout=timeout)
+    check_judges(judge_names, opts)  # cheap checks before the model loads
+    check_interventions(names)
+    ws = _workspace(run_dir)
+    cfg = ws.cfg
+    path = ws.run.direction_path(directions)
+    specs = parse_interventions(names, DirectionSet.load(path) if path.exists() else None, mode=cfg.ablation_mode)
+    opts.cache_dir, opts.device = ws.run / "judgements", cfg.device
+    judges = make_judges(judge_names, opts, reuse={cfg.model: (ws.loaded.model, ws.loaded.tokenizer, ws.loaded.name)})
+    plan = EvalPlan(datasets=_names(datasets) or [*cfg.eval_harmful, cfg.eval_harmless, "xstest"],
+                    interventions=specs, judges=judges, n=n or cfg.n_eval,
+                    max_new_tokens=max_new_tokens or cfg.max_new_tokens, kl_tokens=kl_tokens,
+                    benchmarks=_names(benchmarks) or [], limit=limit, batch_size=cfg.batch_size, seed=cfg.seed)
+    typer.echo(format_records(evaluate_run(ws, plan)))
 
 
 @app.command("export")
@@ -159,6 +195,14 @@ def export_cmd(run_dir: RunDirOpt, out: Annotated[Path, typer.Option(help="outpu
     direction = DirectionSet.load(ws.run.direction_path(directions))
     path = export_orthogonalized(ws.loaded, direction, out)
     typer.echo(f"exported orthogonalized model ({len(direction)} direction(s)) to {path}")
+
+
+@app.command("report")
+def report_cmd(run_dir: RunDirOpt) -> None:
+    """Plots and an HTML report of everything in a run directory."""
+    from refusal_atlas.report import build_report
+
+    typer.echo(f"wrote {build_report(run_dir)}")
 
 
 @app.command("prepare")
@@ -177,6 +221,10 @@ def datasets_cmd() -> None:
 
     for info in list_datasets():
         typer.echo(f"{info.name:<22} {info.role:<13} {info.split or '-':<6} {info.n:>6}  {info.source}")
+
+
+register_som_commands(app, directions_app)
+register_gradient_commands(directions_app)
 
 
 def main() -> None:

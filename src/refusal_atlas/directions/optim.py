@@ -28,15 +28,17 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import StepBatches, collate, tokenize_examples
-from refusal_atlas.directions.targets import Targets
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.directions.targets import Targets, direction_fingerprint, load_or_build_targets
+from refusal_atlas.errors import ArtifactError, ConfigError
 from refusal_atlas.evaluation.damage import next_token_kl
-from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
+from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs, refusal_score
 from refusal_atlas.interventions import Intervention
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
@@ -45,6 +47,12 @@ from refusal_atlas.progress import progress
 
 @dataclass
 class TrainConfig:
+    """Optimizer and model-selection settings (defaults: the seed's AdamW, a CPU-sized budget).
+
+    ``val_kl_weight`` = 10 prices a KL rise of 0.1 nat on harmless prompts like one unit of
+    refusal log-odds on harmful ones.
+    """
+
     steps: int = 40
     batch_size: int = 8
     micro_batch: int = 4
@@ -74,13 +82,33 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------ data
 class TrainingData:
-    """Tokenized targets; ``batches(idx)`` collates example ``i`` of each role into StepBatches."""
+    """Tokenized targets; ``batches(idx)`` collates example ``i`` of each role into StepBatches.
 
-    def __init__(self, chat: ChatFormatter, targets: Targets, device: torch.device | str = "cpu"):
-        self.answer = tokenize_examples(chat, targets.harmful, targets.answer)
-        self.refusal = tokenize_examples(chat, targets.harmless, targets.refusal)
+    With ``check_targets`` (default) a target that does not show the behaviour it stands for is
+    masked out (empty target, no loss): a t_answer the substring judge calls a refusal (the model
+    still refused with DIM ablated) and a t_refusal it does not (ActAdd did not induce refusal on
+    that prompt). The seed trains on them anyway, which pulls the direction the wrong way. The
+    shorter prompt list is cycled, so every prompt of the longer one is used.
+    """
+
+    def __init__(self, chat: ChatFormatter, targets: Targets, device: torch.device | str = "cpu",
+                 check_targets: bool = True):
+        answer, refusal = list(targets.answer), list(targets.refusal)
+        self.n_masked = {"answer": 0, "refusal": 0}
+        if check_targets:
+            self.n_masked = {"answer": sum(map(is_refusal, answer)),
+                             "refusal": sum(not is_refusal(t) for t in refusal)}
+            answer = ["" if is_refusal(t) else t for t in answer]
+            refusal = [t if is_refusal(t) else "" for t in refusal]
+            for role, n in self.n_masked.items():
+                if n == len(answer if role == "answer" else refusal):
+                    warnings.warn(f"every t_{role} target was masked (none shows the intended behaviour); "
+                                  f"the {'ablation' if role == 'answer' else 'addition'} loss will be zero",
+                                  stacklevel=2)
+        self.answer = tokenize_examples(chat, targets.harmful, answer)
+        self.refusal = tokenize_examples(chat, targets.harmless, refusal)
         self.retain = tokenize_examples(chat, targets.harmless, targets.retain)
-        self.n = min(len(self.answer), len(self.refusal))
+        self.n = max(len(self.answer), len(self.refusal))
         pad = chat.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else chat.tokenizer.eos_token_id)
         self.device = device
@@ -203,9 +231,12 @@ def train_directions(
         raise ConfigError("training needs at least one example")
     if constraint is not None:
         constraint = orthonormal_rows(constraint.to(torch.float32))
-    start = retract(init.detach().to(torch.float32).reshape(-1, init.shape[-1]), constraint)
-    if not torch.isfinite(start).all() or start.norm(dim=1).min() < 0.5:
-        raise ConfigError("initial directions are degenerate (zero, NaN, or inside the excluded span)")
+    raw = remove_span(init.detach().to(torch.float32).reshape(-1, init.shape[-1]), constraint)
+    diag = torch.linalg.qr(raw.to(torch.float64).T)[1].diagonal().abs() if torch.isfinite(raw).all() else None
+    if diag is None or diag.min() <= 1e-4 * init.detach().norm(dim=-1).max().clamp_min(1e-30):
+        raise ConfigError("initial directions are degenerate (zero, NaN, linearly dependent, or inside the "
+                          "span they must be orthogonal to)")
+    start = retract(raw, constraint)
     param = torch.nn.Parameter(start.clone())
     opt = torch.optim.AdamW([param], lr=cfg.lr, betas=cfg.betas, weight_decay=0.0, amsgrad=cfg.amsgrad)
     sampler = Sampler(n_examples, cfg.seed)
@@ -276,3 +307,84 @@ def train_directions(
                 for group in opt.param_groups:
                     group["lr"] *= cfg.lr_factor
     return TrainResult(best, last_good, best_step, stopped, history, val_history)
+
+
+# ------------------------------------------------------------------------------- run directories
+@dataclass
+class TrainingSetup:
+    """Everything a gradient method needs from a run directory."""
+
+    dim: DirectionSet
+    targets: Targets
+    data: TrainingData
+    val: ValidationSet
+    provenance: dict[str, Any]
+
+
+def load_dim(run_path) -> DirectionSet:
+    """The run's selected DIM direction (R/directions/dim.safetensors) or a clear error."""
+    from refusal_atlas.rundir import RunDir
+
+    path = RunDir(run_path).direction_path("dim")
+    if not path.exists():
+        raise ArtifactError(f"no DIM direction at {path}; the gradient methods build their targets and α from it "
+                            "(run `refusal-atlas run` or `refusal-atlas select` first)")
+    return DirectionSet.load(path)
+
+
+def prepare_training(ws, *, n_train: int = 64, n_val: int = 16, target_tokens: int = 30,
+                     kl_weight: float = 10.0) -> TrainingSetup:
+    """DIM direction, cached targets (R/targets.json), tokenized training data and a validation set.
+
+    Train prompts: the run's harmful/harmless train sets (``n_train`` sampled with the run's seed),
+    filtered like the DIM step when the run filters (harmful prompts the model refuses, harmless
+    ones it answers). Validation: ``n_val`` prompts of the run's val sets.
+    """
+    from refusal_atlas.data import load_prompts
+    from refusal_atlas.pipeline import filter_by_refusal
+
+    if n_train < 2 or n_val < 1:
+        raise ConfigError(f"need n_train >= 2 and n_val >= 1, got {n_train}, {n_val}")
+    cfg = ws.cfg
+    dim = load_dim(ws.run.path)
+    harmful = load_prompts(cfg.harmful_train, n=n_train, seed=cfg.seed)
+    harmless = load_prompts(cfg.harmless_train, n=n_train, seed=cfg.seed)
+    if cfg.filter_train:
+        harmful, harmless = filter_by_refusal(ws, harmful, harmless)
+    targets = load_or_build_targets(ws.run / "targets.json", ws.adapter, ws.chat, dim,
+                                    [p.instruction for p in harmful], [p.instruction for p in harmless],
+                                    max_new_tokens=target_tokens, batch_size=cfg.batch_size)
+    def texts(name: str) -> list[str]:
+        return [p.instruction for p in load_prompts(name, n=n_val, seed=cfg.seed)]
+
+    val = ValidationSet(ws.adapter, ws.chat, texts(cfg.harmful_val), texts(cfg.harmless_val), ws.refusal_ids,
+                        cfg.batch_size, kl_weight)
+    model = ws.run.manifest().get("model", {})
+    provenance = {"provenance": {
+        "model": model.get("name", ws.loaded.name), "model_sha256": model.get("gguf_sha256"),
+        "dim_fingerprint": direction_fingerprint(dim), "dim_layer": dim.layer, "dim_position": dim.position,
+        "harmful_train": cfg.harmful_train, "harmless_train": cfg.harmless_train, "n_train_sampled": n_train,
+        "filtered": cfg.filter_train, "n_harmful": len(targets.harmful), "n_harmless": len(targets.harmless),
+        "harmful_val": cfg.harmful_val, "harmless_val": cfg.harmless_val, "n_val": n_val,
+        "target_tokens": target_tokens, "targets": "targets.json", "seed": cfg.seed,
+        "system_prompt": cfg.system_prompt}}
+    return TrainingSetup(dim, targets, TrainingData(ws.chat, targets, ws.adapter.device), val, provenance)
+
+
+def save_direction(ws, direction: DirectionSet, name: str) -> Path:
+    """Save to R/directions/<name>.safetensors and note it in the manifest."""
+    path = direction.save(ws.run.direction_path(name))
+    ws.run.update_manifest(gradient_directions={name: {
+        "method": direction.method, "k": len(direction), "layer": direction.layer,
+        "best_step": direction.meta.get("best_step"), "stopped": direction.meta.get("stopped")}})
+    return path
+
+
+def resolve_init(ws, init: str) -> str | torch.Tensor:
+    """'dim' / 'random' pass through; any other name is a direction file in R/directions (its unit rows)."""
+    if init in ("dim", "random"):
+        return init
+    path = ws.run.direction_path(init)
+    if not path.exists():
+        raise ArtifactError(f"init {init!r} is neither 'dim', 'random' nor a direction file ({path} not found)")
+    return DirectionSet.load(path).unit()

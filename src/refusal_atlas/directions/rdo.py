@@ -82,6 +82,7 @@ def train_rdo(
     meta = {
         "alpha": alpha, "vectors": "alpha * unit direction", "init": init_name, "dim_layer": layer,
         "loss_weights": weights.__dict__, "train": cfg.to_json(), "n_train_examples": len(data),
+        "masked_targets": data.n_masked,
         "val": {"n_harmful": len(val.harmful), "n_harmless": len(val.harmless), "kl_weight": val.kl_weight},
         "cos_with_dim": float(result.params[0] @ dim.unit()[0]),
         **result.meta(), **(provenance or {}),
@@ -91,3 +92,22 @@ def train_rdo(
         meta["max_abs_cos_with_excluded"] = float((torch.nn.functional.normalize(constraint, dim=1)
                                                    @ result.params[0]).abs().max())
     return DirectionSet(alpha * result.params, layer, method, position=None, meta=meta)
+
+
+def rdo_step(ws, *, name: str | None = None, init: str | None = None, orthogonal: bool = False, n_train: int = 64,
+             n_val: int = 16, target_tokens: int = 30, weights: LossWeights = LossWeights(),
+             cfg: TrainConfig | None = None) -> DirectionSet:
+    """Train RDO (or RDO⊥ to DIM) on a run directory and save R/directions/<name>.safetensors."""
+    from refusal_atlas.directions.optim import prepare_training, resolve_init, save_direction
+
+    cfg = cfg or TrainConfig(seed=ws.cfg.seed)
+    name = name or ("rdo_orth" if orthogonal else "rdo")
+    start = resolve_init(ws, init or ("random" if orthogonal else "dim"))
+    setup = prepare_training(ws, n_train=n_train, n_val=n_val, target_tokens=target_tokens,
+                             kl_weight=cfg.val_kl_weight)
+    with ws.timed(f"directions_{name}"):
+        direction = train_rdo(ws.adapter, setup.dim, setup.data, setup.val, init=start, weights=weights, cfg=cfg,
+                              orthogonal_to=setup.dim.vectors if orthogonal else None,
+                              provenance=setup.provenance)
+    save_direction(ws, direction, name)
+    return direction

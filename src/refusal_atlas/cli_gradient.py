@@ -1,0 +1,134 @@
+"""CLI verbs of the gradient methods (`directions rdo|cone|repind`), registered by cli.py.
+
+Each reads the run's DIM direction and config (manifest), builds or reuses R/targets.json, trains,
+and writes R/directions/<name>.safetensors. Kept apart from cli.py so the shared command module
+only gains one registration line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+RunDirOpt = Annotated[Path, typer.Option("--run-dir", "-r", help="run directory (after `refusal-atlas run`)")]
+NTrain = Annotated[int, typer.Option(help="train prompts sampled per side (then filtered like the run)")]
+NVal = Annotated[int, typer.Option(help="validation prompts per side (model selection)")]
+TargetTokens = Annotated[int, typer.Option(help="greedy tokens per target")]
+Steps = Annotated[int, typer.Option(help="max optimizer steps")]
+Batch = Annotated[int, typer.Option("--batch-size", help="examples per optimizer step")]
+Micro = Annotated[int, typer.Option(help="examples per forward pass")]
+Lr = Annotated[float, typer.Option(help="AdamW learning rate")]
+EvalEvery = Annotated[int, typer.Option(help="validate every N steps")]
+Patience = Annotated[int, typer.Option(help="validations without improvement before the lr is cut")]
+WAbl = Annotated[float, typer.Option(help="ablation CE weight")]
+WAdd = Annotated[float, typer.Option(help="addition CE weight")]
+WRet = Annotated[float, typer.Option(help="retain KL weight")]
+ValKl = Annotated[float, typer.Option(help="KL weight in the validation objective")]
+Seed = Annotated[Optional[int], typer.Option(help="default: the run's seed")]
+
+
+def _common(run_dir, n_train, n_val, target_tokens, steps, batch_size, micro_batch, lr, eval_every, patience,
+            ablation_weight, addition_weight, retain_weight, val_kl_weight, seed):
+    from refusal_atlas.cli import _workspace
+    from refusal_atlas.directions.losses import LossWeights
+    from refusal_atlas.directions.optim import TrainConfig, load_dim
+    from refusal_atlas.errors import ConfigError
+
+    if not (run_dir / "manifest.json").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no manifest.json); run `refusal-atlas run` first")
+    load_dim(run_dir)  # bad input fails before the model is loaded
+    if seed is None:
+        from refusal_atlas.rundir import RunDir
+
+        seed = int(RunDir(run_dir).manifest().get("config", {}).get("seed", 0))
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr, eval_every=eval_every,
+                      patience=patience, val_kl_weight=val_kl_weight, seed=seed)
+    weights = LossWeights(ablation_weight, addition_weight, retain_weight)
+    ws = _workspace(run_dir)
+    return ws, dict(n_train=n_train, n_val=n_val, target_tokens=target_tokens, weights=weights, cfg=cfg)
+
+
+def _summary(d) -> str:
+    best = next(v for v in d.meta["val_history"] if v["step"] == d.meta["best_step"]) if "val_history" in d.meta else {}
+    return (f"best step {d.meta.get('best_step')} ({d.meta.get('stopped')}): val refusal score "
+            f"{best.get('refusal', float('nan')):.3f}, KL {best.get('kl', float('nan')):.4f}")
+
+
+def directions_rdo(
+    run_dir: RunDirOpt,
+    init: Annotated[Optional[str], typer.Option(help="dim | random | a direction file name (default: dim; "
+                                                     "random with --orthogonal)")] = None,
+    orthogonal: Annotated[bool, typer.Option(help="RDO⊥: keep the direction orthogonal to DIM")] = False,
+    name: Annotated[Optional[str], typer.Option(help="output name (default rdo / rdo_orth)")] = None,
+    n_train: NTrain = 64, n_val: NVal = 16, target_tokens: TargetTokens = 30, steps: Steps = 40,
+    batch_size: Batch = 8, micro_batch: Micro = 4, lr: Lr = 1e-2, eval_every: EvalEvery = 4,
+    patience: Patience = 3, ablation_weight: WAbl = 1.0, addition_weight: WAdd = 0.2, retain_weight: WRet = 1.0,
+    val_kl_weight: ValKl = 10.0, seed: Seed = None,
+) -> None:
+    """Refusal Direction Optimization (gradient-trained single direction)."""
+    from refusal_atlas.directions.rdo import rdo_step
+
+    ws, kw = _common(run_dir, n_train, n_val, target_tokens, steps, batch_size, micro_batch, lr, eval_every,
+                     patience, ablation_weight, addition_weight, retain_weight, val_kl_weight, seed)
+    d = rdo_step(ws, name=name, init=init, orthogonal=orthogonal, **kw)
+    typer.echo(f"{d.method}: cos with DIM {d.meta['cos_with_dim']:.3f}; {_summary(d)}")
+    typer.echo(f"saved to {ws.run.direction_path(name or d.method)}")
+
+
+def directions_cone(
+    run_dir: RunDirOpt,
+    k_max: Annotated[int, typer.Option("--k", "--k-max", help="largest cone dimension")] = 2,
+    k_min: Annotated[int, typer.Option(help="smallest cone dimension of the sweep")] = 2,
+    warm_start: Annotated[Optional[str], typer.Option(help="direction file: the first k_min-1 basis vectors")] = None,
+    init: Annotated[str, typer.Option(help="without warm start: first basis vector dim | random")] = "dim",
+    n_val_samples: Annotated[int, typer.Option(help="fixed cone samples in the validation objective")] = 4,
+    name: Annotated[str, typer.Option(help="output name")] = "cone",
+    n_train: NTrain = 64, n_val: NVal = 16, target_tokens: TargetTokens = 30, steps: Steps = 40,
+    batch_size: Batch = 8, micro_batch: Micro = 2, lr: Lr = 1e-2, eval_every: EvalEvery = 4,
+    patience: Patience = 3, ablation_weight: WAbl = 1.0, addition_weight: WAdd = 0.2, retain_weight: WRet = 1.0,
+    val_kl_weight: ValKl = 10.0, seed: Seed = None,
+) -> None:
+    """Refusal cones: orthonormal bases whose positive span mediates refusal (sweep k_min..k)."""
+    from refusal_atlas.directions.cone import cone_step
+
+    ws, kw = _common(run_dir, n_train, n_val, target_tokens, steps, batch_size, micro_batch, lr, eval_every,
+                     patience, ablation_weight, addition_weight, retain_weight, val_kl_weight, seed)
+    cones = cone_step(ws, k_min=k_min, k_max=k_max, name=name, warm_start=warm_start, init=init,
+                      n_val_samples=n_val_samples, **kw)
+    for c in cones:
+        typer.echo(f"cone k={len(c)}: {_summary(c)}  -> {ws.run.direction_path(f'{name}_k{len(c)}')}")
+
+
+def directions_repind(
+    run_dir: RunDirOpt,
+    n_directions: Annotated[int, typer.Option(help="independent directions to find, one after another")] = 1,
+    restarts: Annotated[int, typer.Option(help="runs per direction; the best on validation is kept")] = 1,
+    independence_weight: Annotated[float, typer.Option(help="weight of the independence loss")] = 200.0,
+    init: Annotated[str, typer.Option(help="random | dim | a direction file name (e.g. rdo_orth)")] = "random",
+    orthogonal: Annotated[bool, typer.Option(help="also keep each direction orthogonal to the earlier ones")] = False,
+    name: Annotated[str, typer.Option(help="output name")] = "repind",
+    n_train: NTrain = 64, n_val: NVal = 16, target_tokens: TargetTokens = 30, steps: Steps = 40,
+    batch_size: Batch = 8, micro_batch: Micro = 4, lr: Lr = 1e-2, eval_every: EvalEvery = 4,
+    patience: Patience = 3, ablation_weight: WAbl = 1.0, addition_weight: WAdd = 0.2, retain_weight: WRet = 1.0,
+    val_kl_weight: ValKl = 10.0, seed: Seed = None,
+) -> None:
+    """Representationally independent refusal directions (independent of DIM and of each other)."""
+    from refusal_atlas.directions.repind import repind_step
+
+    ws, kw = _common(run_dir, n_train, n_val, target_tokens, steps, batch_size, micro_batch, lr, eval_every,
+                     patience, ablation_weight, addition_weight, retain_weight, val_kl_weight, seed)
+    d = repind_step(ws, name=name, n_directions=n_directions, restarts=restarts,
+                    independence_weight=independence_weight, init=init, orthogonal=orthogonal, **kw)
+    for run in d.meta["runs"]:
+        typer.echo(f"direction {run['direction']} restart {run['restart']}: val objective {run['val_objective']:.3f} "
+                   f"(best step {run['best_step']}, {run['stopped']})")
+    typer.echo(f"cos with DIM: {', '.join(f'{c:.3f}' for c in d.meta['cos_with_dim'])}; "
+               f"saved to {ws.run.direction_path(name)}")
+
+
+def register(directions_app: typer.Typer) -> None:
+    directions_app.command("rdo")(directions_rdo)
+    directions_app.command("cone")(directions_cone)
+    directions_app.command("repind")(directions_repind)

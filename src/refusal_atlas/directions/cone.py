@@ -1,0 +1,211 @@
+"""Refusal cones (RCO, Wollschläger et al. 2025): a k-dimensional orthonormal basis B whose whole
+positive span mediates refusal.
+
+Directions of the cone are r = sᵀB with s uniform on the positive orthant of the unit sphere
+S^{k−1} (s = |z|/‖z‖, z ~ N(0, I_k): the Gaussian is rotation invariant, and folding it into the
+orthant is a measure-preserving reflection, so s is exactly uniform there; since B is orthonormal,
+r is a unit vector). Training minimizes the RDO losses on sampled directions and on the basis
+vectors themselves (which the paper found stabilizes training and lifts the worst case).
+
+Cost: every micro-batch of a step is paired with ONE direction, alternating a fresh cone sample
+and the next basis vector (round-robin), so a step costs what an RDO step costs and the gradient is
+an unbiased estimate of ½(E_s L(sᵀB) + mean_i L(b_i)). The seed evaluates 8 samples + k basis
+vectors on every example (8 + k times the cost) and sums the two terms; Adam is invariant to the
+factor ½.
+
+Model selection uses the validation objective averaged over a fixed set of cone samples plus the
+basis vectors. A dimension sweep k = k_min..k_max warm-starts each basis from the best basis of
+dimension k−1 (the new vector is random, made orthogonal to the others).
+
+Saved as a DirectionSet with method "cone": vectors = α·B (α = ‖r_DIM‖ in meta["alpha"]), ids =
+basis indices; divide by α to get the orthonormal basis. Sample directions are not stored: they
+are reproducible from meta["eval_seed"] with :func:`sample_cone`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from refusal_atlas.directions.base import DirectionSet
+from refusal_atlas.directions.losses import LossWeights, direction_loss
+from refusal_atlas.directions.optim import (TrainConfig, TrainingData, ValidationSet, orthonormal_rows,
+                                            train_directions)
+from refusal_atlas.directions.rdo import check_dim
+from refusal_atlas.errors import ConfigError
+from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
+from refusal_atlas.interventions import Intervention
+from refusal_atlas.model.adapter import ModelAdapter
+from refusal_atlas.model.chat import ChatFormatter
+
+
+def sample_orthant(n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[n, k] points uniform on the positive orthant of the unit sphere S^{k−1}."""
+    if k < 1 or n < 1:
+        raise ConfigError(f"need n >= 1 samples of dimension k >= 1, got n={n}, k={k}")
+    z = torch.randn(n, k, generator=generator, dtype=torch.float64).abs()
+    return z / z.norm(dim=1, keepdim=True)
+
+
+def sample_cone(basis: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[n, d] unit directions drawn uniformly from the cone spanned (nonnegatively) by ``basis`` rows."""
+    b = basis.reshape(-1, basis.shape[-1])
+    s = sample_orthant(n, b.shape[0], generator).to(b.dtype)
+    r = s @ b
+    return r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def check_cone_dim(k: int, d_model: int) -> int:
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"cone dimension must be an integer >= 1, got {k!r}")
+    if k > d_model:
+        raise ConfigError(f"cone dimension {k} exceeds the model's d_model={d_model}")
+    return k
+
+
+def _initial_basis(k: int, dim: DirectionSet, warm: torch.Tensor | None, init: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(k, dim.d_model, generator=g)
+    if warm is not None:
+        warm = warm.reshape(-1, dim.d_model).to(torch.float32)
+        if warm.shape[0] >= k:
+            raise ConfigError(f"a warm start for dimension {k} needs at most {k - 1} vectors, got {warm.shape[0]}")
+        rows[: warm.shape[0]] = warm
+    elif init == "dim":
+        rows[0] = dim.unit()[0]
+    elif init != "random":
+        raise ConfigError(f"unknown init {init!r}; choose 'dim' or 'random'")
+    return orthonormal_rows(rows)
+
+
+def train_cone(
+    adapter: ModelAdapter,
+    dim: DirectionSet,
+    data: TrainingData,
+    val: ValidationSet,
+    k: int,
+    *,
+    warm_start: torch.Tensor | None = None,
+    init: str = "dim",
+    n_val_samples: int = 4,
+    weights: LossWeights = LossWeights(),
+    cfg: TrainConfig | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> DirectionSet:
+    """Train a k-dimensional cone basis (see the module docstring for the sampling scheme)."""
+    cfg = cfg or TrainConfig()
+    dim = check_dim(dim, adapter)
+    check_cone_dim(k, dim.d_model)
+    alpha, layer = float(dim.norms[0]), dim.layer
+    start = _initial_basis(k, dim, warm_start, init, cfg.seed + k)
+    n_slots = -(-cfg.batch_size // cfg.micro_batch)
+    val_s = sample_orthant(n_val_samples, k, torch.Generator().manual_seed(cfg.seed + 1000 + k)).to(torch.float32)
+
+    def direction_for(param: torch.Tensor, slot: int, step: int) -> torch.Tensor:
+        c = (step - 1) * n_slots + slot
+        if c % 2 == 1 or k == 1:
+            return param[(c // 2) % k]
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * step + slot)
+        s = sample_orthant(1, k, g).to(param.dtype)
+        return (s @ param)[0]
+
+    def loss_fn(param: torch.Tensor, idx: list[int], slot: int, step: int):
+        return direction_loss(adapter, data.batches(idx), direction_for(param, slot, step), alpha, layer, weights)
+
+    def validate(params: torch.Tensor) -> dict[str, Any]:
+        dirs = torch.cat([val_s @ params, params]) if k > 1 else params
+        return val.score(dirs / dirs.norm(dim=1, keepdim=True))
+
+    result = train_directions(start, loss_fn, len(data), validate, cfg, desc=f"cone k={k}")
+    meta = {
+        "alpha": alpha, "vectors": "alpha * orthonormal basis", "k": k, "dim_layer": layer,
+        "init": "warm start" if warm_start is not None else init, "loss_weights": weights.__dict__,
+        "train": cfg.to_json(), "n_train_examples": len(data),
+        "masked_targets": data.n_masked, "n_val_samples": n_val_samples,
+        "sampling": "uniform on the positive orthant of S^{k-1} (|N(0,I)| normalized)",
+        "basis_cos_with_dim": (result.params @ dim.unit()[0]).tolist(), **result.meta(), **(provenance or {}),
+    }
+    return DirectionSet(alpha * result.params, layer, "cone", position=None, meta=meta)
+
+
+def sweep_cones(
+    adapter: ModelAdapter,
+    dim: DirectionSet,
+    data: TrainingData,
+    val: ValidationSet,
+    k_max: int,
+    *,
+    k_min: int = 2,
+    warm_start: torch.Tensor | None = None,
+    **kw: Any,
+) -> list[DirectionSet]:
+    """Cones of dimension k_min..k_max, each warm-started from the previous one's best basis."""
+    check_cone_dim(k_min, dim.d_model)
+    check_cone_dim(k_max, dim.d_model)
+    if k_min > k_max:
+        raise ConfigError(f"k_min={k_min} is larger than k_max={k_max}")
+    cones: list[DirectionSet] = []
+    for k in range(k_min, k_max + 1):
+        warm = cones[-1].unit() if cones else warm_start
+        if warm is not None and warm.reshape(-1, dim.d_model).shape[0] >= k:
+            warm = warm.reshape(-1, dim.d_model)[: k - 1]
+        cones.append(train_cone(adapter, dim, data, val, k, warm_start=warm, **kw))
+    return cones
+
+
+def evaluate_cone(
+    adapter: ModelAdapter,
+    chat: ChatFormatter,
+    cone: DirectionSet,
+    harmful: Sequence[str],
+    refusal_ids: Sequence[int],
+    *,
+    n_samples: int = 16,
+    seed: int = 42,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Distribution over ``n_samples`` cone directions of the mean ablation refusal score on ``harmful``.
+
+    Lower is better (less refusal). Also scores each basis vector. Samples are reproducible from
+    (basis, seed).
+    """
+    basis = cone.unit()
+    samples = sample_cone(basis, n_samples, torch.Generator().manual_seed(seed))
+
+    def mean_score(direction: torch.Tensor) -> float:
+        spec = Intervention("ablate", direction.reshape(1, -1), label="cone-eval")
+        lp = next_token_logprobs(adapter, chat, list(harmful), batch_size, intervention=spec)
+        return float(refusal_score(lp, refusal_ids).mean())
+
+    scores = [mean_score(s) for s in samples]
+    return {"k": len(cone), "n_samples": n_samples, "seed": seed, "n_prompts": len(harmful),
+            "sample_scores": scores, "min": min(scores), "median": statistics.median(scores),
+            "max": max(scores), "basis_scores": [mean_score(b) for b in basis]}
+
+
+def cone_step(ws, *, k_min: int = 2, k_max: int = 2, name: str = "cone", warm_start: str | None = None,
+              init: str = "dim", n_val_samples: int = 4, n_train: int = 64, n_val: int = 16,
+              target_tokens: int = 30, weights: LossWeights = LossWeights(),
+              cfg: TrainConfig | None = None) -> list[DirectionSet]:
+    """Cone sweep on a run directory: R/directions/<name>_k<k>.safetensors each, <name> = the largest."""
+    from refusal_atlas.directions.optim import prepare_training, resolve_init, save_direction
+
+    cfg = cfg or TrainConfig(seed=ws.cfg.seed)
+    check_cone_dim(k_min, ws.adapter.d_model)
+    check_cone_dim(k_max, ws.adapter.d_model)
+    warm = resolve_init(ws, warm_start) if warm_start else None
+    if isinstance(warm, str):
+        raise ConfigError("--warm-start takes a direction file name (e.g. rdo), not 'dim'/'random'; use --init")
+    setup = prepare_training(ws, n_train=n_train, n_val=n_val, target_tokens=target_tokens,
+                             kl_weight=cfg.val_kl_weight)
+    with ws.timed(f"directions_{name}"):
+        cones = sweep_cones(ws.adapter, setup.dim, setup.data, setup.val, k_max, k_min=k_min, warm_start=warm,
+                            init=init, n_val_samples=n_val_samples, weights=weights, cfg=cfg,
+                            provenance=setup.provenance)
+    for cone in cones:
+        save_direction(ws, cone, f"{name}_k{len(cone)}")
+    save_direction(ws, cones[-1], name)
+    return cones
