@@ -33,8 +33,12 @@ unit: setup
 integration: setup
 	$(BIN)/python -m pytest -q tests/integration
 
+# Benchmarks print ratios against a baseline measured in the same run (CPU minutes each).
 bench: setup
-	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	$(BIN)/python bench/extraction.py
+	test -f $(RUN_DIR)/manifest.json || $(MAKE) demo
+	$(BIN)/python bench/cheap_signal.py --run-dir $(RUN_DIR)
+	$(BIN)/python bench/generation_length.py --activations $(RUN_DIR)/activations.safetensors
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
