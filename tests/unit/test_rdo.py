@@ -240,7 +240,8 @@ def test_targets_that_miss_their_behaviour_are_masked(parts):
     assert data.n_masked == {"answer": 1, "refusal": 1}
     b = data.batches([0, 1])
     assert b.answer.label_mask[0].sum() == 0 and b.answer.label_mask[1].sum() > 0
-    assert b.refusal.label_mask[0].sum() == 0 and b.refusal.label_mask[1].sum() > 0
+    assert b.refusal.input_ids.shape[0] == 1 and b.refusal.label_mask.sum() > 0  # the masked row is dropped
+    assert data.batches([0]).refusal is None
     assert b.retain.label_mask.sum(dim=1).min() > 0  # retain targets are never masked
     unchecked = TrainingData(chat, targets, check_targets=False)
     assert unchecked.n_masked == {"answer": 0, "refusal": 0}

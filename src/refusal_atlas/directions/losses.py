@@ -170,7 +170,7 @@ class StepBatches:
     """The three batches of one micro-step (same examples, three roles)."""
 
     answer: Batch  # harmful prompts → t_answer
-    refusal: Batch  # harmless prompts → t_refusal
+    refusal: Batch | None  # harmless prompts → t_refusal (None: no example of the step has one)
     retain: Batch  # harmless prompts → t_retain
 
 
@@ -186,7 +186,7 @@ def direction_loss(adapter: ModelAdapter, batches: StepBatches, direction: torch
     if weights.ablation or inner is not None:
         parts["ablation"] = ablation_ce(adapter, batches.answer, direction, inner)
         total = total + weights.ablation * parts["ablation"]
-    if weights.addition:
+    if weights.addition and batches.refusal is not None:
         parts["addition"] = addition_ce(adapter, batches.refusal, direction, alpha, layer)
         total = total + weights.addition * parts["addition"]
     if weights.retain:

@@ -118,9 +118,14 @@ class TrainingData:
 
     def batches(self, idx: Sequence[int]) -> StepBatches:
         def pick(examples):
-            return collate([examples[i % len(examples)] for i in idx], self.pad_id, self.device)
+            return [examples[i % len(examples)] for i in idx]
 
-        return StepBatches(pick(self.answer), pick(self.refusal), pick(self.retain))
+        # masked t_refusal rows would cost a forward pass for nothing; answer rows stay aligned
+        # with ``idx`` because RepInd reads per-example states from them
+        refusal = [e for e in pick(self.refusal) if e.target_ids]
+        return StepBatches(collate(pick(self.answer), self.pad_id, self.device),
+                           collate(refusal, self.pad_id, self.device) if refusal else None,
+                           collate(pick(self.retain), self.pad_id, self.device))
 
 
 class Sampler:

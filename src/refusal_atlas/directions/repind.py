@@ -192,7 +192,10 @@ def train_repind(
         "independence_weight": independence_weight, "orthogonal": orthogonal, "restarts": restarts,
         "loss_weights": weights.__dict__, "train": cfg.to_json(), "n_train_examples": len(data),
         "masked_targets": data.n_masked,
-        "cos_with_dim": [float(f @ dim.unit()[0]) for f in found], "runs": runs, **(provenance or {}),
+        "cos_with_dim": [float(f @ dim.unit()[0]) for f in found], "runs": runs,
+        "best_step": [r["best_step"] for r in runs if r["val_objective"] == min(
+            q["val_objective"] for q in runs if q["direction"] == r["direction"])],
+        "stopped": [r["stopped"] for r in runs], **(provenance or {}),
     }
     return DirectionSet(alpha * torch.stack(found), layer, "repind", position=None, meta=meta)
 
