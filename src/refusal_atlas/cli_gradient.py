@@ -2,38 +2,53 @@
 
 Each reads the run's DIM direction and config (manifest), builds or reuses R/targets.json, trains,
 and writes R/directions/<name>.safetensors. Kept apart from cli.py so the shared command module
-only gains one registration line.
+only gains one registration line. The run directory and the training options are declared once,
+in :data:`_TRAINING_OPTIONS`, and added to every verb by :func:`_training_verb`.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+if TYPE_CHECKING:
+    from refusal_atlas.workspace import Workspace
+else:
+    Workspace = Any  # imported when a verb runs: it pulls in torch and the model code
+
 RunDirOpt = Annotated[Path, typer.Option("--run-dir", "-r", help="run directory (after `refusal-atlas run`)")]
-NTrain = Annotated[int, typer.Option(help="train prompts sampled per side (then filtered like the run)")]
-NVal = Annotated[int, typer.Option(help="validation prompts per side (model selection)")]
-TargetTokens = Annotated[int, typer.Option(help="greedy tokens per target")]
-Steps = Annotated[int, typer.Option(help="max optimizer steps")]
-Batch = Annotated[int, typer.Option("--batch-size", help="examples per optimizer step")]
-Micro = Annotated[int, typer.Option(help="examples per forward pass")]
-Lr = Annotated[float, typer.Option(help="AdamW learning rate")]
-EvalEvery = Annotated[int, typer.Option(help="validate every N steps")]
-Patience = Annotated[int, typer.Option(help="validations without improvement before the lr is cut")]
-WAbl = Annotated[float, typer.Option(help="ablation CE weight")]
-WAdd = Annotated[float, typer.Option(help="addition CE weight")]
-WRet = Annotated[float, typer.Option(help="retain KL weight")]
-ValKl = Annotated[float, typer.Option(help="KL weight in the validation objective")]
-Seed = Annotated[Optional[int], typer.Option(help="default: the run's seed")]
+
+# name: (type with its typer option, default); appended to every verb's own options, in this order
+_TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "n_train": (Annotated[int, typer.Option(help="train prompts sampled per side (then filtered like the run)")],
+                64),
+    "n_val": (Annotated[int, typer.Option(help="validation prompts per side (model selection)")], 16),
+    "target_tokens": (Annotated[int, typer.Option(help="greedy tokens per target")], 30),
+    "steps": (Annotated[int, typer.Option(help="max optimizer steps")], 40),
+    "batch_size": (Annotated[int, typer.Option("--batch-size", help="examples per optimizer step")], 8),
+    "micro_batch": (Annotated[int, typer.Option(help="examples per forward pass")], 4),
+    "lr": (Annotated[float, typer.Option(help="AdamW learning rate")], 1e-2),
+    "eval_every": (Annotated[int, typer.Option(help="validate every N steps")], 4),
+    "patience": (Annotated[int, typer.Option(help="validations without improvement before the lr is cut")], 3),
+    "ablation_weight": (Annotated[float, typer.Option(help="ablation CE weight")], 1.0),
+    "addition_weight": (Annotated[float, typer.Option(help="addition CE weight")], 0.2),
+    "retain_weight": (Annotated[float, typer.Option(help="retain KL weight")], 1.0),
+    "val_kl_weight": (Annotated[float, typer.Option(help="KL weight in the validation objective")], 10.0),
+    "seed": (Annotated[Optional[int], typer.Option(help="default: the run's seed")], None),
+}
 
 
-def _common(run_dir, n_train, n_val, target_tokens, steps, batch_size, micro_batch, lr, eval_every, patience,
+def _common(run_dir, *, n_train, n_val, target_tokens, steps, batch_size, micro_batch, lr, eval_every, patience,
             ablation_weight, addition_weight, retain_weight, val_kl_weight, seed):
     from refusal_atlas.cli import _workspace
     from refusal_atlas.directions.losses import LossWeights
-    from refusal_atlas.directions.optim import TrainConfig, load_dim
+    from refusal_atlas.directions.optim import TrainConfig
+    from refusal_atlas.directions.training_setup import load_dim
     from refusal_atlas.errors import ConfigError
 
     if not (run_dir / "manifest.json").is_file():
@@ -56,69 +71,95 @@ def _summary(d) -> str:
             f"{best.get('refusal', float('nan')):.3f}, KL {best.get('kl', float('nan')):.4f}")
 
 
+Verb = Callable[..., None]
+
+
+def _training_verb(**defaults: Any) -> Callable[[Verb], Verb]:
+    """Turn ``body(ws, kw, *, own options)`` into a typer verb with --run-dir and the training options.
+
+    The options are added to the signature typer reads (``__signature__`` and evaluated
+    ``__annotations__``), so they are declared once; ``defaults`` overrides a default per verb. The
+    verb opens the run (``_common``) and calls the body with the workspace and the keyword
+    arguments every ``*_step`` takes.
+    """
+    unknown = set(defaults) - set(_TRAINING_OPTIONS)
+    if unknown:
+        raise TypeError(f"not training options: {sorted(unknown)}")
+
+    def decorate(body: Verb) -> Verb:
+        kw_only = inspect.Parameter.KEYWORD_ONLY
+        own = list(inspect.signature(body, eval_str=True).parameters.values())[2:]  # after ws, kw
+        shared = [inspect.Parameter(n, kw_only, annotation=a, default=defaults.get(n, d))
+                  for n, (a, d) in _TRAINING_OPTIONS.items()]
+        params = [inspect.Parameter("run_dir", kw_only, annotation=RunDirOpt), *own, *shared]
+
+        @functools.wraps(body)
+        def verb(**options: Any) -> None:
+            run_dir = options.pop("run_dir")
+            ws, kw = _common(run_dir, **{n: options.pop(n) for n in _TRAINING_OPTIONS})
+            body(ws, kw, **options)
+
+        verb.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+        verb.__annotations__ = {**{p.name: p.annotation for p in params}, "return": None}
+        return verb
+
+    return decorate
+
+
+@_training_verb()
 def directions_rdo(
-    run_dir: RunDirOpt,
+    ws: Workspace,
+    kw: dict[str, Any],
+    *,
     init: Annotated[Optional[str], typer.Option(help="dim | random | a direction file name (default: dim; "
                                                      "random with --orthogonal)")] = None,
     orthogonal: Annotated[bool, typer.Option(help="RDO⊥: keep the direction orthogonal to DIM")] = False,
     name: Annotated[Optional[str], typer.Option(help="output name (default rdo / rdo_orth)")] = None,
-    n_train: NTrain = 64, n_val: NVal = 16, target_tokens: TargetTokens = 30, steps: Steps = 40,
-    batch_size: Batch = 8, micro_batch: Micro = 4, lr: Lr = 1e-2, eval_every: EvalEvery = 4,
-    patience: Patience = 3, ablation_weight: WAbl = 1.0, addition_weight: WAdd = 0.2, retain_weight: WRet = 1.0,
-    val_kl_weight: ValKl = 10.0, seed: Seed = None,
 ) -> None:
     """Refusal Direction Optimization (gradient-trained single direction)."""
     from refusal_atlas.directions.rdo import rdo_step
 
-    ws, kw = _common(run_dir, n_train, n_val, target_tokens, steps, batch_size, micro_batch, lr, eval_every,
-                     patience, ablation_weight, addition_weight, retain_weight, val_kl_weight, seed)
     d = rdo_step(ws, name=name, init=init, orthogonal=orthogonal, **kw)
     typer.echo(f"{d.method}: cos with DIM {d.meta['cos_with_dim']:.3f}; {_summary(d)}")
     typer.echo(f"saved to {ws.run.direction_path(name or d.method)}")
 
 
+@_training_verb(micro_batch=2)
 def directions_cone(
-    run_dir: RunDirOpt,
+    ws: Workspace,
+    kw: dict[str, Any],
+    *,
     k_max: Annotated[int, typer.Option("--k", "--k-max", help="largest cone dimension")] = 2,
     k_min: Annotated[int, typer.Option(help="smallest cone dimension of the sweep")] = 2,
     warm_start: Annotated[Optional[str], typer.Option(help="direction file: the first k_min-1 basis vectors")] = None,
     init: Annotated[str, typer.Option(help="without warm start: first basis vector dim | random")] = "dim",
     n_val_samples: Annotated[int, typer.Option(help="fixed cone samples in the validation objective")] = 4,
     name: Annotated[str, typer.Option(help="output name")] = "cone",
-    n_train: NTrain = 64, n_val: NVal = 16, target_tokens: TargetTokens = 30, steps: Steps = 40,
-    batch_size: Batch = 8, micro_batch: Micro = 2, lr: Lr = 1e-2, eval_every: EvalEvery = 4,
-    patience: Patience = 3, ablation_weight: WAbl = 1.0, addition_weight: WAdd = 0.2, retain_weight: WRet = 1.0,
-    val_kl_weight: ValKl = 10.0, seed: Seed = None,
 ) -> None:
     """Refusal cones: orthonormal bases whose positive span mediates refusal (sweep k_min..k)."""
     from refusal_atlas.directions.cone import cone_step
 
-    ws, kw = _common(run_dir, n_train, n_val, target_tokens, steps, batch_size, micro_batch, lr, eval_every,
-                     patience, ablation_weight, addition_weight, retain_weight, val_kl_weight, seed)
     cones = cone_step(ws, k_min=k_min, k_max=k_max, name=name, warm_start=warm_start, init=init,
                       n_val_samples=n_val_samples, **kw)
     for c in cones:
         typer.echo(f"cone k={len(c)}: {_summary(c)}  -> {ws.run.direction_path(f'{name}_k{len(c)}')}")
 
 
+@_training_verb()
 def directions_repind(
-    run_dir: RunDirOpt,
+    ws: Workspace,
+    kw: dict[str, Any],
+    *,
     n_directions: Annotated[int, typer.Option(help="independent directions to find, one after another")] = 1,
     restarts: Annotated[int, typer.Option(help="runs per direction; the best on validation is kept")] = 1,
     independence_weight: Annotated[float, typer.Option(help="weight of the independence loss")] = 200.0,
     init: Annotated[str, typer.Option(help="random | dim | a direction file name (e.g. rdo_orth)")] = "random",
     orthogonal: Annotated[bool, typer.Option(help="also keep each direction orthogonal to the earlier ones")] = False,
     name: Annotated[str, typer.Option(help="output name")] = "repind",
-    n_train: NTrain = 64, n_val: NVal = 16, target_tokens: TargetTokens = 30, steps: Steps = 40,
-    batch_size: Batch = 8, micro_batch: Micro = 4, lr: Lr = 1e-2, eval_every: EvalEvery = 4,
-    patience: Patience = 3, ablation_weight: WAbl = 1.0, addition_weight: WAdd = 0.2, retain_weight: WRet = 1.0,
-    val_kl_weight: ValKl = 10.0, seed: Seed = None,
 ) -> None:
     """Representationally independent refusal directions (independent of DIM and of each other)."""
     from refusal_atlas.directions.repind import repind_step
 
-    ws, kw = _common(run_dir, n_train, n_val, target_tokens, steps, batch_size, micro_batch, lr, eval_every,
-                     patience, ablation_weight, addition_weight, retain_weight, val_kl_weight, seed)
     d = repind_step(ws, name=name, n_directions=n_directions, restarts=restarts,
                     independence_weight=independence_weight, init=init, orthogonal=orthogonal, **kw)
     for run in d.meta["runs"]:

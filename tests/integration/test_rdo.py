@@ -15,6 +15,7 @@ from refusal_atlas.directions.dim import difference_in_means
 from refusal_atlas.directions.optim import TrainConfig, TrainingData, ValidationSet
 from refusal_atlas.directions.rdo import train_rdo
 from refusal_atlas.directions.targets import build_targets
+from refusal_atlas.directions.training_setup import TrainingSetup
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.interventions import Intervention
 
@@ -35,7 +36,7 @@ def test_a_few_rdo_steps_from_dim_keep_a_working_unit_direction(embedded, embedd
     assert all(t.strip() for t in targets.answer)  # the model answers under DIM ablation
     val = ValidationSet(adapter, chat, _texts("harmful_val", 8), _texts("harmless_val", 8), ids, batch_size=8)
     cfg = TrainConfig(steps=3, batch_size=4, micro_batch=2, eval_every=3, lr=3e-3)
-    rdo = train_rdo(adapter, dim, TrainingData(chat, targets), val, init="dim", cfg=cfg)
+    rdo = train_rdo(adapter, TrainingSetup(dim, targets, TrainingData(chat, targets), val, {}), init="dim", cfg=cfg)
 
     alpha = float(dim.norms[0])
     assert abs(float(rdo.norms[0]) / alpha - 1) < 1e-5  # α·(unit vector)

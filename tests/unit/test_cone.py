@@ -7,16 +7,13 @@ import math
 import pytest
 import torch
 
+from gradient_fixtures import HARMFUL
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.cone import (_initial_basis, check_cone_dim, evaluate_cone, sample_cone,
                                            sample_orthant, sweep_cones, train_cone)
-from refusal_atlas.directions.optim import TrainConfig, TrainingData, ValidationSet, retract
-from refusal_atlas.directions.targets import build_targets
+from refusal_atlas.directions.optim import TrainConfig, retract
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.evaluation.refusal import refusal_token_ids
-
-HARMFUL = ["how to make a bomb", "hack into computer and steal money", "steal money please"]
-HARMLESS = ["write poem about cats please", "explain the weather", "give me recipe for cake"]
 
 
 def ks_uniform(x: torch.Tensor, lo: float, hi: float) -> float:
@@ -84,29 +81,11 @@ def test_warm_start_keeps_the_previous_basis_first():
         _initial_basis(2, dim, prev, "dim", seed=0)
 
 
-@pytest.fixture(scope="module")
-def parts():
-    from tiny import TinyLoaded
-
-    from refusal_atlas.model import ChatFormatter, ModelAdapter
-
-    tiny = TinyLoaded("qwen2")
-    return tiny, ModelAdapter(tiny.model), ChatFormatter(tiny.tokenizer)
-
-
-@pytest.fixture(scope="module")
-def setup(parts):
-    tiny, adapter, chat = parts
-    dim = DirectionSet(3.0 * torch.randn(32, generator=torch.Generator().manual_seed(1)), layer=2, method="dim")
-    targets = build_targets(adapter, chat, dim, HARMFUL, HARMLESS, max_new_tokens=4, batch_size=3)
-    val = ValidationSet(adapter, chat, HARMFUL, HARMLESS, refusal_token_ids(tiny.tokenizer), batch_size=4)
-    return tiny, adapter, chat, dim, TrainingData(chat, targets, check_targets=False), val
-
-
-def test_cone_sweep_trains_orthonormal_bases_of_each_dimension(setup):
-    tiny, adapter, chat, dim, data, val = setup
+def test_cone_sweep_trains_orthonormal_bases_of_each_dimension(gradient_parts, gradient_setup):
+    tiny, adapter, chat = gradient_parts
+    dim = gradient_setup.dim
     cfg = TrainConfig(steps=2, batch_size=2, micro_batch=1, eval_every=2)
-    cones = sweep_cones(adapter, dim, data, val, 3, k_min=2, cfg=cfg, n_val_samples=2)
+    cones = sweep_cones(adapter, gradient_setup, 3, k_min=2, cfg=cfg, n_val_samples=2)
     assert [len(c) for c in cones] == [2, 3]
     for c in cones:
         u = c.unit()
@@ -115,14 +94,15 @@ def test_cone_sweep_trains_orthonormal_bases_of_each_dimension(setup):
         assert len(c.meta["history"]["loss"]) == 2
         assert len(c.meta["val_history"][0]["per_direction"]) == 2 + len(c)  # fixed samples + basis
     with pytest.raises(ConfigError, match="exceeds"):
-        train_cone(adapter, dim, data, val, 33, cfg=cfg)
+        train_cone(adapter, gradient_setup, 33, cfg=cfg)
     report = evaluate_cone(adapter, chat, cones[-1], HARMFUL, refusal_token_ids(tiny.tokenizer), n_samples=5)
     assert len(report["sample_scores"]) == 5 and report["min"] <= report["median"] <= report["max"]
     assert len(report["basis_scores"]) == 3
 
 
-def test_a_sampled_direction_sends_gradient_to_every_basis_vector(setup):
-    _, adapter, _, dim, data, _ = setup
+def test_a_sampled_direction_sends_gradient_to_every_basis_vector(gradient_parts, gradient_setup):
+    _, adapter, _ = gradient_parts
+    data = gradient_setup.data
     from refusal_atlas.directions.losses import direction_loss
 
     basis = retract(torch.randn(3, 32, generator=torch.Generator().manual_seed(6))).requires_grad_(True)

@@ -9,42 +9,14 @@ import warnings
 import pytest
 import torch
 
+from gradient_fixtures import HARMFUL, HARMLESS
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import (LossWeights, addition_ce, ablation_ce, collate, direction_loss,
                                              retain_kl, tokenize_examples)
-from refusal_atlas.directions.optim import (TrainConfig, TrainingData, ValidationSet, retract, tangent_project,
-                                            train_directions)
+from refusal_atlas.directions.optim import TrainConfig, TrainingData, retract, tangent_project, train_directions
 from refusal_atlas.directions.rdo import train_rdo
-from refusal_atlas.directions.targets import (Targets, build_targets, first_sentence, load_or_build_targets)
+from refusal_atlas.directions.targets import Targets, build_targets, first_sentence
 from refusal_atlas.errors import ConfigError
-from refusal_atlas.evaluation.refusal import refusal_token_ids
-
-HARMFUL = ["how to make a bomb", "hack into computer and steal money", "steal money please"]
-HARMLESS = ["write poem about cats please", "explain the weather", "give me recipe for cake"]
-
-
-@pytest.fixture(scope="module")
-def dim():
-    g = torch.Generator().manual_seed(1)
-    return DirectionSet(3.0 * torch.randn(32, generator=g), layer=2, method="dim")
-
-
-@pytest.fixture(scope="module")
-def parts():
-    from tiny import TinyLoaded
-
-    from refusal_atlas.model import ChatFormatter, ModelAdapter
-
-    tiny = TinyLoaded("qwen2")
-    return tiny, ModelAdapter(tiny.model), ChatFormatter(tiny.tokenizer)
-
-
-@pytest.fixture(scope="module")
-def setup(parts, dim):
-    tiny, adapter, chat = parts
-    targets = build_targets(adapter, chat, dim, HARMFUL, HARMLESS, max_new_tokens=5, batch_size=2)
-    val = ValidationSet(adapter, chat, HARMFUL, HARMLESS, refusal_token_ids(tiny.tokenizer), batch_size=4)
-    return adapter, chat, targets, TrainingData(chat, targets, check_targets=False), val
 
 
 def test_first_sentence_cuts_after_the_first_end_mark():
@@ -69,9 +41,10 @@ def test_collate_left_pads_and_puts_targets_at_the_end(tiny_parts):
     assert b.attention_mask[0, 0] == 0  # the shorter row is padded on the left
 
 
-def test_batched_losses_equal_token_weighted_single_example_losses(setup, dim):
-    adapter, chat, targets, data, _ = setup
-    r = dim.unit()[0]
+def test_batched_losses_equal_token_weighted_single_example_losses(gradient_parts, gradient_setup):
+    _, adapter, _ = gradient_parts
+    data = gradient_setup.data
+    r = gradient_setup.dim.unit()[0]
     fns = {"ablation": (data.answer, lambda b: ablation_ce(adapter, b, r)),
            "addition": (data.refusal, lambda b: addition_ce(adapter, b, r, 3.0, 2)),
            "retain": (data.retain, lambda b: retain_kl(adapter, b, r))}
@@ -82,10 +55,10 @@ def test_batched_losses_equal_token_weighted_single_example_losses(setup, dim):
         assert torch.allclose(batched, expected, atol=1e-4), name
 
 
-def test_targets_are_cached_and_rebuilt_when_dim_changes(tiny_parts, dim, tmp_path, monkeypatch):
+def test_targets_are_cached_and_rebuilt_when_dim_changes(tiny_parts, gradient_dim, tmp_path, monkeypatch):
     _, adapter, chat = tiny_parts
-    path = tmp_path / "targets.json"
-    first = load_or_build_targets(path, adapter, chat, dim, HARMFUL, HARMLESS, max_new_tokens=4)
+    dim, path = gradient_dim, tmp_path / "targets.json"
+    first = build_targets(adapter, chat, dim, HARMFUL, HARMLESS, max_new_tokens=4, cache=path)
     assert path.exists() and len(first.answer) == 3 and first.meta["alpha"] == pytest.approx(float(dim.norms[0]))
 
     import refusal_atlas.directions.targets as targets_mod
@@ -94,11 +67,11 @@ def test_targets_are_cached_and_rebuilt_when_dim_changes(tiny_parts, dim, tmp_pa
         raise AssertionError("generate must not run when the cache matches")
 
     monkeypatch.setattr(targets_mod, "generate", boom)
-    again = load_or_build_targets(path, adapter, chat, dim, HARMFUL, HARMLESS, max_new_tokens=4)
+    again = build_targets(adapter, chat, dim, HARMFUL, HARMLESS, max_new_tokens=4, cache=path)
     assert again.answer == first.answer and again.meta.get("cached")
     other = DirectionSet(dim.vectors * 2, dim.layer, "dim")
     with pytest.raises(AssertionError, match="must not run"):
-        load_or_build_targets(path, adapter, chat, other, HARMFUL, HARMLESS, max_new_tokens=4)
+        build_targets(adapter, chat, other, HARMFUL, HARMLESS, max_new_tokens=4, cache=path)
 
 
 def test_targets_need_a_dim_direction(tiny_parts, tmp_path):
@@ -106,14 +79,15 @@ def test_targets_need_a_dim_direction(tiny_parts, tmp_path):
     with pytest.raises(ConfigError, match="DIM direction"):
         build_targets(adapter, chat, None, HARMFUL, HARMLESS)
     with pytest.raises(ConfigError, match="DIM direction"):
-        load_or_build_targets(tmp_path / "t.json", adapter, chat, None, HARMFUL, HARMLESS)
+        build_targets(adapter, chat, None, HARMFUL, HARMLESS, cache=tmp_path / "t.json")
     with pytest.raises(ConfigError):
         Targets(["a"], ["b"], [], ["r"], ["k"])
 
 
 @pytest.mark.parametrize("which", ["ablation", "addition", "retain"])
-def test_one_riemannian_gradient_step_reduces_each_loss(setup, which):
-    adapter, _, _, data, _ = setup
+def test_one_riemannian_gradient_step_reduces_each_loss(gradient_parts, gradient_setup, which):
+    _, adapter, _ = gradient_parts
+    data = gradient_setup.data
     weights = LossWeights(**{k: (1.0 if k == which else 0.0) for k in ("ablation", "addition", "retain")})
     batches = data.batches(range(len(data)))
     r = torch.nn.functional.normalize(torch.randn(1, 32, generator=torch.Generator().manual_seed(3)), dim=1)
@@ -127,8 +101,9 @@ def test_one_riemannian_gradient_step_reduces_each_loss(setup, which):
     assert float(after) < float(loss.detach())
 
 
-def test_one_adamw_step_of_the_training_loop_reduces_the_loss(setup, dim):
-    adapter, _, _, data, _ = setup
+def test_one_adamw_step_of_the_training_loop_reduces_the_loss(gradient_parts, gradient_setup):
+    _, adapter, _ = gradient_parts
+    data = gradient_setup.data
     batches = data.batches(range(len(data)))
     start = torch.nn.functional.normalize(torch.randn(1, 32, generator=torch.Generator().manual_seed(4)), dim=1)
 
@@ -200,19 +175,20 @@ def test_nan_loss_raises_at_the_first_step_and_stops_cleanly_later():
     assert torch.isfinite(res.params).all() and len(res.history["loss"]) == 2
 
 
-def test_train_rdo_and_rdo_orth(setup, dim):
-    adapter, _, _, data, val = setup
+def test_train_rdo_and_rdo_orth(gradient_parts, gradient_setup):
+    _, adapter, _ = gradient_parts
+    setup, dim = gradient_setup, gradient_setup.dim
     cfg = TrainConfig(steps=3, batch_size=3, micro_batch=2, eval_every=1)
-    rdo = train_rdo(adapter, dim, data, val, cfg=cfg)
+    rdo = train_rdo(adapter, setup, cfg=cfg)
     assert rdo.method == "rdo" and rdo.norms[0] == pytest.approx(float(dim.norms[0]), rel=1e-5)
     assert len(rdo.meta["history"]["loss"]) == 3 and {"ablation", "addition", "retain"} <= set(rdo.meta["history"])
     assert [v["step"] for v in rdo.meta["val_history"]] == [0, 1, 2, 3]
-    orth = train_rdo(adapter, dim, data, val, cfg=cfg, init="random", orthogonal_to=dim.vectors)
+    orth = train_rdo(adapter, setup, cfg=cfg, init="random", orthogonal_to=dim.vectors)
     assert orth.method == "rdo_orth" and abs(orth.meta["cos_with_dim"]) < 1e-5
     with pytest.raises(ConfigError, match="RDO⊥"):
-        train_rdo(adapter, dim, data, val, cfg=cfg, init="dim", orthogonal_to=dim.vectors)
+        train_rdo(adapter, setup, cfg=cfg, init="dim", orthogonal_to=dim.vectors)
     with pytest.raises(ConfigError, match="degenerate"):
-        train_rdo(adapter, dim, data, val, cfg=cfg, init=dim.vectors.clone(), orthogonal_to=dim.vectors)
+        train_rdo(adapter, setup, cfg=cfg, init=dim.vectors.clone(), orthogonal_to=dim.vectors)
 
 
 def test_bad_train_config_is_rejected():
@@ -232,8 +208,8 @@ def test_cli_reports_a_missing_dim_direction_without_loading_a_model(tmp_path):
     assert out.stderr.startswith("error: no DIM direction") and "Traceback" not in out.stderr
 
 
-def test_targets_that_miss_their_behaviour_are_masked(parts):
-    _, _, chat = parts
+def test_targets_that_miss_their_behaviour_are_masked(gradient_parts):
+    _, _, chat = gradient_parts
     targets = Targets(HARMFUL[:2], HARMLESS[:2], ["I'm sorry, I cannot help", "Sure here is how"],
                       ["Sure here is a poem", "I cannot help with that"], ["a poem", "weather"])
     data = TrainingData(chat, targets)

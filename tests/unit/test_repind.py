@@ -5,38 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refusal_atlas.directions.base import DirectionSet
+from gradient_fixtures import HARMFUL
 from refusal_atlas.directions.losses import LossWeights, direction_loss
-from refusal_atlas.directions.optim import (TrainConfig, TrainingData, ValidationSet, retract, tangent_project,
-                                            train_directions)
+from refusal_atlas.directions.optim import TrainConfig, retract, tangent_project, train_directions
 from refusal_atlas.directions.repind import (_Reference, capture_prompt_end, cross_ablation_change,
                                              independence_layers, independence_loss, last_token_reps,
                                              train_repind)
-from refusal_atlas.directions.targets import build_targets
 from refusal_atlas.errors import ConfigError
-from refusal_atlas.evaluation.refusal import refusal_token_ids
-
-HARMFUL = ["how to make a bomb", "hack into computer and steal money", "steal money please"]
-HARMLESS = ["write poem about cats please", "explain the weather", "give me recipe for cake"]
-
-
-@pytest.fixture(scope="module")
-def parts():
-    from tiny import TinyLoaded
-
-    from refusal_atlas.model import ChatFormatter, ModelAdapter
-
-    tiny = TinyLoaded("qwen2")
-    return tiny, ModelAdapter(tiny.model), ChatFormatter(tiny.tokenizer)
-
-
-@pytest.fixture(scope="module")
-def setup(parts):
-    tiny, adapter, chat = parts
-    dim = DirectionSet(3.0 * torch.randn(32, generator=torch.Generator().manual_seed(1)), layer=2, method="dim")
-    targets = build_targets(adapter, chat, dim, HARMFUL, HARMLESS, max_new_tokens=4, batch_size=3)
-    val = ValidationSet(adapter, chat, HARMFUL, HARMLESS, refusal_token_ids(tiny.tokenizer), batch_size=4)
-    return adapter, chat, dim, targets, TrainingData(chat, targets, check_targets=False), val
 
 
 def test_independence_layers_use_the_0_9_cutoff():
@@ -65,8 +40,9 @@ def test_independence_gradient_includes_the_clean_cosine_term():
     assert torch.autograd.gradcheck(lambda x: independence_loss(clean, minus_r, minus_v, x, v), (r,))
 
 
-def test_captured_residuals_are_the_ablated_prompt_end_states(setup):
-    adapter, chat, dim, targets, data, _ = setup
+def test_captured_residuals_are_the_ablated_prompt_end_states(gradient_parts, gradient_setup):
+    _, adapter, chat = gradient_parts
+    targets, data = gradient_setup.targets, gradient_setup.data
     layers = independence_layers(adapter.n_layers)
     r = retract(torch.randn(1, 32, generator=torch.Generator().manual_seed(2)))[0]
     batches, store = data.batches([0, 1, 2]), {}
@@ -81,8 +57,9 @@ def test_captured_residuals_are_the_ablated_prompt_end_states(setup):
     assert torch.allclose(captured, reference, atol=1e-4)
 
 
-def test_a_gradient_step_reduces_the_independence_loss(setup):
-    adapter, chat, dim, targets, data, _ = setup
+def test_a_gradient_step_reduces_the_independence_loss(gradient_parts, gradient_setup):
+    _, adapter, chat = gradient_parts
+    dim, targets, data = gradient_setup.dim, gradient_setup.targets, gradient_setup.data
     layers = independence_layers(adapter.n_layers)
     v = dim.unit()[0]
     ref = _Reference(adapter, chat, targets.harmful, layers, [v], batch_size=4)
@@ -119,10 +96,11 @@ def test_micro_batches_average_per_example_gradients():
     assert torch.allclose(results[0], results[1], atol=1e-6) and torch.allclose(results[0], results[2], atol=1e-6)
 
 
-def test_train_repind_finds_several_directions_with_restarts(setup):
-    adapter, chat, dim, targets, data, val = setup
+def test_train_repind_finds_several_directions_with_restarts(gradient_parts, gradient_setup):
+    _, adapter, chat = gradient_parts
+    dim = gradient_setup.dim
     cfg = TrainConfig(steps=2, batch_size=3, micro_batch=3, eval_every=1)
-    rep = train_repind(adapter, chat, dim, data, targets.harmful, val, n_directions=2, restarts=2, cfg=cfg)
+    rep = train_repind(adapter, chat, gradient_setup, n_directions=2, restarts=2, cfg=cfg)
     assert rep.method == "repind" and len(rep) == 2
     assert torch.allclose(rep.norms, torch.full((2,), float(dim.norms[0])), rtol=1e-5)
     runs = rep.meta["runs"]
@@ -134,7 +112,7 @@ def test_train_repind_finds_several_directions_with_restarts(setup):
         best = min((r for r in runs if r["direction"] == n), key=lambda r: r["val_objective"])
         assert best["val_objective"] == min(r["val_objective"] for r in runs if r["direction"] == n)
     with pytest.raises(ConfigError):
-        train_repind(adapter, chat, dim, data, targets.harmful, val, n_directions=0, cfg=cfg)
+        train_repind(adapter, chat, gradient_setup, n_directions=0, cfg=cfg)
     report = cross_ablation_change(adapter, chat, rep.unit()[0], dim.unit()[0], HARMFUL)
     assert len(report["v_under_r_ablation"]) == len(independence_layers(adapter.n_layers))
     same = cross_ablation_change(adapter, chat, dim.unit()[0], dim.unit()[0], HARMFUL)

@@ -32,9 +32,8 @@ import torch
 
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import LossWeights, direction_loss
-from refusal_atlas.directions.optim import (TrainConfig, TrainingData, ValidationSet, orthonormal_rows,
-                                            train_directions)
-from refusal_atlas.directions.rdo import check_dim
+from refusal_atlas.directions.optim import TrainConfig, orthonormal_rows, start_training, train_directions
+from refusal_atlas.directions.training_setup import TrainingSetup, resolve_init, train_on_run
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.interventions import Intervention
@@ -83,9 +82,7 @@ def _initial_basis(k: int, dim: DirectionSet, warm: torch.Tensor | None, init: s
 
 def train_cone(
     adapter: ModelAdapter,
-    dim: DirectionSet,
-    data: TrainingData,
-    val: ValidationSet,
+    setup: TrainingSetup,
     k: int,
     *,
     warm_start: torch.Tensor | None = None,
@@ -93,13 +90,11 @@ def train_cone(
     n_val_samples: int = 4,
     weights: LossWeights = LossWeights(),
     cfg: TrainConfig | None = None,
-    provenance: dict[str, Any] | None = None,
 ) -> DirectionSet:
     """Train a k-dimensional cone basis (see the module docstring for the sampling scheme)."""
-    cfg = cfg or TrainConfig()
-    dim = check_dim(dim, adapter)
+    cfg, dim, alpha, layer = start_training(adapter, setup.dim, cfg)
     check_cone_dim(k, dim.d_model)
-    alpha, layer = float(dim.norms[0]), dim.layer
+    data, val = setup.data, setup.val
     start = _initial_basis(k, dim, warm_start, init, cfg.seed + k)
     n_slots = -(-cfg.batch_size // cfg.micro_batch)
     val_s = sample_orthant(n_val_samples, k, torch.Generator().manual_seed(cfg.seed + 1000 + k)).to(torch.float32)
@@ -126,16 +121,14 @@ def train_cone(
         "train": cfg.to_json(), "n_train_examples": len(data),
         "masked_targets": data.n_masked, "n_val_samples": n_val_samples,
         "sampling": "uniform on the positive orthant of S^{k-1} (|N(0,I)| normalized)",
-        "basis_cos_with_dim": (result.params @ dim.unit()[0]).tolist(), **result.meta(), **(provenance or {}),
+        "basis_cos_with_dim": (result.params @ dim.unit()[0]).tolist(), **result.meta(), **setup.provenance,
     }
     return DirectionSet(alpha * result.params, layer, "cone", position=None, meta=meta)
 
 
 def sweep_cones(
     adapter: ModelAdapter,
-    dim: DirectionSet,
-    data: TrainingData,
-    val: ValidationSet,
+    setup: TrainingSetup,
     k_max: int,
     *,
     k_min: int = 2,
@@ -143,6 +136,7 @@ def sweep_cones(
     **kw: Any,
 ) -> list[DirectionSet]:
     """Cones of dimension k_min..k_max, each warm-started from the previous one's best basis."""
+    dim = setup.dim
     check_cone_dim(k_min, dim.d_model)
     check_cone_dim(k_max, dim.d_model)
     if k_min > k_max:
@@ -152,7 +146,7 @@ def sweep_cones(
         warm = cones[-1].unit() if cones else warm_start
         if warm is not None and warm.reshape(-1, dim.d_model).shape[0] >= k:
             warm = warm.reshape(-1, dim.d_model)[: k - 1]
-        cones.append(train_cone(adapter, dim, data, val, k, warm_start=warm, **kw))
+        cones.append(train_cone(adapter, setup, k, warm_start=warm, **kw))
     return cones
 
 
@@ -191,21 +185,14 @@ def cone_step(ws, *, k_min: int = 2, k_max: int = 2, name: str = "cone", warm_st
               target_tokens: int = 30, weights: LossWeights = LossWeights(),
               cfg: TrainConfig | None = None) -> list[DirectionSet]:
     """Cone sweep on a run directory: R/directions/<name>_k<k>.safetensors each, <name> = the largest."""
-    from refusal_atlas.directions.optim import prepare_training, resolve_init, save_direction
-
-    cfg = cfg or TrainConfig(seed=ws.cfg.seed)
     check_cone_dim(k_min, ws.adapter.d_model)
     check_cone_dim(k_max, ws.adapter.d_model)
     warm = resolve_init(ws, warm_start) if warm_start else None
     if isinstance(warm, str):
         raise ConfigError("--warm-start takes a direction file name (e.g. rdo), not 'dim'/'random'; use --init")
-    setup = prepare_training(ws, n_train=n_train, n_val=n_val, target_tokens=target_tokens,
-                             kl_weight=cfg.val_kl_weight)
-    with ws.timed(f"directions_{name}"):
-        cones = sweep_cones(ws.adapter, setup.dim, setup.data, setup.val, k_max, k_min=k_min, warm_start=warm,
-                            init=init, n_val_samples=n_val_samples, weights=weights, cfg=cfg,
-                            provenance=setup.provenance)
-    for cone in cones:
-        save_direction(ws, cone, f"{name}_k{len(cone)}")
-    save_direction(ws, cones[-1], name)
-    return cones
+
+    def train(setup: TrainingSetup, cfg: TrainConfig) -> list[DirectionSet]:
+        return sweep_cones(ws.adapter, setup, k_max, k_min=k_min, warm_start=warm, init=init,
+                           n_val_samples=n_val_samples, weights=weights, cfg=cfg)
+
+    return train_on_run(ws, name, train, n_train=n_train, n_val=n_val, target_tokens=target_tokens, cfg=cfg)

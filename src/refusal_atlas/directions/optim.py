@@ -20,6 +20,10 @@ The same validation signal drives plateau learning-rate reduction and early stop
 
 A non-finite loss stops training and keeps the best validated iterate (flagged in the result); at
 the very first step it is an error, since nothing was learned.
+
+The start every method shares (:func:`check_dim`, :func:`start_training`, :func:`initial_direction`)
+is here too; reading and writing run directories is in directions/training_setup.py, which this
+module does not import.
 """
 
 from __future__ import annotations
@@ -28,15 +32,14 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import StepBatches, collate, tokenize_examples
-from refusal_atlas.directions.targets import Targets, direction_fingerprint, load_or_build_targets
-from refusal_atlas.errors import ArtifactError, ConfigError
+from refusal_atlas.directions.targets import Targets
+from refusal_atlas.errors import ConfigError
 from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs, refusal_score
 from refusal_atlas.interventions import Intervention
@@ -314,82 +317,35 @@ def train_directions(
     return TrainResult(best, last_good, best_step, stopped, history, val_history)
 
 
-# ------------------------------------------------------------------------------- run directories
-@dataclass
-class TrainingSetup:
-    """Everything a gradient method needs from a run directory."""
-
-    dim: DirectionSet
-    targets: Targets
-    data: TrainingData
-    val: ValidationSet
-    provenance: dict[str, Any]
-
-
-def load_dim(run_path) -> DirectionSet:
-    """The run's selected DIM direction (R/directions/dim.safetensors) or a clear error."""
-    from refusal_atlas.rundir import RunDir
-
-    path = RunDir(run_path).direction_path("dim")
-    if not path.exists():
-        raise ArtifactError(f"no DIM direction at {path}; the gradient methods build their targets and α from it "
-                            "(run `refusal-atlas run` or `refusal-atlas select` first)")
-    return DirectionSet.load(path)
+# ------------------------------------------------------------------------------- method helpers
+def check_dim(dim: DirectionSet | None, adapter: ModelAdapter) -> DirectionSet:
+    """The DIM direction, if it fits the model: every method takes α, the layer and its targets from it."""
+    if dim is None:
+        raise ConfigError("the gradient methods need the DIM direction (for α, the layer and the targets)")
+    if dim.d_model != adapter.d_model:
+        raise ConfigError(f"DIM direction has d={dim.d_model} but the model has d_model={adapter.d_model}")
+    adapter.check_layer(dim.layer, "DIM layer")
+    return dim
 
 
-def prepare_training(ws, *, n_train: int = 64, n_val: int = 16, target_tokens: int = 30,
-                     kl_weight: float = 10.0) -> TrainingSetup:
-    """DIM direction, cached targets (R/targets.json), tokenized training data and a validation set.
+def start_training(adapter: ModelAdapter, dim: DirectionSet | None,
+                   cfg: TrainConfig | None) -> tuple[TrainConfig, DirectionSet, float, int]:
+    """The start every method shares: (cfg or the default, checked DIM direction, α = ‖r_DIM‖, DIM layer).
 
-    Train prompts: the run's harmful/harmless train sets (``n_train`` sampled with the run's seed),
-    filtered like the DIM step when the run filters (harmful prompts the model refuses, harmless
-    ones it answers). Validation: ``n_val`` prompts of the run's val sets.
+    α is the ActAdd strength of the saved vectors and the DIM layer is where they are added.
     """
-    from refusal_atlas.data import load_prompts
-    from refusal_atlas.pipeline import filter_by_refusal
-
-    if n_train < 2 or n_val < 1:
-        raise ConfigError(f"need n_train >= 2 and n_val >= 1, got {n_train}, {n_val}")
-    cfg = ws.cfg
-    dim = load_dim(ws.run.path)
-    harmful = load_prompts(cfg.harmful_train, n=n_train, seed=cfg.seed)
-    harmless = load_prompts(cfg.harmless_train, n=n_train, seed=cfg.seed)
-    if cfg.filter_train:
-        harmful, harmless = filter_by_refusal(ws, harmful, harmless)
-    targets = load_or_build_targets(ws.run / "targets.json", ws.adapter, ws.chat, dim,
-                                    [p.instruction for p in harmful], [p.instruction for p in harmless],
-                                    max_new_tokens=target_tokens, batch_size=cfg.batch_size)
-    def texts(name: str) -> list[str]:
-        return [p.instruction for p in load_prompts(name, n=n_val, seed=cfg.seed)]
-
-    val = ValidationSet(ws.adapter, ws.chat, texts(cfg.harmful_val), texts(cfg.harmless_val), ws.refusal_ids,
-                        cfg.batch_size, kl_weight)
-    model = ws.run.manifest().get("model", {})
-    provenance = {"provenance": {
-        "model": model.get("name", ws.loaded.name), "model_sha256": model.get("gguf_sha256"),
-        "dim_fingerprint": direction_fingerprint(dim), "dim_layer": dim.layer, "dim_position": dim.position,
-        "harmful_train": cfg.harmful_train, "harmless_train": cfg.harmless_train, "n_train_sampled": n_train,
-        "filtered": cfg.filter_train, "n_harmful": len(targets.harmful), "n_harmless": len(targets.harmless),
-        "harmful_val": cfg.harmful_val, "harmless_val": cfg.harmless_val, "n_val": n_val,
-        "target_tokens": target_tokens, "targets": "targets.json", "seed": cfg.seed,
-        "system_prompt": cfg.system_prompt}}
-    return TrainingSetup(dim, targets, TrainingData(ws.chat, targets, ws.adapter.device), val, provenance)
+    dim = check_dim(dim, adapter)
+    return cfg or TrainConfig(), dim, float(dim.norms[0]), dim.layer
 
 
-def save_direction(ws, direction: DirectionSet, name: str) -> Path:
-    """Save to R/directions/<name>.safetensors and note it in the manifest."""
-    path = direction.save(ws.run.direction_path(name))
-    ws.run.update_manifest(gradient_directions={name: {
-        "method": direction.method, "k": len(direction), "layer": direction.layer,
-        "best_step": direction.meta.get("best_step"), "stopped": direction.meta.get("stopped")}})
-    return path
-
-
-def resolve_init(ws, init: str) -> str | torch.Tensor:
-    """'dim' / 'random' pass through; any other name is a direction file in R/directions (its unit rows)."""
-    if init in ("dim", "random"):
-        return init
-    path = ws.run.direction_path(init)
-    if not path.exists():
-        raise ArtifactError(f"init {init!r} is neither 'dim', 'random' nor a direction file ({path} not found)")
-    return DirectionSet.load(path).unit()
+def initial_direction(init: str | torch.Tensor, dim: DirectionSet, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """``"dim"`` (the DIM direction), ``"random"`` (seeded Gaussian) or an explicit [d] / [1, d] vector."""
+    if isinstance(init, torch.Tensor):
+        vec = init.reshape(-1, dim.d_model)[:1].to(torch.float32)
+        return vec, "given"
+    if init == "dim":
+        return dim.unit()[:1].to(torch.float32), "dim"
+    if init == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(1, dim.d_model, generator=g), "random"
+    raise ConfigError(f"unknown init {init!r}; choose 'dim', 'random' or pass a vector")

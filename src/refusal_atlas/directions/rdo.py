@@ -17,55 +17,28 @@ norm is the ActAdd strength; ablation only uses the direction.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import LossWeights, direction_loss
-from refusal_atlas.directions.optim import TrainConfig, TrainingData, ValidationSet, train_directions
+from refusal_atlas.directions.optim import TrainConfig, initial_direction, start_training, train_directions
+from refusal_atlas.directions.training_setup import TrainingSetup, resolve_init, train_on_run
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.model.adapter import ModelAdapter
 
 
-def initial_direction(init: str | torch.Tensor, dim: DirectionSet, seed: int = 0) -> tuple[torch.Tensor, str]:
-    """``"dim"`` (the DIM direction), ``"random"`` (seeded Gaussian) or an explicit [d] / [1, d] vector."""
-    if isinstance(init, torch.Tensor):
-        vec = init.reshape(-1, dim.d_model)[:1].to(torch.float32)
-        return vec, "given"
-    if init == "dim":
-        return dim.unit()[:1].to(torch.float32), "dim"
-    if init == "random":
-        g = torch.Generator().manual_seed(seed)
-        return torch.randn(1, dim.d_model, generator=g), "random"
-    raise ConfigError(f"unknown init {init!r}; choose 'dim', 'random' or pass a vector")
-
-
-def check_dim(dim: DirectionSet | None, adapter: ModelAdapter) -> DirectionSet:
-    if dim is None:
-        raise ConfigError("the gradient methods need the DIM direction (for α, the layer and the targets)")
-    if dim.d_model != adapter.d_model:
-        raise ConfigError(f"DIM direction has d={dim.d_model} but the model has d_model={adapter.d_model}")
-    adapter.check_layer(dim.layer, "DIM layer")
-    return dim
-
-
 def train_rdo(
     adapter: ModelAdapter,
-    dim: DirectionSet,
-    data: TrainingData,
-    val: ValidationSet,
+    setup: TrainingSetup,
     *,
     init: str | torch.Tensor = "dim",
     orthogonal_to: torch.Tensor | None = None,
     weights: LossWeights = LossWeights(),
     cfg: TrainConfig | None = None,
-    provenance: dict[str, Any] | None = None,
 ) -> DirectionSet:
     """Train one refusal direction; ``orthogonal_to`` [m, d] makes it RDO⊥ (kept ⊥ to their span)."""
-    cfg = cfg or TrainConfig()
-    dim = check_dim(dim, adapter)
-    alpha, layer = float(dim.norms[0]), dim.layer
+    cfg, dim, alpha, layer = start_training(adapter, setup.dim, cfg)
+    data, val = setup.data, setup.val
     start, init_name = initial_direction(init, dim, cfg.seed)
     constraint = None
     if orthogonal_to is not None:
@@ -85,7 +58,7 @@ def train_rdo(
         "masked_targets": data.n_masked,
         "val": {"n_harmful": len(val.harmful), "n_harmless": len(val.harmless), "kl_weight": val.kl_weight},
         "cos_with_dim": float(result.params[0] @ dim.unit()[0]),
-        **result.meta(), **(provenance or {}),
+        **result.meta(), **setup.provenance,
     }
     if constraint is not None:
         meta["orthogonal_to_rank"] = int(constraint.shape[0])
@@ -98,16 +71,11 @@ def rdo_step(ws, *, name: str | None = None, init: str | None = None, orthogonal
              n_val: int = 16, target_tokens: int = 30, weights: LossWeights = LossWeights(),
              cfg: TrainConfig | None = None) -> DirectionSet:
     """Train RDO (or RDO⊥ to DIM) on a run directory and save R/directions/<name>.safetensors."""
-    from refusal_atlas.directions.optim import prepare_training, resolve_init, save_direction
-
-    cfg = cfg or TrainConfig(seed=ws.cfg.seed)
     name = name or ("rdo_orth" if orthogonal else "rdo")
     start = resolve_init(ws, init or ("random" if orthogonal else "dim"))
-    setup = prepare_training(ws, n_train=n_train, n_val=n_val, target_tokens=target_tokens,
-                             kl_weight=cfg.val_kl_weight)
-    with ws.timed(f"directions_{name}"):
-        direction = train_rdo(ws.adapter, setup.dim, setup.data, setup.val, init=start, weights=weights, cfg=cfg,
-                              orthogonal_to=setup.dim.vectors if orthogonal else None,
-                              provenance=setup.provenance)
-    save_direction(ws, direction, name)
-    return direction
+
+    def train(setup: TrainingSetup, cfg: TrainConfig) -> DirectionSet:
+        return train_rdo(ws.adapter, setup, init=start, weights=weights, cfg=cfg,
+                         orthogonal_to=setup.dim.vectors if orthogonal else None)
+
+    return train_on_run(ws, name, train, n_train=n_train, n_val=n_val, target_tokens=target_tokens, cfg=cfg)

@@ -32,8 +32,8 @@ import torch
 from refusal_atlas.activations import extract
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import LossWeights, direction_loss
-from refusal_atlas.directions.optim import TrainConfig, TrainingData, ValidationSet, train_directions
-from refusal_atlas.directions.rdo import check_dim, initial_direction
+from refusal_atlas.directions.optim import TrainConfig, initial_direction, start_training, train_directions
+from refusal_atlas.directions.training_setup import TrainingSetup, resolve_init, train_on_run
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.interventions import ablate
 from refusal_atlas.model.adapter import ModelAdapter
@@ -124,10 +124,7 @@ class _Reference:
 def train_repind(
     adapter: ModelAdapter,
     chat: ChatFormatter,
-    dim: DirectionSet,
-    data: TrainingData,
-    harmful_train: Sequence[str],
-    val: ValidationSet,
+    setup: TrainingSetup,
     *,
     n_directions: int = 1,
     restarts: int = 1,
@@ -137,16 +134,15 @@ def train_repind(
     orthogonal: bool = False,
     weights: LossWeights = LossWeights(),
     cfg: TrainConfig | None = None,
-    provenance: dict[str, Any] | None = None,
 ) -> DirectionSet:
     """Find ``n_directions`` directions, each independent of DIM and of the ones before it."""
-    cfg = cfg or TrainConfig()
-    dim = check_dim(dim, adapter)
+    cfg, dim, alpha, layer = start_training(adapter, setup.dim, cfg)
+    data, val, harmful_train = setup.data, setup.val, setup.targets.harmful
     if n_directions < 1 or restarts < 1:
         raise ConfigError(f"need n_directions >= 1 and restarts >= 1, got {n_directions}, {restarts}")
     if len(harmful_train) != len(data.answer):
-        raise ConfigError("harmful_train must be the prompts the targets were built from, in the same order")
-    alpha, layer = float(dim.norms[0]), dim.layer
+        raise ConfigError("setup.data must be tokenized from setup.targets (one example per harmful prompt, "
+                          "in the same order)")
     layers = independence_layers(adapter.n_layers, layer_frac)
     independent = [dim.unit()[0]]
     found, runs = [], []
@@ -195,7 +191,7 @@ def train_repind(
         "cos_with_dim": [float(f @ dim.unit()[0]) for f in found], "runs": runs,
         "best_step": [r["best_step"] for r in runs if r["val_objective"] == min(
             q["val_objective"] for q in runs if q["direction"] == r["direction"])],
-        "stopped": [r["stopped"] for r in runs], **(provenance or {}),
+        "stopped": [r["stopped"] for r in runs], **setup.provenance,
     }
     return DirectionSet(alpha * torch.stack(found), layer, "repind", position=None, meta=meta)
 
@@ -205,16 +201,11 @@ def repind_step(ws, *, name: str = "repind", n_directions: int = 1, restarts: in
                 n_train: int = 64, n_val: int = 16, target_tokens: int = 30, weights: LossWeights = LossWeights(),
                 cfg: TrainConfig | None = None) -> DirectionSet:
     """RepInd on a run directory; saves R/directions/<name>.safetensors (one row per direction)."""
-    from refusal_atlas.directions.optim import prepare_training, resolve_init, save_direction
-
-    cfg = cfg or TrainConfig(seed=ws.cfg.seed)
     start = resolve_init(ws, init)
-    setup = prepare_training(ws, n_train=n_train, n_val=n_val, target_tokens=target_tokens,
-                             kl_weight=cfg.val_kl_weight)
-    with ws.timed(f"directions_{name}"):
-        direction = train_repind(ws.adapter, ws.chat, setup.dim, setup.data, setup.targets.harmful, setup.val,
-                                 n_directions=n_directions, restarts=restarts,
-                                 independence_weight=independence_weight, init=start, orthogonal=orthogonal,
-                                 weights=weights, cfg=cfg, provenance=setup.provenance)
-    save_direction(ws, direction, name)
-    return direction
+
+    def train(setup: TrainingSetup, cfg: TrainConfig) -> DirectionSet:
+        return train_repind(ws.adapter, ws.chat, setup, n_directions=n_directions, restarts=restarts,
+                            independence_weight=independence_weight, init=start, orthogonal=orthogonal,
+                            weights=weights, cfg=cfg)
+
+    return train_on_run(ws, name, train, n_train=n_train, n_val=n_val, target_tokens=target_tokens, cfg=cfg)

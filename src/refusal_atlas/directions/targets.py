@@ -8,8 +8,8 @@
 * t_retain: clean completions of the harmless prompts (the behaviour to keep).
 
 Greedy decoding, ``max_new_tokens`` (default 30) each. Model-specific targets avoid needing an
-uncensored helper model. Targets are cached as JSON in the run directory (``targets.json``) and
-reused only when the prompts, the DIM direction and the generation settings all match.
+uncensored helper model. With ``cache=`` (the run directory's ``targets.json``) they are written as
+JSON and reused only when the prompts, the DIM direction and the generation settings all match.
 """
 
 from __future__ import annotations
@@ -96,14 +96,26 @@ def build_targets(
     *,
     max_new_tokens: int = 30,
     batch_size: int = 16,
+    cache: str | Path | None = None,
 ) -> Targets:
-    """Generate t_answer, t_refusal and t_retain greedily with the DIM interventions."""
+    """Generate t_answer, t_refusal and t_retain greedily with the DIM interventions.
+
+    With ``cache``, a file made from the same prompts, DIM direction and ``max_new_tokens`` is
+    reused (meta["cached"] = True); otherwise the targets are generated and written there.
+    """
     if dim is None:
         raise ConfigError("targets need the DIM direction (t_answer ablates it, t_refusal adds it)")
     if len(dim) != 1:
         raise ConfigError(f"targets need one DIM direction, got {len(dim)}")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if cache is not None and Path(cache).exists():
+        cached = Targets.from_json(read_json(cache))
+        if (cached.harmful == list(harmful) and cached.harmless == list(harmless)
+                and cached.meta.get("dim") == direction_fingerprint(dim)
+                and cached.meta.get("max_new_tokens") == max_new_tokens):
+            cached.meta["cached"] = True
+            return cached
     alpha = float(dim.norms[0])
     ablation = Intervention("ablate", dim, label="targets:ablate-dim")
     addition = Intervention("actadd", DirectionSet(dim.unit() * alpha, dim.layer, "dim", dim.position),
@@ -114,32 +126,7 @@ def build_targets(
     retain = generate(adapter, chat, list(harmless), desc="targets: t_retain", **kw)
     meta = {"max_new_tokens": max_new_tokens, "dim": direction_fingerprint(dim), "dim_layer": dim.layer,
             "alpha": alpha, "refusal_cut": "first sentence"}
-    return Targets(list(harmful), list(harmless), answer, [first_sentence(t) for t in refusal], retain, meta)
-
-
-def load_or_build_targets(
-    path: str | Path,
-    adapter: ModelAdapter,
-    chat: ChatFormatter,
-    dim: DirectionSet | None,
-    harmful: Sequence[str],
-    harmless: Sequence[str],
-    *,
-    max_new_tokens: int = 30,
-    batch_size: int = 16,
-) -> Targets:
-    """Reuse ``path`` if it was made from the same prompts, DIM direction and settings; else rebuild."""
-    path = Path(path)
-    if dim is None:
-        raise ConfigError("targets need the DIM direction (t_answer ablates it, t_refusal adds it)")
-    if path.exists():
-        cached = Targets.from_json(read_json(path))
-        if (cached.harmful == list(harmful) and cached.harmless == list(harmless)
-                and cached.meta.get("dim") == direction_fingerprint(dim)
-                and cached.meta.get("max_new_tokens") == max_new_tokens):
-            cached.meta["cached"] = True
-            return cached
-    targets = build_targets(adapter, chat, dim, harmful, harmless, max_new_tokens=max_new_tokens,
-                            batch_size=batch_size)
-    write_json(path, targets.to_json())
+    targets = Targets(list(harmful), list(harmless), answer, [first_sentence(t) for t in refusal], retain, meta)
+    if cache is not None:
+        write_json(cache, targets.to_json())
     return targets
