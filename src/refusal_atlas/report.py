@@ -2,7 +2,9 @@
 
 Sections appear only when their artifacts exist (selection.json, metrics.json, directions/*,
 search.json, ...). Plots are PNG files under plots/ and embedded in the page as base64, so the
-single report.html can be mailed or archived on its own.
+single report.html can be mailed or archived on its own. Each section (and each plot inside the
+bigger ones) is built under a guard: a malformed artifact is logged, noted on the page and skipped,
+and the rest of the report is still written.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import base64
 import html
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from refusal_atlas.analysis import plots
+from refusal_atlas.analysis import artifacts, plots, plots_geometry, plots_gradient
+from refusal_atlas.analysis.geometry import direction_rows
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.errors import ArtifactError
+from refusal_atlas.errors import ArtifactError, RefusalAtlasError
 from refusal_atlas.io import load_tensors, read_json, write_text
 from refusal_atlas.rundir import RunDir
 
@@ -51,16 +54,185 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _directions(run: RunDir) -> dict[str, DirectionSet]:
-    found = {}
+def _skipped(what: str, exc: Exception) -> str:
+    if isinstance(exc, RefusalAtlasError):
+        log.warning("report: skipping %s: %s", what, exc)
+    else:  # not a known artifact problem: keep the traceback in the log, it may be a bug
+        log.warning("report: skipping %s after an unexpected %s", what, type(exc).__name__, exc_info=True)
+    plots.close_all()
+    return (f"<p class='note'>Skipped {html.escape(what)} ({html.escape(type(exc).__name__)}: "
+            f"{html.escape(str(exc))})</p>")
+
+
+def _guarded(what: str, build: Callable[[], str]) -> str:
+    """One section or plot; a malformed artifact costs only that part of the page, never the report."""
+    try:
+        return build()
+    except Exception as exc:  # noqa: BLE001 - artifacts come from many producer versions
+        return _skipped(what, exc)
+
+
+def _directions(run: RunDir) -> tuple[dict[str, DirectionSet], str]:
+    found, notes = {}, ""
     for path in sorted((run.path / "directions").glob("*.safetensors")):
         if path.stem == "dim_candidates":
             continue
         try:
             found[path.stem] = DirectionSet.load(path)
-        except ArtifactError as exc:
-            log.warning("skipping %s: %s", path, exc)
-    return found
+        except Exception as exc:  # noqa: BLE001 - NaN vectors raise ConfigError, bad files ArtifactError
+            notes += _skipped(f"direction file {path.name}", exc)
+    if "dim" in found:  # DIM first: every comparison is against it
+        found = {"dim": found.pop("dim"), **found}
+    return found, notes
+
+
+def _metrics_section(metrics: list[dict[str, Any]], pdir: Path) -> str:
+    rows = [r for r in metrics if "refusal_rate" in r or "kl" in r]
+    if not rows:
+        return ""
+    cols = ["dataset", "intervention", "judge", "n", "refusal_rate", "ci95", "kl", "k"]
+    text = "<h2>Held-out results</h2>" + _table(rows, cols)
+    if any("refusal_rate" in r for r in rows):
+        text += _guarded("held-out plot", lambda: _img(plots.plot_metrics(rows, pdir / "metrics.png")))
+    return text
+
+
+def _selection_section(run: RunDir, pdir: Path) -> str:
+    sel = read_json(run.path / "selection.json")
+    scored = [c for c in sel["candidates"] if "refusal" in c]
+    chosen = next((c for c in scored if sel.get("chosen") and c["layer"] == sel["chosen"]["layer"]
+                   and c["position"] == sel["chosen"]["position"]), None)
+    relaxed = sel.get("relaxed_filters") or []
+    note = (f"<p class='note'>Filters relaxed because no candidate passed them: {html.escape(', '.join(relaxed))}</p>"
+            if relaxed else "")
+    return ("<h2>Direction selection (validation prompts)</h2>" + note
+            + _img(plots.plot_selection(scored, chosen, pdir / "selection.png")))
+
+
+def _dim_layers_section(run: RunDir, pdir: Path) -> str:
+    tensors, meta = load_tensors(run.direction_path("dim_candidates"))
+    last = tensors["vectors"][meta["positions"].index(-1)] if -1 in meta["positions"] else tensors["vectors"][-1]
+    return ("<h2>DIM across layers</h2>"
+            + _img(plots.plot_layer_cosines(last, meta["layers"], pdir / "layer_cosines.png")))
+
+
+def _geometry_plots(dirs: dict[str, DirectionSet], pdir: Path) -> str:
+    width = next(iter(dirs.values())).d_model
+    same = {n: d for n, d in dirs.items() if d.d_model == width}
+    labels, groups, rows = direction_rows({n: d.vectors for n, d in same.items()}, {n: d.ids for n, d in same.items()})
+    if len(labels) < 2:
+        return ""
+    shown = "" if len(labels) == sum(len(d) for d in same.values()) else (
+        " Large sets contribute only their first row.")
+    return (f"<p class='note'>{len(labels)} directions of width {width}.{shown}</p>"
+            + _img(plots_geometry.plot_cosine_heatmap(labels, groups, rows, pdir / "direction_cosines.png"))
+            + _img(plots_geometry.plot_direction_map(labels, groups, rows, pdir / "direction_map.png")))
+
+
+def _som_plot(name: str, d: DirectionSet, dim: DirectionSet | None, pdir: Path) -> str:
+    grid = artifacts.som_grid(d, dim)
+    if grid is None:
+        return ""
+    title = f"{name}: " + ("the chosen subset, outlined on its map" if grid.subset else "neurons")
+    if dim is not None and dim.layer != d.layer:
+        title += f" (SOM at layer {d.layer}, DIM at layer {dim.layer})"
+    return (f"<h3>{html.escape(name)}: SOM grid</h3>"
+            + _img(plots_geometry.plot_som_grid(grid, pdir / f"som_grid_{name}.png", title)))
+
+
+def _losses_plot(name: str, d: DirectionSet, pdir: Path) -> str:
+    losses = d.meta.get("losses")
+    curves = {k: v for k, v in (losses if isinstance(losses, dict) else {}).items()
+              if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v)}
+    if not curves:
+        return ""
+    return f"<h3>{html.escape(name)}: training</h3>" + _img(
+        plots.plot_losses(curves, pdir / f"losses_{name}.png", title=f"{name} losses per step"))
+
+
+def _directions_section(dirs: dict[str, DirectionSet], pdir: Path) -> str:
+    rows = [{"name": name, "method": d.method, "k": len(d), "layer": d.layer,
+             "mean norm": float(d.norms.mean())} for name, d in dirs.items()]
+    text = "<h2>Directions</h2>" + _table(rows, ["name", "method", "k", "layer", "mean norm"])
+    text += _guarded("direction cosines", lambda: _geometry_plots(dirs, pdir))
+    dim = dirs.get("dim")
+    for name, d in dirs.items():
+        text += _guarded(f"SOM grid of {name}", lambda: _som_plot(name, d, dim, pdir))
+        text += _guarded(f"losses of {name}", lambda: _losses_plot(name, d, pdir))
+    return text
+
+
+def _gradient_section(dirs: dict[str, DirectionSet], pdir: Path) -> str:
+    dim, rows, plots_html, notes = dirs.get("dim"), [], "", ""
+    for name, d in dirs.items():
+        try:
+            runs = artifacts.training_runs(d.meta)
+            if not runs:
+                continue
+            rows.append(artifacts.gradient_row(name, d, runs, dim))
+            plots_html += f"<h3>{html.escape(name)}: training</h3>" + _img(plots_gradient.plot_training(
+                runs, pdir / f"training_{name}.png", f"{name} ({d.method}, k={len(d)})"))
+        except Exception as exc:  # noqa: BLE001 - one bad training record must not hide the others
+            notes += _skipped(f"training curves of {name}", exc)
+    if not rows and not notes:
+        return ""
+    cols = ["name", "method", "k", "layer", "steps", "best_step", "stopped", "best val objective", "cos with DIM"]
+    return ("<h2>Gradient-trained directions</h2><p class='note'>Validation objective = refusal score under "
+            "ablation + KL weight × harmless KL (+ independence term for RepInd); lower is better. The saved "
+            "direction is the one at the best step.</p>" + (_table(rows, cols) if rows else "") + notes + plots_html)
+
+
+def _records(metrics: list[dict[str, Any]], metric: str, reader: Callable[[dict[str, Any]], Any]) -> tuple[list, str]:
+    """Parse every record of one metric; a malformed record is skipped with a note."""
+    items, notes = [], ""
+    for r in metrics:
+        if r.get("metric") != metric:
+            continue
+        try:
+            items.append(reader(r))
+        except Exception as exc:  # noqa: BLE001 - same reason as _guarded
+            notes += _skipped(f"{metric} record {r.get('intervention')!r}", exc)
+    return items, notes
+
+
+def _cone_section(metrics: list[dict[str, Any]], pdir: Path) -> str:
+    dists, notes = _records(metrics, artifacts.DISTRIBUTION_METRIC, artifacts.cone_distribution)
+    if not dists and not notes:
+        return ""
+    dists.sort(key=lambda d: (d.k is None, d.k or 0))
+    img = _guarded("cone samples plot", lambda: _img(plots_gradient.plot_cone_samples(
+        dists, pdir / "cone_samples.png"))) if dists else ""
+    return ("<h2>Refusal cones: samples vs random directions</h2><p class='note'>Mean refusal score on held-out "
+            "prompts when one direction is ablated: random points of the cone, its basis vectors, random unit "
+            "directions; lower = less refusal.</p>" + notes + img)
+
+
+def _independence_section(metrics: list[dict[str, Any]], dim: DirectionSet | None, pdir: Path) -> str:
+    curves, notes = _records(metrics, artifacts.CROSS_ABLATION_METRIC, artifacts.cross_ablation)
+    if not curves and not notes:
+        return ""
+    mark = dim.layer if dim is not None else None
+    img = _guarded("independence plot", lambda: _img(plots_gradient.plot_independence(
+        curves, pdir / "independence.png", mark))) if curves else ""
+    return ("<h2>Representational independence from DIM</h2><p class='note'>Per layer, the mean change of the "
+            "cosine between the last-token representation and one direction when the other is ablated; a "
+            "representationally independent direction stays near 0 in both panels.</p>" + notes + img)
+
+
+def _search_section(run: RunDir, pdir: Path) -> str:
+    search = read_json(run.path / "search.json")
+    trials = [t for t in search.get("trials", []) if "kl" in t and "refusal" in t]
+    if not trials:
+        return ""
+    return "<h2>Direction-subset search (validation prompts)</h2>" + _img(
+        plots.plot_pareto(trials, search.get("pareto_front", []), pdir / "pareto.png"))
+
+
+def _metrics(run: RunDir) -> tuple[list[dict[str, Any]], str]:
+    try:
+        return [r for r in run.metrics() if isinstance(r, dict)], ""
+    except Exception as exc:  # noqa: BLE001 - a corrupt metrics.json must not hide the directions
+        return [], _skipped("metrics.json", exc)
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -70,57 +242,25 @@ def build_report(run_dir: str | Path) -> Path:
     if not manifest:
         raise ArtifactError(f"{run.path} has no manifest.json; is it a run directory?")
     pdir = run.path / "plots"
-    sections: list[str] = []
-
-    metrics = run.metrics()
-    if metrics:
-        cols = ["dataset", "intervention", "judge", "n", "refusal_rate", "ci95", "kl", "k"]
-        sections.append("<h2>Held-out results</h2>" + _table(metrics, cols)
-                        + _img(plots.plot_metrics(metrics, pdir / "metrics.png")))
-
+    metrics, notes = _metrics(run)
+    dirs, dir_notes = _directions(run)
+    sections: list[str] = [notes + dir_notes]
+    sections.append(_guarded("held-out results", lambda: _metrics_section(metrics, pdir)))
     if (run.path / "selection.json").exists():
-        sel = read_json(run.path / "selection.json")
-        scored = [c for c in sel["candidates"] if "refusal" in c]
-        chosen = next((c for c in scored if sel.get("chosen") and c["layer"] == sel["chosen"]["layer"]
-                       and c["position"] == sel["chosen"]["position"]), None)
-        relaxed = sel.get("relaxed_filters") or []
-        note = f"<p class='note'>Filters relaxed because no candidate passed them: {', '.join(relaxed)}</p>" if relaxed else ""
-        sections.append("<h2>Direction selection (validation prompts)</h2>" + note
-                        + _img(plots.plot_selection(scored, chosen, pdir / "selection.png")))
-
-    cand_path = run.direction_path("dim_candidates")
-    if cand_path.exists():
-        tensors, meta = load_tensors(cand_path)
-        last = tensors["vectors"][meta["positions"].index(-1)] if -1 in meta["positions"] else tensors["vectors"][-1]
-        sections.append("<h2>DIM across layers</h2>"
-                        + _img(plots.plot_layer_cosines(last, meta["layers"], pdir / "layer_cosines.png")))
-
-    dirs = _directions(run)
+        sections.append(_guarded("direction selection", lambda: _selection_section(run, pdir)))
+    if run.direction_path("dim_candidates").exists():
+        sections.append(_guarded("DIM across layers", lambda: _dim_layers_section(run, pdir)))
     if dirs:
-        rows = [{"name": name, "method": d.method, "k": len(d), "layer": d.layer,
-                 "mean norm": float(d.norms.mean())} for name, d in dirs.items()]
-        text = "<h2>Directions</h2>" + _table(rows, ["name", "method", "k", "layer", "mean norm"])
-        same_width = {n: d.vectors for n, d in dirs.items() if d.d_model == next(iter(dirs.values())).d_model}
-        if sum(len(v) for v in same_width.values()) >= 2:
-            text += _img(plots.plot_direction_map(same_width, pdir / "direction_map.png"))
-        for name, d in dirs.items():
-            curves = {k: v for k, v in (d.meta.get("losses") or {}).items()
-                      if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v)}
-            if curves:
-                text += f"<h3>{html.escape(name)}: training</h3>" + _img(
-                    plots.plot_losses(curves, pdir / f"losses_{name}.png", title=f"{name} losses per step"))
-        sections.append(text)
-
+        sections.append(_guarded("directions", lambda: _directions_section(dirs, pdir)))
+        sections.append(_guarded("gradient-trained directions", lambda: _gradient_section(dirs, pdir)))
+    sections.append(_guarded("cone samples", lambda: _cone_section(metrics, pdir)))
+    sections.append(_guarded("independence", lambda: _independence_section(metrics, dirs.get("dim"), pdir)))
     if (run.path / "search.json").exists():
-        search = read_json(run.path / "search.json")
-        trials = [t for t in search.get("trials", []) if "kl" in t and "refusal" in t]
-        if trials:
-            sections.append("<h2>Direction-subset search (validation prompts)</h2>" + _img(
-                plots.plot_pareto(trials, search.get("pareto_front", []), pdir / "pareto.png")))
+        sections.append(_guarded("direction-subset search", lambda: _search_section(run, pdir)))
 
     model = manifest.get("model", {})
     subtitle = html.escape(f"model {model.get('name')} · {model.get('n_layers')} layers · created "
                            f"{manifest.get('created')} · status {manifest.get('status')}")
     page = _PAGE.format(title=html.escape(model.get("name", "")), subtitle=subtitle,
-                        sections="\n".join(sections) or "<p>No artifacts yet.</p>")
+                        sections="\n".join(s for s in sections if s) or "<p>No artifacts yet.</p>")
     return write_text(run.path / "report.html", page)

@@ -7,6 +7,8 @@ dependency, deterministic).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 
 
@@ -36,3 +38,26 @@ def classical_mds(vectors: torch.Tensor, dims: int = 2) -> torch.Tensor:
 def layer_cosines(candidates: torch.Tensor) -> torch.Tensor:
     """Cosine between DIM candidates of every pair of layers (candidates: [n_layers, d])."""
     return cosine_matrix(candidates)
+
+
+def direction_rows(sets: Mapping[str, torch.Tensor], ids: Mapping[str, Sequence[int]] | None = None,
+                   max_rows: int = 40) -> tuple[list[str], list[str], torch.Tensor]:
+    """Rows worth comparing: every set's first row, plus all rows of multi-row sets while ≤ ``max_rows``.
+
+    A 100-neuron SOM would drown a heatmap, so big sets contribute only their first (most-hit /
+    best) row. Returns (labels like "som[3]", set name per row, stacked rows [n, d]).
+    """
+    take = {name: 1 for name in sets}
+    total = len(sets)
+    for name, vecs in sets.items():
+        extra = len(vecs) - 1
+        if extra and total + extra <= max_rows:
+            take[name], total = len(vecs), total + extra
+    labels, groups, rows = [], [], []
+    for name, vecs in sets.items():
+        row_ids = list(ids[name]) if ids and name in ids else list(range(len(vecs)))
+        for r in range(take[name]):
+            labels.append(name if len(vecs) == 1 else f"{name}[{row_ids[r]}]")
+            groups.append(name)
+            rows.append(vecs[r].to(torch.float64))
+    return labels, groups, torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.float64)

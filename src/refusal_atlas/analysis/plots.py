@@ -1,7 +1,8 @@
 """Plots of a run directory's artifacts (matplotlib, Agg backend, PNG files).
 
 Each function takes plain data and a destination path, so the report can call the ones whose
-artifacts exist and tests can call them on synthetic data.
+artifacts exist and tests can call them on synthetic data. Plots of gradient training and
+measurements live in plots_gradient, direction geometry (SOM grid, cosines, MDS) in plots_geometry.
 """
 
 from __future__ import annotations
@@ -14,16 +15,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from refusal_atlas.analysis.geometry import classical_mds, cosine_matrix  # noqa: E402
+from refusal_atlas.analysis.geometry import cosine_matrix  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write via a temporary file so a crash never leaves a half-written PNG that the report embeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def close_all() -> None:
+    """Drop figures a failed plot left open (the report goes on with the next section)."""
+    plt.close("all")
 
 
 def plot_selection(candidates: list[dict], chosen: dict | None, path: Path) -> Path:
@@ -43,11 +50,12 @@ def plot_selection(candidates: list[dict], chosen: dict | None, path: Path) -> P
         ax.set_xlabel("layer (block input)")
     if len(positions) > 1:
         axes[0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_metrics(records: list[dict], path: Path) -> Path:
     """Refusal rate with 95% intervals for every (dataset, intervention) record."""
+    records = [r for r in records if "refusal_rate" in r and "dataset" in r]  # KL/score/cosine records have no bar
     datasets = list(dict.fromkeys(r["dataset"] for r in records))
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.8), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
@@ -63,7 +71,7 @@ def plot_metrics(records: list[dict], path: Path) -> Path:
         for i, r in enumerate(rows):
             if r.get("kl") is not None:
                 ax.text(i, min(0.93, r["ci95"][1] + 0.03), f"KL {r['kl']:.2f}", ha="center", fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_layer_cosines(vectors: torch.Tensor, layers: list[int], path: Path) -> Path:
@@ -78,32 +86,7 @@ def plot_layer_cosines(vectors: torch.Tensor, layers: list[int], path: Path) -> 
     ax.set_ylabel("layer")
     ax.set_title("cosine of DIM directions across layers", fontsize=10)
     fig.colorbar(im, ax=ax, shrink=0.8)
-    return _save(fig, path)
-
-
-def plot_direction_map(named: dict[str, torch.Tensor], path: Path) -> Path:
-    """Cosine heatmap and a 2-D MDS map of every direction in a run, coloured by method."""
-    names, rows = [], []
-    for method, vecs in named.items():
-        for i, v in enumerate(vecs):
-            names.append(f"{method}{i if len(vecs) > 1 else ''}")
-            rows.append(v.to(torch.float64))
-    mat = torch.stack(rows)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
-    im = ax1.imshow(cosine_matrix(mat).numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
-    ax1.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax1.set_yticks(range(len(names)), names, fontsize=6)
-    ax1.set_title("cosine similarity between directions", fontsize=10)
-    fig.colorbar(im, ax=ax1, shrink=0.8)
-    coords = classical_mds(mat).numpy()
-    start = 0
-    for method, vecs in named.items():
-        pts = coords[start:start + len(vecs)]
-        ax2.scatter(pts[:, 0], pts[:, 1], label=method, s=30)
-        start += len(vecs)
-    ax2.legend(fontsize=7)
-    ax2.set_title("MDS map (cosine distance)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_losses(curves: dict[str, list[float]], path: Path, title: str = "training losses") -> Path:
@@ -114,7 +97,7 @@ def plot_losses(curves: dict[str, list[float]], path: Path, title: str = "traini
     ax.set_xlabel("step")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pareto(trials: list[dict], front: list[int], path: Path, xkey: str = "kl", ykey: str = "refusal") -> Path:
@@ -130,4 +113,4 @@ def plot_pareto(trials: list[dict], front: list[int], path: Path, xkey: str = "k
     ax.set_ylabel(f"{ykey} (harmful val, ↓)")
     ax.legend(fontsize=7)
     ax.set_title("direction-subset search", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
