@@ -60,13 +60,16 @@ def plot_metrics(records: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.8), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         rows = [r for r in records if r["dataset"] == ds and "refusal_rate" in r]
-        labels = [f"{r['intervention']}\n[{r.get('judge', 'substring')}]" for r in rows]
+        ns = {r.get("n") for r in rows}
+        same_n = len(ns) == 1  # else each bar says its own n (e.g. a 50-prompt probe next to the 100-prompt eval)
+        labels = [f"{r['intervention']}\n[{r.get('judge', 'substring')}]" + ("" if same_n else f" n={r.get('n')}")
+                  for r in rows]
         rates = [r["refusal_rate"] for r in rows]
         err = [[r["refusal_rate"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["refusal_rate"] for r in rows]]
         ax.bar(range(len(rows)), rates, yerr=err, capsize=4, color="#4a7bb7")
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_ylim(0, 1)
-        ax.set_title(f"{ds} (n={rows[0]['n'] if rows else 0})", fontsize=10)
+        ax.set_title(f"{ds} (n={rows[0].get('n')})" if same_n else ds, fontsize=10)
         ax.set_ylabel("refusal rate")
         for i, r in enumerate(rows):
             if r.get("kl") is not None:
