@@ -134,15 +134,22 @@ def directions_cone(
     warm_start: Annotated[Optional[str], typer.Option(help="direction file: the first k_min-1 basis vectors")] = None,
     init: Annotated[str, typer.Option(help="without warm start: first basis vector dim | random")] = "dim",
     n_val_samples: Annotated[int, typer.Option(help="fixed cone samples in the validation objective")] = 4,
+    n_eval_samples: Annotated[int, typer.Option(help="cone samples scored on held-out harmful prompts after "
+                                                     "training, saved with the basis (0: skip)")] = 16,
+    n_eval_prompts: Annotated[int, typer.Option(help="held-out prompts (the run's first eval set) for that")] = 50,
     name: Annotated[str, typer.Option(help="output name")] = "cone",
 ) -> None:
     """Refusal cones: orthonormal bases whose positive span mediates refusal (sweep k_min..k)."""
     from refusal_atlas.directions.cone import cone_step
 
     cones = cone_step(ws, k_min=k_min, k_max=k_max, name=name, warm_start=warm_start, init=init,
-                      n_val_samples=n_val_samples, **kw)
+                      n_val_samples=n_val_samples, n_eval_samples=n_eval_samples, n_eval_prompts=n_eval_prompts, **kw)
     for c in cones:
         typer.echo(f"cone k={len(c)}: {_summary(c)}  -> {ws.run.direction_path(f'{name}_k{len(c)}')}")
+        ev = c.meta.get("sample_eval")
+        if ev:
+            typer.echo(f"  {ev['n_samples']} samples on {ev['n_prompts']} held-out {ev['dataset']} prompts: ablation "
+                       f"refusal score min {ev['min']:.2f} / median {ev['median']:.2f} / max {ev['max']:.2f}")
 
 
 @_training_verb()

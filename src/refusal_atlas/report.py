@@ -195,8 +195,14 @@ def _records(metrics: list[dict[str, Any]], metric: str, reader: Callable[[dict[
     return items, notes
 
 
-def _cone_section(metrics: list[dict[str, Any]], pdir: Path) -> str:
-    dists, notes = _records(metrics, artifacts.DISTRIBUTION_METRIC, artifacts.cone_distribution)
+def _cone_section(metrics: list[dict[str, Any]], dirs: dict[str, DirectionSet], pdir: Path) -> str:
+    # distributions saved with a cone basis (directions cone) read like the metrics records
+    # (scripts/measure_gradient.py); <name> and <name>_k<k> hold the same cone, so keep each once
+    saved = [{"metric": artifacts.DISTRIBUTION_METRIC, "intervention": f"{name} (held-out {ev.get('dataset')})",
+              **ev} for name, d in dirs.items() if isinstance(ev := d.meta.get("sample_eval"), dict)]
+    dists, notes = _records(metrics + saved, artifacts.DISTRIBUTION_METRIC, artifacts.cone_distribution)
+    unique = {(d.k, tuple(d.samples)): d for d in dists}
+    dists = list(unique.values())
     if not dists and not notes:
         return ""
     dists.sort(key=lambda d: (d.k is None, d.k or 0))
@@ -253,7 +259,7 @@ def build_report(run_dir: str | Path) -> Path:
     if dirs:
         sections.append(_guarded("directions", lambda: _directions_section(dirs, pdir)))
         sections.append(_guarded("gradient-trained directions", lambda: _gradient_section(dirs, pdir)))
-    sections.append(_guarded("cone samples", lambda: _cone_section(metrics, pdir)))
+    sections.append(_guarded("cone samples", lambda: _cone_section(metrics, dirs, pdir)))
     sections.append(_guarded("independence", lambda: _independence_section(metrics, dirs.get("dim"), pdir)))
     if (run.path / "search.json").exists():
         sections.append(_guarded("direction-subset search", lambda: _search_section(run, pdir)))

@@ -160,7 +160,7 @@ def plot_cone_samples(dists: list[ConeDistribution], path: Path) -> Path:
         if dist.baseline is not None:
             ax.axhline(dist.baseline, color="#c0392b", ls="--", lw=1.2, label=f"no ablation ({dist.baseline:.2f})")
             ax.legend(fontsize=7, loc="best")
-        ax.set_title(f"cone k={dist.k}" if dist.k is not None else dist.label, fontsize=10)
+        ax.set_title(f"cone k={dist.k}\n{dist.label}" if dist.k is not None else dist.label, fontsize=9)
     axes[0][0].set_ylabel("mean refusal score under ablation\n(↓ less refusal)", fontsize=9)
     return save_figure(fig, path)
 

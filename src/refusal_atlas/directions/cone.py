@@ -18,8 +18,11 @@ basis vectors. A dimension sweep k = k_min..k_max warm-starts each basis from th
 dimension k−1 (the new vector is random, made orthogonal to the others).
 
 Saved as a DirectionSet with method "cone": vectors = α·B (α = ‖r_DIM‖ in meta["alpha"]), ids =
-basis indices; divide by α to get the orthonormal basis. Sample directions are not stored: they
-are reproducible from meta["eval_seed"] with :func:`sample_cone`.
+basis indices; divide by α to get the orthonormal basis. ``cone_step`` also scores a fresh set of
+cone samples on held-out harmful prompts (the run's first evaluation set, which training and
+validation never see) and stores that distribution in meta["sample_eval"]; the sample directions
+themselves are not stored, they are reproducible from meta["sample_eval"]["seed"] with
+:func:`sample_cone`.
 """
 
 from __future__ import annotations
@@ -158,41 +161,63 @@ def evaluate_cone(
     refusal_ids: Sequence[int],
     *,
     n_samples: int = 16,
+    n_random: int = 0,
     seed: int = 42,
     batch_size: int = 16,
 ) -> dict[str, Any]:
     """Distribution over ``n_samples`` cone directions of the mean ablation refusal score on ``harmful``.
 
-    Lower is better (less refusal). Also scores each basis vector. Samples are reproducible from
-    (basis, seed).
+    Lower is better (less refusal). Also scores each basis vector, the unablated model and
+    ``n_random`` random unit directions (the reference a cone must beat). Samples are reproducible
+    from (basis, seed).
     """
     basis = cone.unit()
-    samples = sample_cone(basis, n_samples, torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    samples = sample_cone(basis, n_samples, gen)
+    randoms = torch.nn.functional.normalize(torch.randn(n_random, basis.shape[1], generator=gen), dim=1)
 
-    def mean_score(direction: torch.Tensor) -> float:
-        spec = Intervention("ablate", direction.reshape(1, -1), label="cone-eval")
+    def mean_score(direction: torch.Tensor | None) -> float:
+        spec = None if direction is None else Intervention("ablate", direction.reshape(1, -1), label="cone-eval")
         lp = next_token_logprobs(adapter, chat, list(harmful), batch_size, intervention=spec)
         return float(refusal_score(lp, refusal_ids).mean())
 
     scores = [mean_score(s) for s in samples]
     return {"k": len(cone), "n_samples": n_samples, "seed": seed, "n_prompts": len(harmful),
             "sample_scores": scores, "min": min(scores), "median": statistics.median(scores),
-            "max": max(scores), "basis_scores": [mean_score(b) for b in basis]}
+            "max": max(scores), "basis_scores": [mean_score(b) for b in basis],
+            "random_scores": [mean_score(r) for r in randoms], "baseline_score": mean_score(None)}
 
 
 def cone_step(ws, *, k_min: int = 2, k_max: int = 2, name: str = "cone", warm_start: str | None = None,
-              init: str = "dim", n_val_samples: int = 4, n_train: int = 64, n_val: int = 16,
-              target_tokens: int = 30, weights: LossWeights = LossWeights(),
+              init: str = "dim", n_val_samples: int = 4, n_eval_samples: int = 16, n_eval_prompts: int = 50,
+              n_train: int = 64, n_val: int = 16, target_tokens: int = 30, weights: LossWeights = LossWeights(),
               cfg: TrainConfig | None = None) -> list[DirectionSet]:
-    """Cone sweep on a run directory: R/directions/<name>_k<k>.safetensors each, <name> = the largest."""
+    """Cone sweep on a run directory: R/directions/<name>_k<k>.safetensors each, <name> = the largest.
+
+    Each cone is saved with the distribution of ``n_eval_samples`` sampled directions' ablation
+    refusal scores on ``n_eval_prompts`` held-out harmful prompts (0 samples: skip).
+    """
     check_cone_dim(k_min, ws.adapter.d_model)
     check_cone_dim(k_max, ws.adapter.d_model)
     warm = resolve_init(ws, warm_start) if warm_start else None
     if isinstance(warm, str):
         raise ConfigError("--warm-start takes a direction file name (e.g. rdo), not 'dim'/'random'; use --init")
 
+    if n_eval_samples < 0 or n_eval_prompts < 1:
+        raise ConfigError(f"need n_eval_samples >= 0 and n_eval_prompts >= 1, got {n_eval_samples}, {n_eval_prompts}")
+
     def train(setup: TrainingSetup, cfg: TrainConfig) -> list[DirectionSet]:
-        return sweep_cones(ws.adapter, setup, k_max, k_min=k_min, warm_start=warm, init=init,
-                           n_val_samples=n_val_samples, weights=weights, cfg=cfg)
+        cones = sweep_cones(ws.adapter, setup, k_max, k_min=k_min, warm_start=warm, init=init,
+                            n_val_samples=n_val_samples, weights=weights, cfg=cfg)
+        if n_eval_samples:
+            from refusal_atlas.data import load_prompts
+
+            dataset = ws.cfg.eval_harmful[0]
+            texts = [p.instruction for p in load_prompts(dataset, n=n_eval_prompts, seed=ws.cfg.seed)]
+            for cone in cones:
+                cone.meta["sample_eval"] = {"dataset": dataset, **evaluate_cone(
+                    ws.adapter, ws.chat, cone, texts, ws.refusal_ids, n_samples=n_eval_samples, n_random=4,
+                    seed=cfg.seed + 42, batch_size=ws.cfg.batch_size)}
+        return cones
 
     return train_on_run(ws, name, train, n_train=n_train, n_val=n_val, target_tokens=target_tokens, cfg=cfg)
