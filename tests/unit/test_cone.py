@@ -85,8 +85,9 @@ def test_cone_sweep_trains_orthonormal_bases_of_each_dimension(gradient_parts, g
     tiny, adapter, chat = gradient_parts
     dim = gradient_setup.dim
     cfg = TrainConfig(steps=2, batch_size=2, micro_batch=1, eval_every=2)
-    cones = sweep_cones(adapter, gradient_setup, 3, k_min=2, cfg=cfg, n_val_samples=2)
-    assert [len(c) for c in cones] == [2, 3]
+    seen: list = []  # each cone is handed over as soon as it is trained (saved before the next starts)
+    cones = sweep_cones(adapter, gradient_setup, 3, k_min=2, cfg=cfg, n_val_samples=2, on_cone=seen.append)
+    assert [len(c) for c in cones] == [2, 3] and seen == cones
     for c in cones:
         u = c.unit()
         assert c.method == "cone" and torch.allclose(u @ u.T, torch.eye(len(c)), atol=1e-5)

@@ -28,15 +28,16 @@ themselves are not stored, they are reproducible from meta["sample_eval"]["seed"
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from refusal_atlas.data import load_prompts
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import LossWeights, direction_loss
 from refusal_atlas.directions.optim import TrainConfig, orthonormal_rows, start_training, train_directions
-from refusal_atlas.directions.training_setup import TrainingSetup, resolve_init, train_on_run
+from refusal_atlas.directions.training_setup import TrainingSetup, resolve_init, save_direction, train_on_run
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.interventions import Intervention
@@ -136,9 +137,14 @@ def sweep_cones(
     *,
     k_min: int = 2,
     warm_start: torch.Tensor | None = None,
+    on_cone: Callable[[DirectionSet], None] | None = None,
     **kw: Any,
 ) -> list[DirectionSet]:
-    """Cones of dimension k_min..k_max, each warm-started from the previous one's best basis."""
+    """Cones of dimension k_min..k_max, each warm-started from the previous one's best basis.
+
+    ``on_cone`` sees each cone as soon as it is trained (to evaluate and save it), so a crash late
+    in a long sweep keeps the dimensions already done.
+    """
     dim = setup.dim
     check_cone_dim(k_min, dim.d_model)
     check_cone_dim(k_max, dim.d_model)
@@ -150,6 +156,8 @@ def sweep_cones(
         if warm is not None and warm.reshape(-1, dim.d_model).shape[0] >= k:
             warm = warm.reshape(-1, dim.d_model)[: k - 1]
         cones.append(train_cone(adapter, setup, k, warm_start=warm, **kw))
+        if on_cone is not None:
+            on_cone(cones[-1])
     return cones
 
 
@@ -206,18 +214,18 @@ def cone_step(ws, *, k_min: int = 2, k_max: int = 2, name: str = "cone", warm_st
     if n_eval_samples < 0 or n_eval_prompts < 1:
         raise ConfigError(f"need n_eval_samples >= 0 and n_eval_prompts >= 1, got {n_eval_samples}, {n_eval_prompts}")
 
-    def train(setup: TrainingSetup, cfg: TrainConfig) -> list[DirectionSet]:
-        cones = sweep_cones(ws.adapter, setup, k_max, k_min=k_min, warm_start=warm, init=init,
-                            n_val_samples=n_val_samples, weights=weights, cfg=cfg)
-        if n_eval_samples:
-            from refusal_atlas.data import load_prompts
+    dataset = ws.cfg.eval_harmful[0]
+    texts = [p.instruction for p in load_prompts(dataset, n=n_eval_prompts, seed=ws.cfg.seed)]
 
-            dataset = ws.cfg.eval_harmful[0]
-            texts = [p.instruction for p in load_prompts(dataset, n=n_eval_prompts, seed=ws.cfg.seed)]
-            for cone in cones:
+    def train(setup: TrainingSetup, cfg: TrainConfig) -> list[DirectionSet]:
+        def finish(cone: DirectionSet) -> None:
+            if n_eval_samples:
                 cone.meta["sample_eval"] = {"dataset": dataset, **evaluate_cone(
                     ws.adapter, ws.chat, cone, texts, ws.refusal_ids, n_samples=n_eval_samples, n_random=4,
                     seed=cfg.seed + 42, batch_size=ws.cfg.batch_size)}
-        return cones
+            save_direction(ws, cone, f"{name}_k{len(cone)}")  # train_on_run saves them again, and <name>
+
+        return sweep_cones(ws.adapter, setup, k_max, k_min=k_min, warm_start=warm, init=init, on_cone=finish,
+                           n_val_samples=n_val_samples, weights=weights, cfg=cfg)
 
     return train_on_run(ws, name, train, n_train=n_train, n_val=n_val, target_tokens=target_tokens, cfg=cfg)
