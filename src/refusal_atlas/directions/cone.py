@@ -210,7 +210,6 @@ def cone_step(ws, *, k_min: int = 2, k_max: int = 2, name: str = "cone", warm_st
     warm = resolve_init(ws, warm_start) if warm_start else None
     if isinstance(warm, str):
         raise ConfigError("--warm-start takes a direction file name (e.g. rdo), not 'dim'/'random'; use --init")
-
     if n_eval_samples < 0 or n_eval_prompts < 1:
         raise ConfigError(f"need n_eval_samples >= 0 and n_eval_prompts >= 1, got {n_eval_samples}, {n_eval_prompts}")
 
