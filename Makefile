@@ -36,6 +36,7 @@ integration: setup
 # Benchmarks print ratios against a baseline measured in the same run (CPU minutes each).
 bench: setup
 	$(BIN)/python bench/extraction.py
+	$(BIN)/python bench/batch_size.py
 	test -f $(RUN_DIR)/manifest.json || $(MAKE) demo
 	$(BIN)/python bench/cheap_signal.py --run-dir $(RUN_DIR)
 	$(BIN)/python bench/generation_length.py --activations $(RUN_DIR)/activations.safetensors
