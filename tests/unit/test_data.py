@@ -184,22 +184,23 @@ def test_unsupported_extension(tmp_path: Path) -> None:
     assert "p.yaml" in str(exc.value) and ".yaml" in str(exc.value) and ".jsonl" in str(exc.value)
 
 
-def test_malformed_json(tmp_path: Path) -> None:
-    path = _write(tmp_path / "bad.json", '[{"instruction": "a"},\n')
-    with pytest.raises(DataError, match=r"bad\.json.*not valid JSON.*line 2"):
-        load_prompts(path)
-
-
-def test_json_not_a_list(tmp_path: Path) -> None:
-    path = _write(tmp_path / "obj.json", '{"instruction": "a"}')
-    with pytest.raises(DataError, match=r"obj\.json.*JSON list.*dict"):
-        load_prompts(path)
-
-
-def test_malformed_jsonl_names_line(tmp_path: Path) -> None:
-    path = _write(tmp_path / "bad.jsonl", '{"instruction": "a"}\n\n{"instruction": \n')
-    with pytest.raises(DataError, match=r"bad\.jsonl.*line 3"):
-        load_prompts(path)
+# malformed files: each error names the file and where in it the problem is
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bad.json", '[{"instruction": "a"},\n', r"bad\.json.*not valid JSON.*line 2"),
+        ("obj.json", '{"instruction": "a"}', r"obj\.json.*JSON list.*dict"),
+        ("bad.jsonl", '{"instruction": "a"}\n\n{"instruction": \n', r"bad\.jsonl.*line 3"),
+        ("n.json", '["ok", 5]', r"n\.json.*record 1 is int, expected"),
+        ("c.csv", "prompt,category\nhello,x\n", r"c\.csv.*no 'instruction' column.*prompt, category"),
+        ("r.csv", "instruction,category\nfine,a\n,b\n", r"r\.csv.*row 1 field 'instruction' is empty"),
+    ],
+    ids=["malformed_json", "json_not_a_list", "malformed_jsonl_names_line", "non_object_record",
+         "csv_without_column", "csv_empty_cell_names_row"],
+)
+def test_malformed_file_names_the_problem(tmp_path: Path, name: str, text: str, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        load_prompts(_write(tmp_path / name, text))
 
 
 def test_non_utf8_file(tmp_path: Path) -> None:
@@ -228,12 +229,6 @@ def test_empty_or_non_string_value_names_record(tmp_path: Path, value: object, p
         load_prompts(path)
 
 
-def test_non_object_record(tmp_path: Path) -> None:
-    path = _write(tmp_path / "n.json", '["ok", 5]')
-    with pytest.raises(DataError, match=r"n\.json.*record 1 is int, expected"):
-        load_prompts(path)
-
-
 @pytest.mark.parametrize(
     ("name", "text"), [("e.json", "[]"), ("e.jsonl", "\n\n"), ("e.txt", " \n\n"), ("e.csv", ""),
                        ("h.csv", "instruction\n")],
@@ -241,18 +236,6 @@ def test_non_object_record(tmp_path: Path) -> None:
 def test_empty_dataset(tmp_path: Path, name: str, text: str) -> None:
     path = _write(tmp_path / name, text)
     with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}.*contains no prompts"):
-        load_prompts(path)
-
-
-def test_csv_without_column(tmp_path: Path) -> None:
-    path = _write(tmp_path / "c.csv", "prompt,category\nhello,x\n")
-    with pytest.raises(DataError, match=r"c\.csv.*no 'instruction' column.*prompt, category"):
-        load_prompts(path)
-
-
-def test_csv_empty_cell_names_row(tmp_path: Path) -> None:
-    path = _write(tmp_path / "r.csv", "instruction,category\nfine,a\n,b\n")
-    with pytest.raises(DataError, match=r"r\.csv.*row 1 field 'instruction' is empty"):
         load_prompts(path)
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from refusal_atlas.errors import ModelError
+from refusal_atlas.io import atomic_dir
 
 EMBEDDED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 EMBEDDED_SIZE = 491_400_064
@@ -82,16 +82,9 @@ def ensure_embedded_model(progress: bool = True) -> Path:
 
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".embedded.", dir=root))
-    try:
-        gguf = assemble_gguf(part_paths(), work / "model.gguf")
+    with tempfile.TemporaryDirectory(prefix=".embedded.", dir=root) as work, atomic_dir(target) as out:
+        gguf = assemble_gguf(part_paths(), Path(work) / "model.gguf")
         model, tokenizer = load_gguf(gguf)
-        out = work / "converted"
         save_model_dir(model, tokenizer, out)
         (out / "COMPLETE").write_text(EMBEDDED_SHA256 + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(out, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return target

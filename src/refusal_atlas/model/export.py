@@ -7,20 +7,17 @@ ourselves. The directory is built under a temporary name and renamed into place.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from refusal_atlas.io import atomic_dir
+
 
 def save_model_dir(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Save ``model`` (weights, config, generation config) and ``tokenizer`` to ``out_dir`` atomically."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         state: dict[str, torch.Tensor] = {}
         seen: dict[int, str] = {}
         for name, tensor in model.state_dict().items():
@@ -38,9 +35,4 @@ def save_model_dir(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
