@@ -21,26 +21,20 @@ import argparse
 import json
 import time
 
-import torch
 
 from refusal_atlas.data import load_prompts
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.directions.cone import evaluate_cone, sample_cone
+from refusal_atlas.directions.cone import cone_eval_directions, evaluate_cone
 from refusal_atlas.directions.repind import cross_ablation_change
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
-from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
+from refusal_atlas.evaluation.refusal import mean_refusal_score
 from refusal_atlas.interventions import Intervention
 from refusal_atlas.pipeline import config_from_run
 from refusal_atlas.workspace import open_workspace
 
 
 def mean_score(ws, prompts, spec=None) -> float:
-    lp = next_token_logprobs(ws.adapter, ws.chat, prompts, ws.cfg.batch_size, intervention=spec)
-    return float(refusal_score(lp, ws.refusal_ids).mean())
-
-
-def random_directions(n: int, d: int, seed: int = 1234) -> torch.Tensor:
-    return torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+    return mean_refusal_score(ws.adapter, ws.chat, prompts, ws.refusal_ids, spec, ws.cfg.batch_size)
 
 
 def gen_record(ws, prompts, dataset, spec):
@@ -93,13 +87,11 @@ def measure_cone(ws, out: dict, n_prompts: int, n_samples: int, n_random: int) -
     cone = DirectionSet.load(run.direction_path("cone"))
     prompts = load_prompts("jailbreakbench", n=n_prompts, seed=cfg.seed)
     texts = [p.instruction for p in prompts]
-    rep = evaluate_cone(ws.adapter, ws.chat, cone, texts, ws.refusal_ids, n_samples=n_samples, seed=42,
-                        batch_size=cfg.batch_size)
-    rand = random_directions(n_random, cone.d_model)
-    rand_scores = [mean_score(ws, texts, Intervention("ablate", r.reshape(1, -1), label="random")) for r in rand]
-    base = mean_score(ws, texts)
+    rep = evaluate_cone(ws.adapter, ws.chat, cone, texts, ws.refusal_ids, n_samples=n_samples, n_random=n_random,
+                        seed=42, batch_size=cfg.batch_size)
+    samples, rand = cone_eval_directions(cone.unit(), n_samples, n_random, seed=42)
+    rand_scores, base = rep["random_scores"], rep["baseline_score"]
     worst = int(max(range(n_samples), key=lambda i: rep["sample_scores"][i]))
-    samples = sample_cone(cone.unit(), n_samples, torch.Generator().manual_seed(42))
     best_rand = int(min(range(n_random), key=lambda i: rand_scores[i]))
     worst_spec = Intervention("ablate", samples[worst].reshape(1, -1), label=f"ablate:cone[k={len(cone)}]:worst_sample")
     rand_spec = Intervention("ablate", rand[best_rand].reshape(1, -1), label="ablate:random:best_of_n")

@@ -140,16 +140,6 @@ def _som_plot(name: str, d: DirectionSet, dim: DirectionSet | None, pdir: Path) 
             + _img(plots_geometry.plot_som_grid(grid, pdir / f"som_grid_{name}.png", title)))
 
 
-def _losses_plot(name: str, d: DirectionSet, pdir: Path) -> str:
-    losses = d.meta.get("losses")
-    curves = {k: v for k, v in (losses if isinstance(losses, dict) else {}).items()
-              if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v)}
-    if not curves:
-        return ""
-    return f"<h3>{html.escape(name)}: training</h3>" + _img(
-        plots.plot_losses(curves, pdir / f"losses_{name}.png", title=f"{name} losses per step"))
-
-
 def _directions_section(dirs: dict[str, DirectionSet], pdir: Path) -> str:
     rows = [{"name": name, "method": d.method, "k": len(d), "layer": d.layer,
              "mean norm": float(d.norms.mean())} for name, d in dirs.items()]
@@ -158,7 +148,6 @@ def _directions_section(dirs: dict[str, DirectionSet], pdir: Path) -> str:
     dim = dirs.get("dim")
     for name, d in dirs.items():
         text += _guarded(f"SOM grid of {name}", lambda: _som_plot(name, d, dim, pdir))
-        text += _guarded(f"losses of {name}", lambda: _losses_plot(name, d, pdir))
     return text
 
 

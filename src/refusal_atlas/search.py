@@ -36,9 +36,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.errors import ArtifactError, ConfigError
-from refusal_atlas.evaluation.damage import next_token_kl
-from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
-from refusal_atlas.interventions import AblationMode, Intervention
+from refusal_atlas.interventions import AblationMode
 from refusal_atlas.progress import progress
 
 Objective = Callable[[DirectionSet], tuple[float, float]]
@@ -90,44 +88,6 @@ class SubsetSpace:
         k = self.k_min if self.k_min == self.k_max else trial.suggest_int("k", self.k_min, self.k_max)
         n = len(self.ids)
         return decode_lehmer([trial.suggest_int(f"pick_{i}", 0, n - 1 - i) for i in range(k)], self.ids)
-
-
-# --- objectives ----------------------------------------------------------------------------------
-class ValidationObjective:
-    """(mean refusal score on harmful val, mean next-token KL on harmless val) under ablation.
-
-    The unmodified harmless log-probs (and the baseline refusal score) are computed once per
-    process, on first use.
-    """
-
-    def __init__(self, adapter, chat, harmful: Sequence[str], harmless: Sequence[str], refusal_ids: Sequence[int],
-                 *, batch_size: int = 16, mode: AblationMode = "subspace"):
-        if not harmful or not harmless:
-            raise ConfigError("the search needs harmful and harmless validation prompts")
-        self.adapter, self.chat, self.mode, self.batch_size = adapter, chat, mode, batch_size
-        self.harmful, self.harmless, self.refusal_ids = list(harmful), list(harmless), list(refusal_ids)
-        self._base_lp: torch.Tensor | None = None
-        self._base_refusal: float | None = None
-
-    def fingerprint(self) -> str:
-        """Identifies the prompts and mode, so a study is never resumed with another objective."""
-        text = "\x00".join([self.mode, *self.harmful, "\x01", *self.harmless])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def baseline(self) -> dict[str, float]:
-        if self._base_lp is None:
-            self._base_lp = next_token_logprobs(self.adapter, self.chat, self.harmless, self.batch_size)
-            lp = next_token_logprobs(self.adapter, self.chat, self.harmful, self.batch_size)
-            self._base_refusal = float(refusal_score(lp, self.refusal_ids).mean())
-        return {"refusal": float(self._base_refusal), "kl": 0.0}
-
-    def __call__(self, directions: DirectionSet) -> tuple[float, float]:
-        self.baseline()
-        spec = Intervention("ablate", directions, mode=self.mode)
-        lp = next_token_logprobs(self.adapter, self.chat, self.harmful, self.batch_size, intervention=spec)
-        refusal = float(refusal_score(lp, self.refusal_ids).mean())
-        new = next_token_logprobs(self.adapter, self.chat, self.harmless, self.batch_size, intervention=spec)
-        return refusal, float(next_token_kl(self._base_lp, new).mean())
 
 
 # --- study storage -------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
 from refusal_atlas.interventions import Intervention
 from refusal_atlas.io import read_json, write_json
 from refusal_atlas.rundir import RunDir
-from refusal_atlas.search import (SearchSettings, ValidationObjective, completed, fail_stale_trials, open_study,
+from refusal_atlas.evaluation.objective import ValidationObjective
+from refusal_atlas.search import (SearchSettings, completed, fail_stale_trials, open_study,
                                   run_trials, study_lock, summarize)
 from refusal_atlas.workspace import PromptSets, Workspace, load_prompt_sets
 

@@ -7,7 +7,8 @@ import torch
 
 from refusal_atlas.data import load_prompts
 from refusal_atlas.directions.som import SomDirections
-from refusal_atlas.search import SearchSettings, ValidationObjective, open_study, run_trials, summarize
+from refusal_atlas.evaluation.objective import ValidationObjective
+from refusal_atlas.search import SearchSettings, open_study, run_trials, summarize
 
 LAYER = 14
 

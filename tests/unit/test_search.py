@@ -23,7 +23,8 @@ from refusal_atlas.config import load_config
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.som import SomDirections
 from refusal_atlas.errors import ArtifactError, ConfigError
-from refusal_atlas.search import (SearchSettings, SubsetSpace, ValidationObjective, choose_trial, completed,
+from refusal_atlas.evaluation.objective import ValidationObjective
+from refusal_atlas.search import (SearchSettings, SubsetSpace, choose_trial, completed,
                                   decode_lehmer, encode_lehmer, fail_stale_trials, open_study, pareto_front,
                                   run_trials, study_lock, summarize)
 

@@ -92,17 +92,6 @@ def plot_layer_cosines(vectors: torch.Tensor, layers: list[int], path: Path) -> 
     return save_figure(fig, path)
 
 
-def plot_losses(curves: dict[str, list[float]], path: Path, title: str = "training losses") -> Path:
-    """Loss curves per step (e.g. RDO ablation / addition / retain terms)."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, label=name)
-    ax.set_xlabel("step")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
-    return save_figure(fig, path)
-
-
 def plot_pareto(trials: list[dict], front: list[int], path: Path, xkey: str = "kl", ykey: str = "refusal") -> Path:
     """Search trials in the damage–refusal plane with the Pareto front highlighted."""
     fig, ax = plt.subplots(figsize=(5.5, 4))

@@ -39,7 +39,7 @@ from refusal_atlas.directions.losses import LossWeights, direction_loss
 from refusal_atlas.directions.optim import TrainConfig, orthonormal_rows, start_training, train_directions
 from refusal_atlas.directions.training_setup import TrainingSetup, resolve_init, save_direction, train_on_run
 from refusal_atlas.errors import ConfigError
-from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
+from refusal_atlas.evaluation.refusal import mean_refusal_score
 from refusal_atlas.interventions import Intervention
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
@@ -161,6 +161,15 @@ def sweep_cones(
     return cones
 
 
+def cone_eval_directions(basis: torch.Tensor, n_samples: int, n_random: int, seed: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cone samples [n_samples, d] and random unit directions [n_random, d] that
+    :func:`evaluate_cone` scores for ``seed`` (so a caller can reuse exactly those)."""
+    gen = torch.Generator().manual_seed(seed)
+    samples = sample_cone(basis, n_samples, gen)
+    return samples, torch.nn.functional.normalize(torch.randn(n_random, basis.shape[-1], generator=gen), dim=1)
+
+
 def evaluate_cone(
     adapter: ModelAdapter,
     chat: ChatFormatter,
@@ -180,14 +189,11 @@ def evaluate_cone(
     from (basis, seed).
     """
     basis = cone.unit()
-    gen = torch.Generator().manual_seed(seed)
-    samples = sample_cone(basis, n_samples, gen)
-    randoms = torch.nn.functional.normalize(torch.randn(n_random, basis.shape[1], generator=gen), dim=1)
+    samples, randoms = cone_eval_directions(basis, n_samples, n_random, seed)
 
     def mean_score(direction: torch.Tensor | None) -> float:
         spec = None if direction is None else Intervention("ablate", direction.reshape(1, -1), label="cone-eval")
-        lp = next_token_logprobs(adapter, chat, list(harmful), batch_size, intervention=spec)
-        return float(refusal_score(lp, refusal_ids).mean())
+        return mean_refusal_score(adapter, chat, harmful, refusal_ids, spec, batch_size)
 
     scores = [mean_score(s) for s in samples]
     return {"k": len(cone), "n_samples": n_samples, "seed": seed, "n_prompts": len(harmful),

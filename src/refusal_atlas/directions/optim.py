@@ -40,9 +40,8 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import StepBatches, collate, tokenize_examples
 from refusal_atlas.directions.targets import Targets
 from refusal_atlas.errors import ConfigError
-from refusal_atlas.evaluation.damage import next_token_kl
-from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs, refusal_score
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.evaluation.objective import ValidationObjective
+from refusal_atlas.evaluation.refusal import is_refusal
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 from refusal_atlas.progress import progress
@@ -148,23 +147,16 @@ class Sampler:
 
 # ------------------------------------------------------------------------------------ validation
 class ValidationSet:
-    """Cheap validation signal: one forward pass per prompt, baseline harmless log-probs cached."""
+    """Cheap validation signal: the search's objective per direction, combined with a KL weight."""
 
     def __init__(self, adapter: ModelAdapter, chat: ChatFormatter, harmful: Sequence[str], harmless: Sequence[str],
                  refusal_ids: Sequence[int], batch_size: int = 16, kl_weight: float = 10.0):
-        if not harmful or not harmless:
-            raise ConfigError("validation needs harmful and harmless prompts")
-        self.adapter, self.chat, self.refusal_ids = adapter, chat, list(refusal_ids)
-        self.harmful, self.harmless = list(harmful), list(harmless)
+        self.objective = ValidationObjective(adapter, chat, harmful, harmless, refusal_ids, batch_size=batch_size)
+        self.harmful, self.harmless = self.objective.harmful, self.objective.harmless
         self.batch_size, self.kl_weight = batch_size, kl_weight
-        self.base_harmless = next_token_logprobs(adapter, chat, self.harmless, batch_size)
 
     def score_one(self, direction: torch.Tensor) -> dict[str, float]:
-        spec = Intervention("ablate", direction.detach().reshape(1, -1), label="val")
-        lp = next_token_logprobs(self.adapter, self.chat, self.harmful, self.batch_size, intervention=spec)
-        refusal = float(refusal_score(lp, self.refusal_ids).mean())
-        new = next_token_logprobs(self.adapter, self.chat, self.harmless, self.batch_size, intervention=spec)
-        kl = float(next_token_kl(self.base_harmless, new).mean())
+        refusal, kl = self.objective(direction.detach().reshape(1, -1))
         return {"refusal": refusal, "kl": kl, "objective": refusal + self.kl_weight * kl}
 
     def score(self, directions: torch.Tensor) -> dict[str, Any]:

@@ -78,3 +78,10 @@ def refusal_score(logprobs: torch.Tensor, refusal_ids: Sequence[int], eps: float
     """Per-prompt log-odds of starting with a refusal token → [N] float64."""
     p = logprobs.to(torch.float64).exp()[:, list(refusal_ids)].sum(dim=-1)
     return torch.log(p + eps) - torch.log(1 - p + eps)
+
+
+def mean_refusal_score(adapter: ModelAdapter, chat: ChatFormatter, instructions: Sequence[str],
+                       refusal_ids: Sequence[int], intervention=None, batch_size: int = 16) -> float:
+    """Mean refusal log-odds over ``instructions`` (one forward pass each), optionally under an intervention."""
+    lp = next_token_logprobs(adapter, chat, list(instructions), batch_size, intervention=intervention)
+    return float(refusal_score(lp, refusal_ids).mean())
