@@ -186,14 +186,21 @@ def evaluate_cmd(
 
 @app.command("export")
 def export_cmd(run_dir: RunDirOpt, out: Annotated[Path, typer.Option(help="output model directory")],
-               directions: Annotated[str, typer.Option(help="direction file name")] = "dim") -> None:
+               directions: Annotated[str, typer.Option(help="direction file name")] = "dim",
+               force: Annotated[bool, typer.Option(help="replace a non-empty --out directory")] = False) -> None:
     """Write a weight-orthogonalized copy of the model (safetensors) with the directions removed."""
     from refusal_atlas.directions.base import DirectionSet
+    from refusal_atlas.io import check_output_dir
     from refusal_atlas.orthogonalize import export_orthogonalized
 
+    check_output_dir(out, force)
+    if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
+        raise RefusalAtlasError(f"--out {out} is inside the run directory {run_dir}; export elsewhere")
+    if not (run_dir / "manifest.json").is_file():
+        raise RefusalAtlasError(f"{run_dir} is not a run directory (no manifest.json); run `refusal-atlas run` first")
+    direction = DirectionSet.load(run_dir / "directions" / f"{directions}.safetensors")
     ws = _workspace(run_dir)
-    direction = DirectionSet.load(ws.run.direction_path(directions))
-    path = export_orthogonalized(ws.loaded, direction, out)
+    path = export_orthogonalized(ws.loaded, direction, out, force=force)
     typer.echo(f"exported orthogonalized model ({len(direction)} direction(s)) to {path}")
 
 

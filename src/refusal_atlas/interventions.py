@@ -46,17 +46,25 @@ def orthonormal_basis(directions: torch.Tensor, tol: float = 1e-6) -> torch.Tens
 
 
 def project_out(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """x minus its component in span(basis); ``basis`` rows must be orthonormal."""
-    b = basis.to(x.dtype)
-    return x - (x @ b.T) @ b
+    """x minus its component in span(basis); ``basis`` rows must be orthonormal.
+
+    Computed in float32 (at least) whatever the model dtype: in bf16 the rounding of ``x @ b.T``
+    leaves part of the direction in.
+    """
+    work = torch.promote_types(x.dtype, torch.float32)
+    xw, b = x.to(work), basis.to(device=x.device, dtype=work)
+    return (xw - (xw @ b.T) @ b).to(x.dtype)
 
 
 def project_out_sequential(x: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """Rank-1 projections applied in order (the SOM paper's multi-direction ablation)."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    out = x.to(work)
     for d in directions:
-        u = (d / (d.norm() + 1e-8)).to(x.dtype)
-        x = x - (x @ u).unsqueeze(-1) * u
-    return x
+        u = d.to(device=x.device, dtype=work)
+        u = u / (u.norm() + 1e-8)
+        out = out - (out @ u).unsqueeze(-1) * u
+    return out.to(x.dtype)
 
 
 def _make_projector(directions, mode: AblationMode):

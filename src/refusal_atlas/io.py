@@ -19,7 +19,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from refusal_atlas.errors import ArtifactError
+from refusal_atlas.errors import ArtifactError, ConfigError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a temp file/dir ordinary permissions (mkstemp/mkdtemp make them private: 0600/0700)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> Path:
@@ -29,6 +40,7 @@ def _atomic(path: Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -36,21 +48,41 @@ def _atomic(path: Path, write: Callable[[str], None]) -> Path:
     return path
 
 
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty sibling temp directory that replaces ``path`` only when the block succeeds.
+def check_output_dir(path: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse an output path that already holds something, unless ``force`` says to replace it.
 
-    Readers see the old directory or the complete new one, never a half-written one; on an error
-    the temp directory is removed and ``path`` is left as it was.
+    Called before any work, so a mistyped ``--out`` never costs a model load, and never a user's data.
     """
     out = Path(path)
+    if out.is_file() or out.is_symlink():
+        raise ConfigError(f"output path {out} is an existing file; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"output directory {out} is not empty; choose another path or pass --force to replace it")
+    return out
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield an empty sibling temp directory that becomes ``path`` only when the block succeeds.
+
+    Readers see the old directory or the complete new one, never a half-written one; on an error
+    the temp directory is removed and ``path`` is left as it was. An existing non-empty ``path`` is
+    an error unless ``force``; then it is replaced only after the new one is complete.
+    """
+    out = check_output_dir(path, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield tmp
+        readable(tmp, directory=True)
+        check_output_dir(out, force)  # it may have appeared while we worked
         if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

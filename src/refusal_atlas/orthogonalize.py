@@ -46,13 +46,16 @@ def orthogonalize_weights(model: nn.Module, directions) -> dict:
     basis = orthonormal_basis(as_matrix(directions).to(torch.float64))
     untied = _untie_embeddings(adapter)
 
+    # computed in float32 (at least) and rounded once, whatever the model dtype
     def edit_rows(weight: torch.Tensor) -> None:  # [*, d_model]: remove components along the basis
-        b = basis.to(weight.dtype).to(weight.device)
-        weight -= (weight @ b.T) @ b
+        work = torch.promote_types(weight.dtype, torch.float32)
+        w, b = weight.to(work), basis.to(device=weight.device, dtype=work)
+        weight.copy_(w - (w @ b.T) @ b)
 
     def edit_cols(weight: torch.Tensor) -> None:  # [d_model, *] Linear weight writing along d_model
-        b = basis.to(weight.dtype).to(weight.device)
-        weight -= b.T @ (b @ weight)
+        work = torch.promote_types(weight.dtype, torch.float32)
+        w, b = weight.to(work), basis.to(device=weight.device, dtype=work)
+        weight.copy_(w - b.T @ (b @ w))
 
     edit_rows(adapter.embedding.weight)
     for layer in range(adapter.n_layers):
@@ -63,9 +66,10 @@ def orthogonalize_weights(model: nn.Module, directions) -> dict:
     return {"rank": int(basis.shape[0]), "untied_embeddings": untied, "layers": adapter.n_layers}
 
 
-def export_orthogonalized(loaded, directions, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def export_orthogonalized(loaded, directions, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+                          force: bool = False) -> Path:
     """Orthogonalize a loaded model's weights and write it as a standalone HF model directory."""
     from refusal_atlas.model.export import save_model_dir
 
     orthogonalize_weights(loaded.model, directions)
-    return save_model_dir(loaded.model, loaded.tokenizer, out_dir, dtype=dtype)
+    return save_model_dir(loaded.model, loaded.tokenizer, out_dir, dtype=dtype, force=force)

@@ -36,3 +36,21 @@ def test_sequential_differs_for_correlated_and_agrees_for_orthogonal():
     assert (seq @ u).abs().max() > 1e-2 and (seq @ v).abs().max() < 1e-5
     q = orthonormal_basis(torch.randn(2, 16))
     assert torch.allclose(project_out(x, q), project_out_sequential(x, q), atol=1e-5)
+
+
+def test_projection_in_bf16_removes_the_direction_to_float32_precision():
+    """bf16 activations: the projection is computed in float32, so only the final bf16 rounding remains."""
+    torch.manual_seed(0)
+    d = torch.randn(64, dtype=torch.float32)
+    u = d / d.norm()
+    x = (torch.randn(8, 64) * 4 + 30 * u).to(torch.bfloat16)
+    out = project_out(x, u.unsqueeze(0))
+    assert out.dtype == torch.bfloat16
+    residual = (out.float() @ u).abs().max().item()
+    naive = x - ((x @ u.to(torch.bfloat16)).unsqueeze(-1) * u.to(torch.bfloat16))  # the old in-dtype projection
+    # what is left is the bf16 rounding of the output (≤ 2^-8 relative per element), far below the naive rest
+    bound = (out.float().abs().max() * 2 ** -8 * 64 ** 0.5).item()
+    assert residual <= bound
+    assert residual < (naive.float() @ u).abs().max().item()
+    exact = x.float() - (x.float() @ u).unsqueeze(-1) * u
+    assert torch.allclose(out.float(), exact, atol=bound)

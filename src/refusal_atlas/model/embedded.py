@@ -82,7 +82,7 @@ def ensure_embedded_model(progress: bool = True) -> Path:
 
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".embedded.", dir=root) as work, atomic_dir(target) as out:
+    with tempfile.TemporaryDirectory(prefix=".embedded.", dir=root) as work, atomic_dir(target, force=True) as out:  # an incomplete cache is ours to replace
         gguf = assemble_gguf(part_paths(), Path(work) / "model.gguf")
         model, tokenizer = load_gguf(gguf)
         save_model_dir(model, tokenizer, out)

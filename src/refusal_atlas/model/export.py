@@ -15,9 +15,13 @@ from safetensors.torch import save_file
 from refusal_atlas.io import atomic_dir
 
 
-def save_model_dir(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Save ``model`` (weights, config, generation config) and ``tokenizer`` to ``out_dir`` atomically."""
-    with atomic_dir(out_dir) as tmp:
+def save_model_dir(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+                   force: bool = False) -> Path:
+    """Save ``model`` (weights, config, generation config) and ``tokenizer`` to ``out_dir`` atomically.
+
+    A non-empty ``out_dir`` is an error unless ``force`` (then it is replaced once the new one is complete).
+    """
+    with atomic_dir(out_dir, force=force) as tmp:
         state: dict[str, torch.Tensor] = {}
         seen: dict[int, str] = {}
         for name, tensor in model.state_dict().items():
