@@ -132,7 +132,7 @@ def directions_dim(run_dir: RunDirOpt) -> None:
     """Difference-in-means candidates for every (position, layer)."""
     from refusal_atlas.validate import check_run_dir
 
-    check_run_dir(run_dir)
+    check_run_dir(run_dir, require_manifest=False)
     from refusal_atlas.activations import load_activation_sets
     from refusal_atlas.directions.dim import difference_in_means
     from refusal_atlas.io import save_tensors

@@ -35,7 +35,7 @@ def directions_som(
     """SOM directions: neurons of a SOM on harmful representations minus the harmless mean."""
     from refusal_atlas.validate import check_run_dir
 
-    check_run_dir(run_dir)
+    check_run_dir(run_dir, require_manifest=False)
     from refusal_atlas.directions.som import SomDirections, parse_grid
     from refusal_atlas.rundir import RunDir
     from refusal_atlas.workflows_som import som_step

@@ -35,17 +35,25 @@ EMBEDDED_FACTS = ("qwen2", 24, 896)
 
 
 # --- run directories ----------------------------------------------------------------------------------
-def check_run_dir(path: str | os.PathLike) -> dict[str, Any]:
-    """An existing, writable run directory made by refusal-atlas → its manifest."""
+def check_run_dir(path: str | os.PathLike, require_manifest: bool = True) -> dict[str, Any]:
+    """An existing, writable run directory made by refusal-atlas → its manifest.
+
+    Verbs that never load a model (``directions dim|som``) work on artifacts alone and pass
+    ``require_manifest=False``; they get ``{}`` when there is none.
+    """
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"run directory not found: {path}")
     if not path.is_dir():
         raise ArtifactError(f"{path} is a file, not a run directory")
     manifest_path = path / "manifest.json"
+    if not manifest_path.is_file() and not require_manifest:
+        _check_writable(path)
+        return {}
     if not manifest_path.is_file():
-        what = "empty" if not any(path.iterdir()) else "not a run directory"
-        raise ArtifactError(f"{path} is {what} (no manifest.json); run `refusal-atlas run -r {path}` first")
+        what = "empty, " if not any(path.iterdir()) else ""
+        raise ConfigError(f"{path} is {what}not a run directory (no manifest.json); run `refusal-atlas run -r {path}` "
+                          "first")
     manifest = _read_manifest(manifest_path)
     _check_writable(path)
     return manifest
@@ -119,8 +127,11 @@ def check_run_settings(run_dir: str | os.PathLike, manifest: Mapping[str, Any] |
     """
     if not manifest:
         return {}
+    from refusal_atlas.config import RunConfig
+
     run_dir, allowed = Path(run_dir), set(allowed)
-    diff = changed_settings(manifest.get("config", {}), new)
+    recorded = {**RunConfig().model_dump(), **manifest.get("config", {})}  # an unrecorded setting had its default
+    diff = changed_settings(recorded, new)
     stale = {}
     for names, artifacts in STAGE_SETTINGS:
         made = [a for a in artifacts if (run_dir / a).exists()]
@@ -348,8 +359,8 @@ def check_datasets(names: Iterable[str], n: int | None = None, seed: int = 0) ->
 def check_direction_file(path: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
     """A run's direction file fits the run's model (width d_model, layer in range) → its header."""
     if not path.is_file():
-        raise ArtifactError(f"no direction file {path}; run `refusal-atlas run` or `select` first, or pass "
-                            "--directions with a name under directions/")
+        raise ArtifactError(f"this step needs a direction file, and {path} does not exist; run `refusal-atlas run` "
+                            "or `select` first, or pass --directions NAME of a file under directions/")
     header = safetensors_header(path)
     shape = header.get("vectors", {}).get("shape")
     try:
