@@ -25,6 +25,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/reliability
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/integration
 
 unit: setup

@@ -134,7 +134,7 @@ def check_run_settings(run_dir: str | os.PathLike, manifest: Mapping[str, Any] |
     diff = changed_settings(recorded, new)
     stale = {}
     for names, artifacts in STAGE_SETTINGS:
-        made = [a for a in artifacts if (run_dir / a).exists()]
+        made = [a for a in artifacts if _made(run_dir / a)]
         for name in names:
             if name in diff and name not in allowed and made:
                 stale[name] = diff[name]
@@ -144,6 +144,10 @@ def check_run_settings(run_dir: str | os.PathLike, manifest: Mapping[str, Any] |
                           "be reused or mixed. Use a new --run-dir, or the run's own settings (`run --resume` "
                           "without those flags)")
     return diff
+
+
+def _made(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
 # --- models -----------------------------------------------------------------------------------------
