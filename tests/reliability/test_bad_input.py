@@ -151,29 +151,27 @@ def test_model_dir_that_is_not_a_model(cli, tmp_path):
     cli(["run", "-r", "r", "--model", "photos"], "is not a model directory (no config.json)")
 
 
-def test_model_dir_without_tokenizer(cli, model_copy):
-    m = model_copy("m")
-    (m / "tokenizer.json").unlink()
-    cli(["run", "-r", "r", "--model", m], "has no tokenizer")
-
-
-def test_truncated_safetensors(cli, model_copy):
-    m = model_copy("m")
+def _truncate(m):
     data = (m / "model.safetensors").read_bytes()
     (m / "model.safetensors").write_bytes(data[: len(data) // 2])
-    cli(["run", "-r", "r", "--model", m], ["model.safetensors is truncated or corrupt", f"the file has {len(data) // 2}"])
+    return f"the file has {len(data) // 2}"
 
 
-def test_garbage_safetensors(cli, model_copy):
+DAMAGE = {  # name: (damage the model copy, returning more expected words or anything else; expected words)
+    "no tokenizer": (lambda m: (m / "tokenizer.json").unlink(), "has no tokenizer"),
+    "truncated weights": (_truncate, "model.safetensors is truncated or corrupt"),
+    "garbage weights": (lambda m: (m / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"not json at all!"),
+                        "is not a valid safetensors file"),
+    "no weights": (lambda m: (m / "model.safetensors").unlink(), "has no weights"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_model_dirs(cli, model_copy, damage):
     m = model_copy("m")
-    (m / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    cli(["run", "-r", "r", "--model", m], "is not a valid safetensors file")
-
-
-def test_model_without_weights(cli, model_copy):
-    m = model_copy("m")
-    (m / "model.safetensors").unlink()
-    cli(["run", "-r", "r", "--model", m], "has no weights")
+    apply, words = DAMAGE[damage]
+    extra = apply(m)
+    cli(["run", "-r", "r", "--model", m], [words] + ([extra] if isinstance(extra, str) else []))
 
 
 def test_unsupported_architecture_lists_the_supported_ones(cli, model_copy):
