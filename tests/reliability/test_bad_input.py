@@ -238,3 +238,36 @@ def test_config_file_errors(cli, tmp_path, tiny_model_dir):
 
 def test_unknown_method(cli):
     cli(["run", "-r", "r", "--method", "pca"], "unknown method 'pca'")
+
+
+def _small_gguf(path):
+    """A valid little GGUF file (qwen2 metadata, one float32 tensor) written with the gguf package."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), "qwen2")
+    w.add_block_count(4)
+    w.add_embedding_length(32)
+    w.add_tensor("token_embd.weight", np.ones((64, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_truncated_gguf(cli, tmp_path):
+    from refusal_atlas.model.files import check_gguf
+
+    path = _small_gguf(tmp_path / "m.gguf")
+    facts = check_gguf(path)  # the intact file passes and its metadata is read
+    assert (facts.model_type, facts.n_layers, facts.d_model, facts.has_chat_template) == ("qwen2", 4, 32, False)
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.truncate(size - 100)
+    cli(["run", "-r", "r", "--model", "m.gguf"],
+        ["not a valid GGUF model", f"the file has {size - 100}"])
+
+
+def test_prepare_a_missing_model(cli):
+    cli(["prepare", "--model", "./no/model"], "model directory not found")

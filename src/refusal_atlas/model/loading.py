@@ -133,7 +133,8 @@ def load_model(
         model, tokenizer = load_gguf(spec, torch_dtype)
         name, source = Path(spec).stem, str(Path(spec).resolve())
     else:
-        from refusal_atlas.validate import check_model_dir, is_local_model
+        from refusal_atlas.model.files import check_model_dir
+        from refusal_atlas.validate import is_local_model
 
         if is_local_model(spec):  # a clear message for a missing, partial or truncated model directory
             check_model_dir(Path(spec).expanduser())
