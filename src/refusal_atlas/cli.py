@@ -61,52 +61,68 @@ def run(
     seed: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[Optional[str], typer.Option()] = None,
     system_prompt: Annotated[Optional[str], typer.Option(help="system message (default: the template's)")] = None,
-    resume: Annotated[bool, typer.Option(help="reuse artifacts already in the run directory")] = False,
+    chat_template: Annotated[Optional[Path], typer.Option(help="Jinja chat template file, for models without one")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run directory with its own settings")] = False,
+    allow_low_refusal: Annotated[bool, typer.Option(help="continue (with a warning) when the model refuses < 10% "
+                                                         "of the harmful train prompts")] = False,
     trials: Annotated[int, typer.Option(help="--method som: completed search trials to reach")] = 30,
     k: Annotated[int, typer.Option(help="--method som: directions per searched subset")] = 3,
 ) -> None:
     """The default end-to-end job: extract → DIM → select → held-out evaluation."""
     from refusal_atlas.config import load_config
-    from refusal_atlas.pipeline import format_table, run as run_pipeline
+    from refusal_atlas.validate import check_new_run_dir, run_config
 
     if method not in ("dim", "som"):
         raise RefusalAtlasError(f"unknown method {method!r} for `run` (available: dim, som)")
     cfg = load_config(config, dict(model=model, layer=layer, layers=_ints(layers), positions=_ints(positions),
                                    n_train=n_train, n_val=n_val, n_eval=n_eval, eval_harmful=_names(eval_harmful),
                                    max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device,
-                                   system_prompt=system_prompt))
+                                   system_prompt=system_prompt, chat_template=chat_template and str(chat_template)))
     run_dir = run_dir or _default_run_dir()
+    manifest = check_new_run_dir(run_dir)
+    if resume and manifest:  # the run's own settings, then what the TOML file and the flags set explicitly
+        cfg = run_config(manifest, {k: getattr(cfg, k) for k in cfg.model_fields_set})
     if method == "som":
         from refusal_atlas.cli_som import run_som_command
 
-        return run_som_command(cfg, run_dir, resume, trials=trials, k=k)
-    ws, records = run_pipeline(cfg, run_dir, resume=resume)
+        return run_som_command(cfg, run_dir, resume, trials=trials, k=k, allow_low_refusal=allow_low_refusal)
+    from refusal_atlas.pipeline import format_table, run as run_pipeline
+
+    ws, records = run_pipeline(cfg, run_dir, resume=resume, allow_low_refusal=allow_low_refusal)
     d = ws.run.manifest().get("direction", {})
     typer.echo(f"\nDIM direction: layer {d.get('layer')}, position {d.get('position')}, norm {d.get('norm', 0):.2f}")
     typer.echo(format_table(records))
     typer.echo(f"\nrun directory: {ws.run.path}  (metrics.json, manifest.json, completions/)")
 
 
-def _workspace(run_dir: Path, **overrides):
-    from refusal_atlas.pipeline import config_from_run
+def _workspace(run_dir: Path, allowed=(), **overrides):
+    """Reopen an existing run (never a new one: a mistyped path must not load a model or make a directory)."""
+    from refusal_atlas.validate import check_run_dir, run_config
+
+    cfg = run_config(check_run_dir(run_dir), overrides)
     from refusal_atlas.workspace import open_workspace
 
-    if not (run_dir / "manifest.json").is_file():
-        from refusal_atlas.config import load_config
-
-        return open_workspace(load_config(None, overrides), run_dir)
-    return open_workspace(config_from_run(run_dir, overrides), run_dir, must_exist=True)
+    return open_workspace(cfg, run_dir, must_exist=True, allowed=allowed)
 
 
 @app.command("extract")
 def extract_cmd(run_dir: RunDirOpt, model: ModelOpt = None, n_train: Annotated[Optional[int], typer.Option()] = None,
-                filter_train: Annotated[Optional[bool], typer.Option()] = None) -> None:
-    """Residual-stream representations of harmful vs harmless train prompts."""
-    from refusal_atlas.pipeline import extract_step
-    from refusal_atlas.workspace import load_prompt_sets
+                filter_train: Annotated[Optional[bool], typer.Option()] = None,
+                allow_low_refusal: Annotated[bool, typer.Option(help="continue when the model refuses < 10%")] = False,
+                ) -> None:
+    """Residual-stream representations of harmful vs harmless train prompts (a new or an existing run)."""
+    from refusal_atlas.config import load_config
+    from refusal_atlas.validate import EXTRACTION_SETTINGS, check_new_run_dir, run_config
 
-    ws = _workspace(run_dir, model=model, n_train=n_train, filter_train=filter_train)
-    acts = extract_step(ws, load_prompt_sets(ws.cfg))
+    overrides = dict(model=model, n_train=n_train, filter_train=filter_train)
+    manifest = check_new_run_dir(run_dir)
+    cfg = run_config(manifest, overrides) if manifest else load_config(None, overrides)
+    from refusal_atlas.pipeline import extract_step
+    from refusal_atlas.workspace import load_prompt_sets, open_workspace
+
+    sets = load_prompt_sets(cfg)  # bad prompt files fail before the model loads
+    ws = open_workspace(cfg, run_dir, must_exist=manifest is not None, allowed=EXTRACTION_SETTINGS)
+    acts = extract_step(ws, sets, allow_low_refusal=allow_low_refusal)
     typer.echo(f"saved {acts['harmful'].n} harmful + {acts['harmless'].n} harmless representations "
                f"({len(acts['harmful'].layers)} layers) to {ws.run / 'activations.safetensors'}")
 
@@ -114,6 +130,9 @@ def extract_cmd(run_dir: RunDirOpt, model: ModelOpt = None, n_train: Annotated[O
 @directions_app.command("dim")
 def directions_dim(run_dir: RunDirOpt) -> None:
     """Difference-in-means candidates for every (position, layer)."""
+    from refusal_atlas.validate import check_run_dir
+
+    check_run_dir(run_dir, require_manifest=False)
     from refusal_atlas.activations import load_activation_sets
     from refusal_atlas.directions.dim import difference_in_means
     from refusal_atlas.io import save_tensors
@@ -132,11 +151,19 @@ def select_cmd(run_dir: RunDirOpt, layers: Annotated[Optional[str], typer.Option
                positions: Annotated[Optional[str], typer.Option()] = None,
                kl_threshold: Annotated[Optional[float], typer.Option()] = None) -> None:
     """Arditi-style selection of one DIM candidate on validation prompts."""
-    from refusal_atlas.pipeline import load_dim_candidates, select_step
-    from refusal_atlas.workspace import load_prompt_sets
+    from refusal_atlas.validate import SELECTION_SETTINGS, check_run_dir, run_config
 
-    ws = _workspace(run_dir, layers=_ints(layers), positions=_ints(positions), kl_threshold=kl_threshold)
-    d = select_step(ws, load_dim_candidates(ws), load_prompt_sets(ws.cfg))
+    overrides = dict(layers=_ints(layers), positions=_ints(positions), kl_threshold=kl_threshold)
+    manifest = check_run_dir(run_dir)
+    cfg = run_config(manifest, overrides)
+    if not (run_dir / "directions" / "dim_candidates.safetensors").is_file():
+        raise RefusalAtlasError(f"no DIM candidates in {run_dir}; run `refusal-atlas directions dim` first")
+    from refusal_atlas.pipeline import load_dim_candidates, select_step
+    from refusal_atlas.workspace import load_prompt_sets, open_workspace
+
+    sets = load_prompt_sets(cfg)
+    ws = open_workspace(cfg, run_dir, must_exist=True, allowed=SELECTION_SETTINGS)
+    d = select_step(ws, load_dim_candidates(ws), sets)
     typer.echo(f"selected layer {d.layer}, position {d.position}: refusal {d.meta.get('refusal', float('nan')):.3f}, "
                f"KL {d.meta.get('kl', float('nan')):.4f}, steering {d.meta.get('steering', float('nan')):.3f}")
 
@@ -161,6 +188,14 @@ def evaluate_cmd(
     limit: Annotated[Optional[int], typer.Option(help="lm-eval: examples per task (smoke runs)")] = None,
 ) -> None:
     """Judge {datasets} × {interventions} × {judges}, damage (KL) and benchmarks; appends to metrics.json."""
+    from refusal_atlas.validate import check_at_least, check_datasets, check_direction_file, check_run_dir, run_config
+
+    manifest = check_run_dir(run_dir)  # milliseconds: before anything heavy is imported
+    check_at_least(n=(n, 1), max_new_tokens=(max_new_tokens, 1), kl_tokens=(kl_tokens, 1), limit=(limit, 1),
+                   concurrency=(concurrency, 1))
+    if timeout <= 0:
+        raise RefusalAtlasError(f"--timeout must be > 0 seconds, got {timeout}")
+    cfg = run_config(manifest)
     from refusal_atlas.directions.base import DirectionSet
     from refusal_atlas.evaluation.evaluate import (EvalPlan, check_interventions, evaluate_run, format_records,
                                                    parse_interventions)
@@ -170,18 +205,34 @@ def evaluate_cmd(
     opts = JudgeOptions(judge_model=judge_model, endpoint_url=endpoint_url, endpoint_model=endpoint_model,
                         endpoint_rubric=rubric, concurrency=concurrency, timeout=timeout)
     check_judges(judge_names, opts)  # cheap checks before the model loads
-    check_interventions(names)
+    _check_judge_model(judge_names, judge_model)
+    kinds = check_interventions(names)
+    path = run_dir / "directions" / f"{directions}.safetensors"
+    if any(kind != "none" for kind, _ in kinds):
+        check_direction_file(path, manifest)
+    n_prompts, length = cfg.n_eval if n is None else n, cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+    dataset_names = _names(datasets) or [*cfg.eval_harmful, cfg.eval_harmless, "xstest"]
+    check_datasets(dataset_names, n_prompts, cfg.seed)
+    if "endpoint" in judge_names:
+        from refusal_atlas.validate import check_endpoint
+
+        check_endpoint(endpoint_url or "", endpoint_model, timeout)
     ws = _workspace(run_dir)
-    cfg = ws.cfg
-    path = ws.run.direction_path(directions)
     specs = parse_interventions(names, DirectionSet.load(path) if path.exists() else None, mode=cfg.ablation_mode)
     opts.cache_dir, opts.device = ws.run / "judgements", cfg.device
     judges = make_judges(judge_names, opts, reuse={cfg.model: (ws.loaded.model, ws.loaded.tokenizer, ws.loaded.name)})
-    plan = EvalPlan(datasets=_names(datasets) or [*cfg.eval_harmful, cfg.eval_harmless, "xstest"],
-                    interventions=specs, judges=judges, n=n or cfg.n_eval,
-                    max_new_tokens=max_new_tokens or cfg.max_new_tokens, kl_tokens=kl_tokens,
-                    benchmarks=_names(benchmarks) or [], limit=limit, batch_size=cfg.batch_size, seed=cfg.seed)
+    plan = EvalPlan(datasets=dataset_names, interventions=specs, judges=judges, n=n_prompts, max_new_tokens=length,
+                    kl_tokens=kl_tokens, benchmarks=_names(benchmarks) or [], limit=limit, batch_size=cfg.batch_size,
+                    seed=cfg.seed)
     typer.echo(format_records(evaluate_run(ws, plan)))
+
+
+def _check_judge_model(judge_names: list[str], judge_model: str | None) -> None:
+    from refusal_atlas.validate import is_local_model
+
+    if "hf" in judge_names and judge_model and judge_model != "embedded" and is_local_model(judge_model):
+        if not Path(judge_model).expanduser().exists():
+            raise RefusalAtlasError(f"judge model not found: {judge_model}")
 
 
 @app.command("export")
@@ -189,16 +240,21 @@ def export_cmd(run_dir: RunDirOpt, out: Annotated[Path, typer.Option(help="outpu
                directions: Annotated[str, typer.Option(help="direction file name")] = "dim",
                force: Annotated[bool, typer.Option(help="replace a non-empty --out directory")] = False) -> None:
     """Write a weight-orthogonalized copy of the model (safetensors) with the directions removed."""
-    from refusal_atlas.directions.base import DirectionSet
-    from refusal_atlas.io import check_output_dir
-    from refusal_atlas.orthogonalize import export_orthogonalized
+    from refusal_atlas.validate import check_direction_file, check_output_parent, check_run_dir
 
-    check_output_dir(out, force)
+    manifest = check_run_dir(run_dir)
     if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
         raise RefusalAtlasError(f"--out {out} is inside the run directory {run_dir}; export elsewhere")
-    if not (run_dir / "manifest.json").is_file():
-        raise RefusalAtlasError(f"{run_dir} is not a run directory (no manifest.json); run `refusal-atlas run` first")
-    direction = DirectionSet.load(run_dir / "directions" / f"{directions}.safetensors")
+    from refusal_atlas.io import check_output_dir
+
+    check_output_dir(out, force)
+    check_output_parent(out)
+    path = run_dir / "directions" / f"{directions}.safetensors"
+    check_direction_file(path, manifest)
+    from refusal_atlas.directions.base import DirectionSet
+    from refusal_atlas.orthogonalize import export_orthogonalized
+
+    direction = DirectionSet.load(path)
     ws = _workspace(run_dir)
     path = export_orthogonalized(ws.loaded, direction, out, force=force)
     typer.echo(f"exported orthogonalized model ({len(direction)} direction(s)) to {path}")
@@ -207,6 +263,9 @@ def export_cmd(run_dir: RunDirOpt, out: Annotated[Path, typer.Option(help="outpu
 @app.command("report")
 def report_cmd(run_dir: RunDirOpt) -> None:
     """Plots and an HTML report of everything in a run directory."""
+    from refusal_atlas.validate import check_run_dir
+
+    check_run_dir(run_dir)
     from refusal_atlas.report import build_report
 
     typer.echo(f"wrote {build_report(run_dir)}")
@@ -234,6 +293,9 @@ register_som_commands(app, directions_app)
 register_gradient_commands(directions_app)
 
 
+_INTERRUPTED = "interrupted: finished steps are kept in the run directory (use --resume)"
+
+
 def main() -> None:
     try:
         app()
@@ -241,8 +303,15 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted: finished steps are kept in the run directory (use --resume)", err=True)
+        typer.echo(_INTERRUPTED, err=True)
         sys.exit(130)
+    except PermissionError as exc:  # e.g. a run directory made read-only while a step ran
+        typer.echo(f"error: permission denied: {exc.filename or exc}", err=True)
+        sys.exit(2)
+    except SystemExit as exc:
+        if exc.code == 130:  # typer turns Ctrl-C into a silent exit 130
+            typer.echo(_INTERRUPTED, err=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -45,14 +45,14 @@ _TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
 
 def _common(run_dir, *, n_train, n_val, target_tokens, steps, batch_size, micro_batch, lr, eval_every, patience,
             ablation_weight, addition_weight, retain_weight, val_kl_weight, seed):
+    from refusal_atlas.validate import check_run_dir
+
+    check_run_dir(run_dir)  # milliseconds, before torch is imported
     from refusal_atlas.cli import _workspace
     from refusal_atlas.directions.losses import LossWeights
     from refusal_atlas.directions.optim import TrainConfig
     from refusal_atlas.directions.training_setup import load_dim
-    from refusal_atlas.errors import ConfigError
 
-    if not (run_dir / "manifest.json").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no manifest.json); run `refusal-atlas run` first")
     load_dim(run_dir)  # bad input fails before the model is loaded
     if seed is None:
         from refusal_atlas.rundir import RunDir

@@ -33,6 +33,9 @@ def directions_som(
     lr_schedule: Annotated[str, typer.Option(help="asymptotic (paper), inverse (1/t), constant")] = "asymptotic",
 ) -> None:
     """SOM directions: neurons of a SOM on harmful representations minus the harmless mean."""
+    from refusal_atlas.validate import check_run_dir
+
+    check_run_dir(run_dir, require_manifest=False)
     from refusal_atlas.directions.som import SomDirections, parse_grid
     from refusal_atlas.rundir import RunDir
     from refusal_atlas.workflows_som import som_step
@@ -63,18 +66,26 @@ def search(
 ) -> None:
     """Optuna TPE search over subsets of k directions (validation prompts), Pareto front, held-out check."""
     from refusal_atlas.errors import ConfigError
-    from refusal_atlas.pipeline import config_from_run
+    from refusal_atlas.validate import check_at_least, check_direction_file, check_run_dir, run_config
+
+    manifest = check_run_dir(run_dir)
+    if trials is not None and until is not None:
+        raise ConfigError("give --trials (add N trials) or --until (reach N completed trials), not both")
+    check_at_least(k=(k, 1), k_max=(k_max, k), trials=(trials, 0), until=(until, 0), n_val=(n_val, 1),
+                   n_startup_trials=(n_startup_trials, 0))
+    found = check_direction_file(run_dir / "directions" / f"{directions}.safetensors", manifest)
+    if max(k, k_max or k) > found["k"]:
+        raise ConfigError(f"--k {max(k, k_max or k)} but {directions} holds only {found['k']} directions; "
+                          "lower --k/--k-max or use a larger SOM")
+    cfg = run_config(manifest, {"n_val": n_val, "kl_threshold": kl_threshold})
     from refusal_atlas.search import SearchSettings
     from refusal_atlas.workflows_som import compare_step, format_comparison, format_search, search_step
     from refusal_atlas.workspace import load_prompt_sets, open_workspace
 
-    if trials is not None and until is not None:
-        raise ConfigError("give --trials (add N trials) or --until (reach N completed trials), not both")
-    ws = open_workspace(config_from_run(run_dir, {"n_val": n_val, "kl_threshold": kl_threshold}), run_dir,
-                        must_exist=True)
+    sets = load_prompt_sets(cfg)
+    ws = open_workspace(cfg, run_dir, must_exist=True, allowed=("n_val", "kl_threshold"))
     settings = SearchSettings(k=k, k_max=k_max, seed=_seed(run_dir, seed), mode=ws.cfg.ablation_mode,
                               kl_threshold=ws.cfg.kl_threshold, n_startup_trials=n_startup_trials)
-    sets = load_prompt_sets(ws.cfg)
     summary = search_step(ws, sets, settings, directions, trials=30 if trials is None and until is None else trials,
                           until=until)
     if summary["stale_trials_failed"]:
@@ -86,14 +97,23 @@ def search(
         typer.echo(format_comparison(compare_step(ws, sets)))
 
 
-def run_som_command(cfg, run_dir: Path, resume: bool, trials: int, k: int) -> None:
+def run_som_command(cfg, run_dir: Path, resume: bool, trials: int, k: int, allow_low_refusal: bool = False) -> None:
     """`run --method som`: the DIM pipeline, SOM directions at the DIM layer, search, held-out comparison."""
     from refusal_atlas.directions.som import SomDirections
+    from refusal_atlas.errors import ConfigError
     from refusal_atlas.search import SearchSettings
+    from refusal_atlas.validate import check_at_least
     from refusal_atlas.workflows_som import format_comparison, format_search, run_som
 
+    builder = SomDirections(seed=cfg.seed)
+    check_at_least(k=(k, 1), trials=(trials, 1))
+    rows, cols = builder.grid
+    if k > rows * cols:  # before the DIM pipeline, not after it
+        raise ConfigError(f"--k {k} is larger than the SOM grid ({rows}x{cols} = {rows * cols} neurons, fewer if "
+                          f"some stay dead); use --k <= {rows * cols}")
     settings = SearchSettings(k=k, seed=cfg.seed, mode=cfg.ablation_mode, kl_threshold=cfg.kl_threshold)
-    ws, summary, comparison = run_som(cfg, run_dir, SomDirections(seed=cfg.seed), settings, trials, resume=resume)
+    ws, summary, comparison = run_som(cfg, run_dir, builder, settings, trials, resume=resume,
+                                      allow_low_refusal=allow_low_refusal)
     typer.echo(format_search(summary))
     typer.echo("\nheld-out comparison (never seen by the search):")
     typer.echo(format_comparison(comparison))

@@ -26,15 +26,23 @@ from refusal_atlas.workspace import PromptSets, Workspace, load_prompt_sets, ope
 log = logging.getLogger(__name__)
 
 
-def filter_by_refusal(ws: Workspace, harmful: list[Prompt], harmless: list[Prompt]) -> tuple[list, list]:
-    """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0)."""
-    def scores(prompts):
-        lp = next_token_logprobs(ws.adapter, ws.chat, [p.instruction for p in prompts], ws.cfg.batch_size,
-                                 desc="filter: baseline refusal scores")
-        return refusal_score(lp, ws.refusal_ids)
+LOW_REFUSAL = 0.10  # below this baseline refusal rate on harmful train prompts there is little to map
 
-    kept_harmful = [p for p, s in zip(harmful, scores(harmful)) if s > 0]
-    kept_harmless = [p for p, s in zip(harmless, scores(harmless)) if s < 0]
+
+def train_refusal_scores(ws: Workspace, prompts: list[Prompt]) -> list[float]:
+    """The model's own logit refusal score per prompt (> 0: it would start a refusal)."""
+    lp = next_token_logprobs(ws.adapter, ws.chat, [p.instruction for p in prompts], ws.cfg.batch_size,
+                             desc="filter: baseline refusal scores")
+    return [float(s) for s in refusal_score(lp, ws.refusal_ids)]
+
+
+def filter_by_refusal(ws: Workspace, harmful: list[Prompt], harmless: list[Prompt],
+                      harmful_scores: list[float] | None = None) -> tuple[list, list]:
+    """Keep harmful prompts the model refuses (score > 0) and harmless ones it does not (score < 0)."""
+    if harmful_scores is None:
+        harmful_scores = train_refusal_scores(ws, harmful)
+    kept_harmful = [p for p, s in zip(harmful, harmful_scores) if s > 0]
+    kept_harmless = [p for p, s in zip(harmless, train_refusal_scores(ws, harmless)) if s < 0]
     if len(kept_harmful) < 2 or len(kept_harmless) < 2:
         raise ConfigError(
             f"after filtering by the model's own refusal score only {len(kept_harmful)} harmful and "
@@ -43,14 +51,43 @@ def filter_by_refusal(ws: Workspace, harmful: list[Prompt], harmless: list[Promp
     return kept_harmful, kept_harmless
 
 
-def extract_step(ws: Workspace, sets: PromptSets, resume: bool = False) -> dict[str, ActivationSet]:
+def check_baseline_refusal(ws: Workspace, scores: list[float], allow_low: bool = False) -> dict:
+    """Stop (or, when allowed, warn) if the model almost never refuses the harmful train prompts.
+
+    The measurement is recorded in the manifest (``baseline_refusal``) either way, so the report
+    and a later reader see the rate the run was made with.
+    """
+    refused = sum(s > 0 for s in scores)
+    rate = refused / len(scores)
+    info = {"rate": rate, "refused": refused, "n": len(scores), "threshold": LOW_REFUSAL,
+            "measure": "logit refusal score > 0 on the harmful train prompts", "allowed_low": allow_low}
+    if rate < LOW_REFUSAL:
+        msg = (f"the model refuses only {rate:.1%} ({refused} of {len(scores)}) of the harmful train prompts "
+               f"(logit refusal score > 0), below {LOW_REFUSAL:.0%}: there is little refusal to map or remove")
+        if not allow_low:
+            ws.run.update_manifest(status="stopped: low baseline refusal", baseline_refusal=info)
+            raise ConfigError(msg + "; pass --allow-low-refusal to continue anyway")
+        log.warning("%s; continuing (--allow-low-refusal)", msg)
+        info["warning"] = msg
+    ws.run.update_manifest(baseline_refusal=info)
+    return info
+
+
+def extract_step(ws: Workspace, sets: PromptSets, resume: bool = False,
+                 allow_low_refusal: bool = False) -> dict[str, ActivationSet]:
+    """Filter the train prompts by the model's own refusal (after a baseline check), then extract.
+
+    With ``filter_train=false`` no refusal scores are computed and the baseline is not checked.
+    """
     path = ws.run / "activations.safetensors"
     if resume and path.exists():
         return load_activation_sets(path)
     with ws.timed("extract"):
         harmful, harmless = sets.harmful_train, sets.harmless_train
         if ws.cfg.filter_train:
-            harmful, harmless = filter_by_refusal(ws, harmful, harmless)
+            scores = train_refusal_scores(ws, harmful)
+            check_baseline_refusal(ws, scores, allow_low_refusal)
+            harmful, harmless = filter_by_refusal(ws, harmful, harmless, scores)
         acts = {
             name: extract(ws.adapter, ws.chat, [p.instruction for p in prompts], positions=None,
                           batch_size=ws.cfg.batch_size, desc=f"extract {name}")
@@ -141,11 +178,15 @@ def _refusal(ws: Workspace, prompts: list[Prompt], dataset: str, spec: Intervent
                             batch_size=ws.cfg.batch_size, completions_path=ws.run.completions_path(dataset, spec.label))
 
 
-def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> tuple[Workspace, list[dict]]:
-    """The default job. Returns the workspace and the metrics records it wrote."""
+def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
+        allow_low_refusal: bool = False) -> tuple[Workspace, list[dict]]:
+    """The default job. Returns the workspace and the metrics records it wrote.
+
+    An existing run directory is continued only with settings that keep its artifacts valid.
+    """
     sets = load_prompt_sets(cfg)  # bad dataset input fails here, before anything is created
     ws = open_workspace(cfg, run_dir)
-    acts = extract_step(ws, sets, resume)
+    acts = extract_step(ws, sets, resume, allow_low_refusal)
     cands = dim_step(ws, acts)
     direction = select_step(ws, cands, sets, resume)
     records = evaluate_step(ws, direction, sets)

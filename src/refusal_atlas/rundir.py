@@ -6,6 +6,7 @@ completions/*.jsonl, metrics.json, plots/, report.html. All writes are atomic.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ class RunDir:
 
     def completions_path(self, dataset: str, intervention: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in intervention)
-        return self.path / "completions" / f"{dataset}__{safe}.jsonl"
+        return self.path / "completions" / f"{_file_stem(dataset)}__{safe}.jsonl"
 
     # manifest -----------------------------------------------------------------------------------
     @property
@@ -83,7 +84,24 @@ class RunDir:
 
     def add_metrics(self, records: list[dict[str, Any]]) -> None:
         """Append records, replacing earlier ones with the same identity (re-running a step)."""
-        keys = ("intervention", "dataset", "judge", "metric")
-        new_ids = {tuple(r.get(k) for k in keys) for r in records}
-        kept = [r for r in self.metrics() if tuple(r.get(k) for k in keys) not in new_ids]
+        new_ids = {_identity(r) for r in records}
+        kept = [r for r in self.metrics() if _identity(r) not in new_ids]
         write_json(self.metrics_path, kept + list(records))
+
+
+def _identity(record: dict[str, Any]) -> tuple:
+    """What a record measured: a rerun with another prompt count or length is another record.
+
+    The prompt count is ``n + unclear`` (judged rates count only decided items in ``n``).
+    """
+    keys = ("intervention", "dataset", "judge", "metric", "max_new_tokens")
+    return (*(record.get(k) for k in keys), (record.get("n") or 0) + (record.get("unclear") or 0))
+
+
+def _file_stem(dataset: str) -> str:
+    """A registered name as is; a prompt file path → its stem + a hash of the path (stays inside the run)."""
+    if all(c.isalnum() or c in "-_" for c in dataset):
+        return dataset
+    digest = hashlib.sha256(str(Path(dataset).expanduser().absolute()).encode()).hexdigest()[:8]
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(dataset).stem) or "prompts"
+    return f"{stem}-{digest}"

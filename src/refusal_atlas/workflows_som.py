@@ -204,13 +204,14 @@ def format_comparison(comparison: dict[str, Any]) -> str:
 
 # --- end to end ------------------------------------------------------------------------------------
 def run_som(cfg: RunConfig, run_dir: str | Path, builder: SomDirections, settings: SearchSettings,
-            trials: int, resume: bool = False) -> tuple[Workspace, dict[str, Any], dict[str, Any]]:
+            trials: int, resume: bool = False,
+            allow_low_refusal: bool = False) -> tuple[Workspace, dict[str, Any], dict[str, Any]]:
     """DIM pipeline, then SOM at the DIM layer, search to ``trials`` completed trials, held-out comparison."""
     from refusal_atlas.pipeline import run as run_dim
 
     if trials < 1:
         raise ConfigError("--trials must be >= 1 for `run --method som`")
-    ws, _ = run_dim(cfg, run_dir, resume=resume)
+    ws, _ = run_dim(cfg, run_dir, resume=resume, allow_low_refusal=allow_low_refusal)
     ws.run.update_manifest(status="running")
     sets = load_prompt_sets(cfg)
     with ws.timed("som"):

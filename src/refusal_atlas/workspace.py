@@ -7,6 +7,7 @@ Opening one validates everything a run depends on (datasets, model, chat templat
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 from refusal_atlas.model.loading import LoadedModel, load_model
 from refusal_atlas.rundir import RunDir
+from refusal_atlas.validate import check_model_settings, check_new_run_dir, check_run_dir, check_run_settings
 
 
 @dataclass
@@ -75,23 +77,31 @@ class Workspace:
         self.run.update_manifest(timings_s={step: self.timings[step]})
 
 
-def open_workspace(cfg: RunConfig, run_dir: str | Path, *, must_exist: bool = False) -> Workspace:
-    """Validate ``cfg``, load the model, then create (or reopen) the run directory."""
-    torch.manual_seed(cfg.seed)
+def open_workspace(cfg: RunConfig, run_dir: str | Path, *, must_exist: bool = False,
+                   allowed: Iterable[str] = ()) -> Workspace:
+    """Validate ``cfg`` and the run directory, load the model, then create (or reopen) the run directory.
+
+    Reopening a run with settings that would make its artifacts stale is an error (see
+    :func:`refusal_atlas.validate.check_run_settings`); the settings in ``allowed`` (those the
+    calling verb recomputes) may change and are recorded in the manifest.
+    """
     run_path = Path(run_dir)
-    if must_exist and not (run_path / "manifest.json").is_file():
-        raise ConfigError(f"{run_path} is not a run directory (no manifest.json); run `refusal-atlas run` first")
+    manifest = check_run_dir(run_path) if must_exist else check_new_run_dir(run_path)
+    check_run_settings(run_path, manifest, cfg.model_dump(), allowed)
+    facts = check_model_settings(cfg)
+    torch.manual_seed(cfg.seed)
     template = None
     if cfg.chat_template is not None:
         try:
-            template = Path(cfg.chat_template).read_text(encoding="utf-8")
+            template = Path(cfg.chat_template).expanduser().read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read chat template {cfg.chat_template}: {exc.strerror}") from None
     loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     adapter = ModelAdapter(loaded.model)
     chat = ChatFormatter(loaded.tokenizer, system=cfg.system_prompt, chat_template=template)
-    for layer in (cfg.layers or []) + ([cfg.layer] if cfg.layer is not None else []):
-        adapter.check_layer(layer)
+    if facts is None:  # a Hugging Face id: its layer count is known only now
+        for layer in (cfg.layers or []) + ([cfg.layer] if cfg.layer is not None else []):
+            adapter.check_layer(layer)
     chat.positions(cfg.positions)
     refusal_ids = refusal_token_ids(loaded.tokenizer)
     run = RunDir(run_path, create=True)
@@ -100,4 +110,6 @@ def open_workspace(cfg: RunConfig, run_dir: str | Path, *, must_exist: bool = Fa
                 "d_model": adapter.d_model, "model_type": adapter.model_type, "refusal_token_ids": refusal_ids,
                 "eoi_tokens": chat.eoi_ids, **loaded.info}
         run.init_manifest(cfg.model_dump(), info)
+    elif manifest and manifest.get("config") != cfg.model_dump():  # allowed overrides reach the manifest
+        run.update_manifest(config=cfg.model_dump())
     return Workspace(cfg, run, loaded, adapter, chat, refusal_ids)

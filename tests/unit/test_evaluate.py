@@ -119,8 +119,15 @@ def test_bad_input_gives_one_clean_error(run_dir, capsys, extra, message):
 
 
 def test_names_are_checked_before_the_run_directory_or_model(tmp_path, capsys):
+    # a run whose model does not exist: loading it would fail with another message
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"config": {"model": str(tmp_path / "no-model")}}))
     for extra, message in ((["--judge", "llamaguard"], "unknown judge"),
                            (["--interventions", "actadd:x"], "bad ActAdd coefficient"),
                            (["--judge", "hf"], "--judge-model")):
-        code, _, err = cli(["evaluate", "-r", str(tmp_path / "nothing"), *extra], capsys)
+        code, _, err = cli(["evaluate", "-r", str(run), *extra], capsys)
         assert code == 2 and message in err.strip().splitlines()[-1], err
+    assert sorted(p.name for p in run.iterdir()) == ["manifest.json"]
+    code, _, err = cli(["evaluate", "-r", str(tmp_path / "nothing"), "--judge", "llamaguard"], capsys)
+    assert code == 2 and "run directory not found" in err and not (tmp_path / "nothing").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from refusal_atlas.data.registry import REGISTRY, registry_hint
 from refusal_atlas.errors import DataError
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,17 @@ def _load_file(path: Path, field: str) -> list[Prompt]:
     except OSError as exc:
         raise DataError(f"{label} cannot be read: {exc.strerror or exc}.") from None
     parse = {".json": _parse_json, ".jsonl": _parse_jsonl, ".csv": _parse_csv, ".txt": _parse_txt}[suffix]
-    return _finish(parse(text, label, field), label)
+    return _drop_duplicates(_finish(parse(text, label, field), label), label)
+
+
+def _drop_duplicates(prompts: list[Prompt], label: str) -> list[Prompt]:
+    """Keep the first of repeated instructions: a repeat would count twice in every rate."""
+    seen: set[str] = set()
+    unique = [p for p in prompts if not (p.instruction in seen or seen.add(p.instruction))]
+    if len(unique) < len(prompts):
+        log.warning("%s: %d duplicate prompt(s) dropped (the first of each kept); %d unique prompts remain",
+                    label, len(prompts) - len(unique), len(unique))
+    return unique
 
 
 def _finish(prompts: list[Prompt], label: str) -> list[Prompt]:
@@ -151,7 +163,8 @@ def _parse_jsonl(text: str, label: str, field: str) -> list[Prompt]:
 
 
 def _parse_csv(text: str, label: str, field: str) -> list[Prompt]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), restval="")  # short rows read as empty
+    # strict: an unterminated quote is an error instead of swallowing the rest of the file as one field
+    reader = csv.DictReader(io.StringIO(text, newline=""), restval="", strict=True)  # short rows read as empty
     try:
         header = reader.fieldnames
         if header is None:

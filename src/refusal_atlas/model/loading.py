@@ -47,6 +47,27 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """A device string torch understands and this machine has (``cuda`` needs a visible GPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"invalid device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelError(f"device {device!r} requested but no CUDA GPU is available "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ModelError(f"device {device!r} requested but only {count} CUDA GPU(s) are visible")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ModelError(f"device {device!r} requested but MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise ModelError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
+    return device
+
+
 def prepare_tokenizer(tokenizer) -> None:
     """Left padding always (post-instruction positions are then the last tokens); pad = eos if absent."""
     tokenizer.padding_side = "left"
@@ -98,7 +119,7 @@ def load_model(
     ``device_map="auto"`` shards large models across GPUs with accelerate. The model is put in eval
     mode with gradients off for its parameters (directions are the only trainable tensors here).
     """
-    device = device or default_device()
+    device = check_device(device) if device else default_device()
     torch_dtype = resolve_dtype(dtype, device)
     info: dict = {"dtype": str(torch_dtype).removeprefix("torch."), "device": device}
     if spec == EMBEDDED:
@@ -112,8 +133,10 @@ def load_model(
         model, tokenizer = load_gguf(spec, torch_dtype)
         name, source = Path(spec).stem, str(Path(spec).resolve())
     else:
-        if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
-            raise ModelError(f"model directory not found: {spec}")
+        from refusal_atlas.validate import check_model_dir, is_local_model
+
+        if is_local_model(spec):  # a clear message for a missing, partial or truncated model directory
+            check_model_dir(Path(spec).expanduser())
         model, tokenizer = _from_pretrained(str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec,
                                             torch_dtype, device_map)
         name, source = spec.rstrip("/").split("/")[-1], spec
