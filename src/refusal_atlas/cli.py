@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from refusal_atlas.cli_compare import register as register_compare_command
 from refusal_atlas.cli_gradient import register as register_gradient_commands
 from refusal_atlas.cli_som import register as register_som_commands
 from refusal_atlas.errors import RefusalAtlasError
@@ -294,6 +295,7 @@ def datasets_cmd() -> None:
 
 register_som_commands(app, directions_app)
 register_gradient_commands(directions_app)
+register_compare_command(app)
 
 
 _INTERRUPTED = "interrupted: finished steps are kept in the run directory (use --resume)"

@@ -1,0 +1,34 @@
+"""`refusal-atlas compare`: one table over the direction sets and edits of several run directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from refusal_atlas.errors import ConfigError
+
+
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories with metrics.json")],
+    out: Annotated[Optional[Path], typer.Option(help="write compare.md and compare.json into this directory")] = None,
+) -> None:
+    """Method, k, refusal with CI, KL, over-refusal and n for every evaluated artifact (Markdown + JSON)."""
+    from refusal_atlas.io import write_text
+    from refusal_atlas.workflows.compare import collect, to_json, to_markdown
+
+    for d in run_dirs:
+        if not (d / "manifest.json").is_file():
+            raise ConfigError(f"{d} is not a run directory (no manifest.json)")
+    rows = collect(run_dirs)
+    table = to_markdown(rows)
+    typer.echo(table, nl=False)
+    if out is not None:
+        write_text(out / "compare.md", table)
+        write_text(out / "compare.json", to_json(rows))
+        typer.echo(f"wrote {out / 'compare.md'} and {out / 'compare.json'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare")(compare)
