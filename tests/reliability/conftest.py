@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -72,6 +73,10 @@ def cli(tmp_path, monkeypatch, capsys, no_model_load):
             assert w in lines[-1], lines[-1]
         assert elapsed < MAX_SECONDS, f"{elapsed:.1f} s"
         assert snapshot(tmp_path) == before, "the command changed, created or deleted files"
+        if os.environ.get("RELIABILITY_MESSAGES"):  # collect the case list for the notes / docs
+            with open(os.environ["RELIABILITY_MESSAGES"], "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"args": [str(a).replace(str(tmp_path), "<tmp>") for a in args],
+                                     "message": lines[-1].replace(str(tmp_path), "<tmp>")}) + "\n")
         return lines[-1]
 
     return run
