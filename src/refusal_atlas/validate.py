@@ -165,6 +165,8 @@ def check_model(spec: str, chat_template: str | None = None, require_template: b
     if not is_local_model(spec):
         return None
     path = Path(spec).expanduser()
+    if not path.exists():  # the spec as typed (Path drops a leading ./)
+        raise ModelError(f"{'GGUF file' if spec.endswith('.gguf') else 'model directory'} not found: {spec}")
     facts = check_gguf(path) if spec.endswith(".gguf") else check_model_dir(path)
     if chat_template is not None:
         if not Path(chat_template).expanduser().is_file():
