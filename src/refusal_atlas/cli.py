@@ -159,6 +159,7 @@ def evaluate_cmd(
     timeout: Annotated[float, typer.Option(help="endpoint judge: seconds per request")] = 60.0,
     benchmarks: Annotated[Optional[str], typer.Option(help="lm-eval tasks, e.g. smoke,arc_challenge")] = None,
     limit: Annotated[Optional[int], typer.Option(help="lm-eval: examples per task (smoke runs)")] = None,
+    edit: Annotated[Optional[str], typer.Option(help="also evaluate a saved edit, e.g. search_best (edits/NAME.json)")] = None,
 ) -> None:
     """Judge {datasets} × {interventions} × {judges}, damage (KL) and benchmarks; appends to metrics.json."""
     from refusal_atlas.directions.base import DirectionSet
@@ -171,10 +172,12 @@ def evaluate_cmd(
                         endpoint_rubric=rubric, concurrency=concurrency, timeout=timeout)
     check_judges(judge_names, opts)  # cheap checks before the model loads
     check_interventions(names)
+    saved_edit = _load_run_edit(run_dir, edit) if edit is not None else None
     ws = _workspace(run_dir)
     cfg = ws.cfg
     path = ws.run.direction_path(directions)
     specs = parse_interventions(names, DirectionSet.load(path) if path.exists() else None, mode=cfg.ablation_mode)
+    specs += [saved_edit] if saved_edit is not None else []
     opts.cache_dir, opts.device = ws.run / "judgements", cfg.device
     judges = make_judges(judge_names, opts, reuse={cfg.model: (ws.loaded.model, ws.loaded.tokenizer, ws.loaded.name)})
     plan = EvalPlan(datasets=_names(datasets) or [*cfg.eval_harmful, cfg.eval_harmless, "xstest"],
@@ -184,24 +187,52 @@ def evaluate_cmd(
     typer.echo(format_records(evaluate_run(ws, plan)))
 
 
+def _load_run_edit(run_dir: Path, name: str):
+    """A saved edit of the run (edits/NAME.json), checked against the run's model before it loads."""
+    from refusal_atlas.edits import load_edit
+    from refusal_atlas.io import read_json
+
+    edit = load_edit(run_dir / "edits" / name)
+    model = read_json(run_dir / "manifest.json").get("model", {}) if (run_dir / "manifest.json").is_file() else {}
+    for what, have in (("d_model", edit.d_model), ("n_layers", edit.n_layers)):
+        if have is not None and model.get(what) not in (None, have):
+            raise RefusalAtlasError(f"edit {name!r} was made for {what} {have}, but {run_dir}'s model has {model[what]}")
+    return edit
+
+
 @app.command("export")
 def export_cmd(run_dir: RunDirOpt, out: Annotated[Path, typer.Option(help="output model directory")],
                directions: Annotated[str, typer.Option(help="direction file name")] = "dim",
+               edit: Annotated[Optional[str], typer.Option(help="export a saved edit (edits/NAME.json) instead")] = None,
                force: Annotated[bool, typer.Option(help="replace a non-empty --out directory")] = False) -> None:
-    """Write a weight-orthogonalized copy of the model (safetensors) with the directions removed."""
+    """Write an edited copy of the model (safetensors): the directions orthogonalized out, or a saved edit."""
     from refusal_atlas.directions.base import DirectionSet
+    from refusal_atlas.edits import DirectionalAblation
     from refusal_atlas.io import check_output_dir
-    from refusal_atlas.orthogonalize import export_orthogonalized
+    from refusal_atlas.orthogonalize import export_edit
 
     check_output_dir(out, force)
     if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
         raise RefusalAtlasError(f"--out {out} is inside the run directory {run_dir}; export elsewhere")
     if not (run_dir / "manifest.json").is_file():
         raise RefusalAtlasError(f"{run_dir} is not a run directory (no manifest.json); run `refusal-atlas run` first")
-    direction = DirectionSet.load(run_dir / "directions" / f"{directions}.safetensors")
+    if edit is not None:
+        chosen = _load_run_edit(run_dir, edit)
+        if not chosen.has_weight_form:
+            raise RefusalAtlasError(f"edit {edit!r} ({chosen.edit_type}) exists as hooks only and cannot be exported")
+    else:
+        direction = DirectionSet.load(run_dir / "directions" / f"{directions}.safetensors")
+        mode = _run_config(run_dir).get("ablation_mode", "subspace")
+        chosen = DirectionalAblation(direction, mode)
     ws = _workspace(run_dir)
-    path = export_orthogonalized(ws.loaded, direction, out, force=force)
-    typer.echo(f"exported orthogonalized model ({len(direction)} direction(s)) to {path}")
+    path = export_edit(ws.loaded, chosen, out, force=force)
+    typer.echo(f"exported {chosen.label} ({chosen.edit_type}) to {path}")
+
+
+def _run_config(run_dir: Path) -> dict:
+    from refusal_atlas.io import read_json
+
+    return read_json(run_dir / "manifest.json").get("config", {})
 
 
 @app.command("report")

@@ -241,7 +241,7 @@ def test_killed_search_subprocess_resumes_without_losing_trials(tiny_run):
     root, ws, sets = tiny_run
     run_dir, db = root / "run", root / "run" / "study.db"
     db.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run_dir), "--k", "2", "--trials", "500",
+    cmd = [sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run_dir), "--space", "subsets", "--k", "2", "--trials", "500",
            "--seed", "3", "--n-startup-trials", "2", "--no-evaluate"]
     proc = subprocess.Popen(cmd, env={**os.environ, "REFUSAL_ATLAS_QUIET": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)

@@ -1,0 +1,124 @@
+"""The edit search on a finished run directory: the default `refusal-atlas search` job.
+
+Reads the run's DIM candidates and harmless means (and any DirectionSets asked for, building SOM
+directions with default settings if ``som`` is asked for and missing), searches the edit space of
+:mod:`refusal_atlas.search_space` with the seeded, resumable loop of :mod:`refusal_atlas.search`
+on the validation prompts, and saves what it found as edits: ``edits/search_best`` (the pick rule's
+trial) and ``edits/search_trial_<n>`` for every Pareto trial, so `evaluate --edit` and `export
+--edit` use exactly the evaluated edit. Writes ``search_edits.json`` (all trials with their start and
+end times, the front, the rule).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from refusal_atlas.directions.base import DirectionSet
+from refusal_atlas.edits.sources import EditContext
+from refusal_atlas.errors import ConfigError
+from refusal_atlas.io import write_json
+from refusal_atlas.search import completed, fail_stale_trials, open_study, run_loop, study_lock, summarize
+from refusal_atlas.search_space import EditSpace, build_edit, context_fingerprint, describe_choice
+from refusal_atlas.workflows_som import validation_objective
+from refusal_atlas.workspace import PromptSets, Workspace
+
+
+@dataclass
+class EditSearchSettings:
+    """Seed, TPE start-up, the pick rule's KL bound, which DirectionSets join the DIM sources, and k_max."""
+
+    seed: int = 0
+    kl_threshold: float = 0.1
+    n_startup_trials: int = 10
+    sets: tuple[str, ...] = ()
+    k_max: int | None = None
+
+
+def ensure_sets(ws: Workspace, names: tuple[str, ...]) -> None:
+    """Build SOM directions (defaults, at the DIM layer) if asked for and missing; other sets must exist."""
+    from refusal_atlas.directions.som import SomDirections
+    from refusal_atlas.workflows_som import som_step
+
+    for name in names:
+        if ws.run.direction_path(name).exists():
+            continue
+        if name != "som":
+            raise ConfigError(f"no direction set {name!r} in {ws.run.path} (directions/{name}.safetensors); "
+                              "build it first (e.g. `refusal-atlas directions rdo`)")
+        with ws.timed("som"):
+            som_step(ws.run, SomDirections(seed=ws.cfg.seed))
+
+
+def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettings, trials: int | None = None,
+                     until: int | None = None, minutes: float | None = None) -> dict[str, Any]:
+    """Add ``trials``, or reach ``until`` completed trials, or search for ``minutes`` → edits/, search_edits.json."""
+    if sum(x is not None for x in (trials, until, minutes)) != 1:
+        raise ConfigError("give exactly one of trials (add N), until (reach N) or minutes")
+    if any(x is not None and x < 0 for x in (trials, until, minutes)):
+        raise ConfigError("the search budget must be >= 0")
+    ensure_sets(ws, settings.sets)
+    ctx = EditContext.from_run(ws.run.path, list(settings.sets))
+    space = EditSpace.for_context(ctx, settings.k_max)
+    objective = validation_objective(ws, sets, "subspace")
+    identity = {**space.identity(), "seed": settings.seed, "n_startup_trials": settings.n_startup_trials,
+                "directions": context_fingerprint(ctx), "objective": objective.fingerprint()}
+    db = ws.run / "study.db"
+    name = "search-edits" + "".join(f"+{s}" for s in settings.sets)
+    with study_lock(db):
+        study = open_study(db, name, identity)
+        stale = fail_stale_trials(study)
+        n_new = (trials if trials is not None else
+                 max(0, until - len(completed(study))) if until is not None else 10**9)  # type: ignore[operator]
+        deadline = time.monotonic() + 60 * minutes if minutes is not None else None
+        if n_new > 0 and (minutes is None or minutes > 0):
+            if "baseline" not in study.user_attrs:
+                study.set_user_attr("baseline", objective.baseline())
+            dim_path = ws.run.direction_path("dim")
+            if "reference" not in study.user_attrs and dim_path.exists():
+                refusal, kl = objective(DirectionSet.load(dim_path))
+                study.set_user_attr("reference", {"dim": {"refusal": refusal, "kl": kl, "note":
+                                                          "full DIM ablation, selected on these same val prompts"}})
+
+            def propose(trial):
+                choice = space.suggest(trial)
+                trial.set_user_attr("choice", choice)
+                key = repr(sorted(choice.items()))
+                return key, lambda: objective(build_edit(choice, ctx))
+
+            with ws.timed("search_edits"):
+                run_loop(study, propose, seed=settings.seed, n_startup_trials=settings.n_startup_trials,
+                         group=False, n_trials=n_new, deadline=deadline, desc="edit search trials")
+        summary = summarize(study, settings)
+    summary.update(space=asdict(space), stale_trials_failed=stale, settings=asdict(settings))
+    for rec in summary["pareto"]:
+        edit = build_edit(rec["choice"], ctx, name=f"search_trial_{rec['number']}")
+        edit.save(ws.run / "edits" / edit.name)
+        rec["edit_name"] = edit.name
+    best = build_edit(summary["chosen"]["choice"], ctx, name="search_best")
+    best.meta["search"] = {"trial": summary["chosen"]["number"], "refusal": summary["chosen"]["refusal"],
+                           "kl": summary["chosen"]["kl"], "rule": summary["rule"]["name"], "study": name}
+    best.save(ws.run / "edits" / "search_best")
+    summary["chosen"]["edit_fingerprint"] = best.fingerprint()
+    write_json(ws.run / "search_edits.json", summary)
+    return summary
+
+
+def format_edit_search(summary: dict[str, Any]) -> str:
+    """The Pareto front as a table (validation refusal score, KL, the edit), plus baseline and DIM."""
+    c, base, ref = summary["chosen"], summary.get("baseline") or {}, (summary.get("reference") or {}).get("dim")
+    n = summary["n_trials"]
+    lines = [f"trials: {n['complete']} complete, {n['fail']} failed; Pareto front on validation prompts "
+             "(refusal = mean logit refusal score, lower = less refusal; KL = next-token KL on harmless):",
+             f"  {'trial':<7}{'refusal':>9}{'KL':>9}  {'saved as':<22}edit",
+             f"  {'-' * 90}"]
+    for t in summary["pareto"]:
+        lines.append(f"  #{t['number']:<6}{t['refusal']:>9.3f}{t['kl']:>9.4f}  {t.get('edit_name', '-'):<22}"
+                     f"{describe_choice(t['choice'])}")
+    if base:
+        lines.append(f"  {'none':<7}{base['refusal']:>9.3f}{0:>9.4f}  (no edit)")
+    if ref:
+        lines.append(f"  {'DIM':<7}{ref['refusal']:>9.3f}{ref['kl']:>9.4f}  (full ablation of the selected DIM direction)")
+    lines.append(f"chosen: trial #{c['number']} ({c['why']}) → edits/search_best.json")
+    return "\n".join(lines)
