@@ -69,13 +69,12 @@ def search(
     set_names = tuple(s.strip() for s in (sets or "").split(",") if s.strip())
     if space == "subsets" and set_names:
         raise ConfigError("--sets is for --space edits; subsets take --directions")
-    if k_max is not None and not 1 <= k_max <= 7 and space == "edits":
-        raise ConfigError(f"--k-max must be in 1..7, got {k_max}")
     if not (run_dir / "manifest.json").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no manifest.json); run `refusal-atlas run` first")
-    for name in set_names:
-        if name != "som" and not (run_dir / "directions" / f"{name}.safetensors").exists():
-            raise ConfigError(f"no direction set {name!r} in {run_dir}/directions; build it first")
+    if space == "edits":
+        from refusal_atlas.workflows_search import check_sets
+
+        check_sets(run_dir, set_names, k_max)
     ws = open_workspace(config_from_run(run_dir, {"n_val": n_val, "kl_threshold": kl_threshold}), run_dir,
                         must_exist=True)
     prompt_sets = load_prompt_sets(ws.cfg)

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from optuna.trial import Trial
 
-from refusal_atlas.edits import LayerwiseAblation, StrengthKernel
+from refusal_atlas.edits import Edit, LayerwiseAblation, StrengthKernel
 from refusal_atlas.edits.sources import EditContext
 from refusal_atlas.errors import ConfigError
 
@@ -134,6 +135,23 @@ def build_edit(choice: dict[str, Any], ctx: EditContext, name: str | None = None
                                           mode=choice.get("mode", "subspace"),
                                           norm_preserving=choice["norm_preserving"], name=name,
                                           meta={"method": "search", "choice": choice})
+
+
+def run_edit_trials(study, space: EditSpace, ctx: EditContext, objective: Callable[[Edit], tuple[float, float]],
+                    seed: int, n_startup_trials: int, n_trials: int, deadline: float | None = None) -> list:
+    """``n_trials`` more trials of the edit space (the seeded loop of :func:`refusal_atlas.search.run_loop`).
+
+    Each trial stores its decoded ``choice``; two trials with the same choice share one evaluation.
+    """
+    from refusal_atlas.search import run_loop
+
+    def propose(trial):
+        choice = space.suggest(trial)
+        trial.set_user_attr("choice", choice)
+        return json.dumps(choice, sort_keys=True), lambda: objective(build_edit(choice, ctx))
+
+    return run_loop(study, propose, seed=seed, n_startup_trials=n_startup_trials, group=False, n_trials=n_trials,
+                    deadline=deadline, desc="edit search trials")
 
 
 def context_fingerprint(ctx: EditContext) -> str:

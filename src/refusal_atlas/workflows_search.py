@@ -19,9 +19,9 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.edits.sources import EditContext
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.io import write_json
-from refusal_atlas.search import completed, fail_stale_trials, open_study, run_loop, study_lock, summarize
-from refusal_atlas.search_space import EditSpace, build_edit, context_fingerprint, describe_choice
-from refusal_atlas.workflows_som import validation_objective
+from refusal_atlas.search import completed, fail_stale_trials, open_study, study_lock, summarize
+from refusal_atlas.search_space import EditSpace, build_edit, context_fingerprint, describe_choice, run_edit_trials
+from refusal_atlas.workflows_som import record_references, validation_objective
 from refusal_atlas.workspace import PromptSets, Workspace
 
 
@@ -36,6 +36,32 @@ class EditSearchSettings:
     k_max: int | None = None
 
 
+def check_sets(run_dir, names: tuple[str, ...], k_max: int | None) -> None:
+    """Cheap checks before any model loads: each set exists (``som`` may be built), fits the run's model
+    (d_model, layer range) and has at least ``k_max`` directions."""
+    from refusal_atlas.rundir import RunDir
+
+    run = RunDir(run_dir)
+    model = run.manifest().get("model", {})
+    if k_max is not None and not 1 <= k_max <= 7:
+        raise ConfigError(f"--k-max must be in 1..7, got {k_max}")
+    for name in names:
+        path = run.direction_path(name)
+        if not path.exists():
+            if name == "som":
+                continue
+            raise ConfigError(f"no direction set {name!r} in {run.path} (directions/{name}.safetensors); "
+                              "build it first (e.g. `refusal-atlas directions rdo`)")
+        ds = DirectionSet.load(path)
+        n_layers, d_model = model.get("n_layers"), model.get("d_model")
+        if (d_model is not None and ds.d_model != d_model) or (n_layers is not None and not 0 <= ds.layer < n_layers):
+            raise ConfigError(f"direction set {name!r} (d_model {ds.d_model}, layer {ds.layer}) does not fit this "
+                              f"run's model (d_model {d_model}, {n_layers} layers): it comes from another model")
+        if k_max is not None and k_max > len(ds):
+            raise ConfigError(f"k_max = {k_max} but the direction set {name!r} has only {len(ds)} directions; "
+                              "lower --k-max")
+
+
 def ensure_sets(ws: Workspace, names: tuple[str, ...]) -> None:
     """Build SOM directions (defaults, at the DIM layer) if asked for and missing; other sets must exist."""
     from refusal_atlas.directions.som import SomDirections
@@ -44,9 +70,7 @@ def ensure_sets(ws: Workspace, names: tuple[str, ...]) -> None:
     for name in names:
         if ws.run.direction_path(name).exists():
             continue
-        if name != "som":
-            raise ConfigError(f"no direction set {name!r} in {ws.run.path} (directions/{name}.safetensors); "
-                              "build it first (e.g. `refusal-atlas directions rdo`)")
+        check_sets(ws.run.path, (name,), None)  # raises for anything but a missing SOM
         with ws.timed("som"):
             som_step(ws.run, SomDirections(seed=ws.cfg.seed))
 
@@ -73,23 +97,10 @@ def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettin
                  max(0, until - len(completed(study))) if until is not None else 10**9)  # type: ignore[operator]
         deadline = time.monotonic() + 60 * minutes if minutes is not None else None
         if n_new > 0 and (minutes is None or minutes > 0):
-            if "baseline" not in study.user_attrs:
-                study.set_user_attr("baseline", objective.baseline())
-            dim_path = ws.run.direction_path("dim")
-            if "reference" not in study.user_attrs and dim_path.exists():
-                refusal, kl = objective(DirectionSet.load(dim_path))
-                study.set_user_attr("reference", {"dim": {"refusal": refusal, "kl": kl, "note":
-                                                          "full DIM ablation, selected on these same val prompts"}})
-
-            def propose(trial):
-                choice = space.suggest(trial)
-                trial.set_user_attr("choice", choice)
-                key = repr(sorted(choice.items()))
-                return key, lambda: objective(build_edit(choice, ctx))
-
+            record_references(study, ws, objective)
             with ws.timed("search_edits"):
-                run_loop(study, propose, seed=settings.seed, n_startup_trials=settings.n_startup_trials,
-                         group=False, n_trials=n_new, deadline=deadline, desc="edit search trials")
+                run_edit_trials(study, space, ctx, objective, settings.seed, settings.n_startup_trials, n_new,
+                                deadline)
         summary = summarize(study, settings)
     summary.update(space=asdict(space), stale_trials_failed=stale, settings=asdict(settings))
     for rec in summary["pareto"]:
