@@ -118,18 +118,17 @@ def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettin
 
 def format_edit_search(summary: dict[str, Any]) -> str:
     """The Pareto front as a table (validation refusal score, KL, the edit), plus baseline and DIM."""
-    c, base, ref = summary["chosen"], summary.get("baseline") or {}, (summary.get("reference") or {}).get("dim")
-    n = summary["n_trials"]
+    n, chosen = summary["n_trials"], summary["chosen"]
+    rows = [(f"#{t['number']}", t["refusal"], t["kl"], t.get("edit_name", "-"), describe_choice(t["choice"]))
+            for t in summary["pareto"]]
+    if summary.get("baseline"):
+        rows.append(("none", summary["baseline"]["refusal"], 0.0, "-", "(no edit)"))
+    dim = (summary.get("reference") or {}).get("dim")
+    if dim:
+        rows.append(("DIM", dim["refusal"], dim["kl"], "-", "(full ablation of the selected DIM direction)"))
     lines = [f"trials: {n['complete']} complete, {n['fail']} failed; Pareto front on validation prompts "
              "(refusal = mean logit refusal score, lower = less refusal; KL = next-token KL on harmless):",
-             f"  {'trial':<7}{'refusal':>9}{'KL':>9}  {'saved as':<22}edit",
-             f"  {'-' * 90}"]
-    for t in summary["pareto"]:
-        lines.append(f"  #{t['number']:<6}{t['refusal']:>9.3f}{t['kl']:>9.4f}  {t.get('edit_name', '-'):<22}"
-                     f"{describe_choice(t['choice'])}")
-    if base:
-        lines.append(f"  {'none':<7}{base['refusal']:>9.3f}{0:>9.4f}  (no edit)")
-    if ref:
-        lines.append(f"  {'DIM':<7}{ref['refusal']:>9.3f}{ref['kl']:>9.4f}  (full ablation of the selected DIM direction)")
-    lines.append(f"chosen: trial #{c['number']} ({c['why']}) → edits/search_best.json")
+             f"  {'trial':<7}{'refusal':>9}{'KL':>9}  {'saved as':<22}edit", f"  {'-' * 90}"]
+    lines += [f"  {a:<7}{r:>9.3f}{k:>9.4f}  {name:<22}{what}" for a, r, k, name, what in rows]
+    lines.append(f"chosen: trial #{chosen['number']} ({chosen['why']}) → edits/search_best.json")
     return "\n".join(lines)
