@@ -1,6 +1,9 @@
-"""Bayesian search over subsets of k directions (the SOM paper's Optuna step, made reproducible).
+"""Seeded, resumable two-objective Optuna searches: study storage, the ask/tell loop, Pareto front.
 
-* **Search space.** A subset of k distinct ids is a Lehmer code: parameter ``pick_i`` ranges over
+:func:`run_loop` is shared by the edit search (space in :mod:`refusal_atlas.search_space`, run-dir
+step in :mod:`refusal_atlas.workflows_search`) and by the SOM paper's subset search below.
+
+* **Subset search space.** A subset of k distinct ids is a Lehmer code: parameter ``pick_i`` ranges over
   ``[0, n−1−i]`` and indexes into the ids not yet chosen, so every point of the space is a valid,
   duplicate-free subset (no rejection or resampling). With ``k_min < k_max`` a parameter ``k`` is
   searched as well and ``pick_i`` exists only for ``i < k``.
