@@ -196,3 +196,20 @@ def test_search_bad_input_is_one_error_line(tiny_run, tmp_path):
     proc = _cli("export", "-r", str(run), "--edit", "other_model", "--out", str(tmp_path / "y"), check=False)
     assert proc.returncode == 2 and "n_layers 7" in proc.stderr and "Loading weights" not in proc.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_validation_objective_scores_an_edit_in_its_exported_form(tiny_run):
+    from refusal_atlas.edits import DirectionalAblation
+    from refusal_atlas.evaluation.objective import ValidationObjective
+    from refusal_atlas.evaluation.refusal import mean_refusal_score
+
+    _, ws, sets = tiny_run
+    harmful, harmless = [p.instruction for p in sets.harmful_val], [p.instruction for p in sets.harmless_val]
+    obj = ValidationObjective(ws.adapter, ws.chat, harmful, harmless, ws.refusal_ids)
+    dirs = torch.randn(2, ws.adapter.d_model, generator=torch.Generator().manual_seed(1))
+    dirs[1] += 2 * dirs[0]
+    edit = DirectionalAblation(dirs, "sequential")  # correlated: evaluated as weights
+    refusal, kl = obj(edit)
+    with edit.weights(ws.adapter):
+        assert mean_refusal_score(ws.adapter, ws.chat, harmful, ws.refusal_ids, batch_size=16) == refusal
+    assert kl > 0 and obj(edit) == (refusal, kl)
