@@ -11,9 +11,15 @@ ignored, as heretic does), and nearby values mean nearby edits:
   in the set's canonical order, so flipping one score adds or removes one direction — unlike a
   Lehmer code, where neighbouring values are unrelated subsets; ``mode``: subspace or sequential;
 * per component (attn, mlp), a strength kernel: ``<c>_peak`` ∈ [0.8, 1.5], ``<c>_position`` ∈
-  [0.6, 1.0]·(L−1), ``<c>_floor_frac`` ∈ [0, 1] (floor = frac × peak), ``<c>_distance`` ∈ [1, 0.6·L]
-  (heretic-llm 1.4.0's ranges, in our layer indexing);
-* ``projected`` (directions orthogonalized against the harmless mean) and ``norm_preserving``.
+  [0.3, 1.0]·(L−1), ``<c>_floor_frac`` ∈ [0, 1] (floor = frac × peak), ``<c>_distance`` ∈ [1, L]
+  (heretic-llm 1.4.0: peak position from 0.6·L, distance up to 0.6·L);
+* ``projected`` (directions orthogonalized against the harmless mean), ``norm_preserving`` and
+  ``embed`` (also map the embedding rows with weight 1).
+
+Departures from heretic, because on the embedded 0.5B model full DIM ablation (every layer and the
+embedding) already beats heretic's strongest front points: the peak may sit from 0.3·(L−1), the
+falloff may reach L, and the embedding can be edited, so full ablation is inside the space (and the
+run-dir search enqueues it as trial 0).
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ class EditSpace:
     k_max: int = K_LIMIT
     index_range: tuple[float, float] = (0.4, 0.9)  # × (L−1), for ``dim:index``
     peak_range: tuple[float, float] = (0.8, 1.5)
-    position_range: tuple[float, float] = (0.6, 1.0)  # × (L−1)
-    distance_range: tuple[float, float] = (1.0, 0.6)  # absolute minimum, maximum × L
+    position_range: tuple[float, float] = (0.3, 1.0)  # × (L−1)
+    distance_range: tuple[float, float] = (1.0, 1.0)  # absolute minimum, maximum × L
 
     def __post_init__(self) -> None:
         if self.n_layers < 2:
@@ -82,6 +88,7 @@ class EditSpace:
             trial.suggest_categorical("mode", ["subspace", "sequential"])
         trial.suggest_categorical("projected", [False, True])
         trial.suggest_categorical("norm_preserving", [False, True])
+        trial.suggest_categorical("embed", [False, True])
         dist_hi = max(self.distance_range[0], self.distance_range[1] * self.n_layers)
         for c in COMPONENTS:
             trial.suggest_float(f"{c}_peak", *self.peak_range)
@@ -94,7 +101,7 @@ class EditSpace:
         """Parameters → the edit they mean (unused parameters dropped): JSON, the trial's dedupe key."""
         source = params["source"]
         choice: dict[str, Any] = {"source": source, "projected": bool(params["projected"]),
-                                  "norm_preserving": bool(params["norm_preserving"])}
+                                  "norm_preserving": bool(params["norm_preserving"]), "embed": bool(params["embed"])}
         if source == "dim:index":
             choice["direction_index"] = float(params["direction_index"])
         elif source.startswith("set:"):
@@ -113,6 +120,24 @@ class EditSpace:
             choice[c] = {"peak": peak, "position": float(params[f"{c}_position"]),
                          "floor": float(params[f"{c}_floor_frac"]) * peak, "distance": float(params[f"{c}_distance"])}
         return choice
+
+    def full_ablation_params(self, layer: int) -> dict[str, Any]:
+        """Parameters meaning full ablation of the DIM direction at ``layer`` (weight 1 on every write and
+        the embedding): enqueued as trial 0, so the front starts from the selected DIM edit."""
+        lo, hi = self._span(self.index_range)
+        p = sum(self._span(self.position_range)) / 2
+        dist_hi = max(self.distance_range[0], self.distance_range[1] * self.n_layers)
+        distance = max(p, self.n_layers - 1 - p, self.distance_range[0])
+        if not lo <= layer <= hi or distance > dist_hi:
+            raise ConfigError(f"full ablation at layer {layer} is outside this space")
+        params: dict[str, Any] = {"source": "dim:index", "direction_index": float(layer), "projected": False,
+                                  "norm_preserving": False, "embed": True}
+        params.update({f"{name}_use_{i}": 0.0 for name, ids in self.sets for i in ids})
+        if self.sets:
+            params["mode"] = "subspace"
+        for c in COMPONENTS:
+            params.update({f"{c}_peak": 1.0, f"{c}_position": p, f"{c}_floor_frac": 1.0, f"{c}_distance": distance})
+        return params
 
     def identity(self) -> dict[str, Any]:
         return {"space": "edits", **json.loads(json.dumps(asdict(self)))}
@@ -133,7 +158,8 @@ def build_edit(choice: dict[str, Any], ctx: EditContext, name: str | None = None
     kernels = {c: StrengthKernel(**choice[c]) for c in COMPONENTS}
     return LayerwiseAblation.from_kernels(directions.contiguous(), kernels["attn"], kernels["mlp"],
                                           mode=choice.get("mode", "subspace"),
-                                          norm_preserving=choice["norm_preserving"], name=name,
+                                          norm_preserving=choice["norm_preserving"],
+                                          embed_weight=1.0 if choice.get("embed") else 0.0, name=name,
                                           meta={"method": "search", "choice": choice})
 
 
@@ -171,7 +197,8 @@ def describe_choice(choice: dict[str, Any]) -> str:
         what = "DIM per layer"
     else:
         what = f"{choice['set']}{choice['ids']}" + (f" {choice['mode'][:3]}" if len(choice["ids"]) > 1 else "")
-    flags = "".join([" proj" if choice["projected"] else "", " norm" if choice["norm_preserving"] else ""])
+    flags = "".join([" proj" if choice["projected"] else "", " norm" if choice["norm_preserving"] else "",
+                     " +emb" if choice.get("embed") else ""])
     kern = " ".join(f"{c} {k['peak']:.2f}@{k['position']:.1f}→{k['floor']:.2f}/{k['distance']:.1f}"
                     for c, k in ((c, choice[c]) for c in COMPONENTS))
     return f"{what}{flags}; {kern}"

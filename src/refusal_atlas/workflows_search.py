@@ -4,7 +4,8 @@ Reads the run's DIM candidates and harmless means (and any DirectionSets asked f
 directions with default settings if ``som`` is asked for and missing), searches the edit space of
 :mod:`refusal_atlas.search_space` with the seeded, resumable loop of :mod:`refusal_atlas.search`
 on the validation prompts, and saves what it found as edits: ``edits/search_best`` (the pick rule's
-trial) and ``edits/search_trial_<n>`` for every Pareto trial, so `evaluate --edit` and `export
+trial) and ``edits/search_trial_<n>`` for every Pareto trial (trial 0 is full ablation of the run's DIM
+pick, so the front starts from it), so `evaluate --edit` and `export
 --edit` use exactly the evaluated edit. Writes ``search_edits.json`` (all trials with their start and
 end times, the front, the rule).
 """
@@ -98,6 +99,13 @@ def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettin
         deadline = time.monotonic() + 60 * minutes if minutes is not None else None
         if n_new > 0 and (minutes is None or minutes > 0):
             record_references(study, ws, objective)
+            dim_path = ws.run.direction_path("dim")
+            if not study.trials and dim_path.exists():  # warm start: trial 0 is full ablation of the DIM pick
+                layer = DirectionSet.load(dim_path).layer
+                try:
+                    study.enqueue_trial(space.full_ablation_params(layer))
+                except ConfigError:
+                    pass  # the DIM layer lies outside the direction-index range: no warm start
             with ws.timed("search_edits"):
                 run_edit_trials(study, space, ctx, objective, settings.seed, settings.n_startup_trials, n_new,
                                 deadline)

@@ -41,6 +41,8 @@ def _edits(n_layers: int, d: int) -> dict:
             _rand(d, seed=5).expand(n_layers, d), kern_a, kern_m, norm_preserving=True),
         "kernel-subset-sequential": LayerwiseAblation.from_kernels(subset, kern_a, kern_m, mode="sequential"),
         "kernel-subset-subspace-norm": LayerwiseAblation.from_kernels(subset, kern_a, kern_m, norm_preserving=True),
+        "kernel-embedding-norm": LayerwiseAblation.from_kernels(per_layer, kern_a, kern_m, norm_preserving=True,
+                                                               embed_weight=0.8),
     }
 
 
@@ -61,7 +63,7 @@ def test_hooks_equal_weights_and_weights_restore_exactly(arch, tie, prompts, tmp
             hooked = model(**batch).logits
         with edit.weights(adapter) as report:
             weighted = model(**batch).logits
-            if name.startswith("full"):
+            if name.startswith("full") or "embedding" in name:
                 assert report["untied_embeddings"] == tie and not adapter.embeddings_tied
         assert torch.allclose(hooked, weighted, atol=1e-4), (name, (hooked - weighted).abs().max())
         assert not torch.allclose(hooked, clean, atol=1e-3), name

@@ -33,7 +33,7 @@ def _ctx(n_set: int = 5) -> EditContext:
 
 def _params(space: EditSpace, **over) -> dict:
     base = {"source": "set:som", "direction_index": 2.0, "mode": "sequential", "projected": False,
-            "norm_preserving": False, **{f"som_use_{i}": 0.0 for i in dict(space.sets)["som"]}}
+            "norm_preserving": False, "embed": False, **{f"som_use_{i}": 0.0 for i in dict(space.sets)["som"]}}
     for c in ("attn", "mlp"):
         base.update({f"{c}_peak": 1.0, f"{c}_position": 4.0, f"{c}_floor_frac": 0.5, f"{c}_distance": 2.0})
     return {**base, **over}
@@ -48,7 +48,8 @@ def test_inclusion_encoding_is_canonical_and_bounded():
     assert pick(**{f"som_use_{i}": 0.6 + 0.01 * i for i in range(10, 15)}) == [12, 13, 14]  # top k_max
     assert space.decode(_params(space, som_use_12=0.9))["mode"] == "subspace"  # one direction: mode is moot
     one = space.decode(_params(space, source="dim:index", direction_index=2.5))
-    assert one == {"source": "dim:index", "projected": False, "norm_preserving": False, "direction_index": 2.5,
+    assert one == {"source": "dim:index", "projected": False, "norm_preserving": False, "embed": False,
+                   "direction_index": 2.5,
                    "attn": {"peak": 1.0, "position": 4.0, "floor": 0.5, "distance": 2.0},
                    "mlp": {"peak": 1.0, "position": 4.0, "floor": 0.5, "distance": 2.0}}
     with pytest.raises(ConfigError, match="has only 5 directions"):
@@ -213,3 +214,23 @@ def test_validation_objective_scores_an_edit_in_its_exported_form(tiny_run):
     with edit.weights(ws.adapter):
         assert mean_refusal_score(ws.adapter, ws.chat, harmful, ws.refusal_ids, batch_size=16) == refusal
     assert kl > 0 and obj(edit) == (refusal, kl)
+
+
+def test_trial_zero_is_full_dim_ablation(tiny_run):
+    """The warm-start parameters mean exactly full ablation of the run's DIM direction."""
+    root, ws, _ = tiny_run
+    ctx = EditContext.from_run(root / "run")
+    space = EditSpace.for_context(ctx)
+    dim = DirectionSet.load(ws.run.direction_path("dim"))
+    edit = build_edit(space.decode(space.full_ablation_params(dim.layer)), ctx)
+    assert edit.attn_weights == edit.mlp_weights == [1.0] * ctx.n_layers and edit.embed_weight == 1.0
+    from refusal_atlas.edits import DirectionalAblation
+
+    batch = ws.chat.encode(["how to make a bomb", "tell joke please"])
+    with DirectionalAblation(dim).hooks(ws.adapter):
+        reference = ws.loaded.model(**batch).logits
+    with edit.apply(ws.adapter):
+        assert torch.allclose(ws.loaded.model(**batch).logits, reference, atol=1e-4)
+    summary = json.loads((root / "run" / "search_edits.json").read_text()) if (root / "run" / "search_edits.json").exists() else None
+    if summary is not None:  # written by the CLI test of this module
+        assert summary["trials"][0]["choice"] == space.decode(space.full_ablation_params(dim.layer))
