@@ -187,6 +187,7 @@ def evaluate_cmd(
     timeout: Annotated[float, typer.Option(help="endpoint judge: seconds per request")] = 60.0,
     benchmarks: Annotated[Optional[str], typer.Option(help="lm-eval tasks, e.g. smoke,arc_challenge")] = None,
     limit: Annotated[Optional[int], typer.Option(help="lm-eval: examples per task (smoke runs)")] = None,
+    edit: Annotated[Optional[str], typer.Option(help="also evaluate a saved edit, e.g. search_best (edits/NAME.json)")] = None,
 ) -> None:
     """Judge {datasets} × {interventions} × {judges}, damage (KL) and benchmarks; appends to metrics.json."""
     from refusal_atlas.validate import check_at_least, check_datasets, check_direction_file, check_run_dir, run_config
@@ -211,6 +212,7 @@ def evaluate_cmd(
     path = run_dir / "directions" / f"{directions}.safetensors"
     if any(kind != "none" for kind, _ in kinds):
         check_direction_file(path, manifest)
+    saved_edit = _load_run_edit(run_dir, edit, manifest) if edit is not None else None
     n_prompts, length = cfg.n_eval if n is None else n, cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
     dataset_names = _names(datasets) or [*cfg.eval_harmful, cfg.eval_harmless, "xstest"]
     check_datasets(dataset_names, n_prompts, cfg.seed)
@@ -220,6 +222,7 @@ def evaluate_cmd(
         check_endpoint(endpoint_url or "", endpoint_model, timeout)
     ws = _workspace(run_dir)
     specs = parse_interventions(names, DirectionSet.load(path) if path.exists() else None, mode=cfg.ablation_mode)
+    specs += [saved_edit] if saved_edit is not None else []
     opts.cache_dir, opts.device = ws.run / "judgements", cfg.device
     judges = make_judges(judge_names, opts, reuse={cfg.model: (ws.loaded.model, ws.loaded.tokenizer, ws.loaded.name)})
     plan = EvalPlan(datasets=dataset_names, interventions=specs, judges=judges, n=n_prompts, max_new_tokens=length,
@@ -236,11 +239,24 @@ def _check_judge_model(judge_names: list[str], judge_model: str | None) -> None:
             raise RefusalAtlasError(f"judge model not found: {judge_model}")
 
 
+def _load_run_edit(run_dir: Path, name: str, manifest: dict):
+    """A saved edit of the run (edits/NAME.json), checked against the run's model before it loads."""
+    from refusal_atlas.edits import load_edit
+
+    edit = load_edit(run_dir / "edits" / name)
+    model = manifest.get("model", {})
+    for what, have in (("d_model", edit.d_model), ("n_layers", edit.n_layers)):
+        if have is not None and model.get(what) not in (None, have):
+            raise RefusalAtlasError(f"edit {name!r} was made for {what} {have}, but {run_dir}'s model has {model[what]}")
+    return edit
+
+
 @app.command("export")
 def export_cmd(run_dir: RunDirOpt, out: Annotated[Path, typer.Option(help="output model directory")],
                directions: Annotated[str, typer.Option(help="direction file name")] = "dim",
+               edit: Annotated[Optional[str], typer.Option(help="export a saved edit (edits/NAME.json) instead")] = None,
                force: Annotated[bool, typer.Option(help="replace a non-empty --out directory")] = False) -> None:
-    """Write a weight-orthogonalized copy of the model (safetensors) with the directions removed."""
+    """Write an edited copy of the model (safetensors): the directions orthogonalized out, or a saved edit."""
     from refusal_atlas.validate import check_direction_file, check_output_parent, check_run_dir
 
     manifest = check_run_dir(run_dir)
@@ -250,15 +266,22 @@ def export_cmd(run_dir: RunDirOpt, out: Annotated[Path, typer.Option(help="outpu
 
     check_output_dir(out, force)
     check_output_parent(out)
-    path = run_dir / "directions" / f"{directions}.safetensors"
-    check_direction_file(path, manifest)
-    from refusal_atlas.directions.base import DirectionSet
-    from refusal_atlas.orthogonalize import export_orthogonalized
+    if edit is not None:
+        chosen = _load_run_edit(run_dir, edit, manifest)
+        if not chosen.has_weight_form:
+            raise RefusalAtlasError(f"edit {edit!r} ({chosen.edit_type}) exists as hooks only and cannot be exported")
+    else:
+        path = run_dir / "directions" / f"{directions}.safetensors"
+        check_direction_file(path, manifest)
+        from refusal_atlas.directions.base import DirectionSet
+        from refusal_atlas.edits import DirectionalAblation
 
-    direction = DirectionSet.load(path)
+        chosen = DirectionalAblation(DirectionSet.load(path), manifest.get("config", {}).get("ablation_mode", "subspace"))
+    from refusal_atlas.orthogonalize import export_edit
+
     ws = _workspace(run_dir)
-    path = export_orthogonalized(ws.loaded, direction, out, force=force)
-    typer.echo(f"exported orthogonalized model ({len(direction)} direction(s)) to {path}")
+    path = export_edit(ws.loaded, chosen, out, force=force)
+    typer.echo(f"exported {chosen.label} ({chosen.edit_type}) to {path}")
 
 
 @app.command("report")

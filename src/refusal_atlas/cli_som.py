@@ -1,4 +1,4 @@
-"""CLI verbs of the SOM workflow (`directions som`, `search`, `run --method som`), registered by cli.py.
+"""CLI verbs of the SOM workflow (`directions som`, `run --method som`; `search` lives in cli_search.py), registered by cli.py.
 
 Kept apart from cli.py so the shared command module only gains one registration line.
 """
@@ -51,52 +51,6 @@ def directions_som(
     typer.echo(f"saved to {run.direction_path('som')}")
 
 
-def search(
-    run_dir: RunDirOpt,
-    directions: Annotated[str, typer.Option(help="direction file name under directions/")] = "som",
-    k: Annotated[int, typer.Option(help="directions per subset (the minimum when --k-max is given)")] = 3,
-    k_max: Annotated[Optional[int], typer.Option(help="also search k in [k, k_max]")] = None,
-    trials: Annotated[Optional[int], typer.Option(help="trials to add to the study (default 30)")] = None,
-    until: Annotated[Optional[int], typer.Option(help="instead: run until this many trials are complete")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="default: the run's seed")] = None,
-    kl_threshold: Annotated[Optional[float], typer.Option(help="KL bound of the pick rule (default: config)")] = None,
-    n_val: Annotated[Optional[int], typer.Option(help="validation prompts per side")] = None,
-    n_startup_trials: Annotated[int, typer.Option(help="random trials before TPE")] = 10,
-    evaluate: Annotated[bool, typer.Option(help="held-out comparison of the chosen subset vs DIM")] = True,
-) -> None:
-    """Optuna TPE search over subsets of k directions (validation prompts), Pareto front, held-out check."""
-    from refusal_atlas.errors import ConfigError
-    from refusal_atlas.validate import check_at_least, check_direction_file, check_run_dir, run_config
-
-    manifest = check_run_dir(run_dir)
-    if trials is not None and until is not None:
-        raise ConfigError("give --trials (add N trials) or --until (reach N completed trials), not both")
-    check_at_least(k=(k, 1), k_max=(k_max, k), trials=(trials, 0), until=(until, 0), n_val=(n_val, 1),
-                   n_startup_trials=(n_startup_trials, 0))
-    found = check_direction_file(run_dir / "directions" / f"{directions}.safetensors", manifest)
-    if max(k, k_max or k) > found["k"]:
-        raise ConfigError(f"--k {max(k, k_max or k)} but {directions} holds only {found['k']} directions; "
-                          "lower --k/--k-max or use a larger SOM")
-    cfg = run_config(manifest, {"n_val": n_val, "kl_threshold": kl_threshold})
-    from refusal_atlas.search import SearchSettings
-    from refusal_atlas.workflows_som import compare_step, format_comparison, format_search, search_step
-    from refusal_atlas.workspace import load_prompt_sets, open_workspace
-
-    sets = load_prompt_sets(cfg)
-    ws = open_workspace(cfg, run_dir, must_exist=True, allowed=("n_val", "kl_threshold"))
-    settings = SearchSettings(k=k, k_max=k_max, seed=_seed(run_dir, seed), mode=ws.cfg.ablation_mode,
-                              kl_threshold=ws.cfg.kl_threshold, n_startup_trials=n_startup_trials)
-    summary = search_step(ws, sets, settings, directions, trials=30 if trials is None and until is None else trials,
-                          until=until)
-    if summary["stale_trials_failed"]:
-        typer.echo(f"marked stale trials {summary['stale_trials_failed']} (left by a killed run) as failed")
-    typer.echo(format_search(summary))
-    typer.echo(f"saved {ws.run / 'search.json'} and {ws.run.direction_path('search_best')}")
-    if evaluate:
-        typer.echo("\nheld-out comparison (never seen by the search):")
-        typer.echo(format_comparison(compare_step(ws, sets)))
-
-
 def run_som_command(cfg, run_dir: Path, resume: bool, trials: int, k: int, allow_low_refusal: bool = False) -> None:
     """`run --method som`: the DIM pipeline, SOM directions at the DIM layer, search, held-out comparison."""
     from refusal_atlas.directions.som import SomDirections
@@ -121,5 +75,7 @@ def run_som_command(cfg, run_dir: Path, resume: bool, trials: int, k: int, allow
 
 
 def register(app: typer.Typer, directions_app: typer.Typer) -> None:
+    from refusal_atlas.cli_search import register as register_search
+
     directions_app.command("som")(directions_som)
-    app.command("search")(search)
+    register_search(app)

@@ -1,4 +1,4 @@
-"""Weight orthogonalization: bake directional ablation into the weights and export the model.
+"""Weight orthogonalization: bake directional ablation (or any edit) into the weights and export.
 
 Every write to the residual stream is edited so that it has no component along the directions:
 the embedding rows and, in every block, the attention out-projection and the MLP down-projection
@@ -6,6 +6,9 @@ the embedding rows and, in every block, the attention out-projection and the MLP
 hook ablation enforces, so both give the same logits. That argument fails when a block rescales
 its outputs before the residual add (Gemma-2's post-norms): we refuse those. Tied input/output
 embeddings are untied first, so editing the embedding does not also edit the unembedding.
+
+The edit itself lives in :class:`refusal_atlas.edits.DirectionalAblation`; this module keeps the
+original entry points and adds :func:`export_edit`, which writes exactly the edit that was evaluated.
 """
 
 from __future__ import annotations
@@ -16,60 +19,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from refusal_atlas.errors import ModelError
-from refusal_atlas.interventions import as_matrix, orthonormal_basis
-from refusal_atlas.model.adapter import ModelAdapter
-
-
-def _untie_embeddings(adapter: ModelAdapter) -> bool:
-    if not adapter.embeddings_tied:
-        return False
-    adapter.model.lm_head.weight = nn.Parameter(adapter.embedding.weight.detach().clone(), requires_grad=False)
-    adapter.model.config.tie_word_embeddings = False
-    if hasattr(adapter.model.config, "get_text_config"):
-        adapter.model.config.get_text_config().tie_word_embeddings = False
-    return True
+from refusal_atlas.edits import DirectionalAblation, Edit
 
 
 @torch.no_grad()
-def orthogonalize_weights(model: nn.Module, directions) -> dict:
+def orthogonalize_weights(model: nn.Module, directions, mode: str = "subspace") -> dict:
     """Edit ``model`` in place so its residual writes are orthogonal to ``directions``.
 
     Returns a small report (what was edited, whether embeddings were untied).
     """
-    adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
-    if adapter.has_post_norms:
-        raise ModelError(
-            f"{adapter.model_type} rescales attention/MLP outputs with post-norms before the residual add, "
-            "so orthogonalized weights would not match hook ablation; use hook ablation for this model"
-        )
-    basis = orthonormal_basis(as_matrix(directions).to(torch.float64))
-    untied = _untie_embeddings(adapter)
+    return DirectionalAblation(directions, mode).apply_weights(model)  # type: ignore[arg-type]
 
-    # computed in float32 (at least) and rounded once, whatever the model dtype
-    def edit_rows(weight: torch.Tensor) -> None:  # [*, d_model]: remove components along the basis
-        work = torch.promote_types(weight.dtype, torch.float32)
-        w, b = weight.to(work), basis.to(device=weight.device, dtype=work)
-        weight.copy_(w - (w @ b.T) @ b)
 
-    def edit_cols(weight: torch.Tensor) -> None:  # [d_model, *] Linear weight writing along d_model
-        work = torch.promote_types(weight.dtype, torch.float32)
-        w, b = weight.to(work), basis.to(device=weight.device, dtype=work)
-        weight.copy_(w - b.T @ (b @ w))
+def export_edit(loaded, edit: Edit, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+                force: bool = False) -> Path:
+    """Apply ``edit`` to a loaded model's weights permanently and write a standalone HF model directory."""
+    from refusal_atlas.model.export import save_model_dir
 
-    edit_rows(adapter.embedding.weight)
-    for layer in range(adapter.n_layers):
-        for proj in (adapter.attn_out_proj(layer), adapter.mlp_out_proj(layer)):
-            edit_cols(proj.weight)
-            if proj.bias is not None:
-                edit_rows(proj.bias.unsqueeze(0))
-    return {"rank": int(basis.shape[0]), "untied_embeddings": untied, "layers": adapter.n_layers}
+    edit.apply_weights(loaded.model)
+    return save_model_dir(loaded.model, loaded.tokenizer, out_dir, dtype=dtype, force=force)
 
 
 def export_orthogonalized(loaded, directions, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
-                          force: bool = False) -> Path:
+                          force: bool = False, mode: str = "subspace") -> Path:
     """Orthogonalize a loaded model's weights and write it as a standalone HF model directory."""
-    from refusal_atlas.model.export import save_model_dir
-
-    orthogonalize_weights(loaded.model, directions)
-    return save_model_dir(loaded.model, loaded.tokenizer, out_dir, dtype=dtype, force=force)
+    return export_edit(loaded, DirectionalAblation(directions, mode), out_dir, dtype=dtype, force=force)  # type: ignore[arg-type]

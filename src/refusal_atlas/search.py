@@ -1,6 +1,9 @@
-"""Bayesian search over subsets of k directions (the SOM paper's Optuna step, made reproducible).
+"""Seeded, resumable two-objective Optuna searches: study storage, the ask/tell loop, Pareto front.
 
-* **Search space.** A subset of k distinct ids is a Lehmer code: parameter ``pick_i`` ranges over
+:func:`run_loop` is shared by the edit search (space in :mod:`refusal_atlas.search_space`, run-dir
+step in :mod:`refusal_atlas.workflows_search`) and by the SOM paper's subset search below.
+
+* **Subset search space.** A subset of k distinct ids is a Lehmer code: parameter ``pick_i`` ranges over
   ``[0, n−1−i]`` and indexes into the ids not yet chosen, so every point of the space is a valid,
   duplicate-free subset (no rejection or resampling). With ``k_min < k_max`` a parameter ``k`` is
   searched as well and ``pick_i`` exists only for ``i < k``.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -197,44 +201,61 @@ def _subset_key(ids: Sequence[int], mode: str) -> tuple[int, ...]:
     return tuple(sorted(ids)) if mode == "subspace" else tuple(ids)  # subspace ablation is order-free
 
 
-def run_trials(study: optuna.Study, directions: DirectionSet, objective: Objective, settings: SearchSettings,
-               n_trials: int) -> list[FrozenTrial]:
-    """Run ``n_trials`` more trials (ask/tell); returns the trials this call finished.
+def run_loop(study: optuna.Study, propose: Callable[[Trial], tuple[str, Callable[[], tuple[float, float]]]],
+             *, seed: int, n_startup_trials: int, group: bool, n_trials: int, deadline: float | None = None,
+             desc: str = "search trials") -> list[FrozenTrial]:
+    """The seeded ask/tell loop every search uses; returns the trials this call finished.
 
-    A subset already evaluated in this study is not re-run: its values are copied (objectives are
-    deterministic) and the trial records ``reused_from``.
+    ``propose(trial)`` suggests parameters (and sets user attributes) and returns (key, evaluate).
+    A key already evaluated in this study is not re-run: its values are copied (objectives are
+    deterministic) and the trial records ``reused_from``; it still goes through ask/tell, so it
+    has its own start and end time. ``deadline`` (a ``time.monotonic()`` value) stops the loop
+    before a trial that would start after it.
     """
-    space = settings.space(directions)
-    done: dict[tuple[int, ...], FrozenTrial] = {
-        _subset_key(t.user_attrs["ids"], settings.mode): t for t in completed(study) if "ids" in t.user_attrs}
-    finished = []
-    bar = progress(n_trials, "search trials")
+    done: dict[str, FrozenTrial] = {t.user_attrs["key"]: t for t in completed(study) if "key" in t.user_attrs}
+    finished: list[FrozenTrial] = []
+    bar = progress(n_trials, desc)
     try:
         for _ in range(n_trials):
-            study.sampler = _sampler(settings.seed, len(completed(study)), space.k_min < space.k_max,
-                                     settings.n_startup_trials)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            study.sampler = _sampler(seed, len(completed(study)), group, n_startup_trials)
             trial = study.ask()
             try:
-                ids = space.suggest(trial)
-                trial.set_user_attr("ids", ids)
-                trial.set_user_attr("k", len(ids))
-                previous = done.get(_subset_key(ids, settings.mode))
+                key, evaluate = propose(trial)
+                trial.set_user_attr("key", key)
+                previous = done.get(key)
                 if previous is not None:
                     trial.set_user_attr("reused_from", previous.number)
                     values = tuple(previous.values)
                 else:
-                    values = objective(directions.select(ids))
+                    values = evaluate()
             except BaseException:
                 study.tell(trial, state=TrialState.FAIL)
                 raise
             frozen = study.tell(trial, list(values))
-            done.setdefault(_subset_key(ids, settings.mode), frozen)
+            done.setdefault(key, frozen)
             finished.append(frozen)
             bar.update(1)
             bar.set_postfix(refusal=f"{values[0]:.2f}", kl=f"{values[1]:.3f}")
     finally:
         bar.close()
     return finished
+
+
+def run_trials(study: optuna.Study, directions: DirectionSet, objective: Objective, settings: SearchSettings,
+               n_trials: int, deadline: float | None = None) -> list[FrozenTrial]:
+    """Run ``n_trials`` more subset trials (see :func:`run_loop`); returns the trials this call finished."""
+    space = settings.space(directions)
+
+    def propose(trial: Trial):
+        ids = space.suggest(trial)
+        trial.set_user_attr("ids", ids)
+        trial.set_user_attr("k", len(ids))
+        return repr(_subset_key(ids, settings.mode)), lambda: objective(directions.select(ids))
+
+    return run_loop(study, propose, seed=settings.seed, n_startup_trials=settings.n_startup_trials,
+                    group=space.k_min < space.k_max, n_trials=n_trials, deadline=deadline)
 
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
@@ -261,16 +282,26 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
                            "params": dict(t.params)}
     if t.values is not None:
         rec["refusal"], rec["kl"] = t.values
-    if "reused_from" in t.user_attrs:
-        rec["reused_from"] = t.user_attrs["reused_from"]
+    for attr in ("reused_from", "choice", "edit"):
+        if attr in t.user_attrs:
+            rec[attr] = t.user_attrs[attr]
+    if t.datetime_start is not None:
+        rec["start"] = t.datetime_start.isoformat()
+    if t.datetime_complete is not None:
+        rec["end"] = t.datetime_complete.isoformat()
     return rec
+
+
+def trial_key(t: FrozenTrial, mode: str) -> str:
+    """What makes two trials the same edit (stored by :func:`run_loop`; older subset trials: their ids)."""
+    return t.user_attrs.get("key") or repr(_subset_key(t.user_attrs.get("ids", []), mode))
 
 
 def _dedupe(trials: Sequence[FrozenTrial], mode: str) -> list[dict[str, Any]]:
     """One record per distinct subset (re-proposed subsets list their trial numbers as duplicates)."""
-    out: dict[tuple[int, ...], dict[str, Any]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for t in trials:
-        key = _subset_key(t.user_attrs.get("ids", []), mode)
+        key = trial_key(t, mode)
         if key in out:
             out[key]["duplicates"].append(t.number)
         else:
@@ -278,18 +309,21 @@ def _dedupe(trials: Sequence[FrozenTrial], mode: str) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def summarize(study: optuna.Study, settings: SearchSettings) -> dict[str, Any]:
-    """Everything search.json records: all trials, the Pareto front, the rule and the chosen trial."""
+def summarize(study: optuna.Study, settings) -> dict[str, Any]:
+    """Everything search.json records: all trials, the Pareto front, the rule and the chosen trial.
+
+    ``settings``: any dataclass with ``kl_threshold`` (and ``mode`` for subset searches).
+    """
+    mode = getattr(settings, "mode", "subspace")
     front = pareto_front(study)
     chosen, branch = choose_trial(front, settings.kl_threshold)
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.FAIL,
                                                                          TrialState.RUNNING)}
-    counts["distinct_subsets"] = len({_subset_key(t.user_attrs.get("ids", []), settings.mode)
-                                      for t in trials if t.state == TrialState.COMPLETE})
+    counts["distinct_subsets"] = len({trial_key(t, mode) for t in trials if t.state == TrialState.COMPLETE})
     return {
         "study": study.study_name, "settings": asdict(settings), "identity": study.user_attrs.get("identity"),
-        "objectives": {"refusal": "mean logit refusal score on harmful validation prompts under ablation "
+        "objectives": {"refusal": "mean logit refusal score on harmful validation prompts under the edit "
                                   "(log-odds of a refusal-start token; lower = less refusal)",
                        "kl": "mean next-token KL(unmodified || ablated) on harmless validation prompts"},
         "n_trials": counts, "baseline": study.user_attrs.get("baseline"),
@@ -297,6 +331,6 @@ def summarize(study: optuna.Study, settings: SearchSettings) -> dict[str, Any]:
         "rule": {"name": "min_refusal_under_kl", "kl_threshold": settings.kl_threshold, "description": RULE},
         "chosen": {**trial_record(chosen), "why": branch},
         "pareto_front": [t.number for t in front],
-        "pareto": _dedupe(front, settings.mode),
+        "pareto": _dedupe(front, mode),
         "trials": [trial_record(t) for t in trials],
     }

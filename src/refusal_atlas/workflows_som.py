@@ -64,6 +64,17 @@ def validation_objective(ws: Workspace, sets: PromptSets, mode: str) -> Validati
                                batch_size=ws.cfg.batch_size, mode=mode)  # type: ignore[arg-type]
 
 
+def record_references(study, ws: Workspace, objective: ValidationObjective) -> None:
+    """Store the unmodified model's scores and full DIM ablation's in the study, once."""
+    if "baseline" not in study.user_attrs:
+        study.set_user_attr("baseline", objective.baseline())
+    dim_path = ws.run.direction_path("dim")
+    if "reference" not in study.user_attrs and dim_path.exists():
+        refusal, kl = objective(DirectionSet.load(dim_path))
+        study.set_user_attr("reference", {"dim": {"refusal": refusal, "kl": kl,
+                                                  "note": "DIM was selected on these same val prompts"}})
+
+
 def search_step(ws: Workspace, sets: PromptSets, settings: SearchSettings, directions_name: str = "som",
                 trials: int | None = None, until: int | None = None) -> dict[str, Any]:
     """Add ``trials`` trials (or run until ``until`` trials are complete) → study.db, search.json, search_best.
@@ -83,13 +94,7 @@ def search_step(ws: Workspace, sets: PromptSets, settings: SearchSettings, direc
         n_new = trials if trials is not None else max(0, until - len(completed(study)))  # type: ignore[operator]
         if n_new > 0:
             settings.space(directions)  # validates k against the number of directions before any work
-            if "baseline" not in study.user_attrs:
-                study.set_user_attr("baseline", objective.baseline())
-            dim_path = ws.run.direction_path("dim")
-            if "reference" not in study.user_attrs and dim_path.exists():
-                refusal, kl = objective(DirectionSet.load(dim_path))
-                study.set_user_attr("reference", {"dim": {"refusal": refusal, "kl": kl,
-                                                          "note": "DIM was selected on these same val prompts"}})
+            record_references(study, ws, objective)
             with ws.timed("search"):
                 run_trials(study, directions, objective, settings, n_new)
         summary = summarize(study, settings)

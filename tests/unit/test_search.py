@@ -178,32 +178,6 @@ def test_empty_study_corrupt_file_mismatch_and_lock(tmp_path):
 
 
 # --- on a tiny model ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A run directory on a tiny model saved to disk: activations, DIM at layer 2, 3x3 SOM directions."""
-    import sys as _sys
-
-    _sys.path.insert(0, str(Path(__file__).parents[1]))
-    from tiny import TinyLoaded
-
-    from refusal_atlas.model.export import save_model_dir
-    from refusal_atlas.pipeline import dim_step, extract_step, select_step
-    from refusal_atlas.rundir import RunDir
-    from refusal_atlas.workflows_som import som_step
-    from refusal_atlas.workspace import load_prompt_sets, open_workspace
-
-    root = tmp_path_factory.mktemp("tiny_run")
-    tiny = TinyLoaded("qwen2")
-    save_model_dir(tiny.model, tiny.tokenizer, root / "model")
-    cfg = load_config(None, dict(model=str(root / "model"), device="cpu", n_train=16, n_val=4, n_eval=4,
-                                 max_new_tokens=2, filter_train=False, layer=2))
-    ws = open_workspace(cfg, root / "run")
-    sets = load_prompt_sets(cfg)
-    select_step(ws, dim_step(ws, extract_step(ws, sets)), sets)  # fixed layer: no selection run
-    som_step(RunDir(root / "run"), SomDirections(grid=(3, 3), iterations=2000))
-    return root, ws, sets
-
-
 def test_validation_objective_on_tiny_model(tiny_run):
     _, ws, sets = tiny_run
     som = DirectionSet.load(ws.run.direction_path("som"))
@@ -241,7 +215,7 @@ def test_killed_search_subprocess_resumes_without_losing_trials(tiny_run):
     root, ws, sets = tiny_run
     run_dir, db = root / "run", root / "run" / "study.db"
     db.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run_dir), "--k", "2", "--trials", "500",
+    cmd = [sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run_dir), "--space", "subsets", "--k", "2", "--trials", "500",
            "--seed", "3", "--n-startup-trials", "2", "--no-evaluate"]
     proc = subprocess.Popen(cmd, env={**os.environ, "REFUSAL_ATLAS_QUIET": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)

@@ -1,7 +1,7 @@
 """The cheap two-number score of an ablation on validation prompts, shared by the subset search
 (search.py) and the model selection of the gradient methods (directions/optim.py).
 
-Refusal: the mean logit refusal score on harmful prompts with the directions ablated (one forward
+Refusal: the mean logit refusal score on harmful prompts with the directions ablated (or an edit applied) (one forward
 pass each, lower = less refusal). Damage: the mean next-token KL on harmless prompts against the
 unmodified model, whose log-probs are computed once, on first use.
 """
@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import torch
 
-from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.evaluation.refusal import mean_refusal_score, next_token_logprobs
@@ -49,10 +48,13 @@ class ValidationObjective:
                                                     batch_size=self.batch_size)
         return {"refusal": self._base_refusal, "kl": 0.0}
 
-    def __call__(self, directions: DirectionSet | torch.Tensor) -> tuple[float, float]:
-        """Ablate ``directions`` (a DirectionSet or [k, d] rows) together; return (refusal, KL)."""
+    def __call__(self, directions) -> tuple[float, float]:
+        """Ablate ``directions`` (a DirectionSet or [k, d] rows) together, or apply an Edit; return (refusal, KL).
+
+        An :class:`~refusal_atlas.edits.Edit` is applied in the form it is exported in (``Edit.apply``).
+        """
         base = self._harmless_base()
-        spec = Intervention("ablate", directions, mode=self.mode)
+        spec = directions if hasattr(directions, "apply") else Intervention("ablate", directions, mode=self.mode)
         refusal = mean_refusal_score(self.adapter, self.chat, self.harmful, self.refusal_ids, spec, self.batch_size)
         new = next_token_logprobs(self.adapter, self.chat, self.harmless, self.batch_size, intervention=spec)
         return refusal, float(next_token_kl(base, new).mean())

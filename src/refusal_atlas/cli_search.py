@@ -1,0 +1,111 @@
+"""The `search` verb: the edit search by default (DIM directions × strength kernels × projected ×
+norm-preserving, plus any DirectionSets named with --sets), or the SOM paper's subset search
+(--space subsets). Registered by cli_som.register, so cli.py is unchanged.
+
+``--trials N`` / ``--budget N`` mean *reach N completed trials in the study* — the same as in
+`run --method som --trials N` — so re-running a killed search with the same command finishes the
+job instead of overshooting. ``--budget 20m`` (or 90s, 1h) instead adds trials for that long.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from refusal_atlas.errors import ConfigError
+
+RunDirOpt = Annotated[Path, typer.Option("--run-dir", "-r", help="run directory")]
+
+
+def parse_budget(text: str | None, trials: int | None) -> tuple[int | None, float | None]:
+    """--trials / --budget → (trials to reach, minutes); default: reach 30 trials."""
+    if text is not None and trials is not None:
+        raise ConfigError("give --trials or --budget, not both")
+    if text is None:
+        n = 30 if trials is None else trials
+        if n < 1:
+            raise ConfigError(f"--trials must be >= 1, got {n}")
+        return n, None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)?\s*", text)
+    if not m:
+        raise ConfigError(f"--budget {text!r}: give a number of trials (30) or a time (20m, 90s, 1h)")
+    value, unit = float(m.group(1)), m.group(2)
+    if unit is None:
+        if value != int(value) or value < 1:
+            raise ConfigError(f"--budget {text!r}: a trial count must be a whole number >= 1")
+        return int(value), None
+    minutes = value * {"s": 1 / 60, "m": 1, "min": 1, "h": 60}[unit]
+    if minutes <= 0:
+        raise ConfigError(f"--budget {text!r} must be > 0")
+    return None, minutes
+
+
+def search(
+    run_dir: RunDirOpt,
+    trials: Annotated[Optional[int], typer.Option(help="completed trials to reach (default 30)")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="trials to reach (30) or time to spend (20m, 90s)")] = None,
+    space: Annotated[str, typer.Option(help="edits (default) or subsets (SOM-paper subset search)")] = "edits",
+    sets: Annotated[Optional[str], typer.Option(help="edits: DirectionSets to add as sources, e.g. som")] = None,
+    k_max: Annotated[Optional[int], typer.Option(help="edits: most directions per subset (1..7)")] = None,
+    directions: Annotated[str, typer.Option(help="subsets: direction file name under directions/")] = "som",
+    k: Annotated[int, typer.Option(help="subsets: directions per subset (the minimum with --k-max)")] = 3,
+    seed: Annotated[Optional[int], typer.Option(help="default: the run's seed")] = None,
+    kl_threshold: Annotated[Optional[float], typer.Option(help="KL bound of the pick rule (default: config)")] = None,
+    n_val: Annotated[Optional[int], typer.Option(help="validation prompts per side")] = None,
+    n_startup_trials: Annotated[int, typer.Option(help="random trials before TPE")] = 10,
+    evaluate: Annotated[Optional[bool], typer.Option(help="subsets: held-out comparison vs DIM (default on)")] = None,
+) -> None:
+    """Seeded, resumable Optuna TPE search on validation prompts; prints the Pareto front, saves the pick."""
+    from refusal_atlas.cli_som import _seed
+    from refusal_atlas.pipeline import config_from_run
+    from refusal_atlas.workspace import load_prompt_sets, open_workspace
+
+    if space not in ("edits", "subsets"):
+        raise ConfigError(f"unknown --space {space!r}; choose edits or subsets")
+    until, minutes = parse_budget(budget, trials)
+    set_names = tuple(s.strip() for s in (sets or "").split(",") if s.strip())
+    if space == "subsets" and set_names:
+        raise ConfigError("--sets is for --space edits; subsets take --directions")
+    if not (run_dir / "manifest.json").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no manifest.json); run `refusal-atlas run` first")
+    if space == "edits":
+        from refusal_atlas.workflows_search import check_sets
+
+        check_sets(run_dir, set_names, k_max)
+    ws = open_workspace(config_from_run(run_dir, {"n_val": n_val, "kl_threshold": kl_threshold}), run_dir,
+                        must_exist=True)
+    prompt_sets = load_prompt_sets(ws.cfg)
+    if space == "edits":
+        from refusal_atlas.workflows_search import EditSearchSettings, edit_search_step, format_edit_search
+
+        settings = EditSearchSettings(seed=_seed(run_dir, seed), kl_threshold=ws.cfg.kl_threshold,
+                                      n_startup_trials=n_startup_trials, sets=set_names, k_max=k_max)
+        summary = edit_search_step(ws, prompt_sets, settings, until=until, minutes=minutes)
+        if summary["stale_trials_failed"]:
+            typer.echo(f"marked stale trials {summary['stale_trials_failed']} (left by a killed run) as failed")
+        typer.echo(format_edit_search(summary))
+        typer.echo(f"saved {ws.run / 'search_edits.json'} and {ws.run / 'edits'}/ "
+                   "(use `evaluate --edit search_best`, `export --edit search_best`)")
+        return
+    from refusal_atlas.search import SearchSettings
+    from refusal_atlas.workflows_som import compare_step, format_comparison, format_search, search_step
+
+    settings = SearchSettings(k=k, k_max=k_max, seed=_seed(run_dir, seed), mode=ws.cfg.ablation_mode,
+                              kl_threshold=ws.cfg.kl_threshold, n_startup_trials=n_startup_trials)
+    if minutes is not None:
+        raise ConfigError("--space subsets takes a trial budget (--trials N), not a time")
+    summary = search_step(ws, prompt_sets, settings, directions, until=until)
+    if summary["stale_trials_failed"]:
+        typer.echo(f"marked stale trials {summary['stale_trials_failed']} (left by a killed run) as failed")
+    typer.echo(format_search(summary))
+    typer.echo(f"saved {ws.run / 'search.json'} and {ws.run.direction_path('search_best')}")
+    if evaluate is None or evaluate:
+        typer.echo("\nheld-out comparison (never seen by the search):")
+        typer.echo(format_comparison(compare_step(ws, prompt_sets)))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("search")(search)

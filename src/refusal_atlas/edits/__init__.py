@@ -1,0 +1,9 @@
+"""Edits: model changes usable as hooks, as reversible weight edits, and exported exactly as evaluated."""
+
+from refusal_atlas.edits.ablation import DirectionalAblation
+from refusal_atlas.edits.actadd import ActAdd
+from refusal_atlas.edits.base import EDIT_TYPES, Edit, load_edit
+from refusal_atlas.edits.kernel import StrengthKernel
+from refusal_atlas.edits.layerwise import LayerwiseAblation
+
+__all__ = ["ActAdd", "DirectionalAblation", "EDIT_TYPES", "Edit", "LayerwiseAblation", "StrengthKernel", "load_edit"]

@@ -1,0 +1,131 @@
+"""Per-layer strength ablation (the heretic-llm edit family): block j's writes mapped with weight w_j.
+
+Block j's attention out-projection and MLP down-projection outputs are mapped by the write map of
+:mod:`refusal_atlas.edits.writes` with strength ``attn_weights[j]`` / ``mlp_weights[j]`` (typically
+from two :class:`~refusal_atlas.edits.kernel.StrengthKernel`) and block j's own directions
+``directions[j]`` ([L, k, d]: one DIM direction per block, one interpolated direction repeated, or a
+SOM subset). The weight form is ``W ← W − w·r rᵀW`` per unit r (k = 1). The embedding rows (each the
+vector a token writes into the residual) are mapped with ``embed_weight`` and block 0's directions
+(default 0: not edited, as in heretic; 1 with all block weights 1 is full directional ablation).
+
+**Norm-preserving** (``norm_preserving=True``, grimjim's magnitude-preserving ablation): after the
+edit each column of W — the vector one input feature writes into the residual — is rescaled to its
+original norm: W' = T W diag(c), c_j = ‖W[:, j]‖ / ‖T W[:, j]‖. Hook form: scale the out-projection's
+*input* by c and map its output by T — exactly equal, so both forms exist and are tested equal.
+
+Hooks sit on the out-projections themselves, so hooks equal weights for every architecture
+(Gemma-2's post-norms come after the out-projection and see the same values either way).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from refusal_atlas.edits.base import Edit, WeightSnapshot, as_adapter, untie_embeddings
+from refusal_atlas.edits.kernel import StrengthKernel
+from refusal_atlas.edits.writes import WriteMode, check_mode, column_norm_scale, edit_linear, map_writes, prepare
+from refusal_atlas.errors import ConfigError
+from refusal_atlas.interventions import _hooks, _post_hook, _pre_hook
+
+COMPONENTS = ("attn", "mlp")
+
+
+class LayerwiseAblation(Edit):
+    edit_type = "layerwise"
+
+    def __init__(self, directions: torch.Tensor, attn_weights, mlp_weights, *, mode: WriteMode = "subspace",
+                 norm_preserving: bool = False, embed_weight: float = 0.0, name: str | None = None,
+                 meta: dict[str, Any] | None = None):
+        d = directions.detach().to(torch.float32).cpu()
+        if d.ndim == 2:
+            d = d.unsqueeze(1)
+        if d.ndim != 3 or d.shape[0] == 0 or d.shape[1] == 0:
+            raise ConfigError(f"layerwise directions must be [n_layers, k, d], got {tuple(directions.shape)}")
+        if not torch.isfinite(d).all() or (d.norm(dim=-1) < 1e-12).any():
+            raise ConfigError("layerwise directions contain NaN/inf or zero vectors")
+        self.per_layer = d
+        self.n_layers = int(d.shape[0])
+        self.attn_weights = [float(w) for w in attn_weights]
+        self.mlp_weights = [float(w) for w in mlp_weights]
+        for what, ws in (("attn", self.attn_weights), ("mlp", self.mlp_weights)):
+            if len(ws) != self.n_layers:
+                raise ConfigError(f"{len(ws)} {what} weights for {self.n_layers} layers")
+        self.mode, self.norm_preserving, self.name = check_mode(mode), bool(norm_preserving), name
+        self.embed_weight = float(embed_weight)
+        if self.embed_weight < 0:
+            raise ConfigError(f"embedding weight must be >= 0, got {self.embed_weight}")
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def from_kernels(cls, directions: torch.Tensor, attn: StrengthKernel, mlp: StrengthKernel, **kw) -> LayerwiseAblation:
+        n = int(directions.shape[0])
+        meta = {**kw.pop("meta", {}), "kernels": {"attn": attn.__dict__, "mlp": mlp.__dict__}}
+        return cls(directions, attn.check(n, "attention kernel").weights(n), mlp.check(n, "MLP kernel").weights(n),
+                   meta=meta, **kw)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.per_layer.shape[2])
+
+    def spec(self) -> dict[str, Any]:
+        return {"mode": self.mode, "norm_preserving": self.norm_preserving, "n_layers": self.n_layers,
+                "k": int(self.per_layer.shape[1]), "d_model": self.d_model, "attn_weights": self.attn_weights,
+                "mlp_weights": self.mlp_weights, "embed_weight": self.embed_weight, "meta": self.meta}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"directions": self.per_layer}
+
+    @classmethod
+    def from_parts(cls, spec, tensors):
+        return cls(tensors["directions"], spec["attn_weights"], spec["mlp_weights"], mode=spec["mode"],
+                   norm_preserving=spec["norm_preserving"], embed_weight=spec.get("embed_weight", 0.0),
+                   meta=spec.get("meta"))
+
+    def _targets(self, adapter):
+        """(module, prepared directions, strength) for every out-projection with a non-zero weight."""
+        for j in range(self.n_layers):
+            prepared = None
+            for comp, weight in zip(COMPONENTS, (self.attn_weights[j], self.mlp_weights[j])):
+                if weight == 0.0:
+                    continue
+                prepared = prepare(self.per_layer[j], self.mode) if prepared is None else prepared
+                yield (adapter.attn_out_proj(j) if comp == "attn" else adapter.mlp_out_proj(j)), prepared, weight
+
+    def hooks(self, model):
+        adapter = as_adapter(model)
+        self.check_model(adapter)
+        regs = []
+        if self.embed_weight:
+            p0 = prepare(self.per_layer[0], self.mode).to(adapter.device)
+            regs.append((adapter.embedding, "post", _post_hook(lambda y: self._map_embedding(y, p0))))
+        for proj, prepared, weight in self._targets(adapter):
+            p = prepared.to(adapter.device)
+            regs.append((proj, "post", _post_hook(lambda y, p=p, w=weight: map_writes(y, p, w, self.mode))))
+            if self.norm_preserving:
+                scale = column_norm_scale(proj.weight.detach(), p, weight, self.mode)
+                regs.append((proj, "pre", _pre_hook(lambda x, s=scale: x * s.to(x.device, x.dtype))))
+        return _hooks(regs)
+
+    def _map_embedding(self, rows: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
+        """Embedding rows (or looked-up vectors: the same thing) mapped, norms kept if norm-preserving."""
+        out = map_writes(rows, prepared, self.embed_weight, self.mode)
+        if not self.norm_preserving:
+            return out
+        r32, o32 = rows.to(torch.float32), out.to(torch.float32)
+        return (o32 * (r32.norm(dim=-1, keepdim=True) / o32.norm(dim=-1, keepdim=True).clamp_min(1e-12))).to(rows.dtype)
+
+    def _edit_weights(self, adapter, snapshot: WeightSnapshot) -> dict[str, Any]:
+        n, untied = 0, False
+        if self.embed_weight:
+            untied = untie_embeddings(adapter)
+            emb = snapshot.keep(adapter.embedding.weight)
+            emb.data.copy_(self._map_embedding(emb.data, prepare(self.per_layer[0], self.mode).to(emb.device)))
+        for proj, prepared, weight in self._targets(adapter):
+            snapshot.keep(proj.weight)
+            if proj.bias is not None:
+                snapshot.keep(proj.bias)
+            edit_linear(proj, prepared.to(proj.weight.device), weight, self.mode, self.norm_preserving)
+            n += 1
+        return {"matrices": n, "mode": self.mode, "norm_preserving": self.norm_preserving, "untied_embeddings": untied}

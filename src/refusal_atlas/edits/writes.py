@@ -1,0 +1,68 @@
+"""The one linear map every ablation edit applies to residual writes, as hooks and as weight edits.
+
+For unit directions u_1..u_k and a strength w, a write x (any d_model vector) becomes
+
+* ``subspace``:   x − w·P x, P the orthogonal projector onto span(u_i) (w = 1: exact ablation);
+* ``sequential``: (I − w u_k u_kᵀ)···(I − w u_1 u_1ᵀ) x, the SOM paper's order-dependent projections.
+
+Both are linear, so applying the map to a Linear's output equals applying it to the columns of its
+weight (and to its bias): ``W ← T W``, ``b ← T b``. That is why hooks on the out-projections and the
+weight edit agree. Computed in float32 (at least) through :func:`~refusal_atlas.interventions.project_out`
+and rounded once to the model dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from refusal_atlas.errors import ConfigError
+from refusal_atlas.interventions import orthonormal_basis, project_out
+
+WriteMode = Literal["subspace", "sequential"]
+
+
+def check_mode(mode: str) -> WriteMode:
+    if mode not in ("subspace", "sequential"):
+        raise ConfigError(f"unknown ablation mode {mode!r}; choose 'subspace' or 'sequential'")
+    return mode  # type: ignore[return-value]
+
+
+def prepare(directions: torch.Tensor, mode: WriteMode) -> torch.Tensor:
+    """[k, d] directions → what :func:`map_writes` needs: an orthonormal basis, or unit rows in order."""
+    d = directions.to(torch.float64)
+    if mode == "subspace":
+        return orthonormal_basis(d).to(torch.float32)
+    return (d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)).to(torch.float32)
+
+
+def map_writes(x: torch.Tensor, prepared: torch.Tensor, weight: float, mode: WriteMode) -> torch.Tensor:
+    """Apply the write map (see the module docstring) along the last axis of ``x``; same dtype out."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    out = x.to(work)
+    bases = [prepared] if mode == "subspace" else [u.unsqueeze(0) for u in prepared]
+    for basis in bases:
+        projected = project_out(out, basis.to(out.device))
+        out = projected if weight == 1.0 else out + weight * (projected - out)
+    return out.to(x.dtype)
+
+
+def column_norm_scale(weight: torch.Tensor, prepared: torch.Tensor, strength: float, mode: WriteMode) -> torch.Tensor:
+    """Per input feature: ‖W[:, j]‖ / ‖T W[:, j]‖, which restores each write vector's norm after the map."""
+    w = weight.to(torch.float32)
+    mapped = map_writes(w.T, prepared, strength, mode)  # rows = write vectors of each input feature
+    return (w.norm(dim=0) / mapped.norm(dim=1).clamp_min(1e-12)).to(torch.float32)
+
+
+def edit_linear(linear: torch.nn.Linear, prepared: torch.Tensor, strength: float, mode: WriteMode,
+                norm_preserving: bool = False) -> None:
+    """In place: ``W ← T W`` (columns rescaled to their old norms when ``norm_preserving``), ``b ← T b``."""
+    w = linear.weight
+    scale = column_norm_scale(w, prepared, strength, mode) if norm_preserving else None
+    new = map_writes(w.data.to(torch.float32).T, prepared, strength, mode).T
+    if scale is not None:
+        new = new * scale.to(new.device)
+    w.data.copy_(new.to(w.dtype))
+    if linear.bias is not None:
+        linear.bias.data.copy_(map_writes(linear.bias.data, prepared, strength, mode))

@@ -1,0 +1,142 @@
+"""The edit search on a finished run directory: the default `refusal-atlas search` job.
+
+Reads the run's DIM candidates and harmless means (and any DirectionSets asked for, building SOM
+directions with default settings if ``som`` is asked for and missing), searches the edit space of
+:mod:`refusal_atlas.search_space` with the seeded, resumable loop of :mod:`refusal_atlas.search`
+on the validation prompts, and saves what it found as edits: ``edits/search_best`` (the pick rule's
+trial) and ``edits/search_trial_<n>`` for every Pareto trial (trial 0 is full ablation of the run's DIM
+pick, so the front starts from it), so `evaluate --edit` and `export
+--edit` use exactly the evaluated edit. Writes ``search_edits.json`` (all trials with their start and
+end times, the front, the rule).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from refusal_atlas.directions.base import DirectionSet
+from refusal_atlas.edits.sources import EditContext
+from refusal_atlas.errors import ConfigError
+from refusal_atlas.io import write_json
+from refusal_atlas.search import completed, fail_stale_trials, open_study, study_lock, summarize
+from refusal_atlas.search_space import EditSpace, build_edit, context_fingerprint, describe_choice, run_edit_trials
+from refusal_atlas.workflows_som import record_references, validation_objective
+from refusal_atlas.workspace import PromptSets, Workspace
+
+
+@dataclass
+class EditSearchSettings:
+    """Seed, TPE start-up, the pick rule's KL bound, which DirectionSets join the DIM sources, and k_max."""
+
+    seed: int = 0
+    kl_threshold: float = 0.1
+    n_startup_trials: int = 10
+    sets: tuple[str, ...] = ()
+    k_max: int | None = None
+
+
+def check_sets(run_dir, names: tuple[str, ...], k_max: int | None) -> None:
+    """Cheap checks before any model loads: each set exists (``som`` may be built), fits the run's model
+    (d_model, layer range) and has at least ``k_max`` directions."""
+    from refusal_atlas.rundir import RunDir
+
+    run = RunDir(run_dir)
+    model = run.manifest().get("model", {})
+    if k_max is not None and not 1 <= k_max <= 7:
+        raise ConfigError(f"--k-max must be in 1..7, got {k_max}")
+    for name in names:
+        path = run.direction_path(name)
+        if not path.exists():
+            if name == "som":
+                continue
+            raise ConfigError(f"no direction set {name!r} in {run.path} (directions/{name}.safetensors); "
+                              "build it first (e.g. `refusal-atlas directions rdo`)")
+        ds = DirectionSet.load(path)
+        n_layers, d_model = model.get("n_layers"), model.get("d_model")
+        if (d_model is not None and ds.d_model != d_model) or (n_layers is not None and not 0 <= ds.layer < n_layers):
+            raise ConfigError(f"direction set {name!r} (d_model {ds.d_model}, layer {ds.layer}) does not fit this "
+                              f"run's model (d_model {d_model}, {n_layers} layers): it comes from another model")
+        if k_max is not None and k_max > len(ds):
+            raise ConfigError(f"k_max = {k_max} but the direction set {name!r} has only {len(ds)} directions; "
+                              "lower --k-max")
+
+
+def ensure_sets(ws: Workspace, names: tuple[str, ...]) -> None:
+    """Build SOM directions (defaults, at the DIM layer) if asked for and missing; other sets must exist."""
+    from refusal_atlas.directions.som import SomDirections
+    from refusal_atlas.workflows_som import som_step
+
+    for name in names:
+        if ws.run.direction_path(name).exists():
+            continue
+        check_sets(ws.run.path, (name,), None)  # raises for anything but a missing SOM
+        with ws.timed("som"):
+            som_step(ws.run, SomDirections(seed=ws.cfg.seed))
+
+
+def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettings, trials: int | None = None,
+                     until: int | None = None, minutes: float | None = None) -> dict[str, Any]:
+    """Add ``trials``, or reach ``until`` completed trials, or search for ``minutes`` → edits/, search_edits.json."""
+    if sum(x is not None for x in (trials, until, minutes)) != 1:
+        raise ConfigError("give exactly one of trials (add N), until (reach N) or minutes")
+    if any(x is not None and x < 0 for x in (trials, until, minutes)):
+        raise ConfigError("the search budget must be >= 0")
+    ensure_sets(ws, settings.sets)
+    ctx = EditContext.from_run(ws.run.path, list(settings.sets))
+    space = EditSpace.for_context(ctx, settings.k_max)
+    objective = validation_objective(ws, sets, "subspace")
+    identity = {**space.identity(), "seed": settings.seed, "n_startup_trials": settings.n_startup_trials,
+                "directions": context_fingerprint(ctx), "objective": objective.fingerprint()}
+    db = ws.run / "study.db"
+    name = "search-edits" + "".join(f"+{s}" for s in settings.sets)
+    with study_lock(db):
+        study = open_study(db, name, identity)
+        stale = fail_stale_trials(study)
+        n_new = (trials if trials is not None else
+                 max(0, until - len(completed(study))) if until is not None else 10**9)  # type: ignore[operator]
+        deadline = time.monotonic() + 60 * minutes if minutes is not None else None
+        if n_new > 0 and (minutes is None or minutes > 0):
+            record_references(study, ws, objective)
+            dim_path = ws.run.direction_path("dim")
+            if not study.trials and dim_path.exists():  # warm start: trial 0 is full ablation of the DIM pick
+                layer = DirectionSet.load(dim_path).layer
+                try:
+                    study.enqueue_trial(space.full_ablation_params(layer))
+                except ConfigError:
+                    pass  # the DIM layer lies outside the direction-index range: no warm start
+            with ws.timed("search_edits"):
+                run_edit_trials(study, space, ctx, objective, settings.seed, settings.n_startup_trials, n_new,
+                                deadline)
+        summary = summarize(study, settings)
+    summary.update(space=asdict(space), stale_trials_failed=stale, settings=asdict(settings))
+    for rec in summary["pareto"]:
+        edit = build_edit(rec["choice"], ctx, name=f"search_trial_{rec['number']}")
+        edit.save(ws.run / "edits" / edit.name)
+        rec["edit_name"] = edit.name
+    best = build_edit(summary["chosen"]["choice"], ctx, name="search_best")
+    best.meta["search"] = {"trial": summary["chosen"]["number"], "refusal": summary["chosen"]["refusal"],
+                           "kl": summary["chosen"]["kl"], "rule": summary["rule"]["name"], "study": name}
+    best.save(ws.run / "edits" / "search_best")
+    summary["chosen"]["edit_fingerprint"] = best.fingerprint()
+    write_json(ws.run / "search_edits.json", summary)
+    return summary
+
+
+def format_edit_search(summary: dict[str, Any]) -> str:
+    """The Pareto front as a table (validation refusal score, KL, the edit), plus baseline and DIM."""
+    n, chosen = summary["n_trials"], summary["chosen"]
+    rows = [(f"#{t['number']}", t["refusal"], t["kl"], t.get("edit_name", "-"), describe_choice(t["choice"]))
+            for t in summary["pareto"]]
+    if summary.get("baseline"):
+        rows.append(("none", summary["baseline"]["refusal"], 0.0, "-", "(no edit)"))
+    dim = (summary.get("reference") or {}).get("dim")
+    if dim:
+        rows.append(("DIM", dim["refusal"], dim["kl"], "-", "(full ablation of the selected DIM direction)"))
+    lines = [f"trials: {n['complete']} complete, {n['fail']} failed; Pareto front on validation prompts "
+             "(refusal = mean logit refusal score, lower = less refusal; KL = next-token KL on harmless):",
+             f"  {'trial':<7}{'refusal':>9}{'KL':>9}  {'saved as':<22}edit", f"  {'-' * 90}"]
+    lines += [f"  {a:<7}{r:>9.3f}{k:>9.4f}  {name:<22}{what}" for a, r, k, name, what in rows]
+    lines.append(f"chosen: trial #{chosen['number']} ({chosen['why']}) → edits/search_best.json")
+    return "\n".join(lines)
