@@ -59,24 +59,35 @@ def search(
     evaluate: Annotated[Optional[bool], typer.Option(help="subsets: held-out comparison vs DIM (default on)")] = None,
 ) -> None:
     """Seeded, resumable Optuna TPE search on validation prompts; prints the Pareto front, saves the pick."""
-    from refusal_atlas.cli_som import _seed
-    from refusal_atlas.pipeline import config_from_run
-    from refusal_atlas.workspace import load_prompt_sets, open_workspace
+    from refusal_atlas.validate import check_at_least, check_direction_file, check_run_dir, run_config
 
+    manifest = check_run_dir(run_dir)  # milliseconds, before anything heavy is imported
     if space not in ("edits", "subsets"):
         raise ConfigError(f"unknown --space {space!r}; choose edits or subsets")
+    if trials is not None and trials < 1:
+        raise ConfigError(f"--trials must be >= 1, got {trials}")
     until, minutes = parse_budget(budget, trials)
+    check_at_least(k=(k, 1), n_val=(n_val, 1), n_startup_trials=(n_startup_trials, 0))
     set_names = tuple(s.strip() for s in (sets or "").split(",") if s.strip())
     if space == "subsets" and set_names:
         raise ConfigError("--sets is for --space edits; subsets take --directions")
-    if not (run_dir / "manifest.json").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no manifest.json); run `refusal-atlas run` first")
     if space == "edits":
         from refusal_atlas.workflows_search import check_sets
 
         check_sets(run_dir, set_names, k_max)
-    ws = open_workspace(config_from_run(run_dir, {"n_val": n_val, "kl_threshold": kl_threshold}), run_dir,
-                        must_exist=True)
+    else:
+        if minutes is not None:
+            raise ConfigError("--space subsets takes a trial budget (--trials N), not a time")
+        check_at_least(k_max=(k_max, k))
+        found = check_direction_file(run_dir / "directions" / f"{directions}.safetensors", manifest)
+        if max(k, k_max or k) > found["k"]:
+            raise ConfigError(f"--k {max(k, k_max or k)} but {directions} holds only {found['k']} directions; "
+                              "lower --k/--k-max or use a larger SOM")
+    from refusal_atlas.cli_som import _seed
+    from refusal_atlas.workspace import load_prompt_sets, open_workspace
+
+    cfg = run_config(manifest, {"n_val": n_val, "kl_threshold": kl_threshold})
+    ws = open_workspace(cfg, run_dir, must_exist=True, allowed=("n_val", "kl_threshold"))
     prompt_sets = load_prompt_sets(ws.cfg)
     if space == "edits":
         from refusal_atlas.workflows_search import EditSearchSettings, edit_search_step, format_edit_search
@@ -95,8 +106,6 @@ def search(
 
     settings = SearchSettings(k=k, k_max=k_max, seed=_seed(run_dir, seed), mode=ws.cfg.ablation_mode,
                               kl_threshold=ws.cfg.kl_threshold, n_startup_trials=n_startup_trials)
-    if minutes is not None:
-        raise ConfigError("--space subsets takes a trial budget (--trials N), not a time")
     summary = search_step(ws, prompt_sets, settings, directions, until=until)
     if summary["stale_trials_failed"]:
         typer.echo(f"marked stale trials {summary['stale_trials_failed']} (left by a killed run) as failed")

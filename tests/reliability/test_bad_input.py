@@ -223,9 +223,9 @@ def test_som_k_larger_than_the_grid_fails_up_front(cli, tiny_model_dir):
 
 
 def test_search_k_and_trials(cli, run_dir):
-    cli(["search", "-r", run_dir, "--directions", "dim", "--k", "5"], "dim holds only 1 directions")
-    cli(["search", "-r", run_dir, "--directions", "dim", "--k", "1", "--trials", "-1"], "--trials must be >= 0")
-    cli(["search", "-r", run_dir, "--directions", "dim", "--k", "0"], "--k must be >= 1")
+    cli(["search", "-r", run_dir, "--space", "subsets", "--directions", "dim", "--k", "5"], "dim holds only 1 directions")
+    cli(["search", "-r", run_dir, "--space", "subsets", "--directions", "dim", "--k", "1", "--trials", "-1"], "--trials must be >= 1")
+    cli(["search", "-r", run_dir, "--space", "subsets", "--directions", "dim", "--k", "0"], "--k must be >= 1")
 
 
 def test_config_file_errors(cli, tmp_path, tiny_model_dir):
