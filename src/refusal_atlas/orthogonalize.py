@@ -18,7 +18,7 @@ from torch import nn
 
 from refusal_atlas.errors import ModelError
 from refusal_atlas.interventions import as_matrix, orthonormal_basis
-from refusal_atlas.model.adapter import ModelAdapter
+from refusal_atlas.model.adapter import ModelAdapter, WriteWeight
 
 
 def _untie_embeddings(adapter: ModelAdapter) -> bool:
@@ -58,12 +58,33 @@ def orthogonalize_weights(model: nn.Module, directions) -> dict:
         weight.copy_(w - b.T @ (b @ w))
 
     edit_rows(adapter.embedding.weight)
+    edited = 0
     for layer in range(adapter.n_layers):
-        for proj in (adapter.attn_out_proj(layer), adapter.mlp_out_proj(layer)):
-            edit_cols(proj.weight)
-            if proj.bias is not None:
-                edit_rows(proj.bias.unsqueeze(0))
-    return {"rank": int(basis.shape[0]), "untied_embeddings": untied, "layers": adapter.n_layers}
+        proj = adapter.attn_out_proj(layer)
+        edit_cols(proj.weight)
+        if proj.bias is not None:
+            edit_rows(proj.bias.unsqueeze(0))
+        for write in adapter.mlp_write_weights(layer):
+            edit_write_weight(write, basis)
+            edited += 1
+    return {"rank": int(basis.shape[0]), "untied_embeddings": untied, "layers": adapter.n_layers,
+            "mlp_weights": edited, "moe_layers": sum(adapter.is_moe(l) for l in range(adapter.n_layers))}
+
+
+def edit_write_weight(write: WriteWeight, basis: torch.Tensor) -> None:
+    """Remove span(basis) from what one MLP weight writes: dense down_proj, fused [E, ...] experts or shared expert.
+
+    The d_model axis (``write.d_axis``) is moved last, projected like embedding rows, and moved back,
+    so the fused 3-D expert layouts ([E, d, inter] and transposed [E, inter, d]) need no special case.
+    """
+    weight = write.weight
+    work = torch.promote_types(weight.dtype, torch.float32)
+    b = basis.to(device=weight.device, dtype=work)
+    w = weight.to(work).movedim(write.d_axis, -1)
+    weight.copy_((w - (w @ b.T) @ b).movedim(-1, write.d_axis))
+    if write.bias is not None:
+        bias = write.bias.to(work)
+        write.bias.copy_(bias - (bias @ b.T) @ b)
 
 
 def export_orthogonalized(loaded, directions, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -73,3 +94,8 @@ def export_orthogonalized(loaded, directions, out_dir: str | os.PathLike, dtype:
 
     orthogonalize_weights(loaded.model, directions)
     return save_model_dir(loaded.model, loaded.tokenizer, out_dir, dtype=dtype, force=force)
+
+
+def orthogonalize_edit(directions):
+    """``apply_edit`` for :func:`refusal_atlas.model.export.export_model`: orthogonalize against ``directions``."""
+    return lambda model: orthogonalize_weights(model, directions)
