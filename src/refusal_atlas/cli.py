@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from refusal_atlas.cli_export import register as register_export_commands
 from refusal_atlas.cli_gradient import register as register_gradient_commands
 from refusal_atlas.cli_som import register as register_som_commands
 from refusal_atlas.errors import RefusalAtlasError
@@ -159,6 +160,8 @@ def evaluate_cmd(
     timeout: Annotated[float, typer.Option(help="endpoint judge: seconds per request")] = 60.0,
     benchmarks: Annotated[Optional[str], typer.Option(help="lm-eval tasks, e.g. smoke,arc_challenge")] = None,
     limit: Annotated[Optional[int], typer.Option(help="lm-eval: examples per task (smoke runs)")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="also score an exported model (dir, LoRA adapter, .gguf)")] = None,
+    base: Annotated[Optional[str], typer.Option(help="--model LoRA: base model (default: adapter_config's)")] = None,
 ) -> None:
     """Judge {datasets} × {interventions} × {judges}, damage (KL) and benchmarks; appends to metrics.json."""
     from refusal_atlas.directions.base import DirectionSet
@@ -171,6 +174,10 @@ def evaluate_cmd(
                         endpoint_rubric=rubric, concurrency=concurrency, timeout=timeout)
     check_judges(judge_names, opts)  # cheap checks before the model loads
     check_interventions(names)
+    if model is not None:
+        from refusal_atlas.evaluation.exported import exported_kind
+
+        exported_kind(model)
     ws = _workspace(run_dir)
     cfg = ws.cfg
     path = ws.run.direction_path(directions)
@@ -181,27 +188,11 @@ def evaluate_cmd(
                     interventions=specs, judges=judges, n=n or cfg.n_eval,
                     max_new_tokens=max_new_tokens or cfg.max_new_tokens, kl_tokens=kl_tokens,
                     benchmarks=_names(benchmarks) or [], limit=limit, batch_size=cfg.batch_size, seed=cfg.seed)
+    if model is not None:
+        from refusal_atlas.evaluation.exported import evaluate_exported
+
+        return typer.echo(format_records(evaluate_exported(ws, plan, model, base=base)))
     typer.echo(format_records(evaluate_run(ws, plan)))
-
-
-@app.command("export")
-def export_cmd(run_dir: RunDirOpt, out: Annotated[Path, typer.Option(help="output model directory")],
-               directions: Annotated[str, typer.Option(help="direction file name")] = "dim",
-               force: Annotated[bool, typer.Option(help="replace a non-empty --out directory")] = False) -> None:
-    """Write a weight-orthogonalized copy of the model (safetensors) with the directions removed."""
-    from refusal_atlas.directions.base import DirectionSet
-    from refusal_atlas.io import check_output_dir
-    from refusal_atlas.orthogonalize import export_orthogonalized
-
-    check_output_dir(out, force)
-    if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
-        raise RefusalAtlasError(f"--out {out} is inside the run directory {run_dir}; export elsewhere")
-    if not (run_dir / "manifest.json").is_file():
-        raise RefusalAtlasError(f"{run_dir} is not a run directory (no manifest.json); run `refusal-atlas run` first")
-    direction = DirectionSet.load(run_dir / "directions" / f"{directions}.safetensors")
-    ws = _workspace(run_dir)
-    path = export_orthogonalized(ws.loaded, direction, out, force=force)
-    typer.echo(f"exported orthogonalized model ({len(direction)} direction(s)) to {path}")
 
 
 @app.command("report")
@@ -232,6 +223,7 @@ def datasets_cmd() -> None:
 
 register_som_commands(app, directions_app)
 register_gradient_commands(directions_app)
+register_export_commands(app)
 
 
 def main() -> None:

@@ -25,7 +25,9 @@ GGUF_ARCHS: dict[str, tuple[str, bool, str]] = {
     "qwen2": ("qwen2", False, "qwen2"),
     "qwen3": ("qwen3", False, "qwen2"),
     "llama": ("llama", True, "llama-bpe"),
-    "mistral": ("llama", True, "llama-bpe"),  # transformers reads llama + "mistral" in general.name as Mistral
+    # llama.cpp runs Mistral as llama. transformers would read "mistral" in general.name as Mistral but then
+    # fails (gguf-py has no "mistral" architecture), so the name is left alone and it reloads as Llama (same maths)
+    "mistral": ("llama", True, "llama-bpe"),
 }
 
 
@@ -140,8 +142,10 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, quant
     arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
     names = get_tensor_name_map(arch_id, cfg.num_hidden_layers)
     label = name or getattr(cfg, "_name_or_path", "") or cfg.model_type
-    if cfg.model_type == "mistral" and "mistral" not in label.lower():
-        label = f"mistral-{label}"
+    if cfg.model_type == "mistral":
+        if getattr(cfg, "sliding_window", None) and cfg.sliding_window < cfg.max_position_embeddings:
+            raise ModelError("GGUF export of Mistral with a sliding window is not supported (it reloads as Llama)")
+        label = label.lower().replace("mistral", "m-istral")  # see GGUF_ARCHS
     path = Path(path)
     w = GGUFWriter(str(path), arch)
     _add_hparams(w, cfg, label, file_type)
