@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from refusal_atlas.errors import ConfigError
-from refusal_atlas.io import atomic_dir
+from refusal_atlas.io import atomic_dir, readable
 
 FORMATS = ("safetensors", "lora", "gguf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,6 +49,8 @@ def save_model_dir(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike
     """Save ``model`` and ``tokenizer`` to ``out_dir`` atomically (non-empty ``out_dir`` needs ``force``)."""
     with atomic_dir(out_dir, force=force) as tmp:
         write_model_files(model, tokenizer, tmp, dtype)
+        for path in tmp.rglob("*"):
+            readable(path, directory=path.is_dir())
     return Path(out_dir)
 
 
@@ -121,5 +123,7 @@ def export_model(loaded, apply_edit: Callable[[torch.nn.Module], dict], out: str
                 summary["quant"] = quant or "f16"
         if extras is not None:
             extras(tmp, summary)
+        for path in tmp.rglob("*"):  # some writers (safetensors) create private 0600 files
+            readable(path, directory=path.is_dir())
     summary["path"] = str(out)
     return summary
