@@ -20,9 +20,9 @@ def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     tok = tiny_bpe_tokenizer()
     save_model_dir(tiny_model("qwen2", vocab_size=len(tok) + 5), tok, root / "model")
+    config = dict(model=str(root / "model"), device="cpu", batch_size=4, n_eval=3, max_new_tokens=6)
     run = RunDir(root / "run", create=True)
-    write_json(run.manifest_path, {"config": {"model": str(root / "model"), "device": "cpu", "batch_size": 4,
-                                              "n_eval": 3, "max_new_tokens": 6}, "status": "complete"})
+    write_json(run.manifest_path, {"config": config, "status": "complete"})
     torch.manual_seed(0)
     DirectionSet(torch.randn(2, 32) * 4, layer=2, method="dim").save(run.direction_path("dim"))
     return run.path
