@@ -1,7 +1,7 @@
 """Write a weight edit as a PEFT LoRA adapter for the *original* model.
 
 Generic: for every module whose weight differs between the original and the edited model, the
-difference is factored by an SVD truncated at its numerical rank, so any edit that changes weights
+difference is factored by a truncated SVD at its numerical rank, so any edit that changes weights
 (not only ablation) can ship as an adapter. Plain ablation of k directions changes each
 out-projection by ``-BᵀB W`` and the embedding by ``-E BᵀB``, rank k; a norm-preserving edit
 (projection followed by rescaling every row back to its old norm) changes every row, so its exact
@@ -44,12 +44,23 @@ def snapshot(model: torch.nn.Module) -> Snapshot:
 
 
 def _factor(delta: torch.Tensor, max_rank: int | None, rel_tol: float = 1e-5):
-    """delta [out, in] ≈ B @ A with the smallest rank reaching ``rel_tol`` (float64 SVD)."""
-    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    """delta [out, in] ≈ B @ A with the smallest rank reaching ``rel_tol`` (float64).
+
+    The right singular vectors come from the Gram matrix of the shorter side (an embedding delta is
+    vocab × d: a d × d eigenproblem instead of a full SVD); projecting onto them is exact up to rounding.
+    """
+    d = delta.to(torch.float64)
+    wide = d.shape[0] < d.shape[1]
+    m = d.T if wide else d  # [long, short]
+    evals, vecs = torch.linalg.eigh(m.T @ m)
+    s = evals.flip(0).clamp_min(0).sqrt()
+    vecs = vecs.flip(1)
     keep = int((s > rel_tol * s[0]).sum()) if s.numel() and s[0] > 0 else 0
     rank = max(1, min(keep, max_rank) if max_rank else keep)
     err = float(s[rank:].norm() / s.norm().clamp_min(1e-300))
-    return u[:, :rank] * s[:rank], vh[:rank], err
+    v = vecs[:, :rank]
+    mv = m @ v  # m ≈ (m v) vᵀ
+    return (v, mv.T, err) if wide else (mv, v.T, err)
 
 
 def lora_factors(original: dict[str, torch.Tensor], model: torch.nn.Module, max_rank: int | None = None) -> dict:
