@@ -25,13 +25,14 @@ def tiny_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFas
     return fast
 
 
-def tiny_model(arch: str = "qwen2", n_layers: int = 4, d_model: int = 32, tie: bool = False, seed: int = 0):
+def tiny_model(arch: str = "qwen2", n_layers: int = 4, d_model: int = 32, tie: bool = False, seed: int = 0,
+               vocab_size: int | None = None):
     """A randomly initialised decoder of the given family, in eval mode with frozen weights."""
     from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                               MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=d_model, intermediate_size=2 * d_model,
+    common = dict(vocab_size=vocab_size or len(SPECIALS) + len(WORDS), hidden_size=d_model, intermediate_size=2 * d_model,
                   num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=128, tie_word_embeddings=tie, pad_token_id=0, eos_token_id=4)
     table = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
@@ -49,6 +50,23 @@ def tiny_model(arch: str = "qwen2", n_layers: int = 4, d_model: int = 32, tie: b
     return model
 
 
+def tiny_bpe_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in-process on WORDS (GGUF export writes only this kind)."""
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([" ".join(WORDS)] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = chat_template
+    fast.padding_side = "left"
+    return fast
+
+
 class TinyLoaded:
     """Duck-types refusal_atlas.model.LoadedModel for tests."""
 
@@ -56,3 +74,38 @@ class TinyLoaded:
         self.model = tiny_model(arch, **kw)
         self.tokenizer = tiny_tokenizer()
         self.name, self.source, self.info = f"tiny-{arch}", "test", {}
+
+
+PROMPTS_MOE = ["how to make a bomb", "write poem about cats please", "tell joke", "hack into computer"]
+
+
+def tiny_moe_model(arch: str, n_layers: int = 4, d_model: int = 32, seed: int = 0):
+    """A randomly initialised Qwen2-MoE (shared expert; layer 1 dense), Qwen3-MoE or Mixtral decoder."""
+    from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=d_model, intermediate_size=2 * d_model,
+                  num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0, eos_token_id=4,
+                  num_experts_per_tok=2)
+    if arch == "qwen2_moe":
+        cfg = Qwen2MoeConfig(**common, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                             mlp_only_layers=[1])
+        model = Qwen2MoeForCausalLM(cfg)
+    elif arch == "qwen3_moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, num_experts=4, moe_intermediate_size=16,
+                                                   head_dim=d_model // 4))
+    elif arch == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4))
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():  # fused expert tensors are created empty: give every weight a random value
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.ndim == 3 or not torch.isfinite(p).all() or p.abs().max() == 0:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from refusal_atlas.cli_compare import register as register_compare_command
+from refusal_atlas.cli_export import register as register_export_commands
 from refusal_atlas.cli_gradient import register as register_gradient_commands
 from refusal_atlas.cli_som import register as register_som_commands
 from refusal_atlas.errors import RefusalAtlasError
@@ -188,9 +189,12 @@ def evaluate_cmd(
     benchmarks: Annotated[Optional[str], typer.Option(help="lm-eval tasks, e.g. smoke,arc_challenge")] = None,
     limit: Annotated[Optional[int], typer.Option(help="lm-eval: examples per task (smoke runs)")] = None,
     edit: Annotated[Optional[str], typer.Option(help="also evaluate a saved edit, e.g. search_best (edits/NAME.json)")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="also score an exported model (dir, LoRA adapter, .gguf)")] = None,
+    base: Annotated[Optional[str], typer.Option(help="--model LoRA: base model (default: adapter_config's)")] = None,
 ) -> None:
     """Judge {datasets} × {interventions} × {judges}, damage (KL) and benchmarks; appends to metrics.json."""
-    from refusal_atlas.validate import check_at_least, check_datasets, check_direction_file, check_run_dir, run_config
+    from refusal_atlas.validate import (check_at_least, check_datasets, check_direction_file, check_run_dir,
+                                        load_run_edit, run_config)
 
     manifest = check_run_dir(run_dir)  # milliseconds: before anything heavy is imported
     check_at_least(n=(n, 1), max_new_tokens=(max_new_tokens, 1), kl_tokens=(kl_tokens, 1), limit=(limit, 1),
@@ -212,7 +216,7 @@ def evaluate_cmd(
     path = run_dir / "directions" / f"{directions}.safetensors"
     if any(kind != "none" for kind, _ in kinds):
         check_direction_file(path, manifest)
-    saved_edit = _load_run_edit(run_dir, edit, manifest) if edit is not None else None
+    saved_edit = load_run_edit(run_dir, edit, manifest) if edit is not None else None
     n_prompts, length = cfg.n_eval if n is None else n, cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
     dataset_names = _names(datasets) or [*cfg.eval_harmful, cfg.eval_harmless, "xstest"]
     check_datasets(dataset_names, n_prompts, cfg.seed)
@@ -220,6 +224,10 @@ def evaluate_cmd(
         from refusal_atlas.validate import check_endpoint
 
         check_endpoint(endpoint_url or "", endpoint_model, timeout)
+    if model is not None:
+        from refusal_atlas.evaluation.exported import exported_kind
+
+        exported_kind(model)
     ws = _workspace(run_dir)
     specs = parse_interventions(names, DirectionSet.load(path) if path.exists() else None, mode=cfg.ablation_mode)
     specs += [saved_edit] if saved_edit is not None else []
@@ -228,6 +236,10 @@ def evaluate_cmd(
     plan = EvalPlan(datasets=dataset_names, interventions=specs, judges=judges, n=n_prompts, max_new_tokens=length,
                     kl_tokens=kl_tokens, benchmarks=_names(benchmarks) or [], limit=limit, batch_size=cfg.batch_size,
                     seed=cfg.seed)
+    if model is not None:
+        from refusal_atlas.evaluation.exported import evaluate_exported
+
+        return typer.echo(format_records(evaluate_exported(ws, plan, model, base=base)))
     typer.echo(format_records(evaluate_run(ws, plan)))
 
 
@@ -237,51 +249,6 @@ def _check_judge_model(judge_names: list[str], judge_model: str | None) -> None:
     if "hf" in judge_names and judge_model and judge_model != "embedded" and is_local_model(judge_model):
         if not Path(judge_model).expanduser().exists():
             raise RefusalAtlasError(f"judge model not found: {judge_model}")
-
-
-def _load_run_edit(run_dir: Path, name: str, manifest: dict):
-    """A saved edit of the run (edits/NAME.json), checked against the run's model before it loads."""
-    from refusal_atlas.edits import load_edit
-
-    edit = load_edit(run_dir / "edits" / name)
-    model = manifest.get("model", {})
-    for what, have in (("d_model", edit.d_model), ("n_layers", edit.n_layers)):
-        if have is not None and model.get(what) not in (None, have):
-            raise RefusalAtlasError(f"edit {name!r} was made for {what} {have}, but {run_dir}'s model has {model[what]}")
-    return edit
-
-
-@app.command("export")
-def export_cmd(run_dir: RunDirOpt, out: Annotated[Path, typer.Option(help="output model directory")],
-               directions: Annotated[str, typer.Option(help="direction file name")] = "dim",
-               edit: Annotated[Optional[str], typer.Option(help="export a saved edit (edits/NAME.json) instead")] = None,
-               force: Annotated[bool, typer.Option(help="replace a non-empty --out directory")] = False) -> None:
-    """Write an edited copy of the model (safetensors): the directions orthogonalized out, or a saved edit."""
-    from refusal_atlas.validate import check_direction_file, check_output_parent, check_run_dir
-
-    manifest = check_run_dir(run_dir)
-    if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
-        raise RefusalAtlasError(f"--out {out} is inside the run directory {run_dir}; export elsewhere")
-    from refusal_atlas.io import check_output_dir
-
-    check_output_dir(out, force)
-    check_output_parent(out)
-    if edit is not None:
-        chosen = _load_run_edit(run_dir, edit, manifest)
-        if not chosen.has_weight_form:
-            raise RefusalAtlasError(f"edit {edit!r} ({chosen.edit_type}) exists as hooks only and cannot be exported")
-    else:
-        path = run_dir / "directions" / f"{directions}.safetensors"
-        check_direction_file(path, manifest)
-        from refusal_atlas.directions.base import DirectionSet
-        from refusal_atlas.edits import DirectionalAblation
-
-        chosen = DirectionalAblation(DirectionSet.load(path), manifest.get("config", {}).get("ablation_mode", "subspace"))
-    from refusal_atlas.orthogonalize import export_edit
-
-    ws = _workspace(run_dir)
-    path = export_edit(ws.loaded, chosen, out, force=force)
-    typer.echo(f"exported {chosen.label} ({chosen.edit_type}) to {path}")
 
 
 @app.command("report")
@@ -319,6 +286,7 @@ def datasets_cmd() -> None:
 register_som_commands(app, directions_app)
 register_gradient_commands(directions_app)
 register_compare_command(app)
+register_export_commands(app)
 
 
 _INTERRUPTED = "interrupted: finished steps are kept in the run directory (use --resume)"

@@ -44,3 +44,8 @@ def export_orthogonalized(loaded, directions, out_dir: str | os.PathLike, dtype:
                           force: bool = False, mode: str = "subspace") -> Path:
     """Orthogonalize a loaded model's weights and write it as a standalone HF model directory."""
     return export_edit(loaded, DirectionalAblation(directions, mode), out_dir, dtype=dtype, force=force)  # type: ignore[arg-type]
+
+
+def orthogonalize_edit(directions, mode: str = "subspace"):
+    """``apply_edit`` for :func:`refusal_atlas.model.export.export_model`: orthogonalize against ``directions``."""
+    return DirectionalAblation(directions, mode).apply_weights  # type: ignore[arg-type]

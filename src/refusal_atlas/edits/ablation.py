@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from refusal_atlas.edits.base import Edit, WeightSnapshot, as_adapter, untie_embeddings
-from refusal_atlas.edits.writes import WriteMode, check_mode, edit_linear, map_writes, prepare
+from refusal_atlas.edits.writes import WriteMode, check_mode, edit_linear, edit_write, map_writes, prepare
 from refusal_atlas.errors import ModelError
 from refusal_atlas.interventions import ablate, as_matrix
 
@@ -73,11 +73,19 @@ class DirectionalAblation(Edit):
         untied = untie_embeddings(adapter)
         emb = snapshot.keep(adapter.embedding.weight)
         emb.data.copy_(map_writes(emb.data, prepared, 1.0, self.mode))
+        mlp_weights = 0
         for layer in range(adapter.n_layers):
-            for proj in (adapter.attn_out_proj(layer), adapter.mlp_out_proj(layer)):
-                snapshot.keep(proj.weight)
-                if proj.bias is not None:
-                    snapshot.keep(proj.bias)
-                edit_linear(proj, prepared, 1.0, self.mode)
+            proj = adapter.attn_out_proj(layer)
+            snapshot.keep(proj.weight)
+            if proj.bias is not None:
+                snapshot.keep(proj.bias)
+            edit_linear(proj, prepared, 1.0, self.mode)
+            for write in adapter.mlp_write_weights(layer):  # dense down_proj, or every expert + shared expert
+                snapshot.keep(write.weight)
+                if write.bias is not None:
+                    snapshot.keep(write.bias)
+                edit_write(write, prepared, 1.0, self.mode)
+                mlp_weights += 1
         return {"rank": int(self.vectors.shape[0]) if self.mode == "sequential" else int(prepared.shape[0]),
-                "mode": self.mode, "untied_embeddings": untied, "layers": adapter.n_layers}
+                "mode": self.mode, "untied_embeddings": untied, "layers": adapter.n_layers,
+                "mlp_weights": mlp_weights, "moe_layers": sum(adapter.is_moe(l) for l in range(adapter.n_layers))}

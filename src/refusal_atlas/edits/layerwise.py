@@ -26,7 +26,7 @@ import torch
 from refusal_atlas.edits.base import Edit, WeightSnapshot, as_adapter, untie_embeddings
 from refusal_atlas.edits.kernel import StrengthKernel
 from refusal_atlas.edits.writes import WriteMode, check_mode, column_norm_scale, edit_linear, map_writes, prepare
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.errors import ModelError, ConfigError
 from refusal_atlas.interventions import _hooks, _post_hook, _pre_hook
 
 COMPONENTS = ("attn", "mlp")
@@ -91,6 +91,9 @@ class LayerwiseAblation(Edit):
                 if weight == 0.0:
                     continue
                 prepared = prepare(self.per_layer[j], self.mode) if prepared is None else prepared
+                if comp == "mlp" and adapter.is_moe(j):
+                    raise ModelError(f"per-layer strength edits of mixture-of-experts MLPs (block {j}) are not "
+                                     "supported; use full directional ablation, or a kernel with MLP weight 0")
                 yield (adapter.attn_out_proj(j) if comp == "attn" else adapter.mlp_out_proj(j)), prepared, weight
 
     def hooks(self, model):

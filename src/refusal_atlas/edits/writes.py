@@ -55,6 +55,16 @@ def column_norm_scale(weight: torch.Tensor, prepared: torch.Tensor, strength: fl
     return (w.norm(dim=0) / mapped.norm(dim=1).clamp_min(1e-12)).to(torch.float32)
 
 
+def edit_write(write, prepared: torch.Tensor, strength: float, mode: WriteMode) -> None:
+    """In place: the write map on one :class:`~refusal_atlas.model.adapter.WriteWeight` (a dense down_proj,
+    fused [E, d, inter] / transposed [E, inter, d] experts, a shared expert), along its d_model axis."""
+    w = write.weight
+    moved = w.data.movedim(write.d_axis, -1)
+    w.data.copy_(map_writes(moved, prepared, strength, mode).movedim(-1, write.d_axis))
+    if write.bias is not None:
+        write.bias.data.copy_(map_writes(write.bias.data, prepared, strength, mode))
+
+
 def edit_linear(linear: torch.nn.Linear, prepared: torch.Tensor, strength: float, mode: WriteMode,
                 norm_preserving: bool = False) -> None:
     """In place: ``W ← T W`` (columns rescaled to their old norms when ``norm_preserving``), ``b ← T b``."""

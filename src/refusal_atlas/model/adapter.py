@@ -5,11 +5,17 @@ the decoder blocks, the modules whose outputs are *added to the residual stream*
 "writes"), the embedding, and the weight matrices that write along d_model. Gemma-2/3 rescale
 attention and MLP outputs with post-norms before the residual add, so their writes are the
 post-norm modules, and weight orthogonalization is not equivalent to hook ablation for them.
+
+Mixture-of-experts blocks (Qwen2-MoE, Qwen3-MoE, Mixtral) write the sparse block's output: a
+router-weighted sum of expert outputs (plus Qwen2-MoE's sigmoid-gated shared expert), each a
+down-projection's output times a per-token scalar. So their residual write is the MoE block, and
+the weights that write along d_model are every expert's down-projection (fused 3-D parameters in
+transformers 5, one Linear per expert in older layouts) and the shared expert's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,7 +44,43 @@ FAMILIES: dict[str, _Family] = {
     "gemma": _STANDARD,
     "gemma2": _POST_NORM,
     "gemma3_text": _POST_NORM,
+    "qwen2_moe": _STANDARD,  # layers listed in mlp_only_layers keep a dense mlp.down_proj
+    "qwen3_moe": _STANDARD,
+    "mixtral": _STANDARD,
 }
+
+
+@dataclass
+class WriteWeight:
+    """A weight that writes along d_model: ``weight``'s axis ``d_axis`` is d_model (``bias`` [..., d] or None)."""
+
+    name: str
+    weight: torch.Tensor
+    d_axis: int
+    bias: torch.Tensor | None = field(default=None)
+
+
+def _linear_write(name: str, linear: nn.Module) -> WriteWeight:
+    return WriteWeight(name, linear.weight, 0, linear.bias)
+
+
+def _expert_writes(prefix: str, experts: nn.Module, d_model: int) -> list[WriteWeight]:
+    """Down-projections of a block's experts, fused ([E, d, inter] or transposed [E, inter, d]) or per expert."""
+    if isinstance(experts, nn.ModuleList):
+        out = []
+        for i, expert in enumerate(experts):
+            attr = "down_proj" if hasattr(expert, "down_proj") else "w2" if hasattr(expert, "w2") else None
+            if attr is None:
+                raise ModelError(f"expert {prefix}.{i} ({type(expert).__name__}) has no down_proj/w2 projection")
+            out.append(_linear_write(f"{prefix}.{i}.{attr}", getattr(expert, attr)))
+        return out
+    weight = getattr(experts, "down_proj", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 3:
+        raise ModelError(f"cannot find the experts' down-projection in {prefix} ({type(experts).__name__})")
+    d_axis = 2 if getattr(experts, "is_transposed", False) else 1
+    if weight.shape[d_axis] != d_model:
+        raise ModelError(f"{prefix}.down_proj has shape {tuple(weight.shape)}; expected d_model={d_model} on axis {d_axis}")
+    return [WriteWeight(f"{prefix}.down_proj", weight, d_axis, getattr(experts, "down_proj_bias", None))]
 
 
 def _get(module: nn.Module, dotted: str) -> nn.Module:
@@ -101,6 +143,19 @@ class ModelAdapter:
 
     def mlp_out_proj(self, layer: int) -> nn.Linear:
         return _get(self.layers[layer], self.family.mlp_out_proj)
+
+    def is_moe(self, layer: int) -> bool:
+        return hasattr(self.mlp_write(layer), "experts")
+
+    def mlp_write_weights(self, layer: int) -> list[WriteWeight]:
+        """Every weight of block ``layer``'s MLP (dense or mixture of experts) that writes along d_model."""
+        if not self.is_moe(layer):
+            return [_linear_write(self.family.mlp_out_proj, self.mlp_out_proj(layer))]
+        block = self.mlp_write(layer)
+        out = _expert_writes(f"{self.family.mlp_write}.experts", block.experts, self.d_model)
+        if getattr(block, "shared_expert", None) is not None:  # Qwen2-MoE: gated by a per-token scalar
+            out.append(_linear_write(f"{self.family.mlp_write}.shared_expert.down_proj", block.shared_expert.down_proj))
+        return out
 
     def check_layer(self, layer: int, what: str = "layer") -> int:
         """Validate a layer index (our convention: the input of block ``layer``)."""
