@@ -83,7 +83,7 @@ class RunDir:
 
     def add_metrics(self, records: list[dict[str, Any]]) -> None:
         """Append records, replacing earlier ones with the same identity (re-running a step)."""
-        keys = ("intervention", "dataset", "judge", "metric")
+        keys = ("intervention", "fingerprint", "dataset", "judge", "metric")
         new_ids = {tuple(r.get(k) for k in keys) for r in records}
         kept = [r for r in self.metrics() if tuple(r.get(k) for k in keys) not in new_ids]
         write_json(self.metrics_path, kept + list(records))

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from refusal_atlas.config import RunConfig
 from refusal_atlas.data import Prompt, load_prompts
@@ -21,6 +20,7 @@ from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 from refusal_atlas.model.loading import LoadedModel, load_model
 from refusal_atlas.rundir import RunDir
+from refusal_atlas.seeding import seed_everything
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Workspace:
 
 def open_workspace(cfg: RunConfig, run_dir: str | Path, *, must_exist: bool = False) -> Workspace:
     """Validate ``cfg``, load the model, then create (or reopen) the run directory."""
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     run_path = Path(run_dir)
     if must_exist and not (run_path / "manifest.json").is_file():
         raise ConfigError(f"{run_path} is not a run directory (no manifest.json); run `refusal-atlas run` first")

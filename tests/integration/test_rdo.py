@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from refusal_atlas.data import load_prompts
@@ -49,6 +50,11 @@ def test_a_few_rdo_steps_from_dim_keep_a_working_unit_direction(embedded, embedd
     print("\nvalidation (step, refusal score, KL):", history)
     assert trained["refusal"] < base_val - 0.5  # the trained iterate (not just DIM) still removes refusal
     assert trained["kl"] < 0.5
+    # RDO returned the trained direction, not DIM unchanged: it moved, and it is at least as good as DIM
+    # on the validation objective it was selected by (step 0 of val_history is DIM itself)
+    assert rdo.meta["best_step"] == 3 and rdo.meta["cos_with_dim"] < 1 - 1e-4
+    assert trained["objective"] <= rdo.meta["val_history"][0]["objective"]
+    assert val.score_one(rdo.unit()[0])["objective"] == pytest.approx(trained["objective"], abs=1e-4)
 
     held_out = _texts("jailbreakbench", 12)
     base = refusal_score(next_token_logprobs(adapter, chat, held_out, 12), ids).mean()
