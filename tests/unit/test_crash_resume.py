@@ -199,3 +199,47 @@ def test_changed_training_flags_do_not_resume_a_foreign_checkpoint(base_run, tmp
     log.unlink()
     cli("directions", "rdo", "-r", str(run), *TRAIN, "--steps", "3", log=log)
     assert work(log, "train") == 3  # another step budget: likewise
+
+
+class _Crash(Exception):
+    pass
+
+
+def _two_loops(directory: Path, crash_at_call: int | None = None) -> tuple[list, int]:
+    """Two training loops in one checkpointing session (like a cone sweep or RepInd restarts) on a
+    model-free loss; ``crash_at_call`` raises inside the loss, as a kill mid-step would stop it."""
+    from refusal_atlas.directions.checkpoint import checkpointing
+    from refusal_atlas.directions.optim import TrainConfig, train_directions
+
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    count = {"calls": 0, "crash": crash_at_call}  # a dict: the checkpoint key digests settings, not state
+
+    def loss_fn(param, idx, slot, step):
+        count["calls"] += 1
+        if count["calls"] == count["crash"]:
+            raise _Crash
+        return ((param[0] @ x[idx].T) ** 2).mean() - param[0, 0], {}
+
+    def validate(param):
+        return {"objective": float(((param[0] @ x.T) ** 2).mean() - param[0, 0])}
+
+    out = []
+    with checkpointing(directory, identity={"test": 1}):
+        for seed in (1, 2):
+            cfg = TrainConfig(steps=5, batch_size=2, micro_batch=1, eval_every=2, patience=1, seed=seed)
+            start = torch.randn(1, 8, generator=torch.Generator().manual_seed(seed))
+            out.append(train_directions(start, loss_fn, 6, validate, cfg))
+    return out, count["calls"]
+
+
+def test_training_checkpoints_resume_each_loop_of_a_session(tmp_path):
+    straight, calls = _two_loops(tmp_path / "straight")
+    assert calls == 2 * 5 * 2  # 2 loops × 5 steps × 2 micro-batches
+    with pytest.raises(_Crash):
+        _two_loops(tmp_path / "crashed", crash_at_call=10 + 7)  # loop 2, in step 4
+    resumed, calls = _two_loops(tmp_path / "crashed")
+    assert calls == 2 * 2  # loop 1 was finished; loop 2 redoes only steps 4 and 5
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a.params, b.params) and torch.equal(a.last, b.last)
+        assert (a.best_step, a.stopped, a.history, a.val_history) == (b.best_step, b.stopped, b.history, b.val_history)
+    assert not torch.equal(straight[0].params, straight[1].params)
