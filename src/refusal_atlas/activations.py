@@ -8,6 +8,8 @@ runs the LM head.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from refusal_atlas.batching import length_sorted_batches
+from refusal_atlas.crashpoints import crash_point
 from refusal_atlas.errors import ArtifactError
 from refusal_atlas.io import load_tensors, save_tensors
 from refusal_atlas.model.adapter import ModelAdapter
@@ -103,6 +106,27 @@ def extract(
             h.remove()
     return ActivationSet(layers=list(layers), positions=list(positions), mean=total / len(instructions),
                          n=len(instructions), last=last)
+
+
+def extract_resumable(adapter: ModelAdapter, chat: ChatFormatter, instructions: Sequence[str], partial: Path,
+                      **kwargs) -> ActivationSet:
+    """:func:`extract`, saved to ``partial`` as soon as it is done and reused from there when the same
+    prompts, model config, layers, positions and batching are asked again (a rerun after a crash)."""
+    key = hashlib.sha256(json.dumps([[chat.render(t) for t in instructions], adapter.model.config.to_json_string(),
+                                     {k: v for k, v in kwargs.items() if k != "desc"}], default=str).encode())
+    key = key.hexdigest()[:16]
+    if partial.is_file():
+        try:
+            tensors, meta = load_tensors(partial)
+            if meta.get("key") == key:
+                return ActivationSet(meta["layers"], meta["positions"], tensors["mean"], meta["n"], tensors.get("last"))
+        except (ArtifactError, KeyError):
+            pass  # unreadable or foreign: extract again
+    acts = extract(adapter, chat, instructions, **kwargs)
+    save_tensors(partial, {"mean": acts.mean, **({"last": acts.last} if acts.last is not None else {})},
+                 {"key": key, "layers": acts.layers, "positions": acts.positions, "n": acts.n})
+    crash_point("extract")
+    return acts
 
 
 def save_activation_sets(path: str | os.PathLike, sets: dict[str, ActivationSet]) -> Path:

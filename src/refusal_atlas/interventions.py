@@ -168,6 +168,9 @@ class Intervention:
 
     ``kind``: "none", "ablate" (directions projected out, ``mode`` subspace|sequential) or "actadd"
     (``coeff`` × the first vector added at ``layer``, default the DirectionSet's layer).
+    The label names the direction file (``ablate:rdo_b``; the method when the set was not loaded from
+    a file) and :meth:`describe` adds its content fingerprint, so two direction files never share a
+    metrics row or a completions line.
     """
 
     def __init__(self, kind: str = "none", directions=None, *, mode: AblationMode = "subspace",
@@ -180,16 +183,28 @@ class Intervention:
         self.layer = layer if layer is not None else getattr(directions, "layer", None)
         if kind == "actadd" and self.layer is None:
             raise ConfigError("actadd needs a layer")
+        self.fingerprint = None if kind == "none" else self._fingerprint()
         self.label = label or self._default_label()
+
+    @property
+    def source(self) -> str:
+        """The direction file's name (stem) when the set was loaded from one, else its method."""
+        return getattr(self.directions, "name", None) or getattr(self.directions, "method", "custom")
+
+    def _fingerprint(self) -> str:
+        if hasattr(self.directions, "fingerprint"):
+            return self.directions.fingerprint()
+        from refusal_atlas.directions.base import DirectionSet
+
+        return DirectionSet(as_matrix(self.directions), -1 if self.layer is None else self.layer, "custom").fingerprint()
 
     def _default_label(self) -> str:
         if self.kind == "none":
             return "none"
-        method = getattr(self.directions, "method", "custom")
         if self.kind == "ablate":
             k = as_matrix(self.directions).shape[0]
-            return f"ablate:{method}" + (f"[k={k},{self.mode}]" if k > 1 else "")
-        return f"actadd:{method}@{self.layer}x{self.coeff:g}"
+            return f"ablate:{self.source}" + (f"[k={k},{self.mode}]" if k > 1 else "")
+        return f"actadd:{self.source}@{self.layer}x{self.coeff:g}"
 
     def apply(self, model):
         if self.kind == "none":
@@ -202,6 +217,8 @@ class Intervention:
         d = {"intervention": self.label, "kind": self.kind}
         if self.kind != "none":
             d["method"] = getattr(self.directions, "method", "custom")
+            d["directions"] = getattr(self.directions, "name", None)
+            d["fingerprint"] = self.fingerprint
             d["layer"] = self.layer
             ids = getattr(self.directions, "ids", None)
             if ids is not None:

@@ -8,9 +8,10 @@ step whose artifact already exists.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
-from refusal_atlas.activations import ActivationSet, extract, load_activation_sets, save_activation_sets
+from refusal_atlas.activations import ActivationSet, extract_resumable, load_activation_sets, save_activation_sets
 from refusal_atlas.config import RunConfig
 from refusal_atlas.data import Prompt
 from refusal_atlas.directions.base import DirectionSet
@@ -88,12 +89,14 @@ def extract_step(ws: Workspace, sets: PromptSets, resume: bool = False,
             scores = train_refusal_scores(ws, harmful)
             check_baseline_refusal(ws, scores, allow_low_refusal)
             harmful, harmless = filter_by_refusal(ws, harmful, harmless, scores)
-        acts = {
-            name: extract(ws.adapter, ws.chat, [p.instruction for p in prompts], positions=None,
-                          batch_size=ws.cfg.batch_size, desc=f"extract {name}")
+        acts = {  # each set is kept in R/partial/ until both are saved, so a crash loses at most one
+            name: extract_resumable(ws.adapter, ws.chat, [p.instruction for p in prompts], ws.run / "partial" /
+                                    f"activations.{name}.safetensors", positions=None,
+                                    batch_size=ws.cfg.batch_size, desc=f"extract {name}")
             for name, prompts in (("harmful", harmful), ("harmless", harmless))
         }
         save_activation_sets(path, acts)
+        shutil.rmtree(ws.run / "partial", ignore_errors=True)
     return acts
 
 

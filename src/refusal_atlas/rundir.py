@@ -94,7 +94,7 @@ def _identity(record: dict[str, Any]) -> tuple:
 
     The prompt count is ``n + unclear`` (judged rates count only decided items in ``n``).
     """
-    keys = ("intervention", "dataset", "judge", "metric", "max_new_tokens")
+    keys = ("intervention", "fingerprint", "dataset", "judge", "metric", "max_new_tokens")
     return (*(record.get(k) for k in keys), (record.get("n") or 0) + (record.get("unclear") or 0))
 
 

@@ -23,7 +23,6 @@ step in :mod:`refusal_atlas.workflows_search`) and by the SOM paper's subset sea
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import time
 import warnings
@@ -35,9 +34,9 @@ from typing import Any
 
 import numpy as np
 import optuna
-import torch
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from refusal_atlas.crashpoints import crash_point
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.errors import ArtifactError, ConfigError
 from refusal_atlas.interventions import AblationMode
@@ -96,8 +95,7 @@ class SubsetSpace:
 
 # --- study storage -------------------------------------------------------------------------------
 def fingerprint_directions(directions: DirectionSet) -> str:
-    data = directions.vectors.to(torch.float32).contiguous().numpy().tobytes()
-    return hashlib.sha256(data + repr((directions.ids, directions.layer)).encode()).hexdigest()[:16]
+    return directions.fingerprint()
 
 
 @contextmanager
@@ -238,6 +236,7 @@ def run_loop(study: optuna.Study, propose: Callable[[Trial], tuple[str, Callable
             finished.append(frozen)
             bar.update(1)
             bar.set_postfix(refusal=f"{values[0]:.2f}", kl=f"{values[1]:.3f}")
+            crash_point("trial")
     finally:
         bar.close()
     return finished

@@ -109,9 +109,11 @@ def search_step(ws: Workspace, sets: PromptSets, settings: SearchSettings, direc
 
 
 # --- held-out comparison ---------------------------------------------------------------------------
-def _existing(records: list[dict], label: str, dataset: str, n: int, max_new_tokens: int, need_kl: bool) -> dict | None:
+def _existing(records: list[dict], spec: Intervention, dataset: str, n: int, max_new_tokens: int,
+              need_kl: bool) -> dict | None:
     for r in records:
-        if (r.get("intervention"), r.get("dataset"), r.get("judge"), r.get("n")) == (label, dataset, "substring", n) \
+        if (r.get("intervention"), r.get("fingerprint"), r.get("dataset"), r.get("judge"), r.get("n")) == (
+                spec.label, spec.fingerprint, dataset, "substring", n) \
                 and r.get("max_new_tokens") == max_new_tokens and (not need_kl or r.get("kl") is not None):
             return r
     return None
@@ -131,7 +133,7 @@ def heldout_comparison(ws: Workspace, sets: PromptSets, chosen: DirectionSet, di
     table: list[dict] = []
 
     def record(prompts: list[Prompt], dataset: str, spec: Intervention, harmless: bool, base_lp):
-        rec = _existing(existing, spec.label, dataset, len(prompts), cfg.max_new_tokens, harmless)
+        rec = _existing(existing, spec, dataset, len(prompts), cfg.max_new_tokens, harmless)
         if rec is None:
             rec = evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=cfg.max_new_tokens,
                                    batch_size=cfg.batch_size,

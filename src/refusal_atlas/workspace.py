@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from refusal_atlas.config import RunConfig
 from refusal_atlas.data import Prompt, load_prompts
@@ -22,6 +21,7 @@ from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 from refusal_atlas.model.loading import LoadedModel, load_model
 from refusal_atlas.rundir import RunDir
+from refusal_atlas.seeding import seed_everything
 from refusal_atlas.validate import check_model_settings, check_new_run_dir, check_run_dir, check_run_settings
 
 
@@ -89,7 +89,7 @@ def open_workspace(cfg: RunConfig, run_dir: str | Path, *, must_exist: bool = Fa
     manifest = check_run_dir(run_path) if must_exist else check_new_run_dir(run_path)
     check_run_settings(run_path, manifest, cfg.model_dump(), allowed)
     facts = check_model_settings(cfg)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     template = None
     if cfg.chat_template is not None:
         try:

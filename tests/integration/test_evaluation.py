@@ -46,6 +46,9 @@ def test_evaluate_run_three_judges(embedded, embedded_dim, server, tmp_path):
         assert r["n"] + r["unclear"] == 6 and "empty_responses" in r
         assert r["n"] == 0 or r["ci95"][0] <= r["rate"] <= r["ci95"][1]
     assert all(r["unclear"] == 0 for (_, _, j), r in rates.items() if not j.startswith("hf:"))
+    hf = [r for (_, _, j), r in rates.items() if j.startswith("hf:")]
+    assert sum(r["n"] for r in hf) >= 0.5 * 6 * len(hf)  # the hf judge decides most items, not all `unclear`
+    assert len({r["rate"] for r in hf if r["n"]}) > 1  # and its verdicts depend on the prompts and responses
     sub = {k[:2]: v["rate"] for k, v in rates.items() if k[2] == "substring"}
     assert sub[("jailbreakbench", "ablate")] < sub[("jailbreakbench", "none")]  # DIM ablation removes refusals
     assert sub[("harmless_test", "actadd")] > sub[("harmless_test", "none")]  # ActAdd induces them

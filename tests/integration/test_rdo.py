@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from refusal_atlas.data import load_prompts
@@ -35,7 +36,7 @@ def test_a_few_rdo_steps_from_dim_keep_a_working_unit_direction(embedded, embedd
                             max_new_tokens=12, batch_size=6)
     assert all(t.strip() for t in targets.answer)  # the model answers under DIM ablation
     val = ValidationSet(adapter, chat, _texts("harmful_val", 8), _texts("harmless_val", 8), ids, batch_size=8)
-    cfg = TrainConfig(steps=3, batch_size=4, micro_batch=2, eval_every=3, lr=3e-3)
+    cfg = TrainConfig(steps=3, batch_size=4, micro_batch=2, eval_every=1, lr=3e-3)
     rdo = train_rdo(adapter, TrainingSetup(dim, targets, TrainingData(chat, targets), val, {}), init="dim", cfg=cfg)
 
     alpha = float(dim.norms[0])
@@ -49,6 +50,12 @@ def test_a_few_rdo_steps_from_dim_keep_a_working_unit_direction(embedded, embedd
     print("\nvalidation (step, refusal score, KL):", history)
     assert trained["refusal"] < base_val - 0.5  # the trained iterate (not just DIM) still removes refusal
     assert trained["kl"] < 0.5
+    # RDO returned the trained direction, not DIM unchanged: it moved, and it is at least as good as DIM
+    # on the validation objective it was selected by (step 0 of val_history is DIM itself)
+    best = next(v for v in rdo.meta["val_history"] if v["step"] == rdo.meta["best_step"])
+    assert rdo.meta["best_step"] > 0 and rdo.meta["cos_with_dim"] < 1 - 1e-4
+    assert best["objective"] < rdo.meta["val_history"][0]["objective"]
+    assert val.score_one(rdo.unit()[0])["objective"] == pytest.approx(best["objective"], abs=1e-4)
 
     held_out = _texts("jailbreakbench", 12)
     base = refusal_score(next_token_logprobs(adapter, chat, held_out, 12), ids).mean()

@@ -57,7 +57,7 @@ def test_cli_run_end_to_end_writes_a_complete_run_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = tmp_path / "run"
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["direction"]["layer"] in (12, 14)
+    assert manifest["status"] == "complete"
     metrics = json.loads((run / "metrics.json").read_text())
     pairs = {(m["dataset"], m["intervention"]) for m in metrics}
     assert ("jailbreakbench", "none") in pairs and ("jailbreakbench", "ablate:dim") in pairs
@@ -66,4 +66,13 @@ def test_cli_run_end_to_end_writes_a_complete_run_dir(tmp_path):
     assert all(m["kl"] >= 0 for m in metrics if m["dataset"] == "harmless_test")
     selection = json.loads((run / "selection.json").read_text())
     assert {c["layer"] for c in selection["candidates"]} == {12, 14}
+    # the chosen layer is the rule's winner, not merely one of the two given: the lowest ablation
+    # refusal score among candidates that pass the filters (every better-scoring one was filtered)
+    chosen = selection["chosen"]
+    assert manifest["direction"]["layer"] == chosen["layer"]
+    scored = sorted((c for c in selection["candidates"] if "refusal" in c), key=lambda c: c["refusal"])
+    winner = next(c for c in scored if c["status"].startswith("ok"))
+    assert (winner["layer"], winner["position"]) == (chosen["layer"], chosen["position"])
+    assert all(c["status"].startswith("filtered") for c in scored if c["refusal"] < winner["refusal"])
+    assert winner["refusal"] < selection["baseline"]["harmful_refusal_score"]  # ablating it lowers refusal
     assert "refusal" in proc.stdout and "ablate:dim" in proc.stdout

@@ -191,6 +191,35 @@ def test_train_rdo_and_rdo_orth(gradient_parts, gradient_setup):
         train_rdo(adapter, setup, cfg=cfg, init=dim.vectors.clone(), orthogonal_to=dim.vectors)
 
 
+class _LossValidation:
+    """Validation by the full-data training loss, which a few RDO steps must lower (a random model's
+    refusal score under ablation need not move in three steps, so it cannot tell a stuck loop)."""
+
+    def __init__(self, adapter, setup):
+        self.adapter, self.setup = adapter, setup
+        self.harmful, self.harmless, self.kl_weight = HARMFUL, HARMLESS, 0.0
+
+    def score(self, params):
+        dim, data = self.setup.dim, self.setup.data
+        loss, _ = direction_loss(self.adapter, data.batches(list(range(len(data)))), params[0],
+                                 float(dim.norms[0]), dim.layer, LossWeights())
+        return {"objective": float(loss), "refusal": 0.0, "kl": 0.0}
+
+
+def test_rdo_moves_off_dim_and_returns_a_better_validated_direction(gradient_parts, gradient_setup):
+    import dataclasses
+
+    _, adapter, _ = gradient_parts
+    val = _LossValidation(adapter, gradient_setup)
+    setup = dataclasses.replace(gradient_setup, val=val)
+    rdo = train_rdo(adapter, setup, cfg=TrainConfig(steps=4, batch_size=3, micro_batch=3, eval_every=1, lr=3e-2))
+    objective = {v["step"]: v["objective"] for v in rdo.meta["val_history"]}
+    best = objective[rdo.meta["best_step"]]
+    assert rdo.meta["best_step"] > 0 and rdo.meta["cos_with_dim"] < 1 - 1e-4  # it moved off its DIM start
+    assert best == min(objective.values()) and best < objective[0]  # and is better than DIM on the objective
+    assert val.score(rdo.unit())["objective"] == pytest.approx(best, rel=1e-5)  # the returned one is the best
+
+
 def test_bad_train_config_is_rejected():
     with pytest.raises(ConfigError, match="steps"):
         TrainConfig(steps=0)

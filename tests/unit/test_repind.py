@@ -96,10 +96,24 @@ def test_micro_batches_average_per_example_gradients():
     assert torch.allclose(results[0], results[1], atol=1e-6) and torch.allclose(results[0], results[2], atol=1e-6)
 
 
-def test_train_repind_finds_several_directions_with_restarts(gradient_parts, gradient_setup):
+@pytest.mark.parametrize("losing", [0, 1])
+def test_train_repind_finds_several_directions_with_restarts(gradient_parts, gradient_setup, monkeypatch, losing):
+    """Each kept direction is its best restart on validation: restart ``losing`` is made to score worse."""
+    import refusal_atlas.directions.repind as repind
+
     _, adapter, chat = gradient_parts
     dim = gradient_setup.dim
     cfg = TrainConfig(steps=2, batch_size=3, micro_batch=3, eval_every=1)
+    results = []
+
+    def train_and_handicap(*args, **kwargs):
+        result = train_directions(*args, **kwargs)
+        if len(results) % 2 == losing:
+            result.val_history = [{**v, "objective": v["objective"] + 1e6} for v in result.val_history]
+        results.append(result)
+        return result
+
+    monkeypatch.setattr(repind, "train_directions", train_and_handicap)
     rep = train_repind(adapter, chat, gradient_setup, n_directions=2, restarts=2, cfg=cfg)
     assert rep.method == "repind" and len(rep) == 2
     assert torch.allclose(rep.norms, torch.full((2,), float(dim.norms[0])), rtol=1e-5)
@@ -107,10 +121,11 @@ def test_train_repind_finds_several_directions_with_restarts(gradient_parts, gra
     assert [(r["direction"], r["restart"]) for r in runs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all("independence" in v for r in runs for v in r["val_history"])
     assert all("independence" in r["history"] for r in runs)
-    # each kept direction is its direction's best restart on validation
-    for n in range(2):
-        best = min((r for r in runs if r["direction"] == n), key=lambda r: r["val_objective"])
-        assert best["val_objective"] == min(r["val_objective"] for r in runs if r["direction"] == n)
+    for n in range(2):  # the kept direction is the restart that was not handicapped, not merely one of them
+        winner, loser = results[2 * n + 1 - losing].params[0], results[2 * n + losing].params[0]
+        assert not torch.allclose(winner, loser, atol=1e-3)
+        assert torch.allclose(rep.unit()[n], winner, atol=1e-6)
+        assert runs[2 * n + losing]["val_objective"] > 1e5 > runs[2 * n + 1 - losing]["val_objective"]
     with pytest.raises(ConfigError):
         train_repind(adapter, chat, gradient_setup, n_directions=0, cfg=cfg)
     report = cross_ablation_change(adapter, chat, rep.unit()[0], dim.unit()[0], HARMFUL)

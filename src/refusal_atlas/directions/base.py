@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ class DirectionSet:
     position: int | None = -1
     ids: list[int] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    name: str | None = field(default=None, compare=False)  # the file it was loaded from (stem), not saved
 
     def __post_init__(self) -> None:
         if self.vectors.ndim == 1:
@@ -56,6 +58,11 @@ class DirectionSet:
     def unit(self) -> torch.Tensor:
         return self.vectors / self.norms.clamp_min(1e-12).unsqueeze(1)
 
+    def fingerprint(self) -> str:
+        """16 hex chars of sha256 over the float32 vector bytes, ids and layer: which artifact made a result."""
+        data = self.vectors.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()
+        return hashlib.sha256(data + repr((self.ids, self.layer)).encode()).hexdigest()[:16]
+
     def select(self, ids: list[int]) -> DirectionSet:
         """The sub-set with the given ids, in the given order (order matters for sequential ablation)."""
         missing = [i for i in ids if i not in self.ids]
@@ -78,4 +85,4 @@ class DirectionSet:
         if "vectors" not in tensors or "layer" not in meta:
             raise ArtifactError(f"{path} is not a DirectionSet file")
         return cls(tensors["vectors"], meta["layer"], meta["method"], meta.get("position"), meta.get("ids", []),
-                   meta.get("meta", {}))
+                   meta.get("meta", {}), name=Path(path).name.removesuffix(".safetensors"))

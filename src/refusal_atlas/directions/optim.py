@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 
+from refusal_atlas.crashpoints import crash_point
 from refusal_atlas.directions.base import DirectionSet
+from refusal_atlas.directions.checkpoint import checkpoint_key, load_checkpoint, next_checkpoint, save_checkpoint
 from refusal_atlas.directions.losses import StepBatches, collate, tokenize_examples
 from refusal_atlas.directions.targets import Targets
 from refusal_atlas.errors import ConfigError
@@ -240,16 +242,44 @@ def train_directions(
     param = torch.nn.Parameter(start.clone())
     opt = torch.optim.AdamW([param], lr=cfg.lr, betas=cfg.betas, weight_decay=0.0, amsgrad=cfg.amsgrad)
     sampler = Sampler(n_examples, cfg.seed)
-    history: dict[str, list[float]] = {"loss": [], "lr": [], "grad_norm": []}
-    first = validate(param.detach())
-    val_history = [{"step": 0, **first}]
-    best_obj, best_step, best = first["objective"], 0, param.detach().clone()
-    last_good, stale, n_reduced, stopped = param.detach().clone(), 0, 0, "max_steps"
+    ckpt = next_checkpoint()
+    key = ckpt and checkpoint_key(ckpt[1], cfg.to_json(), desc, n_examples, start, constraint, loss_fn)
+    saved = load_checkpoint(ckpt[0], key) if ckpt else None
+    if saved is not None:
+        tensors, st, opt_state = saved
+        if st["stopped"] is not None:  # finished before: nothing to recompute
+            return TrainResult(tensors["best"], tensors["last_good"], st["best_step"], st["stopped"],
+                               st["history"], st["val_history"])
+        with torch.no_grad():
+            param.copy_(tensors["param"])
+        opt.load_state_dict(opt_state)
+        sampler.gen.set_state(tensors["sampler_rng"])
+        sampler.order, history, val_history = st["sampler_order"], st["history"], st["val_history"]
+        best, last_good = tensors["best"], tensors["last_good"]
+        best_obj, best_step, stale, n_reduced, first_step = (st["best_obj"], st["best_step"], st["stale"],
+                                                             st["n_reduced"], st["step"] + 1)
+    else:
+        history = {"loss": [], "lr": [], "grad_norm": []}
+        first = validate(param.detach())
+        val_history = [{"step": 0, **first}]
+        best_obj, best_step, best = first["objective"], 0, param.detach().clone()
+        last_good, stale, n_reduced, first_step = param.detach().clone(), 0, 0, 1
+    stopped = "max_steps"
+
+    def save(step: int, done: str | None) -> None:
+        if ckpt:
+            state = {"step": step, "stopped": done, "best_obj": best_obj, "best_step": best_step, "stale": stale,
+                     "n_reduced": n_reduced, "history": history, "val_history": val_history,
+                     "sampler_order": sampler.order}
+            save_checkpoint(ckpt[0], key, {"param": param.detach(), "best": best, "last_good": last_good,
+                                           "sampler_rng": sampler.gen.get_state()}, state, opt)
+
     micro = [cfg.micro_batch] * (cfg.batch_size // cfg.micro_batch)
     if cfg.batch_size % cfg.micro_batch:
         micro.append(cfg.batch_size % cfg.micro_batch)
     with progress(cfg.steps, desc) as bar:
-        for step in range(1, cfg.steps + 1):
+        bar.update(first_step - 1)
+        for step in range(first_step, cfg.steps + 1):
             opt.zero_grad(set_to_none=True)
             total, parts = 0.0, {}
             for slot, size in enumerate(micro):
@@ -291,21 +321,23 @@ def train_directions(
                 history.setdefault(k, []).append(v)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}")
-            if step % cfg.eval_every and step != cfg.steps:
-                continue
-            val = validate(param.detach())
-            val_history.append({"step": step, **val})
-            if val["objective"] < best_obj:
-                best_obj, best_step, best, stale = val["objective"], step, param.detach().clone(), 0
-                continue
-            stale += 1
-            if stale >= cfg.patience:
-                if n_reduced >= cfg.n_lr_reduce:
-                    stopped = "plateau"
-                    break
-                n_reduced, stale = n_reduced + 1, 0
-                for group in opt.param_groups:
-                    group["lr"] *= cfg.lr_factor
+            if not (step % cfg.eval_every and step != cfg.steps):
+                val = validate(param.detach())
+                val_history.append({"step": step, **val})
+                if val["objective"] < best_obj:
+                    best_obj, best_step, best, stale = val["objective"], step, param.detach().clone(), 0
+                else:
+                    stale += 1
+                    if stale >= cfg.patience and n_reduced >= cfg.n_lr_reduce:
+                        stopped = "plateau"
+                        break
+                    if stale >= cfg.patience:
+                        n_reduced, stale = n_reduced + 1, 0
+                        for group in opt.param_groups:
+                            group["lr"] *= cfg.lr_factor
+            save(step, None)
+            crash_point("train")
+    save(cfg.steps, stopped)
     return TrainResult(best, last_good, best_step, stopped, history, val_history)
 
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 
 from refusal_atlas.directions.base import DirectionSet
+from refusal_atlas.directions.checkpoint import checkpointing
 from refusal_atlas.directions.optim import TrainConfig, TrainingData, ValidationSet
 from refusal_atlas.directions.targets import Targets, build_targets, direction_fingerprint
 from refusal_atlas.errors import ArtifactError, ConfigError
@@ -109,13 +110,14 @@ def train_on_run(ws, name: str, train: Callable[[TrainingSetup, TrainConfig], Tr
                  n_val: int = 16, target_tokens: int = 30, cfg: TrainConfig | None = None) -> Trained:
     """Prepare the run's training setup, ``train(setup, cfg)`` timed as directions_<name>, and save.
 
-    ``cfg`` defaults to the run's seed. A list (a cone sweep) is saved as <name>_k<k> each, and the
+    ``cfg`` defaults to the run's seed. Training checkpoints every step to R/checkpoints/<name>/, so
+    rerunning after a crash resumes where it stopped (see directions/checkpoint.py). A list (a cone sweep) is saved as <name>_k<k> each, and the
     last one also as <name>.
     """
     cfg = cfg or TrainConfig(seed=ws.cfg.seed)
     setup = prepare_training(ws, n_train=n_train, n_val=n_val, target_tokens=target_tokens,
                              kl_weight=cfg.val_kl_weight)
-    with ws.timed(f"directions_{name}"):
+    with ws.timed(f"directions_{name}"), checkpointing(ws.run / "checkpoints" / name, setup.provenance):
         trained = train(setup, cfg)
     if isinstance(trained, list):
         for direction in trained:

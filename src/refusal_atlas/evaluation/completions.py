@@ -5,7 +5,8 @@ generation length) with the response text, its token ids and what produced it: `
 and a fingerprint of the intervention (kind, mode, layer, coeff and the direction values). A later
 evaluation reuses a line only when both match, and generates only the prompts that are missing, so
 adding a judge or a dataset never regenerates text; changing the length or the direction does.
-The token ids let damage metrics teacher-force on exactly the clean model's continuation.
+The token ids let damage metrics teacher-force on exactly the clean model's continuation. The file
+is rewritten (atomically) after every generated batch, so a killed evaluation loses one batch at most.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from refusal_atlas.batching import length_sorted_batches
+from refusal_atlas.crashpoints import crash_point
 from refusal_atlas.data import Prompt
 from refusal_atlas.evaluation.damage import greedy_continuations
 from refusal_atlas.evaluation.refusal import is_refusal
@@ -76,19 +79,24 @@ def completions_for(
     lines = _read(path)
     have = {r["instruction"]: r for r in lines if _usable(r, max_new_tokens, fp)}
     missing = list(dict.fromkeys(p.instruction for p in prompts if p.instruction not in have))
-    if missing:
-        ids = greedy_continuations(adapter, chat, missing, max_new_tokens, batch_size, intervention, desc=desc)
-        category = {p.instruction: p.category for p in prompts}
-        for text, toks in zip(missing, ids):
+    category = {p.instruction: p.category for p in prompts}
+    replaced = {(t, max_new_tokens, fp) for t in missing}
+    kept = [r for r in lines if (r["instruction"], r.get("max_new_tokens"), r.get("fingerprint")) not in replaced]
+    done: list[str] = []
+    # one batch at a time, each saved before the next starts: a crash loses at most one batch, and a
+    # rerun forms the remaining batches exactly as an uninterrupted run would (same length order)
+    for idx in length_sorted_batches(chat.token_lengths(missing), batch_size) if missing else []:
+        texts = [missing[i] for i in idx]
+        ids = greedy_continuations(adapter, chat, texts, max_new_tokens, len(texts), intervention, desc=desc)
+        for text, toks in zip(texts, ids):
             response = chat.tokenizer.decode(toks, skip_special_tokens=True).strip()
             have[text] = {"instruction": text, "category": category[text], "response": response,
                           "refusal": is_refusal(response), "intervention": intervention.label,
                           "max_new_tokens": max_new_tokens, "fingerprint": fp, "token_ids": toks}
+        done += texts
         if path is not None:
-            replaced = {(t, max_new_tokens, fp) for t in missing}
-            kept = [r for r in lines if (r["instruction"], r.get("max_new_tokens"), r.get("fingerprint")) not in replaced]
-            body = kept + [have[t] for t in missing]
-            write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in body))
+            write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept + [have[t] for t in done]))
+        crash_point("generate")
     recs = [have[p.instruction] for p in prompts]
     fresh = set(missing)
     reused = sum(1 for p in prompts if p.instruction not in fresh)

@@ -2,8 +2,10 @@
 
 Every rate recorded carries its n, count and a 95% interval; every KL carries n and a bootstrap
 interval. Generation happens once per (dataset, intervention, max_new_tokens) and is stored in
-``R/completions``; judges read those files, and model judges cache their verdicts in
-``R/judgements``, so adding a judge or re-running after a crash costs only what is new.
+``R/completions``, each line keyed by the intervention's fingerprint (which covers the direction
+file's contents), so another direction never reuses it; judges read those files, and model judges
+cache their verdicts in ``R/judgements``, so adding a judge or re-running after a crash costs only
+what is new.
 """
 
 from __future__ import annotations
