@@ -86,3 +86,23 @@ def test_heldout_comparison_never_reuses_another_directions_row():
     rows = [{**a.describe(), "dataset": "jailbreakbench", "judge": "substring", "n": 4, "max_new_tokens": 2}]
     assert _existing(rows, a, "jailbreakbench", 4, 2, False) is rows[0]
     assert b.label == a.label and _existing(rows, b, "jailbreakbench", 4, 2, False) is None
+
+
+def test_compare_shows_one_row_per_direction_file(run_dir, capsys, tmp_path):
+    """`refusal-atlas compare` on a run with two RDO files of different names: two rows, by artifact."""
+    _evaluate(run_dir, "rdo_a", capsys)
+    _evaluate(run_dir, "rdo_b", capsys)
+    code, out, err = cli(["compare", str(run_dir.path), "--out", str(tmp_path / "cmp")], capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
+    ablated = [r for r in rows if r["kind"] == "ablate"]
+    assert sorted(r["intervention"] for r in ablated) == ["ablate:rdo_a", "ablate:rdo_b"]
+    fps = {r["intervention"]: r["fingerprint"] for r in ablated}
+    assert fps["ablate:rdo_a"] == DirectionSet.load(run_dir.direction_path("rdo_a")).fingerprint()
+    assert fps["ablate:rdo_a"] != fps["ablate:rdo_b"]
+    for r in ablated:  # each row carries its own measured rate with n and an interval
+        cell = r["refusal"]["jailbreakbench"]
+        assert cell["n"] == 3 and cell["ci95"][0] <= cell["rate"] <= cell["ci95"][1]
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "ablate:rdo_a" in table and "ablate:rdo_b" in table and fps["ablate:rdo_b"] in table
+    assert table in out

@@ -131,7 +131,7 @@ class Edit(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"intervention": self.label, "kind": self.kind, "edit": self.edit_type,
-                "edit_fingerprint": self.fingerprint(), "method": self.meta.get("method", self.edit_type),
+                "fingerprint": self.fingerprint(), "method": self.meta.get("method", self.edit_type),
                 "edit_spec": self.spec()}
 
     # --- using it ------------------------------------------------------------------------------
