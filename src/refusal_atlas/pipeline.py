@@ -51,6 +51,8 @@ def extract_step(ws: Workspace, sets: PromptSets, resume: bool = False) -> dict[
         harmful, harmless = sets.harmful_train, sets.harmless_train
         if ws.cfg.filter_train:
             harmful, harmless = filter_by_refusal(ws, harmful, harmless)
+        ws.run.update_manifest(train_counts={"harmful": {"sampled": len(sets.harmful_train), "kept": len(harmful)},
+                                             "harmless": {"sampled": len(sets.harmless_train), "kept": len(harmless)}})
         acts = {
             name: extract(ws.adapter, ws.chat, [p.instruction for p in prompts], positions=None,
                           batch_size=ws.cfg.batch_size, desc=f"extract {name}")
