@@ -171,9 +171,8 @@ def format_table(records: list[dict]) -> str:
 
 
 def config_from_run(run_dir: str | Path, overrides: dict | None = None) -> RunConfig:
-    """The config stored in a run directory's manifest, with overrides applied."""
-    from refusal_atlas.config import load_config
+    """The config stored in a run directory's manifest, under the layers of settings.py (flags = overrides)."""
+    from refusal_atlas.settings import resolve_config
 
     manifest = read_json(Path(run_dir) / "manifest.json")
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}  # unset flags keep the run's values
-    return load_config(None, {**manifest.get("config", {}), **given})
+    return resolve_config(overrides, base=manifest.get("config", {})).config
