@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from refusal_atlas.cli_chat import register as register_chat_commands
+from refusal_atlas.cli_concept import register as register_concept_commands
 from refusal_atlas.cli_config import register as register_config_commands
 from refusal_atlas.cli_config import setting_help as _setting
 from refusal_atlas.cli_gradient import register as register_gradient_commands
@@ -238,6 +239,7 @@ def datasets_cmd() -> None:
 
 register_config_commands(app)
 register_chat_commands(app)
+register_concept_commands(app)
 register_som_commands(app, directions_app)
 register_gradient_commands(directions_app)
 
