@@ -21,8 +21,8 @@ from refusal_atlas.analysis.geometry import direction_rows
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.errors import ArtifactError, RefusalAtlasError
 from refusal_atlas.io import load_tensors, read_json, write_text
-from refusal_atlas.report_context import (DEFINITIONS, comparison_section, examples_section, provenance_section,
-                                           table)
+from refusal_atlas.report_context import (DEFINITIONS, comparison_section, concept_note, examples_section,
+                                           provenance_section, table)
 from refusal_atlas.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ def build_report(run_dir: str | Path) -> Path:
     pdir = run.path / "plots"
     metrics, notes = _metrics(run)
     dirs, dir_notes = _directions(run)
-    sections: list[str] = [notes + dir_notes, DEFINITIONS]
+    sections: list[str] = [notes + dir_notes, DEFINITIONS + concept_note(manifest)]
     sections.append(_guarded("run provenance", lambda: provenance_section(run, manifest, metrics)))
     sections.append(_guarded("held-out results", lambda: _metrics_section(metrics, pdir)))
     sections.append(_guarded("methods compared", lambda: comparison_section(run, metrics)))

@@ -31,6 +31,19 @@ nothing. The selection's KL filter uses the same quantity on validation prompts.
 (−1 = last post-instruction token).</dd></dl>"""
 
 
+def concept_note(manifest: dict[str, Any]) -> str:
+    """Runs of `refusal-atlas concept` reuse the refusal columns: say what they mean there."""
+    concept = manifest.get("concept")
+    if not isinstance(concept, dict):
+        return ""
+    markers = ", ".join(repr(m) for m in concept.get("markers", []))
+    return (f"<p class='note'><b>Concept run: {html.escape(str(concept.get('name')))}.</b> Here “refusal” means the "
+            f"concept: positive prompts play the harmful role, negative prompts the harmless one; the refusal "
+            f"score is the log-odds of the start words {html.escape(', '.join(concept.get('start_words', [])))} as "
+            f"the next token, and the rate is the fraction of completions containing a marker "
+            f"({html.escape(markers)}).</p>")
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
     def cell(v) -> str:
         if isinstance(v, float):

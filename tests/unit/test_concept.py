@@ -57,6 +57,7 @@ def test_concept_run_writes_a_reportable_run(files, tiny):
     assert manifest["concept"]["markers"] == [" Sure", "Here"] and manifest["status"] == "complete"
     page = build_report(files / "run").read_text()
     assert "Example completions" in page and "ablate:refusalish" in page and "Skipped" not in page
+    assert "Concept run: refusalish" in page and "&#x27; Sure&#x27;" in page
     with pytest.raises(Exception, match="not empty|exists|force"):
         run_concept(atlas, spec, files / "run")  # never replaces a run without force
 
