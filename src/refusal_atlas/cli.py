@@ -12,20 +12,25 @@ from typing import Annotated, Optional
 
 import typer
 
+from refusal_atlas.cli_chat import register as register_chat_commands
 from refusal_atlas.cli_compare import register as register_compare_command
+from refusal_atlas.cli_concept import register as register_concept_commands
+from refusal_atlas.cli_config import register as register_config_commands
+from refusal_atlas.cli_config import setting_help as _setting
 from refusal_atlas.cli_export import register as register_export_commands
 from refusal_atlas.cli_gradient import register as register_gradient_commands
 from refusal_atlas.cli_som import register as register_som_commands
 from refusal_atlas.errors import RefusalAtlasError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Map, remove and induce refusal in chat language models (research software).")
+# rich_markup_mode=None: help texts are plain text, so "[k, k_max]" and brackets stay as written
+# the app's help is cli_config.global_options' docstring (it also explains the settings layers)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None)
 directions_app = typer.Typer(help="Build refusal directions from a run directory's representations.",
-                             no_args_is_help=True)
+                             no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(directions_app, name="directions")
 
 RunDirOpt = Annotated[Path, typer.Option("--run-dir", "-r", help="run directory")]
-ModelOpt = Annotated[Optional[str], typer.Option(help="HF id, local dir, .gguf file or 'embedded'")]
+ModelOpt = Annotated[Optional[str], typer.Option(help=_setting("model", "HF id, local dir, .gguf file or 'embedded'"))]
 
 
 def _ints(text: str | None) -> list[int] | None:
@@ -48,22 +53,22 @@ def _default_run_dir() -> Path:
 @app.command()
 def run(
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-r", help="default: runs/<timestamp>")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="TOML file with RunConfig fields")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of settings (as the global --config)")] = None,
     model: ModelOpt = None,
     method: Annotated[str, typer.Option(help="dim, or som (dim + SOM directions + subset search)")] = "dim",
-    layer: Annotated[Optional[int], typer.Option(help="skip selection; use DIM at this layer")] = None,
-    layers: Annotated[Optional[str], typer.Option(help="candidate layers, e.g. 8,10,12")] = None,
-    positions: Annotated[Optional[str], typer.Option(help="candidate positions, e.g. -1,-2")] = None,
-    n_train: Annotated[Optional[int], typer.Option()] = None,
-    n_val: Annotated[Optional[int], typer.Option()] = None,
-    n_eval: Annotated[Optional[int], typer.Option()] = None,
-    eval_harmful: Annotated[Optional[str], typer.Option(help="comma-separated dataset names or files")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option()] = None,
-    batch_size: Annotated[Optional[int], typer.Option()] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    device: Annotated[Optional[str], typer.Option()] = None,
-    system_prompt: Annotated[Optional[str], typer.Option(help="system message (default: the template's)")] = None,
-    chat_template: Annotated[Optional[Path], typer.Option(help="Jinja chat template file, for models without one")] = None,
+    layer: Annotated[Optional[int], typer.Option(help=_setting("layer"))] = None,
+    layers: Annotated[Optional[str], typer.Option(help=_setting("layers", "candidate layers, e.g. 8,10,12"))] = None,
+    positions: Annotated[Optional[str], typer.Option(help=_setting("positions", "candidate positions, e.g. -1,-2"))] = None,
+    n_train: Annotated[Optional[int], typer.Option(help=_setting("n_train", "train prompts per side"))] = None,
+    n_val: Annotated[Optional[int], typer.Option(help=_setting("n_val", "validation prompts per side"))] = None,
+    n_eval: Annotated[Optional[int], typer.Option(help=_setting("n_eval", "held-out prompts per dataset"))] = None,
+    eval_harmful: Annotated[Optional[str], typer.Option(help=_setting("eval_harmful", "comma-separated dataset names or files"))] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help=_setting("max_new_tokens", "greedy tokens per completion"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_setting("batch_size", "prompts per forward pass"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_setting("seed", "prompt sampling and torch seed"))] = None,
+    device: Annotated[Optional[str], typer.Option(help=_setting("device", "cpu, cuda, mps (None: best available)"))] = None,
+    system_prompt: Annotated[Optional[str], typer.Option(help=_setting("system_prompt", "system message (None: the template's)"))] = None,
+    chat_template: Annotated[Optional[Path], typer.Option(help=_setting("chat_template", "Jinja chat template file, for models without one"))] = None,
     resume: Annotated[bool, typer.Option(help="continue the run directory with its own settings")] = False,
     allow_low_refusal: Annotated[bool, typer.Option(help="continue (with a warning) when the model refuses < 10% "
                                                          "of the harmful train prompts")] = False,
@@ -71,15 +76,15 @@ def run(
     k: Annotated[int, typer.Option(help="--method som: directions per searched subset")] = 3,
 ) -> None:
     """The default end-to-end job: extract → DIM → select → held-out evaluation."""
-    from refusal_atlas.config import load_config
+    from refusal_atlas.settings import resolve_config
     from refusal_atlas.validate import check_new_run_dir, run_config
 
     if method not in ("dim", "som"):
         raise RefusalAtlasError(f"unknown method {method!r} for `run` (available: dim, som)")
-    cfg = load_config(config, dict(model=model, layer=layer, layers=_ints(layers), positions=_ints(positions),
+    cfg = resolve_config(config_file=config, cli=dict(model=model, layer=layer, layers=_ints(layers), positions=_ints(positions),
                                    n_train=n_train, n_val=n_val, n_eval=n_eval, eval_harmful=_names(eval_harmful),
                                    max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device,
-                                   system_prompt=system_prompt, chat_template=chat_template and str(chat_template)))
+                                   system_prompt=system_prompt, chat_template=chat_template and str(chat_template))).config
     run_dir = run_dir or _default_run_dir()
     manifest = check_new_run_dir(run_dir)
     if resume and manifest:  # the run's own settings, then what the TOML file and the flags set explicitly
@@ -108,17 +113,18 @@ def _workspace(run_dir: Path, allowed=(), **overrides):
 
 
 @app.command("extract")
-def extract_cmd(run_dir: RunDirOpt, model: ModelOpt = None, n_train: Annotated[Optional[int], typer.Option()] = None,
-                filter_train: Annotated[Optional[bool], typer.Option()] = None,
+def extract_cmd(run_dir: RunDirOpt, model: ModelOpt = None,
+                n_train: Annotated[Optional[int], typer.Option(help=_setting("n_train", "train prompts per side"))] = None,
+                filter_train: Annotated[Optional[bool], typer.Option(help=_setting("filter_train"))] = None,
                 allow_low_refusal: Annotated[bool, typer.Option(help="continue when the model refuses < 10%")] = False,
                 ) -> None:
     """Residual-stream representations of harmful vs harmless train prompts (a new or an existing run)."""
-    from refusal_atlas.config import load_config
+    from refusal_atlas.settings import resolve_config
     from refusal_atlas.validate import EXTRACTION_SETTINGS, check_new_run_dir, run_config
 
     overrides = dict(model=model, n_train=n_train, filter_train=filter_train)
     manifest = check_new_run_dir(run_dir)
-    cfg = run_config(manifest, overrides) if manifest else load_config(None, overrides)
+    cfg = run_config(manifest, overrides) if manifest else resolve_config(overrides).config
     from refusal_atlas.pipeline import extract_step
     from refusal_atlas.workspace import load_prompt_sets, open_workspace
 
@@ -149,9 +155,10 @@ def directions_dim(run_dir: RunDirOpt) -> None:
 
 
 @app.command("select")
-def select_cmd(run_dir: RunDirOpt, layers: Annotated[Optional[str], typer.Option()] = None,
-               positions: Annotated[Optional[str], typer.Option()] = None,
-               kl_threshold: Annotated[Optional[float], typer.Option()] = None) -> None:
+def select_cmd(run_dir: RunDirOpt,
+               layers: Annotated[Optional[str], typer.Option(help=_setting("layers", "candidate layers, e.g. 8,10"))] = None,
+               positions: Annotated[Optional[str], typer.Option(help=_setting("positions", "e.g. -1,-2"))] = None,
+               kl_threshold: Annotated[Optional[float], typer.Option(help=_setting("kl_threshold", "KL filter bound"))] = None) -> None:
     """Arditi-style selection of one DIM candidate on validation prompts."""
     from refusal_atlas.validate import SELECTION_SETTINGS, check_run_dir, run_config
 
@@ -192,7 +199,7 @@ def evaluate_cmd(
     model: Annotated[Optional[Path], typer.Option(help="also score an exported model (dir, LoRA adapter, .gguf)")] = None,
     base: Annotated[Optional[str], typer.Option(help="--model LoRA: base model (default: adapter_config's)")] = None,
 ) -> None:
-    """Judge {datasets} × {interventions} × {judges}, damage (KL) and benchmarks; appends to metrics.json."""
+    """Judge every dataset × intervention × judge, damage (KL) and benchmarks; appends to metrics.json."""
     from refusal_atlas.validate import (check_at_least, check_datasets, check_direction_file, check_run_dir,
                                         load_run_edit, run_config)
 
@@ -283,6 +290,9 @@ def datasets_cmd() -> None:
         typer.echo(f"{info.name:<22} {info.role:<13} {info.split or '-':<6} {info.n:>6}  {info.source}")
 
 
+register_config_commands(app)
+register_chat_commands(app)
+register_concept_commands(app)
 register_som_commands(app, directions_app)
 register_gradient_commands(directions_app)
 register_compare_command(app)

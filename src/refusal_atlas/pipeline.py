@@ -89,6 +89,8 @@ def extract_step(ws: Workspace, sets: PromptSets, resume: bool = False,
             scores = train_refusal_scores(ws, harmful)
             check_baseline_refusal(ws, scores, allow_low_refusal)
             harmful, harmless = filter_by_refusal(ws, harmful, harmless, scores)
+        ws.run.update_manifest(train_counts={"harmful": {"sampled": len(sets.harmful_train), "kept": len(harmful)},
+                                             "harmless": {"sampled": len(sets.harmless_train), "kept": len(harmless)}})
         acts = {  # each set is kept in R/partial/ until both are saved, so a crash loses at most one
             name: extract_resumable(ws.adapter, ws.chat, [p.instruction for p in prompts], ws.run / "partial" /
                                     f"activations.{name}.safetensors", positions=None,
@@ -213,9 +215,8 @@ def format_table(records: list[dict]) -> str:
 
 
 def config_from_run(run_dir: str | Path, overrides: dict | None = None) -> RunConfig:
-    """The config stored in a run directory's manifest, with overrides applied."""
-    from refusal_atlas.config import load_config
+    """The config stored in a run directory's manifest, under the layers of settings.py (flags = overrides)."""
+    from refusal_atlas.settings import resolve_config
 
     manifest = read_json(Path(run_dir) / "manifest.json")
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}  # unset flags keep the run's values
-    return load_config(None, {**manifest.get("config", {}), **given})
+    return resolve_config(overrides, base=manifest.get("config", {})).config

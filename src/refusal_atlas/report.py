@@ -21,6 +21,8 @@ from refusal_atlas.analysis.geometry import direction_rows
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.errors import ArtifactError, RefusalAtlasError
 from refusal_atlas.io import load_tensors, read_json, write_text
+from refusal_atlas.report_context import (DEFINITIONS, comparison_section, concept_note, examples_section,
+                                           provenance_section, table)
 from refusal_atlas.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,9 @@ _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>refusal-atlas
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
 th{{background:#f0f0f0}}td:first-child,td:nth-child(2){{text-align:left}}img{{max-width:100%}}
-.note{{color:#666;font-size:13px}}</style></head><body>
+.note{{color:#666;font-size:13px}}table.kv th{{text-align:left;vertical-align:top}}table.kv td{{text-align:left}}
+td.ex{{text-align:left;vertical-align:top;max-width:320px;font-size:12px}}dl.defs dt{{font-weight:bold}}
+dl.defs dd{{margin:0 0 .5em 1.5em;font-size:14px}}details summary{{cursor:pointer;color:#8a1c1c}}</style></head><body>
 <h1>refusal-atlas report</h1><p class="note">{subtitle}</p>
 <p class="note">Research output of dual-use software: measurements of how refusal is encoded. Rates are
 measured on held-out prompts and carry 95% Wilson intervals.</p>
@@ -39,19 +43,6 @@ measured on held-out prompts and carry 95% Wilson intervals.</p>
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
-
-
-def _table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return f"{v:.3f}"
-        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v):
-            return f"[{v[0]:.2f}, {v[1]:.2f}]"
-        return html.escape("" if v is None else str(v))
-
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _skipped(what: str, exc: Exception) -> str:
@@ -91,29 +82,41 @@ def _metrics_section(metrics: list[dict[str, Any]], pdir: Path) -> str:
     if not rows:
         return ""
     cols = ["dataset", "intervention", "judge", "n", "refusal_rate", "ci95", "kl", "k"]
-    text = "<h2>Held-out results</h2>" + _table(rows, cols)
+    text = "<h2>Held-out results</h2>" + table(rows, cols)
     if any("refusal_rate" in r for r in rows):
         text += _guarded("held-out plot", lambda: _img(plots.plot_metrics(rows, pdir / "metrics.png")))
     return text
 
 
-def _selection_section(run: RunDir, pdir: Path) -> str:
+def _selection_section(run: RunDir, cfg: dict[str, Any], pdir: Path) -> str:
     sel = read_json(run.path / "selection.json")
-    scored = [c for c in sel["candidates"] if "refusal" in c]
+    candidates = sel["candidates"]
+    scored = [c for c in candidates if "refusal" in c]
     chosen = next((c for c in scored if sel.get("chosen") and c["layer"] == sel["chosen"]["layer"]
                    and c["position"] == sel["chosen"]["position"]), None)
     relaxed = sel.get("relaxed_filters") or []
-    note = (f"<p class='note'>Filters relaxed because no candidate passed them: {html.escape(', '.join(relaxed))}</p>"
+    note = (f"<p class='note'>Filters relaxed because no candidate passed them: {html.escape(', '.join(relaxed))}. "
+            "The chosen candidate is the lowest-scoring one that passes the remaining filters.</p>"
             if relaxed else "")
+    counts: dict[str, int] = {}
+    for c in candidates:
+        counts[c.get("status", "?")] = counts.get(c.get("status", "?"), 0) + 1
+    status = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    img = _img(plots.plot_selection(candidates, chosen, pdir / "selection.png", baseline=sel.get("baseline"),
+                                    kl_threshold=cfg.get("kl_threshold"), induce_threshold=cfg.get("induce_threshold"),
+                                    n_val=cfg.get("n_val")))
     return ("<h2>Direction selection (validation prompts)</h2>" + note
-            + _img(plots.plot_selection(scored, chosen, pdir / "selection.png")))
+            + f"<p class='note'>Candidates by status: {html.escape(status)}. A candidate is filtered when its KL "
+            "exceeds the threshold, when adding it does not raise the refusal score above the induce threshold, or "
+            "when its layer is in the pruned last fraction of layers.</p>" + img)
 
 
 def _dim_layers_section(run: RunDir, pdir: Path) -> str:
     tensors, meta = load_tensors(run.direction_path("dim_candidates"))
-    last = tensors["vectors"][meta["positions"].index(-1)] if -1 in meta["positions"] else tensors["vectors"][-1]
+    position = -1 if -1 in meta["positions"] else meta["positions"][-1]
+    last = tensors["vectors"][meta["positions"].index(position)]
     return ("<h2>DIM across layers</h2>"
-            + _img(plots.plot_layer_cosines(last, meta["layers"], pdir / "layer_cosines.png")))
+            + _img(plots.plot_layer_cosines(last, meta["layers"], pdir / "layer_cosines.png", position)))
 
 
 def _geometry_plots(dirs: dict[str, DirectionSet], pdir: Path) -> str:
@@ -143,7 +146,7 @@ def _som_plot(name: str, d: DirectionSet, dim: DirectionSet | None, pdir: Path) 
 def _directions_section(dirs: dict[str, DirectionSet], pdir: Path) -> str:
     rows = [{"name": name, "method": d.method, "k": len(d), "layer": d.layer,
              "mean norm": float(d.norms.mean())} for name, d in dirs.items()]
-    text = "<h2>Directions</h2>" + _table(rows, ["name", "method", "k", "layer", "mean norm"])
+    text = "<h2>Directions</h2>" + table(rows, ["name", "method", "k", "layer", "mean norm"])
     text += _guarded("direction cosines", lambda: _geometry_plots(dirs, pdir))
     dim = dirs.get("dim")
     for name, d in dirs.items():
@@ -168,7 +171,7 @@ def _gradient_section(dirs: dict[str, DirectionSet], pdir: Path) -> str:
     cols = ["name", "method", "k", "layer", "steps", "best_step", "stopped", "best val objective", "cos with DIM"]
     return ("<h2>Gradient-trained directions</h2><p class='note'>Validation objective = refusal score under "
             "ablation + KL weight × harmless KL (+ independence term for RepInd); lower is better. The saved "
-            "direction is the one at the best step.</p>" + (_table(rows, cols) if rows else "") + notes + plots_html)
+            "direction is the one at the best step.</p>" + (table(rows, cols) if rows else "") + notes + plots_html)
 
 
 def _records(metrics: list[dict[str, Any]], metric: str, reader: Callable[[dict[str, Any]], Any]) -> tuple[list, str]:
@@ -239,10 +242,14 @@ def build_report(run_dir: str | Path) -> Path:
     pdir = run.path / "plots"
     metrics, notes = _metrics(run)
     dirs, dir_notes = _directions(run)
-    sections: list[str] = [notes + dir_notes]
+    sections: list[str] = [notes + dir_notes, DEFINITIONS + concept_note(manifest)]
+    sections.append(_guarded("run provenance", lambda: provenance_section(run, manifest, metrics)))
     sections.append(_guarded("held-out results", lambda: _metrics_section(metrics, pdir)))
+    sections.append(_guarded("methods compared", lambda: comparison_section(run, metrics)))
+    sections.append(_guarded("example completions", lambda: examples_section(run)))
     if (run.path / "selection.json").exists():
-        sections.append(_guarded("direction selection", lambda: _selection_section(run, pdir)))
+        sections.append(_guarded("direction selection", lambda: _selection_section(run, manifest.get("config", {}),
+                                                                                    pdir)))
     if run.direction_path("dim_candidates").exists():
         sections.append(_guarded("DIM across layers", lambda: _dim_layers_section(run, pdir)))
     if dirs:

@@ -229,11 +229,11 @@ def check_at_least(**values: tuple[int | float | None, int | float]) -> None:
 
 
 def run_config(manifest: Mapping[str, Any], overrides: Mapping[str, Any] | None = None):
-    """The RunConfig recorded in a run's manifest, with the given (non-None) overrides."""
-    from refusal_atlas.config import load_config
+    """The RunConfig recorded in a run's manifest, under the settings layers (settings.py), with the given
+    (non-None) overrides as CLI flags."""
+    from refusal_atlas.settings import resolve_config
 
-    return load_config(None, {**manifest.get("config", {}), **{k: v for k, v in (overrides or {}).items()
-                                                                if v is not None}})
+    return resolve_config(overrides, base=manifest.get("config", {})).config
 
 
 def check_datasets(names: Iterable[str], n: int | None = None, seed: int = 0) -> None:

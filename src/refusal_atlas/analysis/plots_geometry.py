@@ -104,8 +104,10 @@ def plot_cosine_heatmap(labels: list[str], groups: list[str], rows: torch.Tensor
         for (i, j), v in np.ndenumerate(cos):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6 if n > 12 else 7,
                     color="white" if abs(v) > 0.6 else "black")
-    ax.set_title("cosine similarity between directions", fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title(f"cosine similarity between directions (n = {n})", fontsize=10)
+    ax.set_xlabel("direction (set:id)")
+    ax.set_ylabel("direction (set:id)")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="cosine similarity")
     return save_figure(fig, path)
 
 
@@ -122,5 +124,7 @@ def plot_direction_map(labels: list[str], groups: list[str], rows: torch.Tensor,
         for (x, y), label in zip(coords, labels):
             ax.annotate(label, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6, color="#444444")
     ax.legend(fontsize=7)
-    ax.set_title("MDS map of directions (cosine distance)", fontsize=10)
+    ax.set_xlabel("MDS axis 1 (cosine distance, unitless)")
+    ax.set_ylabel("MDS axis 2 (cosine distance, unitless)")
+    ax.set_title(f"MDS map of {len(labels)} directions (distances ≈ cosine distances)", fontsize=10)
     return save_figure(fig, path)

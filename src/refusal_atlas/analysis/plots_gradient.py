@@ -68,6 +68,7 @@ def _loss_panel(ax, runs: list[TrainingRun]) -> None:
             plotted += run.history[key]
     _scale(ax, plotted)
     ax.set_xlabel("step")
+    ax.set_ylabel("loss (weighted CE + KL terms, nats)", fontsize=8)
     ax.set_title("training loss per step" + (" (total and terms)" if not multi else ""), fontsize=10)
     if plotted:
         ax.legend(fontsize=7)
@@ -115,6 +116,7 @@ def _aux_panels(ax_lr, ax_g, runs: list[TrainingRun]) -> None:
     for ax, key in ((ax_lr, "lr"), (ax_g, "grad_norm")):
         _scale(ax, [v for r in runs for v in r.history.get(key, [])], min_span=20)
         ax.set_title(key, fontsize=8)
+        ax.set_ylabel({"lr": "learning rate", "grad_norm": "gradient norm"}[key], fontsize=7)
         ax.tick_params(labelsize=7)
     ax_lr.tick_params(labelbottom=False)
     ax_g.set_xlabel("step", fontsize=8)
@@ -161,7 +163,8 @@ def plot_cone_samples(dists: list[ConeDistribution], path: Path) -> Path:
             ax.axhline(dist.baseline, color="#c0392b", ls="--", lw=1.2, label=f"no ablation ({dist.baseline:.2f})")
             ax.legend(fontsize=7, loc="best")
         ax.set_title(f"cone k={dist.k}\n{dist.label}" if dist.k is not None else dist.label, fontsize=9)
-    axes[0][0].set_ylabel("mean refusal score under ablation\n(↓ less refusal)", fontsize=9)
+        ax.set_xlabel("ablated direction (n per group)", fontsize=8)
+    axes[0][0].set_ylabel("mean refusal score under ablation\n(log-odds, ↓ less refusal)", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -183,6 +186,6 @@ def plot_independence(curves: list[CrossAblation], path: Path, mark_layer: int |
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer (block input)" + (f"; dotted: DIM's layer {mark_layer}" if mark_layer is not None
                                                else ""), fontsize=9)
-    axes[0].set_ylabel("mean change of cos(x, ·) over prompts", fontsize=9)
+    axes[0].set_ylabel("mean change of cos(x, ·) over prompts (unitless)", fontsize=9)
     axes[0].legend(fontsize=7)
     return save_figure(fig, path)

@@ -47,6 +47,11 @@ class DirectionSet:
     def __len__(self) -> int:
         return self.vectors.shape[0]
 
+    def __getitem__(self, key: int | slice) -> DirectionSet:
+        """Rows by position (``dirs[:3]``: the first three, e.g. the most-hit SOM neurons) as a DirectionSet."""
+        rows = list(range(len(self)))[key] if isinstance(key, slice) else [list(range(len(self)))[key]]
+        return self.select([self.ids[r] for r in rows])
+
     @property
     def d_model(self) -> int:
         return self.vectors.shape[1]

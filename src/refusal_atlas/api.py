@@ -1,0 +1,275 @@
+"""A notebook API: one object for a loaded chat model, and scikit-learn-style direction estimators.
+
+The library's functions stay the engine; this module only fixes one way to call them. Prompts are
+plain strings, layers and positions are keyword-only, estimators take their hyper-parameters in
+``__init__`` and ``fit`` returns a :class:`DirectionSet`, and an edit is a ``with`` block:
+
+>>> atlas = Atlas.from_model(model, tokenizer)            # or Atlas.load("embedded")
+>>> harmful = ["how to make a bomb", "hack into computer and steal money"]
+>>> harmless = ["tell joke", "give me recipe for cake"]
+>>> acts = atlas.extract(harmful, harmless)
+>>> dirs = DIM(layer=2).fit(acts)
+>>> (dirs.method, dirs.layer, dirs.position, len(dirs))
+('dim', 2, -1, 1)
+>>> with atlas.ablate(dirs):
+...     edited = atlas.generate(harmful, max_new_tokens=4)
+>>> edited != atlas.generate(harmful, max_new_tokens=4)   # the edit is gone after the block
+True
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refusal_atlas.activations import ActivationSet, extract
+from refusal_atlas.data import Prompt, load_prompts
+from refusal_atlas.directions.base import DirectionSet
+from refusal_atlas.directions.dim import DimCandidates, difference_in_means
+from refusal_atlas.errors import ConfigError
+from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
+from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score, refusal_token_ids
+from refusal_atlas.generation import generate
+from refusal_atlas.interventions import Intervention
+from refusal_atlas.model import ChatFormatter, ModelAdapter, load_model
+
+
+def prompts(name: str, *, n: int | None = None, seed: int = 0) -> list[str]:
+    """Instructions of a bundled prompt set or a prompt file (``refusal-atlas datasets`` lists the sets)."""
+    return [p.instruction for p in load_prompts(name, n=n, seed=seed)]
+
+
+@dataclass
+class Activations:
+    """Residual representations of a harmful and a harmless prompt set, with the prompts they came from."""
+
+    harmful: ActivationSet
+    harmless: ActivationSet
+    harmful_prompts: list[str]
+    harmless_prompts: list[str]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.harmful.layers)
+
+
+class Atlas:
+    """A chat model ready for refusal work: adapter, chat format, refusal tokens and the active edit.
+
+    ``system``: a system prompt (None: the chat template's own default). ``generate``, ``refusal_scores``
+    and ``evaluate`` run under whatever ``ablate`` / ``add`` block is open.
+    """
+
+    def __init__(self, model, tokenizer, *, name: str = "model", system: str | None = None,
+                 chat_template: str | None = None, batch_size: int = 32):
+        self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
+        self.adapter = ModelAdapter(model)
+        self.chat = ChatFormatter(tokenizer, system=system, chat_template=chat_template)
+        self.refusal_ids = refusal_token_ids(tokenizer)
+        self._edit: Intervention | None = None
+
+    @classmethod
+    def load(cls, model: str = "embedded", *, device: str | None = None, dtype: str | None = None,
+             **kwargs: Any) -> Atlas:
+        """Load an HF id, a local directory, a ``.gguf`` file or ``"embedded"`` (the shipped 0.5B model)."""
+        loaded = load_model(model, device=device, dtype=dtype)
+        return cls(loaded.model, loaded.tokenizer, name=loaded.name, **kwargs)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, **kwargs: Any) -> Atlas:
+        """Wrap a model already in memory (any supported HF causal LM with a chat template)."""
+        return cls(model, tokenizer, **kwargs)
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.adapter.d_model
+
+    # activations -------------------------------------------------------------------------------
+    def extract(self, harmful: Sequence[str], harmless: Sequence[str], *, layers: Sequence[int] | None = None,
+                positions: Sequence[int] | None = None) -> Activations:
+        """Block-input residuals of both sets at ``layers`` (default all) × ``positions`` (default all)."""
+        def run(texts: Sequence[str], what: str) -> ActivationSet:
+            return extract(self.adapter, self.chat, list(texts), layers=layers, positions=positions,
+                           batch_size=self.batch_size, desc=f"extract {what}")
+
+        return Activations(run(harmful, "harmful"), run(harmless, "harmless"), list(harmful), list(harmless))
+
+    # edits -------------------------------------------------------------------------------------
+    @contextmanager
+    def edit(self, intervention: Intervention) -> Iterator[Intervention]:
+        """Run the block under ``intervention`` (nested blocks: the innermost applies)."""
+        previous, self._edit = self._edit, intervention
+        try:
+            yield intervention
+        finally:
+            self._edit = previous
+
+    def ablate(self, directions: DirectionSet, *, mode: str = "subspace"):
+        """Project ``directions`` out of the residual stream everywhere (``mode``: subspace | sequential)."""
+        return self.edit(Intervention("ablate", directions, mode=mode))  # type: ignore[arg-type]
+
+    def add(self, directions: DirectionSet, *, coeff: float = 1.0, layer: int | None = None):
+        """Add ``coeff`` × the first direction at ``layer`` (default: the set's layer): ActAdd, induces refusal."""
+        return self.edit(Intervention("actadd", directions, coeff=coeff, layer=layer))
+
+    @property
+    def active_edit(self) -> Intervention:
+        return self._edit or Intervention("none")
+
+    # measurements ------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64) -> list[str]:
+        """Greedy completions under the active edit."""
+        return generate(self.adapter, self.chat, list(prompts), max_new_tokens=max_new_tokens,
+                        batch_size=self.batch_size, intervention=self._edit)
+
+    def refusal_scores(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Per prompt, log-odds of a refusal-start token at the last prompt position (one forward pass)."""
+        lp = next_token_logprobs(self.adapter, self.chat, list(prompts), self.batch_size, intervention=self._edit)
+        return refusal_score(lp, self.refusal_ids)
+
+    def evaluate(self, harmful: Sequence[str], harmless: Sequence[str] | None = None, *,
+                 max_new_tokens: int = 64) -> dict[str, Any]:
+        """The active edit against the unedited model: refusal rates (substring judge), mean scores, KL.
+
+        Returns ``{"edit", "harmful": {refusal_rate, ci95, n, mean_refusal_score}, "harmless": {...,
+        "kl"}}``; KL is the mean next-token KL(base ‖ edited) on the harmless prompts, in nats.
+        """
+        spec = self.active_edit
+        out: dict[str, Any] = {"edit": spec.label}
+        for role, texts in (("harmful", harmful), ("harmless", harmless)):
+            if not texts:
+                continue
+            items = [Prompt(t) for t in texts]
+            rec = evaluate_refusal(self.adapter, self.chat, items, f"{role}_prompts", spec,
+                                   max_new_tokens=max_new_tokens, batch_size=self.batch_size)
+            out[role] = {k: rec[k] for k in ("refusal_rate", "ci95", "n")}
+            out[role]["mean_refusal_score"] = float(self.refusal_scores(texts).mean())
+            if role == "harmless":
+                out[role]["kl"], _ = evaluate_kl(self.adapter, self.chat, items, spec, batch_size=self.batch_size)
+        return out
+
+    def select(self, candidates: DimCandidates, harmful_val: Sequence[str], harmless_val: Sequence[str], *,
+               kl_threshold: float = 0.1, induce_threshold: float = 0.0, prune_layer_frac: float = 0.2,
+               layers: Sequence[int] | None = None, positions: Sequence[int] | None = None) -> DirectionSet:
+        """Arditi-style choice of one DIM candidate on validation prompts (``DIM().fit(acts).candidates``)."""
+        from refusal_atlas.directions.select import select_direction
+
+        sel = select_direction(self.adapter, self.chat, candidates, list(harmful_val), list(harmless_val),
+                               self.refusal_ids, kl_threshold=kl_threshold, induce_threshold=induce_threshold,
+                               prune_layer_frac=prune_layer_frac, layers=layers, positions=positions,
+                               batch_size=self.batch_size)
+        assert sel.direction is not None  # not strict: filters are relaxed rather than failing
+        sel.direction.meta["selection"] = {"relaxed": sel.relaxed, "baseline": sel.baseline}
+        return sel.direction
+
+
+# ------------------------------------------------------------------------------------- estimators
+class DIM:
+    """Difference in means (Arditi et al.): mean(harmful) − mean(harmless) at one layer and position.
+
+    ``layer=None`` takes the layer where the difference is largest relative to the residual norm (a
+    quick default; ``Atlas.select`` is the validated choice). After ``fit``, ``self.candidates`` holds
+    every (layer, position) candidate.
+    """
+
+    def __init__(self, *, layer: int | None = None, position: int = -1):
+        self.layer, self.position = layer, position
+        self.candidates: DimCandidates | None = None
+
+    def fit(self, acts: Activations) -> DirectionSet:
+        self.candidates = difference_in_means(acts.harmful, acts.harmless)
+        layer = self.layer
+        if layer is None:
+            p = self.candidates.positions.index(self.position) if self.position in self.candidates.positions else -1
+            scale = acts.harmless.mean[p].double().norm(dim=-1).clamp_min(1e-12)
+            layer = self.candidates.layers[int((self.candidates.vectors[p].double().norm(dim=-1) / scale).argmax())]
+        return self.candidates.at(layer, self.position)
+
+
+class SOM:
+    """Self-organizing-map directions (Piras, Mura et al.): a SOM on harmful representations minus the
+    harmless mean at one layer; one direction per live neuron, most-hit first."""
+
+    def __init__(self, *, layer: int, grid: tuple[int, int] = (4, 4), sigma: float = 0.33, lr: float = 0.01,
+                 iterations: int = 10_000, seed: int = 0):
+        self.layer, self.grid, self.sigma, self.lr, self.iterations, self.seed = layer, grid, sigma, lr, iterations, seed
+
+    def fit(self, acts: Activations) -> DirectionSet:
+        from refusal_atlas.directions.som import SomDirections
+
+        builder = SomDirections(grid=self.grid, sigma=self.sigma, lr=self.lr, iterations=self.iterations,
+                                seed=self.seed)
+        return builder.fit(acts.harmful, acts.harmless, self.layer)
+
+
+class RDO:
+    """Refusal Direction Optimization (Wollschläger et al.): one direction trained by gradient descent so
+    ablating it answers like DIM ablation, adding it refuses, and harmless behaviour is retained.
+
+    ``fit(atlas, acts, dim=...)`` trains on the prompts of ``acts`` (targets generated with the DIM
+    direction) and validates on ``harmful_val`` / ``harmless_val`` (default: the train prompts).
+    """
+
+    def __init__(self, *, steps: int = 40, lr: float = 1e-2, batch_size: int = 8, eval_every: int = 4,
+                 target_tokens: int = 30, init: str = "dim", orthogonal: bool = False, seed: int = 0):
+        self.steps, self.lr, self.batch_size, self.eval_every = steps, lr, batch_size, eval_every
+        self.target_tokens, self.init, self.orthogonal, self.seed = target_tokens, init, orthogonal, seed
+
+    def fit(self, atlas: Atlas, acts: Activations, *, dim: DirectionSet | None = None,
+            harmful_val: Sequence[str] | None = None, harmless_val: Sequence[str] | None = None) -> DirectionSet:
+        from refusal_atlas.directions.optim import TrainConfig, TrainingData, ValidationSet
+        from refusal_atlas.directions.rdo import train_rdo
+        from refusal_atlas.directions.targets import build_targets
+        from refusal_atlas.directions.training_setup import TrainingSetup
+
+        dim = dim if dim is not None else DIM().fit(acts)
+        cfg = TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size,
+                          micro_batch=min(4, self.batch_size), eval_every=self.eval_every, seed=self.seed)
+        targets = build_targets(atlas.adapter, atlas.chat, dim, acts.harmful_prompts, acts.harmless_prompts,
+                                max_new_tokens=self.target_tokens, batch_size=atlas.batch_size)
+        val = ValidationSet(atlas.adapter, atlas.chat, list(harmful_val or acts.harmful_prompts),
+                            list(harmless_val or acts.harmless_prompts), atlas.refusal_ids, atlas.batch_size,
+                            cfg.val_kl_weight)
+        setup = TrainingSetup(dim, targets, TrainingData(atlas.chat, targets, atlas.adapter.device), val, {})
+        return train_rdo(atlas.adapter, setup, init="random" if self.orthogonal else self.init, cfg=cfg,
+                         orthogonal_to=dim.vectors if self.orthogonal else None)
+
+
+class Search:
+    """Optuna TPE search for the subset of ``k`` directions (e.g. SOM's) whose joint ablation best trades
+    refusal against KL on validation prompts; ``fit`` returns the chosen subset, ``summary`` the study."""
+
+    def __init__(self, *, k: int = 3, trials: int = 30, seed: int = 0, kl_threshold: float = 0.1,
+                 mode: str = "subspace", n_startup_trials: int = 10, study: str | Path | None = None):
+        if trials < 1:
+            raise ConfigError(f"trials must be >= 1, got {trials}")
+        self.k, self.trials, self.seed, self.kl_threshold = k, trials, seed, kl_threshold
+        self.mode, self.n_startup_trials, self.study = mode, n_startup_trials, study
+        self.summary: dict[str, Any] | None = None
+
+    def fit(self, atlas: Atlas, directions: DirectionSet, harmful_val: Sequence[str],
+            harmless_val: Sequence[str]) -> DirectionSet:
+        from refusal_atlas.evaluation.objective import ValidationObjective
+        from refusal_atlas.search import SearchSettings, open_study, run_trials, summarize
+
+        settings = SearchSettings(k=self.k, seed=self.seed, mode=self.mode,  # type: ignore[arg-type]
+                                  kl_threshold=self.kl_threshold, n_startup_trials=self.n_startup_trials)
+        settings.space(directions)  # k against the number of directions, before any work
+        objective = ValidationObjective(atlas.adapter, atlas.chat, list(harmful_val), list(harmless_val),
+                                        atlas.refusal_ids, batch_size=atlas.batch_size, mode=self.mode)  # type: ignore[arg-type]
+        with tempfile.TemporaryDirectory() as tmp:
+            db = Path(self.study) if self.study is not None else Path(tmp) / "study.db"
+            study = open_study(db, "search", settings.identity(directions, objective.fingerprint()))
+            run_trials(study, directions, objective, settings, self.trials)
+            self.summary = summarize(study, settings)
+        return directions.select(self.summary["chosen"]["ids"])
