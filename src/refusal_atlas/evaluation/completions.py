@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from refusal_atlas.data import Prompt
-from refusal_atlas.evaluation.damage import greedy_continuations
-from refusal_atlas.evaluation.refusal import is_refusal
+from refusal_atlas.evaluation.refusal import is_refusal, refusal_phrase_in
+from refusal_atlas.generation import DECODING, greedy_generate
 from refusal_atlas.interventions import Intervention, as_matrix
 from refusal_atlas.io import write_text
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
+from refusal_atlas.prefix_cache import supports_prefix_reuse
 
 
 @dataclass
@@ -56,9 +57,18 @@ def _read(path: Path | None) -> list[dict]:
     return out
 
 
-def _usable(rec: dict, max_new_tokens: int, fingerprint: str) -> bool:
+def _usable(rec: dict, max_new_tokens: int, fingerprint: str, allow_decided: bool = False) -> bool:
+    """A saved line fits when length and intervention match; a line cut short once its substring verdict
+    was decided (``stop == "decided"``) only fits callers that judge by substring alone."""
     return (rec.get("max_new_tokens") == max_new_tokens and rec.get("fingerprint") == fingerprint
-            and isinstance(rec.get("response"), str) and isinstance(rec.get("token_ids"), list))
+            and isinstance(rec.get("response"), str) and isinstance(rec.get("token_ids"), list)
+            and (allow_decided or rec.get("stop") != "decided"))
+
+
+def refusal_decided(tokenizer) -> Callable[[list[int]], bool]:
+    """Stop rule for substring-judged generations: once a refusal phrase is in the text, more tokens
+    cannot change the verdict (the phrase stays a substring of any longer decoding)."""
+    return lambda ids: refusal_phrase_in(tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def completions_for(
@@ -70,20 +80,28 @@ def completions_for(
     batch_size: int,
     path: Path | None,
     desc: str = "generate",
+    stop_when_decided: bool = False,
 ) -> Completions:
-    """Greedy completions for ``prompts`` under ``intervention``, reusing matching lines in ``path``."""
+    """Greedy completions for ``prompts`` under ``intervention``, reusing matching lines in ``path``.
+
+    ``stop_when_decided``: stop a row once a refusal phrase appears (its substring verdict is then
+    fixed); such lines are marked ``stop: "decided"`` and are never reused for full-length callers.
+    """
     fp = intervention_fingerprint(intervention)
     lines = _read(path)
-    have = {r["instruction"]: r for r in lines if _usable(r, max_new_tokens, fp)}
+    have = {r["instruction"]: r for r in lines if _usable(r, max_new_tokens, fp, stop_when_decided)}
     missing = list(dict.fromkeys(p.instruction for p in prompts if p.instruction not in have))
     if missing:
-        ids = greedy_continuations(adapter, chat, missing, max_new_tokens, batch_size, intervention, desc=desc)
+        stop = refusal_decided(chat.tokenizer) if stop_when_decided and supports_prefix_reuse(adapter) else None
+        gens = greedy_generate(adapter, chat, missing, max_new_tokens, batch_size, intervention, desc=desc,
+                               stop_when=stop)
         category = {p.instruction: p.category for p in prompts}
-        for text, toks in zip(missing, ids):
-            response = chat.tokenizer.decode(toks, skip_special_tokens=True).strip()
+        for text, g in zip(missing, gens):
+            response = chat.tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
             have[text] = {"instruction": text, "category": category[text], "response": response,
                           "refusal": is_refusal(response), "intervention": intervention.label,
-                          "max_new_tokens": max_new_tokens, "fingerprint": fp, "token_ids": toks}
+                          "max_new_tokens": max_new_tokens, "fingerprint": fp, "token_ids": g.token_ids,
+                          "stop": g.stop, "decoding": DECODING["strategy"]}
         if path is not None:
             replaced = {(t, max_new_tokens, fp) for t in missing}
             kept = [r for r in lines if (r["instruction"], r.get("max_new_tokens"), r.get("fingerprint")) not in replaced]

@@ -63,11 +63,17 @@ def evaluate_refusal(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     completions_path: Path | None = None,
+    stop_when_decided: bool = False,
 ) -> dict:
-    """Generate greedily under ``intervention`` (or reuse saved completions), judge by substring."""
-    comp = completions_for(adapter, chat, prompts, intervention, max_new_tokens, batch_size, completions_path,
-                           desc=f"generate {dataset} [{intervention.label}]")
+    """Generate greedily under ``intervention`` (or reuse saved completions), judge by substring.
+
+    ``stop_when_decided``: a row stops once a refusal phrase appears, which fixes its substring verdict
+    (the same verdicts as full-length generation, tested; not for over-refusal sets' prefix rule).
+    """
     judge, role = SubstringJudge(), dataset_role(dataset)
+    comp = completions_for(adapter, chat, prompts, intervention, max_new_tokens, batch_size, completions_path,
+                           desc=f"generate {dataset} [{intervention.label}]",
+                           stop_when_decided=stop_when_decided and role != "over_refusal")
     verdicts = judge.judge([JudgeItem(p.instruction, r) for p, r in zip(prompts, comp.responses)], role)
     return judged_record(intervention, dataset, role, judge, verdicts, comp.responses, max_new_tokens)
 
