@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from refusal_atlas.data import Prompt
-from refusal_atlas.evaluation.refusal import is_refusal, refusal_phrase_in
+from refusal_atlas.evaluation.refusal import REFUSAL_SUBSTRINGS, is_refusal, refusal_phrase_in
 from refusal_atlas.generation import DECODING, greedy_generate
 from refusal_atlas.interventions import Intervention, as_matrix
 from refusal_atlas.io import write_text
@@ -65,10 +65,10 @@ def _usable(rec: dict, max_new_tokens: int, fingerprint: str, allow_decided: boo
             and (allow_decided or rec.get("stop") != "decided"))
 
 
-def refusal_decided(tokenizer) -> Callable[[list[int]], bool]:
+def refusal_decided(tokenizer, substrings: Sequence[str] = REFUSAL_SUBSTRINGS) -> Callable[[list[int]], bool]:
     """Stop rule for substring-judged generations: once a refusal phrase is in the text, more tokens
     cannot change the verdict (the phrase stays a substring of any longer decoding)."""
-    return lambda ids: refusal_phrase_in(tokenizer.decode(ids, skip_special_tokens=True))
+    return lambda ids: refusal_phrase_in(tokenizer.decode(ids, skip_special_tokens=True), substrings)
 
 
 def completions_for(
