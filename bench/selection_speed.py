@@ -13,9 +13,8 @@ substring verdict agrees.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
+from batch_size import median_seconds as timed  # bench/ is on sys.path when run as a script
 from refusal_atlas.data import load_prompts
 from refusal_atlas.directions.select import select_direction
 from refusal_atlas.evaluation.completions import refusal_decided
@@ -24,15 +23,6 @@ from refusal_atlas.generation import greedy_generate
 from refusal_atlas.interventions import Intervention
 from refusal_atlas.pipeline import config_from_run, load_dim_candidates
 from refusal_atlas.workspace import open_workspace
-
-
-def timed(fn, repeats: int):
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def main() -> None:

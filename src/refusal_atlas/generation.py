@@ -154,16 +154,10 @@ def greedy_generate(
     return [g for g in out if g is not None]
 
 
-def generate(
-    adapter: ModelAdapter,
-    chat: ChatFormatter,
-    instructions: Sequence[str],
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
-    intervention=None,
-    desc: str = "generate",
-    fast: bool = True,
-) -> list[str]:
-    """Greedy completions (special tokens stripped), in the order of ``instructions``."""
-    gens = greedy_generate(adapter, chat, instructions, max_new_tokens, batch_size, intervention, desc, fast=fast)
+def generate(adapter: ModelAdapter, chat: ChatFormatter, instructions: Sequence[str], *args, **kwargs) -> list[str]:
+    """Greedy completions (special tokens stripped), in the order of ``instructions``.
+
+    Takes :func:`greedy_generate`'s arguments (``max_new_tokens``, ``batch_size``, ``intervention``, ...).
+    """
+    gens = greedy_generate(adapter, chat, instructions, *args, **kwargs)
     return [chat.tokenizer.decode(g.token_ids, skip_special_tokens=True).strip() for g in gens]
