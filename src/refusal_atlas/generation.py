@@ -47,6 +47,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 class Generated:
     token_ids: list[int]  # cut after the first end-of-turn token (kept)
     stop: str  # "eos", "max_new_tokens" or "decided" (stop_when fired: shorter than a full run)
+    first_logprobs: torch.Tensor | None = None  # [V] float32 next-token log-probs at the prompt's end
 
 
 def clean_generation_config(eos: list[int], pad_id: int | None) -> GenerationConfig:
@@ -84,12 +85,14 @@ def _plain(adapter, chat, instructions, idx, max_new_tokens, eos) -> list[Genera
     return out
 
 
-def _fast(adapter, plan: PrefixPlan, kv, idx, max_new_tokens, eos, stop_when) -> list[Generated]:
+def _fast(adapter, plan: PrefixPlan, kv, idx, max_new_tokens, eos, stop_when, keep_first) -> list[Generated]:
     """Our argmax loop: prefix cache + one pass over the suffixes, then one token per step for live rows."""
     inputs = plan.inputs(idx, kv)
     cache = inputs.pop("cache", None) or DynamicCache(config=adapter.model.config)
     mask, pos = inputs["attention_mask"], inputs["position_ids"][:, -1:]
     logits = adapter.model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    first = (torch.log_softmax(logits.to(torch.float64), dim=-1).to(torch.float32).cpu() if keep_first
+             else [None] * len(idx))
     toks: list[list[int]] = [[] for _ in idx]
     stops = ["max_new_tokens"] * len(idx)
     live = list(range(len(idx)))
@@ -115,7 +118,7 @@ def _fast(adapter, plan: PrefixPlan, kv, idx, max_new_tokens, eos, stop_when) ->
         pos = pos + 1
         logits = adapter.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache,
                                use_cache=True, logits_to_keep=1).logits[:, -1]
-    return [Generated(t, s) for t, s in zip(toks, stops)]
+    return [Generated(t, s, f) for t, s, f in zip(toks, stops, first)]
 
 
 @torch.inference_mode()
@@ -129,8 +132,13 @@ def greedy_generate(
     desc: str = "generate",
     stop_when: Callable[[list[int]], bool] | None = None,
     fast: bool = True,
+    keep_first_logprobs: bool = False,
 ) -> list[Generated]:
-    """Greedy token ids per prompt (see module docstring), in the order of ``instructions``."""
+    """Greedy token ids per prompt (see module docstring), in the order of ``instructions``.
+
+    ``keep_first_logprobs``: also keep each row's first-step log-probs (the next-token distribution
+    a KL needs), which the prefill computes anyway (fast path only; None on the plain path).
+    """
     eos = stop_token_ids(adapter.model, chat.tokenizer)
     out: list[Generated | None] = [None] * len(instructions)
     fast = fast and supports_prefix_reuse(adapter) and len(instructions) > 0
@@ -146,7 +154,7 @@ def greedy_generate(
         else:
             batches = list(length_sorted_batches(chat.token_lengths(instructions), batch_size))
         for idx in batches:
-            rows = (_fast(adapter, plan, kv, idx, max_new_tokens, eos, stop_when) if fast
+            rows = (_fast(adapter, plan, kv, idx, max_new_tokens, eos, stop_when, keep_first_logprobs) if fast
                     else _plain(adapter, chat, instructions, idx, max_new_tokens, eos))
             for i, g in zip(idx, rows):
                 out[i] = g

@@ -132,17 +132,19 @@ def evaluate_step(ws: Workspace, direction: DirectionSet, sets: PromptSets,
                 records.append(_refusal(ws, prompts, name, spec))
         base_lp = None
         for spec in (Intervention("none"), ablation, actadd, *(extra or [])):
-            rec = _refusal(ws, sets.eval_harmless, cfg.eval_harmless, spec)
-            rec["kl"], base_lp = evaluate_kl(ws.adapter, ws.chat, sets.eval_harmless, spec, base_lp, cfg.batch_size)
+            first: list = []  # generation's first-step log-probs: the KL pass comes free
+            rec = _refusal(ws, sets.eval_harmless, cfg.eval_harmless, spec, first)
+            rec["kl"], base_lp = evaluate_kl(ws.adapter, ws.chat, sets.eval_harmless, spec, base_lp, cfg.batch_size,
+                                             new_logprobs=first[0])
             records.append(rec)
         ws.run.add_metrics(records)
     return records
 
 
-def _refusal(ws: Workspace, prompts: list[Prompt], dataset: str, spec: Intervention) -> dict:
+def _refusal(ws: Workspace, prompts: list[Prompt], dataset: str, spec: Intervention, first: list | None = None) -> dict:
     return evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=ws.cfg.max_new_tokens,
                             batch_size=ws.cfg.batch_size, completions_path=ws.run.completions_path(dataset, spec.label),
-                            stop_when_decided=ws.cfg.stop_when_decided)
+                            stop_when_decided=ws.cfg.stop_when_decided, first_logprobs=first)
 
 
 def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> tuple[Workspace, list[dict]]:

@@ -107,3 +107,13 @@ def test_decided_completions_are_not_reused_at_full_length(parts, prompts, tmp_p
     assert again.reused == len(ps) and again.responses == short.responses
     full = completions.completions_for(adapter, chat, ps, Intervention("none"), 8, 4, path)
     assert full.reused == len(ps) - n_decided and full.responses == [t.strip() for t in texts]
+
+
+def test_generation_first_step_gives_the_next_token_logprobs(parts, prompts):
+    _, adapter, chat = parts
+    spec = Intervention("ablate", torch.randn(adapter.d_model))
+    gens = greedy_generate(adapter, chat, prompts, 3, batch_size=4, intervention=spec, keep_first_logprobs=True)
+    first = torch.stack([g.first_logprobs for g in gens])
+    plain = next_token_logprobs(adapter, chat, prompts, batch_size=4, intervention=spec, reuse_prefix=False)
+    assert (first - plain).abs().max() < 1e-5
+    assert all(g.token_ids[0] == int(plain[i].argmax()) for i, g in enumerate(gens))

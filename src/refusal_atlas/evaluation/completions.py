@@ -33,6 +33,7 @@ class Completions:
     responses: list[str]
     token_ids: list[list[int]]
     reused: int  # how many came from the file instead of being generated
+    first_logprobs: torch.Tensor | None = None  # [N, V] when asked for and every row was generated now
 
 
 def intervention_fingerprint(intervention: Intervention) -> str:
@@ -81,6 +82,7 @@ def completions_for(
     path: Path | None,
     desc: str = "generate",
     stop_when_decided: bool = False,
+    keep_first_logprobs: bool = False,
 ) -> Completions:
     """Greedy completions for ``prompts`` under ``intervention``, reusing matching lines in ``path``.
 
@@ -94,7 +96,8 @@ def completions_for(
     if missing:
         stop = refusal_decided(chat.tokenizer) if stop_when_decided and supports_prefix_reuse(adapter) else None
         gens = greedy_generate(adapter, chat, missing, max_new_tokens, batch_size, intervention, desc=desc,
-                               stop_when=stop)
+                               stop_when=stop, keep_first_logprobs=keep_first_logprobs)
+        first = {t: g.first_logprobs for t, g in zip(missing, gens)}
         category = {p.instruction: p.category for p in prompts}
         for text, g in zip(missing, gens):
             response = chat.tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
@@ -110,4 +113,6 @@ def completions_for(
     recs = [have[p.instruction] for p in prompts]
     fresh = set(missing)
     reused = sum(1 for p in prompts if p.instruction not in fresh)
-    return Completions([r["response"] for r in recs], [list(r["token_ids"]) for r in recs], reused)
+    firsts = [first.get(p.instruction) for p in prompts] if missing and keep_first_logprobs else []
+    stacked = torch.stack(firsts) if firsts and all(f is not None for f in firsts) else None
+    return Completions([r["response"] for r in recs], [list(r["token_ids"]) for r in recs], reused, stacked)
