@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from batch_size import median_seconds as timed  # bench/ is on sys.path when run as a script
+import statistics
+import time
 from refusal_atlas.data import load_prompts
 from refusal_atlas.directions.select import select_direction
 from refusal_atlas.evaluation.completions import refusal_decided
@@ -23,6 +24,18 @@ from refusal_atlas.generation import greedy_generate
 from refusal_atlas.interventions import Intervention
 from refusal_atlas.pipeline import config_from_run, load_dim_candidates
 from refusal_atlas.workspace import open_workspace
+
+
+def paired(fast_fn, plain_fn, repeats: int):
+    """Median seconds of each, the two interleaved (fast, plain, fast, ...) so load drift hits both alike."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    out: dict[bool, object] = {}
+    for _ in range(repeats):
+        for fast, fn in ((True, fast_fn), (False, plain_fn)):
+            t = time.perf_counter()
+            out[fast] = fn()
+            times[fast].append(time.perf_counter() - t)
+    return statistics.median(times[True]), out[True], statistics.median(times[False]), out[False]
 
 
 def main() -> None:
@@ -43,8 +56,8 @@ def main() -> None:
         return select_direction(ws.adapter, ws.chat, cands, harmful, harmless, ws.refusal_ids, layers=layers,
                                 positions=[-1], batch_size=cfg.batch_size, exhaustive=True, fast=fast)
 
-    t_fast, fast = timed(lambda: select(True), args.repeats)
-    t_plain, plain = timed(lambda: select(False), args.repeats)
+    next_token_logprobs(ws.adapter, ws.chat, harmful[:2], cfg.batch_size)  # warm-up, untimed
+    t_fast, fast, t_plain, plain = paired(lambda: select(True), lambda: select(False), args.repeats)
     diff = max(abs(f[k] - p[k]) for f, p in zip(fast.scores, plain.scores) for k in ("refusal", "kl", "steering"))
     same = (fast.direction.layer, fast.direction.position) == (plain.direction.layer, plain.direction.position)
     print(f"selection ({len(layers)} candidates x {3 * args.n} prompts, median of {args.repeats}): "
@@ -59,8 +72,7 @@ def main() -> None:
             return greedy_generate(ws.adapter, ws.chat, held_out, args.tokens, cfg.batch_size, spec,
                                    stop_when=stop if fast else None, fast=fast)
 
-        t_fast, ours = timed(lambda: gen(True), args.repeats)
-        t_plain, full = timed(lambda: gen(False), args.repeats)
+        t_fast, ours, t_plain, full = paired(lambda: gen(True), lambda: gen(False), args.repeats)
         dec = ws.chat.tokenizer.decode
         agree = sum(is_refusal(dec(a.token_ids, skip_special_tokens=True)) == is_refusal(dec(b.token_ids,
                     skip_special_tokens=True)) for a, b in zip(ours, full))
@@ -68,10 +80,10 @@ def main() -> None:
         print(f"generation {cfg.eval_harmful[0]} [{spec.label}] ({args.n} prompts x {args.tokens} tokens): "
               f"ours {t_fast:.1f} s, plain {t_plain:.1f} s -> {t_plain / t_fast:.2f}x; "
               f"verdicts equal {agree}/{len(ours)}; stopped early {stopped}", flush=True)
-        t_fast, lp_fast = timed(lambda: next_token_logprobs(ws.adapter, ws.chat, held_out, cfg.batch_size, spec),
-                                args.repeats)
-        t_plain, lp_plain = timed(lambda: next_token_logprobs(ws.adapter, ws.chat, held_out, cfg.batch_size, spec,
-                                                              reuse_prefix=False), args.repeats)
+        t_fast, lp_fast, t_plain, lp_plain = paired(
+            lambda: next_token_logprobs(ws.adapter, ws.chat, held_out, cfg.batch_size, spec),
+            lambda: next_token_logprobs(ws.adapter, ws.chat, held_out, cfg.batch_size, spec, reuse_prefix=False),
+            args.repeats)
         print(f"next-token pass [{spec.label}]: ours {t_fast:.2f} s, plain {t_plain:.2f} s -> "
               f"{t_plain / t_fast:.2f}x; max |dlogp| {(lp_fast - lp_plain).abs().max():.2e}", flush=True)
 
