@@ -41,6 +41,7 @@ bench: setup
 	test -f $(RUN_DIR)/manifest.json || $(MAKE) demo
 	$(BIN)/python bench/cheap_signal.py --run-dir $(RUN_DIR)
 	$(BIN)/python bench/generation_length.py --activations $(RUN_DIR)/activations.safetensors
+	$(BIN)/python bench/selection_speed.py --run-dir $(RUN_DIR)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

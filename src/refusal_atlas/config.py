@@ -52,6 +52,8 @@ class RunConfig(BaseModel):
     # 32 keeps the CPU demo short. Measured (docs/evaluation.md): vs 256 tokens, 32 flips 2/50 baseline
     # verdicts (refusal reads 0.56 instead of 0.60) and no ablated one; 64 flips none. Use 64+ for reports.
     max_new_tokens: int = Field(32, ge=1)
+    # a row stops once a refusal phrase appears (its substring verdict cannot change); false: full length
+    stop_when_decided: bool = True
 
     @field_validator("positions")
     @classmethod

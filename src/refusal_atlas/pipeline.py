@@ -20,6 +20,7 @@ from refusal_atlas.directions.select import select_direction
 from refusal_atlas.errors import ArtifactError, ConfigError
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
+from refusal_atlas.generation import DECODING
 from refusal_atlas.interventions import Intervention
 from refusal_atlas.io import load_tensors, read_json, save_tensors, write_json
 from refusal_atlas.workspace import PromptSets, Workspace, load_prompt_sets, open_workspace
@@ -131,7 +132,8 @@ def select_step(ws: Workspace, cands: DimCandidates, sets: PromptSets, resume: b
                 [p.instruction for p in sets.harmless_val], ws.refusal_ids,
                 kl_threshold=ws.cfg.kl_threshold, induce_threshold=ws.cfg.induce_threshold,
                 prune_layer_frac=ws.cfg.prune_layer_frac, layers=ws.candidate_layers(),
-                positions=ws.cfg.positions, batch_size=ws.cfg.batch_size, strict=ws.cfg.strict_filters)
+                positions=ws.cfg.positions, batch_size=ws.cfg.batch_size, strict=ws.cfg.strict_filters,
+                checkpoint=ws.run / "selection_progress.json")
             chosen = None if sel.direction is None else {"layer": sel.direction.layer,
                                                          "position": sel.direction.position}
             write_json(ws.run / "selection.json", {"chosen": chosen, "relaxed_filters": sel.relaxed,
@@ -165,22 +167,26 @@ def evaluate_step(ws: Workspace, direction: DirectionSet, sets: PromptSets,
     ablation = Intervention("ablate", direction, mode=cfg.ablation_mode)
     actadd = Intervention("actadd", direction, coeff=1.0)
     harmful_specs = [Intervention("none"), ablation, *(extra or [])]
+    ws.run.update_manifest(decoding=DECODING)
     with ws.timed("evaluate"):
         for name, prompts in sets.eval_harmful.items():
             for spec in harmful_specs:
                 records.append(_refusal(ws, prompts, name, spec))
         base_lp = None
         for spec in (Intervention("none"), ablation, actadd, *(extra or [])):
-            rec = _refusal(ws, sets.eval_harmless, cfg.eval_harmless, spec)
-            rec["kl"], base_lp = evaluate_kl(ws.adapter, ws.chat, sets.eval_harmless, spec, base_lp, cfg.batch_size)
+            first: list = []  # generation's first-step log-probs: the KL pass comes free
+            rec = _refusal(ws, sets.eval_harmless, cfg.eval_harmless, spec, first)
+            rec["kl"], base_lp = evaluate_kl(ws.adapter, ws.chat, sets.eval_harmless, spec, base_lp, cfg.batch_size,
+                                             new_logprobs=first[0])
             records.append(rec)
         ws.run.add_metrics(records)
     return records
 
 
-def _refusal(ws: Workspace, prompts: list[Prompt], dataset: str, spec: Intervention) -> dict:
+def _refusal(ws: Workspace, prompts: list[Prompt], dataset: str, spec: Intervention, first: list | None = None) -> dict:
     return evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=ws.cfg.max_new_tokens,
-                            batch_size=ws.cfg.batch_size, completions_path=ws.run.completions_path(dataset, spec.label))
+                            batch_size=ws.cfg.batch_size, completions_path=ws.run.completions_path(dataset, spec.label),
+                            stop_when_decided=ws.cfg.stop_when_decided, first_logprobs=first)
 
 
 def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False,

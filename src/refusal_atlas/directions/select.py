@@ -14,6 +14,15 @@ recorded in the result. ``strict=True`` raises instead.
 Cost cut: (1) is computed for every candidate; (2) and (3) only in increasing order of (1) until
 the first survivor, which gives the same winner as computing everything. ``exhaustive=True``
 computes all three for every candidate (for plots).
+
+Exact speed-ups (``fast=True``; ``fast=False`` is the plain way, and both give the same scores to
+float rounding, tested): the chat template's shared prefix runs once per candidate instead of once
+per prompt (prefix_cache), and the steering pass (ActAdd at layer l) starts at block l from the
+clean pass's block inputs, captured once, since nothing below l changes.
+
+Crash safety: with ``checkpoint=`` every scored candidate is written there atomically as soon as it
+is done; a rerun with the same candidates, prompts and batch size reads it back instead of
+recomputing, so a killed selection resumes and ends with the same result.
 """
 
 from __future__ import annotations
@@ -21,13 +30,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.dim import DimCandidates
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.evaluation.damage import next_token_kl
+from refusal_atlas.directions.select_checkpoint import SelectionCheckpoint
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.interventions import Intervention
+from refusal_atlas.prefix_cache import PrefixPlan, plan_logprobs, supports_prefix_reuse
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 from refusal_atlas.progress import progress
@@ -70,6 +82,8 @@ def select_direction(
     batch_size: int = 16,
     exhaustive: bool = False,
     strict: bool = False,
+    fast: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> Selection:
     """Score DIM candidates on validation prompts and pick one (see module docstring)."""
     if not harmful_val or not harmless_val:
@@ -83,27 +97,33 @@ def select_direction(
     if not eligible:
         raise ConfigError(f"every candidate layer is in the last {prune_layer_frac:.0%} of layers (>= {max_layer})")
 
-    def logp(prompts, spec=None):
-        return next_token_logprobs(adapter, chat, prompts, batch_size=batch_size, intervention=spec)
-
-    base_harmless = logp(harmless_val)
-    base_harmful_score = float(refusal_score(logp(harmful_val), refusal_ids).mean())
+    scorer = _Scorer(adapter, chat, harmful_val, harmless_val, batch_size,
+                     sorted({l for _, l in eligible}), fast and supports_prefix_reuse(adapter))
+    ckpt = SelectionCheckpoint(checkpoint, candidates, eligible, harmful_val, harmless_val, refusal_ids, batch_size)
+    base_harmless = scorer.baseline_harmless()
+    base_harmful_score = float(refusal_score(scorer.harmful(), refusal_ids).mean())
     base_harmless_score = float(refusal_score(base_harmless, refusal_ids).mean())
     records: dict[tuple[int, int], dict] = {}
     with progress(len(eligible), "select: ablation refusal score") as bar:
         for p, l in eligible:
             d = candidates.at(l, p)
-            score = float(refusal_score(logp(harmful_val, Intervention("ablate", d)), refusal_ids).mean())
-            records[(p, l)] = {"position": p, "layer": l, "refusal": score, "norm": float(d.norms[0])}
+            rec = ckpt.get("refusal", p, l)
+            if rec is None:
+                score = float(refusal_score(scorer.harmful(Intervention("ablate", d)), refusal_ids).mean())
+                rec = ckpt.put("refusal", p, l, {"position": p, "layer": l, "refusal": score, "norm": float(d.norms[0])})
+            records[(p, l)] = dict(rec)
             bar.update(1)
     ordered = sorted(eligible, key=lambda pl: records[pl]["refusal"])
     chosen = None
     with progress(len(ordered), "select: KL + induce filters") as bar:
         for p, l in ordered:
             rec, d = records[(p, l)], candidates.at(l, p)
-            rec["kl"] = float(next_token_kl(base_harmless, logp(harmless_val, Intervention("ablate", d))).mean())
-            steer = logp(harmless_val, Intervention("actadd", d, coeff=1.0))
-            rec["steering"] = float(refusal_score(steer, refusal_ids).mean())
+            filt = ckpt.get("filters", p, l)
+            if filt is None:
+                kl = float(next_token_kl(base_harmless, scorer.harmless(Intervention("ablate", d))).mean())
+                steer = scorer.harmless(Intervention("actadd", d, coeff=1.0), start_layer=l)
+                filt = ckpt.put("filters", p, l, {"kl": kl, "steering": float(refusal_score(steer, refusal_ids).mean())})
+            rec.update(filt)
             reason = _filter_reason(rec, kl_threshold, induce_threshold)
             rec["status"] = "ok" if reason is None else f"filtered:{reason}"
             bar.update(1)
@@ -133,3 +153,37 @@ def select_direction(
     direction.meta.update({k: records[chosen][k] for k in ("refusal", "kl", "steering")})
     direction.meta["relaxed_filters"] = relaxed
     return Selection(direction=direction, scores=scores, baseline=baseline, relaxed=relaxed)
+
+
+class _Scorer:
+    """Next-token log-probs on the two validation sets, the fast way or the plain way."""
+
+    def __init__(self, adapter, chat, harmful, harmless, batch_size, capture_layers, fast):
+        self.adapter, self.chat, self.batch_size, self.fast = adapter, chat, batch_size, fast
+        self.harmful_prompts, self.harmless_prompts = list(harmful), list(harmless)
+        self.capture_layers = capture_layers
+        if fast:
+            self.harmful_plan = PrefixPlan(adapter, chat, harmful, batch_size)
+            self.harmless_plan = PrefixPlan(adapter, chat, harmless, batch_size)
+        self.clean_inputs: dict[int, dict[int, object]] = {}  # batch -> layer -> clean block input
+
+    def baseline_harmless(self):
+        if not self.fast:
+            return self._plain(self.harmless_prompts)
+        logp, self.clean_inputs = plan_logprobs(self.harmless_plan, capture=self.capture_layers)
+        return logp
+
+    def harmful(self, spec=None):
+        return plan_logprobs(self.harmful_plan, spec)[0] if self.fast else self._plain(self.harmful_prompts, spec)
+
+    def harmless(self, spec, start_layer: int | None = None):
+        if not self.fast:
+            return self._plain(self.harmless_prompts, spec)
+        if start_layer is None or not self.clean_inputs:
+            return plan_logprobs(self.harmless_plan, spec)[0]
+        hidden = {b: layers[start_layer] for b, layers in self.clean_inputs.items()}
+        return plan_logprobs(self.harmless_plan, spec, start_layer=start_layer, start_hidden=hidden)[0]
+
+    def _plain(self, prompts, spec=None):
+        return next_token_logprobs(self.adapter, self.chat, prompts, batch_size=self.batch_size, intervention=spec,
+                                   reuse_prefix=False)

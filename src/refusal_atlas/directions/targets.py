@@ -25,7 +25,7 @@ import torch
 
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.errors import ArtifactError, ConfigError
-from refusal_atlas.generation import generate
+from refusal_atlas.generation import DECODING, generate
 from refusal_atlas.interventions import Intervention
 from refusal_atlas.io import read_json, write_json
 from refusal_atlas.model.adapter import ModelAdapter
@@ -113,7 +113,8 @@ def build_targets(
         cached = Targets.from_json(read_json(cache))
         if (cached.harmful == list(harmful) and cached.harmless == list(harmless)
                 and cached.meta.get("dim") == direction_fingerprint(dim)
-                and cached.meta.get("max_new_tokens") == max_new_tokens):
+                and cached.meta.get("max_new_tokens") == max_new_tokens
+                and cached.meta.get("decoding") == DECODING):  # older caches may carry a leaked repetition penalty
             cached.meta["cached"] = True
             return cached
     alpha = float(dim.norms[0])
@@ -125,7 +126,7 @@ def build_targets(
     refusal = generate(adapter, chat, list(harmless), intervention=addition, desc="targets: t_refusal", **kw)
     retain = generate(adapter, chat, list(harmless), desc="targets: t_retain", **kw)
     meta = {"max_new_tokens": max_new_tokens, "dim": direction_fingerprint(dim), "dim_layer": dim.layer,
-            "alpha": alpha, "refusal_cut": "first sentence"}
+            "alpha": alpha, "refusal_cut": "first sentence", "decoding": DECODING}
     targets = Targets(list(harmful), list(harmless), answer, [first_sentence(t) for t in refusal], retain, meta)
     if cache is not None:
         write_json(cache, targets.to_json())

@@ -11,13 +11,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import ExitStack, nullcontext
 
 import torch
 
 from refusal_atlas.batching import length_sorted_batches
 from refusal_atlas.evaluation.stats import mean_record
-from refusal_atlas.generation import stop_token_ids
+from refusal_atlas.generation import greedy_generate
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 from refusal_atlas.progress import progress
@@ -39,7 +38,6 @@ def refusal_metric(role: str, kind: str) -> str:
     return "refusal_rate"
 
 
-@torch.inference_mode()
 def greedy_continuations(
     adapter: ModelAdapter,
     chat: ChatFormatter,
@@ -54,22 +52,8 @@ def greedy_continuations(
     Greedy decoding is deterministic, so the first k ids of a length-n continuation are exactly
     the continuation of length k (k ≤ n) — longer runs can be truncated instead of regenerated.
     """
-    eos = stop_token_ids(adapter.model, chat.tokenizer)
-    out: list[list[int]] = [[] for _ in instructions]
-    with ExitStack() as stack:
-        bar = stack.enter_context(progress(len(instructions), desc))
-        stack.enter_context(intervention.apply(adapter) if intervention is not None else nullcontext())
-        for idx in length_sorted_batches(chat.token_lengths(instructions), batch_size):
-            batch = chat.encode([instructions[i] for i in idx], device=adapter.device)
-            seqs = adapter.model.generate(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                eos_token_id=eos, pad_token_id=chat.tokenizer.pad_token_id)
-            for row, ids in zip(idx, seqs[:, batch["input_ids"].shape[1]:].tolist()):
-                cut = next((j + 1 for j, t in enumerate(ids) if t in eos), len(ids))
-                out[row] = ids[:cut]
-            bar.update(len(idx))
-    return out
+    gens = greedy_generate(adapter, chat, instructions, max_new_tokens, batch_size, intervention, desc=desc)
+    return [g.token_ids for g in gens]
 
 
 def _forward_positions(adapter, batch, conts: list[list[int]], width: int, pad_id: int) -> torch.Tensor:

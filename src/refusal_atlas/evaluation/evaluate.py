@@ -65,11 +65,23 @@ def evaluate_refusal(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     completions_path: Path | None = None,
+    stop_when_decided: bool = False,
+    first_logprobs: list | None = None,
 ) -> dict:
-    """Generate greedily under ``intervention`` (or reuse saved completions), judge by substring."""
-    comp = completions_for(adapter, chat, prompts, intervention, max_new_tokens, batch_size, completions_path,
-                           desc=f"generate {dataset} [{intervention.label}]")
+    """Generate greedily under ``intervention`` (or reuse saved completions), judge by substring.
+
+    ``stop_when_decided``: a row stops once a refusal phrase appears, which fixes its substring verdict
+    (the same verdicts as full-length generation, tested; not for over-refusal sets' prefix rule).
+    ``first_logprobs``: a list that receives the generation's first-step log-probs [N, V] (None when
+    completions were reused), so a next-token KL needs no extra pass.
+    """
     judge, role = SubstringJudge(), dataset_role(dataset)
+    comp = completions_for(adapter, chat, prompts, intervention, max_new_tokens, batch_size, completions_path,
+                           desc=f"generate {dataset} [{intervention.label}]",
+                           stop_when_decided=stop_when_decided and role != "over_refusal",
+                           keep_first_logprobs=first_logprobs is not None)
+    if first_logprobs is not None:
+        first_logprobs.append(comp.first_logprobs)
     verdicts = judge.judge([JudgeItem(p.instruction, r) for p, r in zip(prompts, comp.responses)], role)
     return judged_record(intervention, dataset, role, judge, verdicts, comp.responses, max_new_tokens)
 
@@ -81,15 +93,20 @@ def evaluate_kl(
     intervention: Intervention,
     base_logprobs=None,
     batch_size: int = 16,
+    new_logprobs=None,
 ) -> tuple[float, object]:
-    """Mean next-token KL(base ‖ intervened) over the prompts; returns (kl, base_logprobs) for reuse."""
+    """Mean next-token KL(base ‖ intervened) over the prompts; returns (kl, base_logprobs) for reuse.
+
+    ``new_logprobs``: the intervened log-probs if already known (e.g. from generation's first step).
+    """
     instructions = [p.instruction for p in prompts]
     if base_logprobs is None:
-        base_logprobs = next_token_logprobs(adapter, chat, instructions, batch_size=batch_size)
+        base_logprobs = (new_logprobs if intervention.kind == "none" and new_logprobs is not None
+                         else next_token_logprobs(adapter, chat, instructions, batch_size=batch_size))
     if intervention.kind == "none":
         return 0.0, base_logprobs
-    new = next_token_logprobs(adapter, chat, instructions, batch_size=batch_size, intervention=intervention,
-                              desc=f"KL [{intervention.label}]")
+    new = new_logprobs if new_logprobs is not None else next_token_logprobs(
+        adapter, chat, instructions, batch_size=batch_size, intervention=intervention, desc=f"KL [{intervention.label}]")
     return float(next_token_kl(base_logprobs, new).mean()), base_logprobs
 
 
