@@ -60,6 +60,11 @@ def run(
     batch_size: Annotated[Optional[int], typer.Option()] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[Optional[str], typer.Option()] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help="auto|balanced|balanced_low_0|sequential|<file.json>")] = None,
+    max_memory: Annotated[Optional[str], typer.Option(help="per-device limits, e.g. 0=20GiB,cpu=64GiB")] = None,
+    dtype_fallback: Annotated[Optional[bool], typer.Option(help="reload in float32 if --dtype gives NaN/inf")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="held-out generation: hf or vllm (GPU)")] = None,
     system_prompt: Annotated[Optional[str], typer.Option(help="system message (default: the template's)")] = None,
     resume: Annotated[bool, typer.Option(help="reuse artifacts already in the run directory")] = False,
     trials: Annotated[int, typer.Option(help="--method som: completed search trials to reach")] = 30,
@@ -74,7 +79,12 @@ def run(
     cfg = load_config(config, dict(model=model, layer=layer, layers=_ints(layers), positions=_ints(positions),
                                    n_train=n_train, n_val=n_val, n_eval=n_eval, eval_harmful=_names(eval_harmful),
                                    max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device,
-                                   system_prompt=system_prompt))
+                                   system_prompt=system_prompt, dtype=dtype, device_map=device_map,
+                                   max_memory=max_memory, dtype_fallback=dtype_fallback, backend=backend))
+    if cfg.backend == "vllm":
+        from refusal_atlas.generation_vllm import check_vllm
+
+        check_vllm()  # before any model loads
     run_dir = run_dir or _default_run_dir()
     if method == "som":
         from refusal_atlas.cli_som import run_som_command
@@ -159,6 +169,7 @@ def evaluate_cmd(
     timeout: Annotated[float, typer.Option(help="endpoint judge: seconds per request")] = 60.0,
     benchmarks: Annotated[Optional[str], typer.Option(help="lm-eval tasks, e.g. smoke,arc_challenge")] = None,
     limit: Annotated[Optional[int], typer.Option(help="lm-eval: examples per task (smoke runs)")] = None,
+    backend: Annotated[str, typer.Option(help="generation engine: hf, or vllm (GPU; edits exported as weights)")] = "hf",
 ) -> None:
     """Judge {datasets} × {interventions} × {judges}, damage (KL) and benchmarks; appends to metrics.json."""
     from refusal_atlas.directions.base import DirectionSet
@@ -171,6 +182,12 @@ def evaluate_cmd(
                         endpoint_rubric=rubric, concurrency=concurrency, timeout=timeout)
     check_judges(judge_names, opts)  # cheap checks before the model loads
     check_interventions(names)
+    if backend not in ("hf", "vllm"):
+        raise RefusalAtlasError(f"unknown --backend {backend!r} (hf or vllm)")
+    if backend == "vllm":
+        from refusal_atlas.generation_vllm import check_vllm
+
+        check_vllm()  # before the model loads
     ws = _workspace(run_dir)
     cfg = ws.cfg
     path = ws.run.direction_path(directions)
@@ -180,8 +197,17 @@ def evaluate_cmd(
     plan = EvalPlan(datasets=_names(datasets) or [*cfg.eval_harmful, cfg.eval_harmless, "xstest"],
                     interventions=specs, judges=judges, n=n or cfg.n_eval,
                     max_new_tokens=max_new_tokens or cfg.max_new_tokens, kl_tokens=kl_tokens,
-                    benchmarks=_names(benchmarks) or [], limit=limit, batch_size=cfg.batch_size, seed=cfg.seed)
+                    benchmarks=_names(benchmarks) or [], limit=limit, batch_size=cfg.batch_size, seed=cfg.seed,
+                    backend=_generation_backend(ws, backend))
     typer.echo(format_records(evaluate_run(ws, plan)))
+
+
+def _generation_backend(ws, name: str):
+    if name == "hf":
+        return None
+    from refusal_atlas.generation_vllm import VllmBackend
+
+    return VllmBackend.for_workspace(ws)
 
 
 @app.command("export")

@@ -19,6 +19,7 @@ from torch import nn
 from refusal_atlas.errors import ModelError
 from refusal_atlas.interventions import as_matrix, orthonormal_basis
 from refusal_atlas.model.adapter import ModelAdapter
+from refusal_atlas.model.placement import editable_tensor, is_offloaded
 
 
 def _untie_embeddings(adapter: ModelAdapter) -> bool:
@@ -44,25 +45,26 @@ def orthogonalize_weights(model: nn.Module, directions) -> dict:
             "so orthogonalized weights would not match hook ablation; use hook ablation for this model"
         )
     basis = orthonormal_basis(as_matrix(directions).to(torch.float64))
+    if adapter.embeddings_tied and is_offloaded(adapter.model):
+        raise ModelError("this model ties its input and output embeddings and accelerate offloads weights; "
+                         "untying offloaded embeddings is not supported: place the model without offload")
     untied = _untie_embeddings(adapter)
 
-    # computed in float32 (at least) and rounded once, whatever the model dtype
-    def edit_rows(weight: torch.Tensor) -> None:  # [*, d_model]: remove components along the basis
-        work = torch.promote_types(weight.dtype, torch.float32)
-        w, b = weight.to(work), basis.to(device=weight.device, dtype=work)
-        weight.copy_(w - (w @ b.T) @ b)
+    # computed in float32 (at least) and rounded once, whatever the model dtype; offloaded weights
+    # (accelerate's meta placeholders) are edited in its weights map
+    def edit(module: nn.Module, attr: str, rows: bool) -> None:
+        with editable_tensor(adapter.model, module, attr) as weight:
+            view = weight.unsqueeze(0) if weight.ndim == 1 else weight
+            work = torch.promote_types(view.dtype, torch.float32)
+            w, b = view.to(work), basis.to(device=view.device, dtype=work)
+            view.copy_(w - (w @ b.T) @ b if rows else w - b.T @ (b @ w))  # rows: [*, d]; cols: Linear [d, *]
 
-    def edit_cols(weight: torch.Tensor) -> None:  # [d_model, *] Linear weight writing along d_model
-        work = torch.promote_types(weight.dtype, torch.float32)
-        w, b = weight.to(work), basis.to(device=weight.device, dtype=work)
-        weight.copy_(w - b.T @ (b @ w))
-
-    edit_rows(adapter.embedding.weight)
+    edit(adapter.embedding, "weight", rows=True)
     for layer in range(adapter.n_layers):
         for proj in (adapter.attn_out_proj(layer), adapter.mlp_out_proj(layer)):
-            edit_cols(proj.weight)
+            edit(proj, "weight", rows=False)
             if proj.bias is not None:
-                edit_rows(proj.bias.unsqueeze(0))
+                edit(proj, "bias", rows=True)
     return {"rank": int(basis.shape[0]), "untied_embeddings": untied, "layers": adapter.n_layers}
 
 

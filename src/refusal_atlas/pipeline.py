@@ -138,7 +138,17 @@ def evaluate_step(ws: Workspace, direction: DirectionSet, sets: PromptSets,
 
 def _refusal(ws: Workspace, prompts: list[Prompt], dataset: str, spec: Intervention) -> dict:
     return evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=ws.cfg.max_new_tokens,
-                            batch_size=ws.cfg.batch_size, completions_path=ws.run.completions_path(dataset, spec.label))
+                            batch_size=ws.cfg.batch_size, completions_path=ws.run.completions_path(dataset, spec.label),
+                            backend=_backend(ws))
+
+
+def _backend(ws: Workspace):
+    """The run's generation engine (cfg.backend): None for HF with hooks."""
+    if ws.cfg.backend == "hf":
+        return None
+    from refusal_atlas.generation_vllm import VllmBackend
+
+    return VllmBackend.for_workspace(ws)
 
 
 def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> tuple[Workspace, list[dict]]:

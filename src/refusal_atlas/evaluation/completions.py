@@ -70,14 +70,20 @@ def completions_for(
     batch_size: int,
     path: Path | None,
     desc: str = "generate",
+    backend=None,
 ) -> Completions:
-    """Greedy completions for ``prompts`` under ``intervention``, reusing matching lines in ``path``."""
+    """Greedy completions for ``prompts`` under ``intervention``, reusing matching lines in ``path``.
+
+    ``backend``: another generation engine with ``greedy_continuations``'s signature (e.g.
+    :class:`refusal_atlas.generation_vllm.VllmBackend`); None generates with HF and the hooks.
+    """
     fp = intervention_fingerprint(intervention)
     lines = _read(path)
     have = {r["instruction"]: r for r in lines if _usable(r, max_new_tokens, fp)}
     missing = list(dict.fromkeys(p.instruction for p in prompts if p.instruction not in have))
     if missing:
-        ids = greedy_continuations(adapter, chat, missing, max_new_tokens, batch_size, intervention, desc=desc)
+        generate = greedy_continuations if backend is None else backend.continuations
+        ids = generate(adapter, chat, missing, max_new_tokens, batch_size, intervention, desc=desc)
         category = {p.instruction: p.category for p in prompts}
         for text, toks in zip(missing, ids):
             response = chat.tokenizer.decode(toks, skip_special_tokens=True).strip()

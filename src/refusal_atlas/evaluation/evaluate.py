@@ -63,10 +63,11 @@ def evaluate_refusal(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     completions_path: Path | None = None,
+    backend=None,
 ) -> dict:
     """Generate greedily under ``intervention`` (or reuse saved completions), judge by substring."""
     comp = completions_for(adapter, chat, prompts, intervention, max_new_tokens, batch_size, completions_path,
-                           desc=f"generate {dataset} [{intervention.label}]")
+                           desc=f"generate {dataset} [{intervention.label}]", backend=backend)
     judge, role = SubstringJudge(), dataset_role(dataset)
     verdicts = judge.judge([JudgeItem(p.instruction, r) for p, r in zip(prompts, comp.responses)], role)
     return judged_record(intervention, dataset, role, judge, verdicts, comp.responses, max_new_tokens)
@@ -106,6 +107,7 @@ class EvalPlan:
     limit: int | None = None
     batch_size: int = 16
     seed: int = 0
+    backend: object | None = None  # generation engine (None: HF with hooks; see generation_vllm)
 
 
 def check_interventions(names: Sequence[str]) -> list[tuple[str, float]]:
@@ -151,7 +153,8 @@ def evaluate_run(ws, plan: EvalPlan) -> list[dict]:
         group = []
         for spec in plan.interventions:
             comp = completions_for(ws.adapter, ws.chat, prompts, spec, plan.max_new_tokens, plan.batch_size,
-                                   ws.run.completions_path(name, spec.label), desc=f"generate {name} [{spec.label}]")
+                                   ws.run.completions_path(name, spec.label), desc=f"generate {name} [{spec.label}]",
+                                   backend=plan.backend)
             items = [JudgeItem(p.instruction, r) for p, r in zip(prompts, comp.responses)]
             for judge in plan.judges:
                 rec = judged_record(spec, name, role, judge, judge.judge(items, role), comp.responses,
@@ -181,7 +184,8 @@ def _damage(ws, plan: EvalPlan, dataset: str, prompts: list[Prompt]) -> list[dic
     clean = Intervention("none")
     length = max(plan.max_new_tokens, plan.kl_tokens)  # reuse the clean completions when long enough
     comp = completions_for(ws.adapter, ws.chat, prompts, clean, length, plan.batch_size,
-                           ws.run.completions_path(dataset, clean.label), desc=f"generate {dataset} [none]")
+                           ws.run.completions_path(dataset, clean.label), desc=f"generate {dataset} [none]",
+                           backend=plan.backend)
     conts = [ids[: plan.kl_tokens] for ids in comp.token_ids]  # greedy: a prefix is the shorter continuation
     out = []
     for spec in specs:

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from refusal_atlas.io import atomic_dir
+from refusal_atlas.model.placement import full_state_dict
 
 
 def save_model_dir(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -24,7 +25,7 @@ def save_model_dir(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike
     with atomic_dir(out_dir, force=force) as tmp:
         state: dict[str, torch.Tensor] = {}
         seen: dict[int, str] = {}
-        for name, tensor in model.state_dict().items():
+        for name, tensor in full_state_dict(model).items():  # offloaded weights read from accelerate's store
             ptr = tensor.data_ptr()
             if ptr in seen and getattr(model.config, "tie_word_embeddings", False):
                 continue  # tied weight: from_pretrained re-ties it
