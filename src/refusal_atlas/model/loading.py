@@ -111,6 +111,8 @@ def load_model(
     (``dtype_fallback``; recorded in ``info``) or is an error.
     """
     device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
+    if max_memory is not None and device_map is None:
+        raise ModelError("--max-memory needs --device-map (e.g. auto)")
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     info: dict = {"dtype": str(torch_dtype).removeprefix("torch."), "device": device}
@@ -148,8 +150,6 @@ def load_model(
 def placement_kwargs(device_map, max_memory) -> dict:
     """from_pretrained arguments for accelerate placement; a temporary offload folder when disk may be used."""
     if device_map is None:
-        if max_memory is not None:
-            raise ModelError("--max-memory needs --device-map (e.g. auto)")
         return {}
     kwargs: dict = {"device_map": device_map}
     if max_memory is not None:
