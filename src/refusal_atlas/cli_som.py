@@ -60,6 +60,8 @@ def search(
     n_val: Annotated[Optional[int], typer.Option(help="validation prompts per side")] = None,
     n_startup_trials: Annotated[int, typer.Option(help="random trials before TPE")] = 10,
     evaluate: Annotated[bool, typer.Option(help="held-out comparison of the chosen subset vs DIM")] = True,
+    storage: Annotated[Optional[str], typer.Option(help="shared study for many workers: postgresql://user@host/db "
+                                                        "(default: R/study.db, one process)")] = None,
 ) -> None:
     """Optuna TPE search over subsets of k directions (validation prompts), Pareto front, held-out check."""
     from refusal_atlas.errors import ConfigError
@@ -70,13 +72,17 @@ def search(
 
     if trials is not None and until is not None:
         raise ConfigError("give --trials (add N trials) or --until (reach N completed trials), not both")
+    if storage is not None:
+        from refusal_atlas.search_storage import check_storage
+
+        storage = str(check_storage(storage))  # before the model loads
     ws = open_workspace(config_from_run(run_dir, {"n_val": n_val, "kl_threshold": kl_threshold}), run_dir,
                         must_exist=True)
     settings = SearchSettings(k=k, k_max=k_max, seed=_seed(run_dir, seed), mode=ws.cfg.ablation_mode,
                               kl_threshold=ws.cfg.kl_threshold, n_startup_trials=n_startup_trials)
     sets = load_prompt_sets(ws.cfg)
     summary = search_step(ws, sets, settings, directions, trials=30 if trials is None and until is None else trials,
-                          until=until)
+                          until=until, storage=storage)
     if summary["stale_trials_failed"]:
         typer.echo(f"marked stale trials {summary['stale_trials_failed']} (left by a killed run) as failed")
     typer.echo(format_search(summary))
