@@ -23,6 +23,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -67,14 +68,12 @@ def make_storage(target: str | os.PathLike) -> optuna.storages.RDBStorage:
     checked = check_storage(target)
     if isinstance(checked, Path):
         return optuna.storages.RDBStorage(f"sqlite:///{checked}")
-    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 5
-        retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY)}
-    else:
-        retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)}
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 5
+            retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY)}
+        else:
+            retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)}
         return optuna.storages.RDBStorage(
             checked, engine_kwargs={"pool_pre_ping": True}, **retry,
             heartbeat_interval=int(os.environ.get("REFUSAL_ATLAS_HEARTBEAT_S", HEARTBEAT_S)),
@@ -95,11 +94,21 @@ def release_stale_trials(study: optuna.Study, target: str | os.PathLike) -> list
 
         return fail_stale_trials(study)
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    optuna.storages.fail_stale_trials(study)
+    _fail_stale(study)
     return sorted({t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} - before)
 
 
 # --- coordination of workers inside the trial loop -----------------------------------------------------
+# ask/tell with heartbeats is what we want (we record them ourselves); optuna warns it expects optimize()
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def _backend(study: optuna.Study):
     storage = study._storage
     return getattr(storage, "_backend", storage)
@@ -144,7 +153,7 @@ class SharedCoordinator(LocalCoordinator):
         self.lock_key = zlib.crc32(f"refusal-atlas:{study.study_name}".encode()) & 0x7FFFFFFF
 
     def before_ask(self, study: optuna.Study) -> None:
-        optuna.storages.fail_stale_trials(study)  # dead workers' trials → FAIL, re-queued as WAITING
+        _fail_stale(study)  # dead workers' trials → FAIL, re-queued as WAITING
 
     @contextmanager
     def alive(self, study: optuna.Study, trial: Trial) -> Iterator[None]:
@@ -193,7 +202,7 @@ class SharedCoordinator(LocalCoordinator):
                     trial.set_user_attr("subset", tag)
                     return None
             time.sleep(POLL_S)  # another worker is evaluating it: wait for its values (or its death)
-            optuna.storages.fail_stale_trials(study)
+            _fail_stale(study)
 
 
 def coordinator_for(study: optuna.Study) -> LocalCoordinator:
