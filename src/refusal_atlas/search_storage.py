@@ -74,10 +74,19 @@ def make_storage(target: str | os.PathLike) -> optuna.storages.RDBStorage:
             retry = {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY)}
         else:
             retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)}
-        return optuna.storages.RDBStorage(
-            checked, engine_kwargs={"pool_pre_ping": True}, **retry,
-            heartbeat_interval=int(os.environ.get("REFUSAL_ATLAS_HEARTBEAT_S", HEARTBEAT_S)),
-            grace_period=int(os.environ.get("REFUSAL_ATLAS_GRACE_S", GRACE_S)))
+        for attempt in range(5):  # workers started together race to create optuna's tables: retry the losers
+            try:
+                return optuna.storages.RDBStorage(
+                    checked, engine_kwargs={"pool_pre_ping": True}, **retry,
+                    heartbeat_interval=int(os.environ.get("REFUSAL_ATLAS_HEARTBEAT_S", HEARTBEAT_S)),
+                    grace_period=int(os.environ.get("REFUSAL_ATLAS_GRACE_S", GRACE_S)))
+            except Exception as exc:
+                from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+                if not isinstance(exc, (IntegrityError, ProgrammingError)) or attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def study_guard(target: str | os.PathLike):

@@ -131,3 +131,17 @@ def test_cli_rejects_bad_storage_before_loading(tmp_path):
     assert proc.stderr.strip().splitlines() == ["error: --storage redis://... is not supported; use "
                                                 "postgresql://user@host/db (or a SQLite file path, the default)"]
     assert not (tmp_path / "nope").exists()
+
+
+def test_workers_starting_together_on_a_fresh_database(postgres):  # noqa: F811
+    """Concurrent first connections race to create optuna's tables; every worker must still get the study."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = postgres.create_database("fresh_race")
+
+    def connect(_):
+        return open_study(url, STUDY, {"seed": 0}).study_name
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(connect, range(6))) == [STUDY] * 6
+    assert len(optuna.get_all_study_summaries(make_storage(url))) == 1
