@@ -67,6 +67,11 @@ def run(
     batch_size: Annotated[Optional[int], typer.Option(help=_setting("batch_size", "prompts per forward pass"))] = None,
     seed: Annotated[Optional[int], typer.Option(help=_setting("seed", "prompt sampling and torch seed"))] = None,
     device: Annotated[Optional[str], typer.Option(help=_setting("device", "cpu, cuda, mps (None: best available)"))] = None,
+    dtype: Annotated[Optional[str], typer.Option(help=_setting("dtype", "float32, bfloat16 or float16"))] = None,
+    device_map: Annotated[Optional[str], typer.Option(help=_setting("device_map", "auto|balanced|balanced_low_0|sequential|<file.json>"))] = None,
+    max_memory: Annotated[Optional[str], typer.Option(help=_setting("max_memory", "per-device limits, e.g. 0=20GiB,cpu=64GiB"))] = None,
+    dtype_fallback: Annotated[Optional[bool], typer.Option(help=_setting("dtype_fallback", "reload in float32 if --dtype gives NaN/inf"))] = None,
+    backend: Annotated[Optional[str], typer.Option(help=_setting("backend", "held-out generation: hf or vllm (GPU)"))] = None,
     system_prompt: Annotated[Optional[str], typer.Option(help=_setting("system_prompt", "system message (None: the template's)"))] = None,
     chat_template: Annotated[Optional[Path], typer.Option(help=_setting("chat_template", "Jinja chat template file, for models without one"))] = None,
     resume: Annotated[bool, typer.Option(help="continue the run directory with its own settings")] = False,
@@ -77,18 +82,24 @@ def run(
 ) -> None:
     """The default end-to-end job: extract → DIM → select → held-out evaluation."""
     from refusal_atlas.settings import resolve_config
-    from refusal_atlas.validate import check_new_run_dir, run_config
+    from refusal_atlas.validate import check_new_run_dir
 
     if method not in ("dim", "som"):
         raise RefusalAtlasError(f"unknown method {method!r} for `run` (available: dim, som)")
-    cfg = resolve_config(config_file=config, cli=dict(model=model, layer=layer, layers=_ints(layers), positions=_ints(positions),
-                                   n_train=n_train, n_val=n_val, n_eval=n_eval, eval_harmful=_names(eval_harmful),
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device,
-                                   system_prompt=system_prompt, chat_template=chat_template and str(chat_template))).config
+    flags = dict(model=model, layer=layer, layers=_ints(layers), positions=_ints(positions), n_train=n_train,
+                 n_val=n_val, n_eval=n_eval, eval_harmful=_names(eval_harmful), max_new_tokens=max_new_tokens,
+                 batch_size=batch_size, seed=seed, device=device, system_prompt=system_prompt,
+                 chat_template=chat_template and str(chat_template), dtype=dtype, device_map=device_map,
+                 max_memory=max_memory, dtype_fallback=dtype_fallback, backend=backend)
     run_dir = run_dir or _default_run_dir()
     manifest = check_new_run_dir(run_dir)
-    if resume and manifest:  # the run's own settings, then what the TOML file and the flags set explicitly
-        cfg = run_config(manifest, {k: getattr(cfg, k) for k in cfg.model_fields_set})
+    # --resume: the run's own settings, then what the TOML file and the flags set explicitly
+    base = manifest.get("config", {}) if resume and manifest else None
+    cfg = resolve_config(flags, config_file=config, base=base).config
+    if cfg.backend == "vllm":
+        from refusal_atlas.generation_vllm import check_vllm
+
+        check_vllm()  # before any model loads
     if method == "som":
         from refusal_atlas.cli_som import run_som_command
 
@@ -198,6 +209,7 @@ def evaluate_cmd(
     edit: Annotated[Optional[str], typer.Option(help="also evaluate a saved edit, e.g. search_best (edits/NAME.json)")] = None,
     model: Annotated[Optional[Path], typer.Option(help="also score an exported model (dir, LoRA adapter, .gguf)")] = None,
     base: Annotated[Optional[str], typer.Option(help="--model LoRA: base model (default: adapter_config's)")] = None,
+    backend: Annotated[str, typer.Option(help="generation engine: hf, or vllm (GPU; edits exported as weights)")] = "hf",
 ) -> None:
     """Judge every dataset × intervention × judge, damage (KL) and benchmarks; appends to metrics.json."""
     from refusal_atlas.validate import (check_at_least, check_datasets, check_direction_file, check_run_dir,
@@ -220,6 +232,8 @@ def evaluate_cmd(
     check_judges(judge_names, opts)  # cheap checks before the model loads
     _check_judge_model(judge_names, judge_model)
     kinds = check_interventions(names)
+    if backend not in ("hf", "vllm"):
+        raise RefusalAtlasError(f"unknown --backend {backend!r} (hf or vllm)")
     path = run_dir / "directions" / f"{directions}.safetensors"
     if any(kind != "none" for kind, _ in kinds):
         check_direction_file(path, manifest)
@@ -235,6 +249,10 @@ def evaluate_cmd(
         from refusal_atlas.evaluation.exported import exported_kind
 
         exported_kind(model)
+    if backend == "vllm":
+        from refusal_atlas.generation_vllm import check_vllm
+
+        check_vllm()  # before the model loads
     ws = _workspace(run_dir)
     specs = parse_interventions(names, DirectionSet.load(path) if path.exists() else None, mode=cfg.ablation_mode)
     specs += [saved_edit] if saved_edit is not None else []
@@ -242,12 +260,20 @@ def evaluate_cmd(
     judges = make_judges(judge_names, opts, reuse={cfg.model: (ws.loaded.model, ws.loaded.tokenizer, ws.loaded.name)})
     plan = EvalPlan(datasets=dataset_names, interventions=specs, judges=judges, n=n_prompts, max_new_tokens=length,
                     kl_tokens=kl_tokens, benchmarks=_names(benchmarks) or [], limit=limit, batch_size=cfg.batch_size,
-                    seed=cfg.seed)
+                    seed=cfg.seed, backend=_generation_backend(ws, backend))
     if model is not None:
         from refusal_atlas.evaluation.exported import evaluate_exported
 
         return typer.echo(format_records(evaluate_exported(ws, plan, model, base=base)))
     typer.echo(format_records(evaluate_run(ws, plan)))
+
+
+def _generation_backend(ws, name: str):
+    if name == "hf":
+        return None
+    from refusal_atlas.generation_vllm import VllmBackend
+
+    return VllmBackend.for_workspace(ws)
 
 
 def _check_judge_model(judge_names: list[str], judge_model: str | None) -> None:

@@ -57,6 +57,8 @@ def search(
     n_val: Annotated[Optional[int], typer.Option(help="validation prompts per side")] = None,
     n_startup_trials: Annotated[int, typer.Option(help="random trials before TPE")] = 10,
     evaluate: Annotated[Optional[bool], typer.Option(help="subsets: held-out comparison vs DIM (default on)")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="shared study for many workers: postgresql://user@host/db "
+                                                        "(default: R/study.db, one process)")] = None,
 ) -> None:
     """Seeded, resumable Optuna TPE search on validation prompts; prints the Pareto front, saves the pick."""
     from refusal_atlas.validate import check_at_least, check_direction_file, check_run_dir, run_config
@@ -83,6 +85,10 @@ def search(
         if max(k, k_max or k) > found["k"]:
             raise ConfigError(f"--k {max(k, k_max or k)} but {directions} holds only {found['k']} directions; "
                               "lower --k/--k-max or use a larger SOM")
+    if storage is not None:
+        from refusal_atlas.search_storage import check_storage
+
+        storage = str(check_storage(storage))  # before the model loads
     from refusal_atlas.cli_som import _seed
     from refusal_atlas.workspace import load_prompt_sets, open_workspace
 
@@ -94,7 +100,7 @@ def search(
 
         settings = EditSearchSettings(seed=_seed(run_dir, seed), kl_threshold=ws.cfg.kl_threshold,
                                       n_startup_trials=n_startup_trials, sets=set_names, k_max=k_max)
-        summary = edit_search_step(ws, prompt_sets, settings, until=until, minutes=minutes)
+        summary = edit_search_step(ws, prompt_sets, settings, until=until, minutes=minutes, storage=storage)
         if summary["stale_trials_failed"]:
             typer.echo(f"marked stale trials {summary['stale_trials_failed']} (left by a killed run) as failed")
         typer.echo(format_edit_search(summary))
@@ -106,7 +112,7 @@ def search(
 
     settings = SearchSettings(k=k, k_max=k_max, seed=_seed(run_dir, seed), mode=ws.cfg.ablation_mode,
                               kl_threshold=ws.cfg.kl_threshold, n_startup_trials=n_startup_trials)
-    summary = search_step(ws, prompt_sets, settings, directions, until=until)
+    summary = search_step(ws, prompt_sets, settings, directions, until=until, storage=storage)
     if summary["stale_trials_failed"]:
         typer.echo(f"marked stale trials {summary['stale_trials_failed']} (left by a killed run) as failed")
     typer.echo(format_search(summary))

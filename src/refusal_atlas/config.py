@@ -22,6 +22,11 @@ class RunConfig(BaseModel):
     model: str = "embedded"
     device: str | None = None
     dtype: str | None = None
+    # placement (accelerate): auto|balanced|balanced_low_0|sequential|<file.json>|{module: device}; "0=20GiB,cpu=64GiB"
+    device_map: str | dict[str, int | str] | None = None
+    max_memory: str | dict[str, str] | None = None
+    dtype_fallback: bool = Field(True, description="reload in float32 when the dtype gives non-finite baseline logits")
+    backend: Literal["hf", "vllm"] = Field("hf", description="generation engine of the held-out evaluation")
     system_prompt: str | None = Field(None, description="None: the chat template's own default")
     chat_template: str | None = Field(None, description="path to a Jinja chat template, for models without one")
     seed: int = 0
@@ -54,6 +59,29 @@ class RunConfig(BaseModel):
     max_new_tokens: int = Field(32, ge=1)
     # a row stops once a refusal phrase appears (its substring verdict cannot change); false: full length
     stop_when_decided: bool = True
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str | None) -> str | None:
+        if v not in (None, "auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+            raise ValueError("dtype must be float32, bfloat16 or float16 (or auto)")
+        return v
+
+    @field_validator("device_map")
+    @classmethod
+    def _device_map(cls, v):
+        from refusal_atlas.model.placement import parse_device_map
+
+        parse_device_map(v)
+        return v
+
+    @field_validator("max_memory")
+    @classmethod
+    def _max_memory(cls, v):
+        from refusal_atlas.model.placement import parse_max_memory
+
+        parse_max_memory(v)
+        return v
 
     @field_validator("positions")
     @classmethod

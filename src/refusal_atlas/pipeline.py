@@ -186,7 +186,16 @@ def evaluate_step(ws: Workspace, direction: DirectionSet, sets: PromptSets,
 def _refusal(ws: Workspace, prompts: list[Prompt], dataset: str, spec: Intervention, first: list | None = None) -> dict:
     return evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=ws.cfg.max_new_tokens,
                             batch_size=ws.cfg.batch_size, completions_path=ws.run.completions_path(dataset, spec.label),
-                            stop_when_decided=ws.cfg.stop_when_decided, first_logprobs=first)
+                            stop_when_decided=ws.cfg.stop_when_decided, first_logprobs=first, backend=_backend(ws))
+
+
+def _backend(ws: Workspace):
+    """The run's generation engine (cfg.backend): None for HF with hooks."""
+    if ws.cfg.backend == "hf":
+        return None
+    from refusal_atlas.generation_vllm import VllmBackend
+
+    return VllmBackend.for_workspace(ws)
 
 
 def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False,

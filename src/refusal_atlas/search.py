@@ -41,6 +41,7 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.errors import ArtifactError, ConfigError
 from refusal_atlas.interventions import AblationMode
 from refusal_atlas.progress import progress
+from refusal_atlas.search_storage import coordinator_for, is_server_url, make_storage
 
 Objective = Callable[[DirectionSet], tuple[float, float]]
 RULE = ("min_refusal_under_kl: among Pareto-optimal trials with mean validation KL <= kl_threshold, the "
@@ -116,23 +117,23 @@ def study_lock(db_path: Path) -> Iterator[None]:
 
 def open_study(db_path: str | os.PathLike, name: str, identity: dict[str, Any] | None = None,
                create: bool = True) -> optuna.Study:
-    """Open (or create) the two-objective study ``name`` in the SQLite file ``db_path``.
+    """Open (or create) the two-objective study ``name`` in the SQLite file or PostgreSQL URL ``db_path``.
 
     ``identity`` (search space, seed, objective fingerprint) is stored with a new study and must
     match on reopening; a mismatch is an error rather than a silently mixed study.
     """
-    db_path = Path(db_path)
-    if not create and not db_path.is_file():
+    db_path = db_path if is_server_url(db_path) else Path(db_path)
+    if not create and isinstance(db_path, Path) and not db_path.is_file():
         raise ArtifactError(f"no search study at {db_path}; run `refusal-atlas search` first")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{db_path}")
+        storage = make_storage(db_path)  # SQLite file, or a PostgreSQL server with heartbeats (search_storage)
         names = [s.study_name for s in storage.get_all_studies()]
         if name not in names and not create:
             raise ArtifactError(f"{db_path} holds no study named {name!r} (studies: {names})")
         study = optuna.create_study(storage=storage, study_name=name, directions=["minimize", "minimize"],
                                     load_if_exists=True)
-    except ArtifactError:
+    except (ArtifactError, ConfigError):
         raise
     except Exception as exc:  # sqlalchemy / optuna storage errors: the file is not a usable study
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -165,8 +166,9 @@ def completed(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
-def _sampler(seed: int, n_complete: int, group: bool, n_startup_trials: int) -> optuna.samplers.TPESampler:
-    trial_seed = int(np.random.SeedSequence([seed, n_complete]).generate_state(1)[0])
+def _sampler(seed: int, n_complete: int, group: bool, n_startup_trials: int,
+             worker: tuple[int, ...] = ()) -> optuna.samplers.TPESampler:
+    trial_seed = int(np.random.SeedSequence([seed, n_complete, *worker]).generate_state(1)[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(multivariate=True, group=group, seed=trial_seed,
@@ -210,6 +212,7 @@ def run_loop(study: optuna.Study, propose: Callable[[Trial], tuple[str, Callable
     has its own start and end time. ``deadline`` (a ``time.monotonic()`` value) stops the loop
     before a trial that would start after it.
     """
+    coord = coordinator_for(study)  # several workers on a PostgreSQL study: seeds, heartbeats, claims
     done: dict[str, FrozenTrial] = {t.user_attrs["key"]: t for t in completed(study) if "key" in t.user_attrs}
     finished: list[FrozenTrial] = []
     bar = progress(n_trials, desc)
@@ -217,17 +220,19 @@ def run_loop(study: optuna.Study, propose: Callable[[Trial], tuple[str, Callable
         for _ in range(n_trials):
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            study.sampler = _sampler(seed, len(completed(study)), group, n_startup_trials)
+            coord.before_ask(study)
+            study.sampler = _sampler(seed, len(completed(study)), group, n_startup_trials, coord.seed_parts)
             trial = study.ask()
             try:
-                key, evaluate = propose(trial)
-                trial.set_user_attr("key", key)
-                previous = done.get(key)
-                if previous is not None:
-                    trial.set_user_attr("reused_from", previous.number)
-                    values = tuple(previous.values)
-                else:
-                    values = evaluate()
+                with coord.alive(study, trial):
+                    key, evaluate = propose(trial)
+                    trial.set_user_attr("key", key)
+                    previous = coord.previous(study, trial, key, done)
+                    if previous is not None:
+                        trial.set_user_attr("reused_from", previous.number)
+                        values = tuple(previous.values)
+                    else:
+                        values = evaluate()
             except BaseException:
                 study.tell(trial, state=TrialState.FAIL)
                 raise

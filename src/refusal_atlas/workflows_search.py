@@ -20,7 +20,8 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.edits.sources import EditContext
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.io import write_json
-from refusal_atlas.search import completed, fail_stale_trials, open_study, study_lock, summarize
+from refusal_atlas.search import completed, open_study, summarize
+from refusal_atlas.search_storage import release_stale_trials, study_guard
 from refusal_atlas.search_space import EditSpace, build_edit, context_fingerprint, describe_choice, run_edit_trials
 from refusal_atlas.workflows_som import record_references, validation_objective
 from refusal_atlas.workspace import PromptSets, Workspace
@@ -77,8 +78,12 @@ def ensure_sets(ws: Workspace, names: tuple[str, ...]) -> None:
 
 
 def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettings, trials: int | None = None,
-                     until: int | None = None, minutes: float | None = None) -> dict[str, Any]:
-    """Add ``trials``, or reach ``until`` completed trials, or search for ``minutes`` → edits/, search_edits.json."""
+                     until: int | None = None, minutes: float | None = None,
+                     storage: str | None = None) -> dict[str, Any]:
+    """Add ``trials``, or reach ``until`` completed trials, or search for ``minutes`` → edits/, search_edits.json.
+
+    ``storage``: a PostgreSQL URL shared by several workers (see search_storage); default ``R/study.db``.
+    """
     if sum(x is not None for x in (trials, until, minutes)) != 1:
         raise ConfigError("give exactly one of trials (add N), until (reach N) or minutes")
     if any(x is not None and x < 0 for x in (trials, until, minutes)):
@@ -89,11 +94,11 @@ def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettin
     objective = validation_objective(ws, sets, "subspace")
     identity = {**space.identity(), "seed": settings.seed, "n_startup_trials": settings.n_startup_trials,
                 "directions": context_fingerprint(ctx), "objective": objective.fingerprint()}
-    db = ws.run / "study.db"
+    db = storage or ws.run / "study.db"
     name = "search-edits" + "".join(f"+{s}" for s in settings.sets)
-    with study_lock(db):
+    with study_guard(db):
         study = open_study(db, name, identity)
-        stale = fail_stale_trials(study)
+        stale = release_stale_trials(study, db)
         n_new = (trials if trials is not None else
                  max(0, until - len(completed(study))) if until is not None else 10**9)  # type: ignore[operator]
         deadline = time.monotonic() + 60 * minutes if minutes is not None else None

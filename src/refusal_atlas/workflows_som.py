@@ -22,8 +22,8 @@ from refusal_atlas.interventions import Intervention
 from refusal_atlas.io import read_json, write_json
 from refusal_atlas.rundir import RunDir
 from refusal_atlas.evaluation.objective import ValidationObjective
-from refusal_atlas.search import (SearchSettings, completed, fail_stale_trials, open_study,
-                                  run_trials, study_lock, summarize)
+from refusal_atlas.search import SearchSettings, completed, open_study, run_trials, summarize
+from refusal_atlas.search_storage import release_stale_trials, study_guard
 from refusal_atlas.workspace import PromptSets, Workspace, load_prompt_sets
 
 
@@ -76,8 +76,10 @@ def record_references(study, ws: Workspace, objective: ValidationObjective) -> N
 
 
 def search_step(ws: Workspace, sets: PromptSets, settings: SearchSettings, directions_name: str = "som",
-                trials: int | None = None, until: int | None = None) -> dict[str, Any]:
+                trials: int | None = None, until: int | None = None, storage: str | None = None) -> dict[str, Any]:
     """Add ``trials`` trials (or run until ``until`` trials are complete) → study.db, search.json, search_best.
+
+    ``storage``: a PostgreSQL URL shared by several workers (see search_storage); default ``R/study.db``.
 
     Returns the search summary (see :func:`refusal_atlas.search.summarize`).
     """
@@ -87,10 +89,10 @@ def search_step(ws: Workspace, sets: PromptSets, settings: SearchSettings, direc
         raise ConfigError("the number of trials must be >= 0")
     directions = DirectionSet.load(ws.run.direction_path(directions_name))
     objective = validation_objective(ws, sets, settings.mode)
-    db = ws.run / "study.db"
-    with study_lock(db):
+    db = storage or ws.run / "study.db"
+    with study_guard(db):
         study = open_study(db, f"search-{directions_name}", settings.identity(directions, objective.fingerprint()))
-        stale = fail_stale_trials(study)
+        stale = release_stale_trials(study, db)
         n_new = trials if trials is not None else max(0, until - len(completed(study)))  # type: ignore[operator]
         if n_new > 0:
             settings.space(directions)  # validates k against the number of directions before any work

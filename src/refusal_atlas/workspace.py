@@ -96,7 +96,8 @@ def open_workspace(cfg: RunConfig, run_dir: str | Path, *, must_exist: bool = Fa
             template = Path(cfg.chat_template).expanduser().read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read chat template {cfg.chat_template}: {exc.strerror}") from None
-    loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map,
+                        max_memory=cfg.max_memory, dtype_fallback=cfg.dtype_fallback)
     adapter = ModelAdapter(loaded.model)
     chat = ChatFormatter(loaded.tokenizer, system=cfg.system_prompt, chat_template=template)
     if facts is None:  # a Hugging Face id: its layer count is known only now

@@ -21,6 +21,8 @@ from refusal_atlas.edits.base import Edit, WeightSnapshot, as_adapter, untie_emb
 from refusal_atlas.edits.writes import WriteMode, check_mode, edit_linear, edit_write, map_writes, prepare
 from refusal_atlas.errors import ModelError
 from refusal_atlas.interventions import ablate, as_matrix
+from refusal_atlas.model.placement import is_offloaded
+from refusal_atlas.edits.offloaded import orthogonalize_offloaded
 
 
 class DirectionalAblation(Edit):
@@ -69,6 +71,14 @@ class DirectionalAblation(Edit):
             raise ModelError(
                 f"{adapter.model_type} rescales attention/MLP outputs with post-norms before the residual add, "
                 "so orthogonalized weights would not match hook ablation; use hook ablation for this model")
+        if is_offloaded(adapter.model):
+            if not snapshot.permanent:
+                raise ModelError("in-place weight edits that are undone on exit need the weights in memory; "
+                                 "this model is partly offloaded: use hooks, or export the edit")
+            if self.mode != "subspace" and not self.hooks_equal_weights:
+                raise ModelError("sequential ablation of correlated directions cannot be written into offloaded "
+                                 "weights; place the model without offload")
+            return orthogonalize_offloaded(adapter, self.vectors)
         prepared = prepare(self.vectors, self.mode)
         untied = untie_embeddings(adapter)
         emb = snapshot.keep(adapter.embedding.weight)

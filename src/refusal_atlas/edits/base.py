@@ -42,14 +42,15 @@ def as_adapter(model: nn.Module | ModelAdapter) -> ModelAdapter:
 class WeightSnapshot:
     """Original tensors of everything a weight edit touches, restored bit for bit by :meth:`restore`."""
 
-    def __init__(self, adapter: ModelAdapter):
+    def __init__(self, adapter: ModelAdapter, permanent: bool = False):
         self.adapter = adapter
+        self.permanent = permanent  # nothing will be restored (export): no copies need to be kept
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.tied = adapter.embeddings_tied
         self.config_tied = getattr(adapter.model.config, "tie_word_embeddings", None)
 
     def keep(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not any(t is tensor for t, _ in self.saved):
+        if not self.permanent and not any(t is tensor for t, _ in self.saved):
             self.saved.append((tensor, tensor.detach().clone()))
         return tensor
 
@@ -172,7 +173,7 @@ class Edit(ABC):
         adapter = as_adapter(model)
         self._check_weight_form(adapter)
         with torch.no_grad():
-            return self._edit_weights(adapter, WeightSnapshot(adapter))
+            return self._edit_weights(adapter, WeightSnapshot(adapter, permanent=True))
 
     def _check_weight_form(self, adapter: ModelAdapter) -> None:
         self.check_model(adapter)

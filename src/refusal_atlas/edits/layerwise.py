@@ -120,6 +120,11 @@ class LayerwiseAblation(Edit):
         return (o32 * (r32.norm(dim=-1, keepdim=True) / o32.norm(dim=-1, keepdim=True).clamp_min(1e-12))).to(rows.dtype)
 
     def _edit_weights(self, adapter, snapshot: WeightSnapshot) -> dict[str, Any]:
+        from refusal_atlas.model.placement import is_offloaded
+
+        if is_offloaded(adapter.model):
+            raise ModelError("per-layer strength weight edits of a partly offloaded model are not supported; "
+                             "evaluate them with hooks or place the model without offload")
         n, untied = 0, False
         if self.embed_weight:
             untied = untie_embeddings(adapter)

@@ -67,19 +67,21 @@ def evaluate_refusal(
     completions_path: Path | None = None,
     stop_when_decided: bool = False,
     first_logprobs: list | None = None,
+    backend=None,
 ) -> dict:
     """Generate greedily under ``intervention`` (or reuse saved completions), judge by substring.
 
     ``stop_when_decided``: a row stops once a refusal phrase appears, which fixes its substring verdict
     (the same verdicts as full-length generation, tested; not for over-refusal sets' prefix rule).
     ``first_logprobs``: a list that receives the generation's first-step log-probs [N, V] (None when
-    completions were reused), so a next-token KL needs no extra pass.
+    completions were reused or another backend generated), so a next-token KL needs no extra pass.
+    ``backend``: another generation engine (e.g. vLLM); None generates with HF and the hooks.
     """
     judge, role = SubstringJudge(), dataset_role(dataset)
     comp = completions_for(adapter, chat, prompts, intervention, max_new_tokens, batch_size, completions_path,
                            desc=f"generate {dataset} [{intervention.label}]",
                            stop_when_decided=stop_when_decided and role != "over_refusal",
-                           keep_first_logprobs=first_logprobs is not None)
+                           keep_first_logprobs=first_logprobs is not None, backend=backend)
     if first_logprobs is not None:
         first_logprobs.append(comp.first_logprobs)
     verdicts = judge.judge([JudgeItem(p.instruction, r) for p, r in zip(prompts, comp.responses)], role)
@@ -125,6 +127,7 @@ class EvalPlan:
     limit: int | None = None
     batch_size: int = 16
     seed: int = 0
+    backend: object | None = None  # generation engine (None: HF with hooks; see generation_vllm)
 
 
 def check_interventions(names: Sequence[str]) -> list[tuple[str, float]]:
@@ -170,7 +173,8 @@ def evaluate_run(ws, plan: EvalPlan) -> list[dict]:
         group = []
         for spec in plan.interventions:
             comp = completions_for(ws.adapter, ws.chat, prompts, spec, plan.max_new_tokens, plan.batch_size,
-                                   ws.run.completions_path(name, spec.label), desc=f"generate {name} [{spec.label}]")
+                                   ws.run.completions_path(name, spec.label), desc=f"generate {name} [{spec.label}]",
+                                   backend=plan.backend)
             items = [JudgeItem(p.instruction, r) for p, r in zip(prompts, comp.responses)]
             for judge in plan.judges:
                 rec = judged_record(spec, name, role, judge, judge.judge(items, role), comp.responses,
@@ -200,7 +204,8 @@ def _damage(ws, plan: EvalPlan, dataset: str, prompts: list[Prompt]) -> list[dic
     clean = Intervention("none")
     length = max(plan.max_new_tokens, plan.kl_tokens)  # reuse the clean completions when long enough
     comp = completions_for(ws.adapter, ws.chat, prompts, clean, length, plan.batch_size,
-                           ws.run.completions_path(dataset, clean.label), desc=f"generate {dataset} [none]")
+                           ws.run.completions_path(dataset, clean.label), desc=f"generate {dataset} [none]",
+                           backend=plan.backend)
     conts = [ids[: plan.kl_tokens] for ids in comp.token_ids]  # greedy: a prefix is the shorter continuation
     out = []
     for spec in specs:

@@ -130,7 +130,10 @@ class ModelAdapter:
 
     @property
     def embeddings_tied(self) -> bool:
-        return self.lm_head.weight.data_ptr() == self.embedding.weight.data_ptr()
+        head, emb = self.lm_head.weight, self.embedding.weight
+        if "meta" in (head.device.type, emb.device.type):  # offloaded by accelerate: no storage to compare
+            return head is emb or bool(getattr(self.model.config, "tie_word_embeddings", False))
+        return head.data_ptr() == emb.data_ptr()
 
     def attn_write(self, layer: int) -> nn.Module:
         return _get(self.layers[layer], self.family.attn_write)
@@ -165,7 +168,10 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        return self.embedding.weight.device
+        """Where inputs go: the embedding's execution device (not ``meta`` when accelerate offloads it)."""
+        from refusal_atlas.model.placement import execution_device
+
+        return execution_device(self.embedding)
 
     @property
     def dtype(self) -> torch.dtype:

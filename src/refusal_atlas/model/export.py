@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.io import atomic_dir, readable
+from refusal_atlas.model.placement import full_state_dict
 
 FORMATS = ("safetensors", "lora", "gguf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,7 +28,7 @@ def write_model_files(model: torch.nn.Module, tokenizer, out: Path, dtype: torch
     """Weights (``model.safetensors``), config, generation config and tokenizer into the directory ``out``."""
     state: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in full_state_dict(model).items():  # offloaded weights read from accelerate's store
         ptr = tensor.data_ptr()
         if ptr in seen and getattr(model.config, "tie_word_embeddings", False):
             continue  # tied weight: from_pretrained re-ties it
