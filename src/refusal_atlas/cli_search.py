@@ -63,6 +63,10 @@ def search(
     """Seeded, resumable Optuna TPE search on validation prompts; prints the Pareto front, saves the pick."""
     from refusal_atlas.validate import check_at_least, check_direction_file, check_run_dir, run_config
 
+    if storage is not None:
+        from refusal_atlas.search_storage import check_storage
+
+        storage = str(check_storage(storage))
     manifest = check_run_dir(run_dir)  # milliseconds, before anything heavy is imported
     if space not in ("edits", "subsets"):
         raise ConfigError(f"unknown --space {space!r}; choose edits or subsets")
@@ -85,10 +89,6 @@ def search(
         if max(k, k_max or k) > found["k"]:
             raise ConfigError(f"--k {max(k, k_max or k)} but {directions} holds only {found['k']} directions; "
                               "lower --k/--k-max or use a larger SOM")
-    if storage is not None:
-        from refusal_atlas.search_storage import check_storage
-
-        storage = str(check_storage(storage))  # before the model loads
     from refusal_atlas.cli_som import _seed
     from refusal_atlas.workspace import load_prompt_sets, open_workspace
 

@@ -23,7 +23,7 @@ from refusal_atlas.batching import length_sorted_batches
 from refusal_atlas.crashpoints import crash_point
 from refusal_atlas.data import Prompt
 from refusal_atlas.evaluation.refusal import REFUSAL_SUBSTRINGS, is_refusal, refusal_phrase_in
-from refusal_atlas.generation import DECODING, Generated, greedy_generate
+from refusal_atlas.generation import DECODING, Generated, greedy_generate, stop_token_ids
 from refusal_atlas.interventions import Intervention, as_matrix
 from refusal_atlas.io import write_text
 from refusal_atlas.model.adapter import ModelAdapter
@@ -93,8 +93,8 @@ def completions_for(
     ``stop_when_decided``: stop a row once a refusal phrase appears (its substring verdict is then
     fixed); such lines are marked ``stop: "decided"`` and are never reused for full-length callers.
     ``backend``: another generation engine with a ``continuations`` method (e.g.
-    :class:`refusal_atlas.generation_vllm.VllmBackend`), given the whole set at once (it batches
-    itself); None generates with HF and the hooks, one saved batch at a time.
+    :class:`refusal_atlas.generation_vllm.VllmBackend`); None generates with HF and the hooks.
+    Either way one batch at a time is generated and saved.
     """
     fp = intervention_fingerprint(intervention)
     lines = _read(path)
@@ -108,18 +108,15 @@ def completions_for(
     done: list[str] = []
     # one batch at a time, each saved before the next starts: a crash loses at most one batch, and a
     # rerun forms the remaining batches exactly as an uninterrupted run would (same length order)
-    if backend is not None:
-        batches = [list(range(len(missing)))] if missing else []
-    else:
-        batches = length_sorted_batches(chat.token_lengths(missing), batch_size) if missing else []
-    for idx in batches:
+    eos = set(stop_token_ids(adapter.model, chat.tokenizer)) if backend is not None else set()
+    for idx in length_sorted_batches(chat.token_lengths(missing), batch_size) if missing else []:
         texts = [missing[i] for i in idx]
         if backend is None:
             gens = greedy_generate(adapter, chat, texts, max_new_tokens, len(texts), intervention, desc=desc,
                                    stop_when=stop, keep_first_logprobs=keep_first_logprobs)
         else:
-            ids = backend.continuations(adapter, chat, texts, max_new_tokens, batch_size, intervention, desc=desc)
-            gens = [Generated(list(t), "backend") for t in ids]
+            ids = backend.continuations(adapter, chat, texts, max_new_tokens, len(texts), intervention, desc=desc)
+            gens = [Generated(list(t), "eos" if t and t[-1] in eos else "max_new_tokens") for t in ids]
         for text, g in zip(texts, gens):
             response = chat.tokenizer.decode(g.token_ids, skip_special_tokens=True).strip()
             first[text] = g.first_logprobs
