@@ -172,7 +172,9 @@ def evaluate_cmd(
                         endpoint_rubric=rubric, concurrency=concurrency, timeout=timeout)
     check_judges(judge_names, opts)  # cheap checks before the model loads
     check_interventions(names)
-    saved_edit = _load_run_edit(run_dir, edit) if edit is not None else None
+    from refusal_atlas.edits import load_run_edit
+
+    saved_edit = load_run_edit(run_dir, edit) if edit is not None else None
     ws = _workspace(run_dir)
     cfg = ws.cfg
     path = ws.run.direction_path(directions)
@@ -187,19 +189,6 @@ def evaluate_cmd(
     typer.echo(format_records(evaluate_run(ws, plan)))
 
 
-def _load_run_edit(run_dir: Path, name: str):
-    """A saved edit of the run (edits/NAME.json), checked against the run's model before it loads."""
-    from refusal_atlas.edits import load_edit
-    from refusal_atlas.io import read_json
-
-    edit = load_edit(run_dir / "edits" / name)
-    model = read_json(run_dir / "manifest.json").get("model", {}) if (run_dir / "manifest.json").is_file() else {}
-    for what, have in (("d_model", edit.d_model), ("n_layers", edit.n_layers)):
-        if have is not None and model.get(what) not in (None, have):
-            raise RefusalAtlasError(f"edit {name!r} was made for {what} {have}, but {run_dir}'s model has {model[what]}")
-    return edit
-
-
 @app.command("export")
 def export_cmd(run_dir: RunDirOpt, out: Annotated[Path, typer.Option(help="output model directory")],
                directions: Annotated[str, typer.Option(help="direction file name")] = "dim",
@@ -207,8 +196,8 @@ def export_cmd(run_dir: RunDirOpt, out: Annotated[Path, typer.Option(help="outpu
                force: Annotated[bool, typer.Option(help="replace a non-empty --out directory")] = False) -> None:
     """Write an edited copy of the model (safetensors): the directions orthogonalized out, or a saved edit."""
     from refusal_atlas.directions.base import DirectionSet
-    from refusal_atlas.edits import DirectionalAblation
-    from refusal_atlas.io import check_output_dir
+    from refusal_atlas.edits import DirectionalAblation, load_run_edit
+    from refusal_atlas.io import check_output_dir, read_json
     from refusal_atlas.orthogonalize import export_edit
 
     check_output_dir(out, force)
@@ -217,22 +206,16 @@ def export_cmd(run_dir: RunDirOpt, out: Annotated[Path, typer.Option(help="outpu
     if not (run_dir / "manifest.json").is_file():
         raise RefusalAtlasError(f"{run_dir} is not a run directory (no manifest.json); run `refusal-atlas run` first")
     if edit is not None:
-        chosen = _load_run_edit(run_dir, edit)
+        chosen = load_run_edit(run_dir, edit)
         if not chosen.has_weight_form:
             raise RefusalAtlasError(f"edit {edit!r} ({chosen.edit_type}) exists as hooks only and cannot be exported")
     else:
         direction = DirectionSet.load(run_dir / "directions" / f"{directions}.safetensors")
-        mode = _run_config(run_dir).get("ablation_mode", "subspace")
-        chosen = DirectionalAblation(direction, mode)
+        chosen = DirectionalAblation(direction, read_json(run_dir / "manifest.json").get("config", {}).get(
+            "ablation_mode", "subspace"))  # export honours the run's mode (sequential too)
     ws = _workspace(run_dir)
     path = export_edit(ws.loaded, chosen, out, force=force)
     typer.echo(f"exported {chosen.label} ({chosen.edit_type}) to {path}")
-
-
-def _run_config(run_dir: Path) -> dict:
-    from refusal_atlas.io import read_json
-
-    return read_json(run_dir / "manifest.json").get("config", {})
 
 
 @app.command("report")
