@@ -212,8 +212,7 @@ def evaluate_cmd(
     backend: Annotated[str, typer.Option(help="generation engine: hf, or vllm (GPU; edits exported as weights)")] = "hf",
 ) -> None:
     """Judge every dataset × intervention × judge, damage (KL) and benchmarks; appends to metrics.json."""
-    from refusal_atlas.validate import (check_at_least, check_datasets, check_direction_file, check_run_dir,
-                                        load_run_edit, run_config)
+    from refusal_atlas.validate import check_at_least, check_datasets, check_direction_file, check_run_dir, run_config
 
     manifest = check_run_dir(run_dir)  # milliseconds: before anything heavy is imported
     check_at_least(n=(n, 1), max_new_tokens=(max_new_tokens, 1), kl_tokens=(kl_tokens, 1), limit=(limit, 1),
@@ -237,7 +236,11 @@ def evaluate_cmd(
     path = run_dir / "directions" / f"{directions}.safetensors"
     if any(kind != "none" for kind, _ in kinds):
         check_direction_file(path, manifest)
-    saved_edit = load_run_edit(run_dir, edit, manifest) if edit is not None else None
+    saved_edit = None
+    if edit is not None:
+        from refusal_atlas.edits import load_run_edit
+
+        saved_edit = load_run_edit(run_dir, edit)
     n_prompts, length = cfg.n_eval if n is None else n, cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
     dataset_names = _names(datasets) or [*cfg.eval_harmful, cfg.eval_harmless, "xstest"]
     check_datasets(dataset_names, n_prompts, cfg.seed)

@@ -16,9 +16,9 @@ def _chosen_edit(run_dir: Path, manifest: dict, directions: str, edit: str | Non
     from refusal_atlas.validate import check_direction_file
 
     if edit is not None:
-        from refusal_atlas.validate import load_run_edit
+        from refusal_atlas.edits import load_run_edit
 
-        chosen = load_run_edit(run_dir, edit, manifest)
+        chosen = load_run_edit(run_dir, edit)
         if not chosen.has_weight_form:
             raise RefusalAtlasError(f"edit {edit!r} ({chosen.edit_type}) exists as hooks only and cannot be exported")
         return chosen, f"edits/{edit}"

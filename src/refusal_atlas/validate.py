@@ -276,14 +276,3 @@ def check_endpoint(url: str, model: str | None, timeout: float) -> None:
 
     EndpointJudge(url, model or "", timeout=min(timeout, 5.0)).check_reachable()
 
-
-def load_run_edit(run_dir: Path, name: str, manifest: Mapping[str, Any]):
-    """A saved edit of the run (edits/NAME.json), checked against the run's model before the model loads."""
-    from refusal_atlas.edits import load_edit
-
-    edit = load_edit(Path(run_dir) / "edits" / name)
-    model = manifest.get("model", {})
-    for what, have in (("d_model", edit.d_model), ("n_layers", edit.n_layers)):
-        if have is not None and model.get(what) not in (None, have):
-            raise ConfigError(f"edit {name!r} was made for {what} {have}, but {run_dir}'s model has {model[what]}")
-    return edit

@@ -217,3 +217,15 @@ def load_edit(path: str | os.PathLike) -> Edit:
     if doc.get("fingerprint") not in (None, edit.fingerprint()):
         raise ArtifactError(f"{stem} does not match its recorded fingerprint (edited or corrupt files)")
     return edit
+
+
+def load_run_edit(run_dir: str | os.PathLike, name: str) -> Edit:
+    """A run's saved edit (``edits/NAME.json``), checked against the run's model (manifest) before any load."""
+    run_dir = Path(run_dir)
+    edit = load_edit(run_dir / "edits" / name)
+    manifest = run_dir / "manifest.json"
+    model = read_json(manifest).get("model", {}) if manifest.is_file() else {}
+    for what, have in (("d_model", edit.d_model), ("n_layers", edit.n_layers)):
+        if have is not None and model.get(what) not in (None, have):
+            raise ModelError(f"edit {name!r} was made for {what} {have}, but {run_dir}'s model has {model[what]}")
+    return edit
