@@ -78,10 +78,10 @@ def chat_cmd(
     only_edited: Annotated[bool, typer.Option(help="answer with the edited model only")] = False,
 ) -> None:
     """Chat with the original and the edited (e.g. direction-ablated) model side by side, streamed."""
+    path = _check_run(run_dir, directions)  # before any heavy import: a mistyped -r answers in milliseconds
     from refusal_atlas.directions.base import DirectionSet
     from refusal_atlas.evaluation.evaluate import check_interventions, parse_interventions
 
-    path = _check_run(run_dir, directions)
     check_interventions([edit])
     if edit == "none":
         raise ConfigError("--edit none would chat with the original model twice; use ablate or actadd")

@@ -32,13 +32,14 @@ def concept_cmd(
     held-out prompts; the marker rate is the concept's "refusal rate"."""
     from refusal_atlas.cli import _ints, _names
     from refusal_atlas.concept import ConceptSpec, concept_summary, read_markers, run_concept, split_prompts
-    from refusal_atlas.io import check_output_dir
 
     spec = ConceptSpec(name=name, positive=positive, negative=negative, markers=read_markers(markers),
                        start_words=_names(start_words) or [], n_val=n_val, n_test=n_test, layers=_ints(layers),
                        kl_threshold=kl_threshold, max_new_tokens=max_new_tokens, seed=seed)
     for source in (positive, negative):  # bad prompt files fail here, before the model loads
         split_prompts(source, n_val, n_test, seed)
+    from refusal_atlas.io import check_output_dir  # imports torch: after the cheap checks
+
     check_output_dir(run_dir, force)
     from refusal_atlas.api import Atlas
     from refusal_atlas.report import build_report

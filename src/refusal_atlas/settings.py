@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from functools import cache
+
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
-from pydantic_settings.exceptions import SettingsError
 
 from refusal_atlas.config import RunConfig
 from refusal_atlas.errors import ConfigError
@@ -34,10 +34,16 @@ RUN_IDENTITY = ("model", "dtype", "chat_template", "system_prompt", "harmful_tra
                 "filter_train", "seed")
 
 
-class RunSettings(RunConfig, BaseSettings):
-    """RunConfig's fields, readable from ``REFUSAL_ATLAS_*`` environment variables."""
+@cache
+def run_settings_class() -> type:
+    """RunConfig's fields, readable from ``REFUSAL_ATLAS_*`` environment variables (built on first use:
+    pydantic-settings costs a noticeable import that verbs failing on bad input should not pay)."""
+    from pydantic_settings import BaseSettings, SettingsConfigDict
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", case_sensitive=False)
+    class RunSettings(RunConfig, BaseSettings):
+        model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", case_sensitive=False)
+
+    return RunSettings
 
 
 @dataclass
@@ -96,8 +102,11 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
 
 def read_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """RunConfig values set as ``REFUSAL_ATLAS_<FIELD>`` (parsed by pydantic-settings)."""
+    from pydantic_settings import EnvSettingsSource
+    from pydantic_settings.exceptions import SettingsError
+
     env = os.environ if environ is None else environ
-    source = EnvSettingsSource(RunSettings, case_sensitive=False, env_prefix=ENV_PREFIX)
+    source = EnvSettingsSource(run_settings_class(), case_sensitive=False, env_prefix=ENV_PREFIX)
     source.env_vars = {k.lower(): v for k, v in env.items()}
     try:
         values = source()

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -70,8 +69,7 @@ def test_concept_cli_fails_before_loading(files):
                 "--markers", str(files / "markers.txt"), "--model", "/no/such/model"]
         for i in range(0, len(extra), 2):
             args[args.index(extra[i]) + 1] = extra[i + 1]
-        start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "concept", *args], capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 2 and proc.stderr.startswith("error:") and message in proc.stderr, proc.stderr
-        assert time.perf_counter() - start < 30 and not (files / "r").exists()
+        assert not (files / "r").exists()  # --model /no/such/model: loading first would fail differently
