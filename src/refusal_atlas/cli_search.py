@@ -51,7 +51,7 @@ def search(
     sets: Annotated[Optional[str], typer.Option(help="edits: DirectionSets to add as sources, e.g. som")] = None,
     k_max: Annotated[Optional[int], typer.Option(help="edits: most directions per subset (1..7)")] = None,
     directions: Annotated[str, typer.Option(help="subsets: direction file name under directions/")] = "som",
-    k: Annotated[int, typer.Option(help="subsets: directions per subset (the minimum with --k-max)")] = 3,
+    k: Annotated[int, typer.Option(help="subsets: directions per subset; with --k-max, k is searched in [k, k_max]")] = 3,
     seed: Annotated[Optional[int], typer.Option(help="default: the run's seed")] = None,
     kl_threshold: Annotated[Optional[float], typer.Option(help="KL bound of the pick rule (default: config)")] = None,
     n_val: Annotated[Optional[int], typer.Option(help="validation prompts per side")] = None,
