@@ -230,7 +230,7 @@ def test_search_k_and_trials(cli, run_dir):
 
 def test_config_file_errors(cli, tmp_path, tiny_model_dir):
     (tmp_path / "c.toml").write_text('model = "x"\nlearning_rat = 3\n')
-    cli(["run", "-r", "r", "--config", "c.toml"], ["invalid setting learning_rat", "Extra inputs"])
+    cli(["run", "-r", "r", "--config", "c.toml"], ["unknown setting 'learning_rat' in c.toml", "refusal-atlas config"])
     cli(["run", "-r", "r", "--config", "missing.toml"], "config file not found")
     (tmp_path / "bad.toml").write_text("model = \n")
     cli(["run", "-r", "r", "--config", "bad.toml"], "invalid TOML")
