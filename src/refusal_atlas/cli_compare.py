@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from refusal_atlas.errors import ConfigError
 
 
 def compare(
@@ -15,12 +14,13 @@ def compare(
     out: Annotated[Optional[Path], typer.Option(help="write compare.md and compare.json into this directory")] = None,
 ) -> None:
     """Method, k, refusal with CI, KL, over-refusal and n for every evaluated artifact (Markdown + JSON)."""
+    from refusal_atlas.validate import check_run_dir
+
+    for d in run_dirs:
+        check_run_dir(d)  # the same run-directory checks as every verb, before any work
     from refusal_atlas.io import write_text
     from refusal_atlas.workflows.compare import collect, to_json, to_markdown
 
-    for d in run_dirs:
-        if not (d / "manifest.json").is_file():
-            raise ConfigError(f"{d} is not a run directory (no manifest.json)")
     rows = collect(run_dirs)
     table = to_markdown(rows)
     typer.echo(table, nl=False)
