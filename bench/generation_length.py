@@ -35,7 +35,7 @@ def dim_direction(adapter, chat, layer: int, activations: str | None):
         kw = dict(layers=[layer], positions=[-1], batch_size=16)
         acts = {name: extract(adapter, chat, [p.instruction for p in load_prompts(f"{name}_train", n=48, seed=0)], **kw)
                 for name in ("harmful", "harmless")}
-    return difference_in_means(acts["harmful"], acts["harmless"]).at(layer, -1)
+    return difference_in_means(acts["harmful"], acts["harmless"]).at(layer=layer, position=-1)
 
 
 def main() -> None:

@@ -20,11 +20,11 @@ import torch
 from refusal_atlas.edits.sources import EditContext
 from refusal_atlas.evaluation.refusal import is_refusal
 from refusal_atlas.generation import generate
-from refusal_atlas.pipeline import config_from_run
+from refusal_atlas.workflows.run import config_from_run
 from refusal_atlas.search import completed, open_study
-from refusal_atlas.search_space import build_edit
-from refusal_atlas.workflows_search import EditSearchSettings, edit_search_step
-from refusal_atlas.workspace import load_prompt_sets, open_workspace
+from refusal_atlas.search.space import build_edit
+from refusal_atlas.workflows.search import EditSearchSettings, edit_search_step
+from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
 
 def spearman(a: list[float], b: list[float]) -> float:

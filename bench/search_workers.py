@@ -29,10 +29,10 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "unit")]
 def build_run(model: str, root: Path, n_val: int) -> Path:
     from refusal_atlas.config import load_config
     from refusal_atlas.directions.som import SomDirections
-    from refusal_atlas.pipeline import dim_step, extract_step, select_step
+    from refusal_atlas.workflows.run import dim_step, extract_step, select_step
     from refusal_atlas.rundir import RunDir
-    from refusal_atlas.workflows_som import som_step
-    from refusal_atlas.workspace import load_prompt_sets, open_workspace
+    from refusal_atlas.workflows.som import som_step
+    from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
     if model == "tiny":
         from refusal_atlas.model.export import save_model_dir
@@ -61,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     from postgres_server import PostgresServer
 
-    from refusal_atlas.search_storage import make_storage
+    from refusal_atlas.search.storage import make_storage
 
     server, tmp = PostgresServer(), Path(tempfile.mkdtemp(prefix="bench-search-"))
     try:

@@ -22,8 +22,8 @@ from refusal_atlas.evaluation.completions import refusal_decided
 from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs
 from refusal_atlas.generation import greedy_generate
 from refusal_atlas.interventions import Intervention
-from refusal_atlas.pipeline import config_from_run, load_dim_candidates
-from refusal_atlas.workspace import open_workspace
+from refusal_atlas.workflows.run import config_from_run, load_dim_candidates
+from refusal_atlas.workflows.workspace import open_workspace
 
 
 def paired(fast_fn, plain_fn, repeats: int):
@@ -65,7 +65,7 @@ def main() -> None:
           f"max score difference {diff:.2e}; same winner: {same}", flush=True)
 
     held_out = [p.instruction for p in load_prompts(cfg.eval_harmful[0], n=args.n, seed=cfg.seed)]
-    direction = cands.at(layers[-1], -1)
+    direction = cands.at(layer=layers[-1], position=-1)
     stop = refusal_decided(ws.chat.tokenizer)
     for spec in (Intervention("none"), Intervention("ablate", direction)):
         def gen(fast: bool):

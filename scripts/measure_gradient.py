@@ -29,8 +29,8 @@ from refusal_atlas.directions.repind import cross_ablation_change
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
 from refusal_atlas.evaluation.refusal import mean_refusal_score
 from refusal_atlas.interventions import Intervention
-from refusal_atlas.pipeline import config_from_run
-from refusal_atlas.workspace import open_workspace
+from refusal_atlas.workflows.run import config_from_run
+from refusal_atlas.workflows.workspace import open_workspace
 
 
 def mean_score(ws, prompts, spec=None) -> float:

@@ -193,7 +193,7 @@ class DIM:
             p = self.candidates.positions.index(self.position) if self.position in self.candidates.positions else -1
             scale = acts.harmless.mean[p].double().norm(dim=-1).clamp_min(1e-12)
             layer = self.candidates.layers[int((self.candidates.vectors[p].double().norm(dim=-1) / scale).argmax())]
-        return self.candidates.at(layer, self.position)
+        return self.candidates.at(layer=layer, position=self.position)
 
 
 class SOM:

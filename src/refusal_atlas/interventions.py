@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from refusal_atlas.errors import ConfigError
+from refusal_atlas.io import vectors_fingerprint
 from refusal_atlas.model.adapter import ModelAdapter
 
 AblationMode = Literal["subspace", "sequential"]
@@ -194,9 +195,10 @@ class Intervention:
     def _fingerprint(self) -> str:
         if hasattr(self.directions, "fingerprint"):
             return self.directions.fingerprint()
-        from refusal_atlas.directions.base import DirectionSet
-
-        return DirectionSet(as_matrix(self.directions), -1 if self.layer is None else self.layer, "custom").fingerprint()
+        vectors = as_matrix(self.directions)  # hashed as the DirectionSet(vectors, layer or -1, "custom") it is
+        if not torch.isfinite(vectors).all():
+            raise ConfigError("direction vectors contain NaN or inf")
+        return vectors_fingerprint(vectors, list(range(vectors.shape[0])), -1 if self.layer is None else self.layer)
 
     def _default_label(self) -> str:
         if self.kind == "none":

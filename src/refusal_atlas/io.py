@@ -6,6 +6,7 @@ atomic on POSIX file systems. Artifacts are JSON or safetensors, never pickle.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -164,3 +165,12 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def vectors_fingerprint(vectors: torch.Tensor, ids: list[int], layer: int) -> str:
+    """16 hex chars of sha256 over the float32 vector bytes, ids and layer: which artifact made a result.
+
+    Here, below both, so a DirectionSet and an intervention on a bare tensor hash the same way.
+    """
+    data = vectors.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(data + repr((ids, layer)).encode()).hexdigest()[:16]

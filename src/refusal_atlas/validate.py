@@ -152,13 +152,9 @@ def _made(path: Path) -> bool:
 
 
 # --- models -----------------------------------------------------------------------------------------
-def is_local_model(spec: str) -> bool:
-    return spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()
-
-
 def check_model(spec: str, chat_template: str | None = None, require_template: bool = True) -> ModelFacts | None:
     """Check a model spec from its files; None for a Hugging Face id (checked when it loads)."""
-    from refusal_atlas.model.files import ModelFacts, check_gguf, check_model_dir
+    from refusal_atlas.model.files import ModelFacts, check_gguf, check_model_dir, is_local_model
 
     if spec == "embedded":
         return ModelFacts(*EMBEDDED_FACTS, has_chat_template=True)

@@ -46,4 +46,4 @@ def embedded_acts(embedded):
 @pytest.fixture(scope="session")
 def embedded_dim(embedded_acts):
     """The DIM direction at layer 14, last post-instruction token."""
-    return difference_in_means(embedded_acts["harmful"], embedded_acts["harmless"]).at(DIM_LAYER, -1)
+    return difference_in_means(embedded_acts["harmful"], embedded_acts["harmless"]).at(layer=DIM_LAYER, position=-1)

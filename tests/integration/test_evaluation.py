@@ -15,7 +15,7 @@ from refusal_atlas.evaluation.evaluate import EvalPlan, evaluate_run
 from refusal_atlas.evaluation.judges import JudgeOptions, make_judges
 from refusal_atlas.interventions import Intervention
 from refusal_atlas.rundir import RunDir
-from refusal_atlas.workspace import Workspace
+from refusal_atlas.workflows.workspace import Workspace
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
 from test_endpoint_judge import FakeServer  # noqa: E402  (a loopback OpenAI-style server)

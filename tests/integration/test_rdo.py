@@ -31,7 +31,7 @@ def test_a_few_rdo_steps_from_dim_keep_a_working_unit_direction(embedded, embedd
     t0 = time.perf_counter()
     adapter, chat, ids = embedded.adapter, embedded.chat, embedded.refusal_ids
     # layer 16 is where `run` selects DIM on this model (low KL, and ActAdd induces refusal there)
-    dim = difference_in_means(embedded_acts["harmful"], embedded_acts["harmless"]).at(DIM_LAYER, -1)
+    dim = difference_in_means(embedded_acts["harmful"], embedded_acts["harmless"]).at(layer=DIM_LAYER, position=-1)
     targets = build_targets(adapter, chat, dim, _texts("harmful_train", 6), _texts("harmless_train", 6),
                             max_new_tokens=12, batch_size=6)
     assert all(t.strip() for t in targets.answer)  # the model answers under DIM ablation

@@ -38,7 +38,7 @@ def test_ablation_lowers_logit_refusal_score_on_harmful_test(embedded, embedded_
 def test_actadd_induces_refusal_on_harmless_prompts(embedded, embedded_acts):
     # layer 16: where adding the raw DIM vector steers this model towards refusal (selection data:
     # steering score rises with depth; layer 16 is what the default run selects)
-    direction = difference_in_means(embedded_acts["harmful"], embedded_acts["harmless"]).at(16, -1)
+    direction = difference_in_means(embedded_acts["harmful"], embedded_acts["harmless"]).at(layer=16, position=-1)
     prompts = [p.instruction for p in load_prompts("harmless_test", n=16, seed=3)]
     kw = dict(max_new_tokens=24, batch_size=16)
     base = _rate(generate(embedded.adapter, embedded.chat, prompts, **kw))

@@ -42,7 +42,7 @@ def no_model_load(monkeypatch):
     """Any model load (any path: workspace, judges, embedded assembly) fails the test."""
     import refusal_atlas.model.embedded as embedded
     import refusal_atlas.model.loading as loading
-    import refusal_atlas.workspace as workspace
+    import refusal_atlas.workflows.workspace as workspace
 
     monkeypatch.setattr(loading, "load_model", _never)
     monkeypatch.setattr(workspace, "load_model", _never)

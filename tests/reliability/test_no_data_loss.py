@@ -84,7 +84,7 @@ def _tiny_cfg(model_dir, **kw):
 
 
 def test_resume_refuses_other_settings_and_records_allowed_ones(tmp_path, tiny_model_dir):
-    from refusal_atlas.pipeline import run
+    from refusal_atlas.workflows.run import run
 
     r = tmp_path / "r"
     run(_tiny_cfg(tiny_model_dir), r)
@@ -103,9 +103,9 @@ def test_resume_refuses_other_settings_and_records_allowed_ones(tmp_path, tiny_m
 
 
 def test_select_override_reaches_the_manifest(tmp_path, tiny_model_dir):
-    from refusal_atlas.pipeline import run
+    from refusal_atlas.workflows.run import run
     from refusal_atlas.validate import run_config
-    from refusal_atlas.workspace import open_workspace
+    from refusal_atlas.workflows.workspace import open_workspace
 
     r = tmp_path / "r"
     run(_tiny_cfg(tiny_model_dir), r)
@@ -132,7 +132,7 @@ def never_refusing_model(tmp_path_factory):
 
 
 def test_a_model_that_never_refuses_stops_naming_the_rate(tmp_path, never_refusing_model):
-    from refusal_atlas.pipeline import run
+    from refusal_atlas.workflows.run import run
 
     r = tmp_path / "r"
     with pytest.raises(ConfigError, match=r"refuses only 0\.0% \(0 of 6\) of the harmful train prompts") as exc:
@@ -144,7 +144,7 @@ def test_a_model_that_never_refuses_stops_naming_the_rate(tmp_path, never_refusi
 
 
 def test_low_refusal_allowed_continues_with_a_recorded_warning(tmp_path, tiny_model_dir, monkeypatch, caplog):
-    import refusal_atlas.pipeline as pipeline
+    import refusal_atlas.workflows.run as pipeline
 
     calls = []
 

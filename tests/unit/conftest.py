@@ -14,10 +14,10 @@ def tiny_run(tmp_path_factory):
     from refusal_atlas.config import load_config
     from refusal_atlas.directions.som import SomDirections
     from refusal_atlas.model.export import save_model_dir
-    from refusal_atlas.pipeline import dim_step, extract_step, select_step
+    from refusal_atlas.workflows.run import dim_step, extract_step, select_step
     from refusal_atlas.rundir import RunDir
-    from refusal_atlas.workflows_som import som_step
-    from refusal_atlas.workspace import load_prompt_sets, open_workspace
+    from refusal_atlas.workflows.som import som_step
+    from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
     root = tmp_path_factory.mktemp("tiny_run")
     tiny = TinyLoaded("qwen2")

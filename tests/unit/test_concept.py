@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from refusal_atlas.api import Atlas
-from refusal_atlas.concept import ConceptSpec, read_markers, run_concept, shows_concept, split_prompts
+from refusal_atlas.workflows.concept import ConceptSpec, read_markers, run_concept, shows_concept, split_prompts
 from refusal_atlas.errors import ConfigError, DataError
 from refusal_atlas.io import read_json
 from refusal_atlas.report import build_report

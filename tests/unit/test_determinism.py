@@ -34,10 +34,10 @@ def test_seed_everything_drives_python_numpy_and_torch():
 
 def _pipeline(model_dir, path, seed: int):
     from refusal_atlas.directions.som import SomDirections
-    from refusal_atlas.pipeline import run
+    from refusal_atlas.workflows.run import run
     from refusal_atlas.search import SearchSettings
-    from refusal_atlas.workflows_som import search_step, som_step
-    from refusal_atlas.workspace import load_prompt_sets
+    from refusal_atlas.workflows.som import search_step, som_step
+    from refusal_atlas.workflows.workspace import load_prompt_sets
 
     cfg = load_config(None, dict(model=str(model_dir), n_train=8, n_val=4, n_eval=2, filter_train=False,
                                  layers=[1, 2], positions=[-1], max_new_tokens=2, kl_threshold=1e9,

@@ -79,7 +79,7 @@ def test_label_and_fingerprint_of_an_intervention():
 
 
 def test_heldout_comparison_never_reuses_another_directions_row():
-    from refusal_atlas.workflows_som import _existing
+    from refusal_atlas.workflows.som import _existing
 
     a = Intervention("ablate", DirectionSet(torch.ones(1, 8), layer=1, method="dim"))
     b = Intervention("ablate", DirectionSet(-torch.ones(1, 8), layer=1, method="dim"))

@@ -62,6 +62,16 @@ def _candidates(adapter, chat):
     return difference_in_means(extract(adapter, chat, HARMFUL, **kw), extract(adapter, chat, HARMLESS, **kw))
 
 
+def test_candidate_lookup_takes_layer_and_position_by_keyword(tiny_parts):
+    _, adapter, chat = tiny_parts
+    cands = _candidates(adapter, chat)
+    d = cands.at(layer=cands.layers[1], position=-2)
+    assert (d.layer, d.position) == (cands.layers[1], -2)
+    assert torch.equal(d.vectors[0], cands.vectors[cands.positions.index(-2), 1])
+    with pytest.raises(TypeError):
+        cands.at(cands.layers[1], -2)  # positional (layer, position) vs (position, layer) was the trap
+
+
 def test_selection_excludes_late_layers_and_picks_min_refusal_among_survivors(tiny_parts):
     _, adapter, chat = tiny_parts
     ids = refusal_token_ids(chat.tokenizer)
@@ -108,7 +118,7 @@ def test_strict_selection_returns_nothing_and_relaxed_selection_records_relaxati
 
 def test_pipeline_reports_scores_when_strict_selection_fails(tmp_path):
     from refusal_atlas.config import RunConfig
-    from refusal_atlas.pipeline import _no_survivor_message
+    from refusal_atlas.workflows.run import _no_survivor_message
 
     msg = _no_survivor_message(RunConfig(), [{"layer": 3, "kl": 0.2, "steering": -1.0}])
     assert "lowest KL 0.200 (layer 3)" in msg and "selection.json" in msg

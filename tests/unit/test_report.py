@@ -9,7 +9,7 @@ from refusal_atlas.analysis.geometry import classical_mds, cosine_matrix
 from refusal_atlas.config import load_config
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.io import write_json
-from refusal_atlas.pipeline import run
+from refusal_atlas.workflows.run import run
 from refusal_atlas.report import build_report
 from refusal_atlas.rundir import RunDir
 

@@ -12,7 +12,7 @@ import torch
 
 from refusal_atlas.analysis import plots
 from refusal_atlas.config import load_config
-from refusal_atlas.pipeline import run
+from refusal_atlas.workflows.run import run
 from refusal_atlas.report import build_report
 from refusal_atlas.report_context import comparison_section, provenance_section
 from refusal_atlas.rundir import RunDir

@@ -25,8 +25,8 @@ from refusal_atlas.directions.som import SomDirections
 from refusal_atlas.errors import ArtifactError, ConfigError
 from refusal_atlas.evaluation.objective import ValidationObjective
 from refusal_atlas.search import (SearchSettings, SubsetSpace, choose_trial, completed,
-                                  decode_lehmer, encode_lehmer, fail_stale_trials, open_study, pareto_front,
-                                  run_trials, study_lock, summarize)
+                                  decode_lehmer, encode_lehmer, open_study, pareto_front, run_trials, summarize)
+from refusal_atlas.search.storage import fail_stale_trials, study_lock
 
 
 # --- search space ------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def test_validation_objective_on_tiny_model(tiny_run):
 
 
 def test_search_step_writes_artifacts_and_rejects_bad_k(tiny_run):
-    from refusal_atlas.workflows_som import search_step
+    from refusal_atlas.workflows.som import search_step
 
     _, ws, sets = tiny_run
     n = len(DirectionSet.load(ws.run.direction_path("som")))
@@ -210,7 +210,7 @@ def test_search_step_writes_artifacts_and_rejects_bad_k(tiny_run):
 
 def test_killed_search_subprocess_resumes_without_losing_trials(tiny_run):
     """SIGKILL a `refusal-atlas search` mid-way, then resume: finished trials survive, totals add up."""
-    from refusal_atlas.workflows_som import search_step
+    from refusal_atlas.workflows.som import search_step
 
     root, ws, sets = tiny_run
     run_dir, db = root / "run", root / "run" / "study.db"
@@ -253,7 +253,7 @@ def test_killed_search_subprocess_resumes_without_losing_trials(tiny_run):
 
 def test_run_method_som_end_to_end_and_resume(tiny_run, tmp_path):
     """`run --method som` on a tiny model: DIM pipeline, SOM, search, held-out comparison; resume tops up."""
-    from refusal_atlas.workflows_som import run_som
+    from refusal_atlas.workflows.som import run_som
 
     root, _, _ = tiny_run
     cfg = load_config(None, dict(model=str(root / "model"), device="cpu", n_train=16, n_val=4, n_eval=4,

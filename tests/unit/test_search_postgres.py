@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from postgres_server import postgres  # noqa: F401  (fixture)
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.search import SearchSettings, open_study, pareto_front
-from refusal_atlas.search_storage import check_storage, make_storage
+from refusal_atlas.search.storage import check_storage, make_storage
 
 STUDY = "search-som"
 ENV = {**os.environ, "REFUSAL_ATLAS_QUIET": "1", "REFUSAL_ATLAS_HEARTBEAT_S": "1", "REFUSAL_ATLAS_GRACE_S": "3"}
@@ -59,7 +59,7 @@ def _kill_mid_trial(proc: subprocess.Popen, url: str, deadline: float) -> int:
 
 
 def test_two_workers_one_study_with_a_killed_worker(postgres, tiny_run, tmp_path):  # noqa: F811
-    from refusal_atlas.workflows_som import search_step
+    from refusal_atlas.workflows.som import search_step
 
     root, ws, sets = tiny_run
     url = postgres.create_database("two_workers")
@@ -74,8 +74,8 @@ def test_two_workers_one_study_with_a_killed_worker(postgres, tiny_run, tmp_path
 
     # resume on w2's copy once the dead worker's heartbeat is older than the grace period
     time.sleep(4)
-    from refusal_atlas.pipeline import config_from_run
-    from refusal_atlas.workspace import open_workspace
+    from refusal_atlas.workflows.run import config_from_run
+    from refusal_atlas.workflows.workspace import open_workspace
 
     ws2 = open_workspace(config_from_run(runs[1], {"n_val": 4}), runs[1], must_exist=True)
     settings = SearchSettings(k=2, seed=3, n_startup_trials=2, kl_threshold=ws2.cfg.kl_threshold)

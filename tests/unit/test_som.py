@@ -41,7 +41,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_one_neuron_with_inverse_t_rate_is_exactly_dim():
     harmful, harmless = _clustered()
     h, l = _acts(harmful), _acts(harmless)
-    dim = difference_in_means(h, l).at(5, -1)
+    dim = difference_in_means(h, l).at(layer=5, position=-1)
     som = SomDirections(grid=(1, 1), lr=1.0, lr_schedule="inverse", iterations=1000, seed=3)
     d = som.fit(h, l, layer=5)
     assert len(d) == 1 and d.meta["hits"] == [len(harmful)]
@@ -60,7 +60,7 @@ def test_one_neuron_matches_dim_on_real_extraction(tiny_parts, prompts):
     tiny, adapter, chat = tiny_parts
     harmful = extract(adapter, chat, prompts[:4], positions=None, batch_size=2)
     harmless = extract(adapter, chat, prompts[3:], positions=None, batch_size=2)
-    dim = difference_in_means(harmful, harmless).at(2, -1)
+    dim = difference_in_means(harmful, harmless).at(layer=2, position=-1)
     d = SomDirections(grid=(1, 1), lr=1.0, lr_schedule="inverse", iterations=40).fit(harmful, harmless, 2)
     assert _rel(d.vectors[0], dim.vectors[0]) < 1e-6
 
@@ -68,7 +68,7 @@ def test_one_neuron_matches_dim_on_real_extraction(tiny_parts, prompts):
 def test_kmeans_limit_hit_weighted_mean_of_directions_is_dim():
     harmful, harmless = _clustered(seed=1)
     h, l = _acts(harmful), _acts(harmless)
-    dim = difference_in_means(h, l).at(5, -1).vectors[0]
+    dim = difference_in_means(h, l).at(layer=5, position=-1).vectors[0]
     som = SomDirections(grid=(3, 3), sigma=1e-3, lr=1.0, lr_schedule="constant", training="batch",
                         iterations=40, seed=1)
     d = som.fit(h, l, layer=5)
@@ -89,7 +89,7 @@ def test_kmeans_limit_hit_weighted_mean_of_directions_is_dim():
 def test_paper_default_map_approximates_dim_and_orders_by_hits():
     harmful, harmless = _clustered(seed=2)
     h, l = _acts(harmful), _acts(harmless)
-    dim = difference_in_means(h, l).at(5, -1).vectors[0]
+    dim = difference_in_means(h, l).at(layer=5, position=-1).vectors[0]
     d = SomDirections().fit(h, l, layer=5)  # 4x4, sigma 0.33, lr 0.01, 10k iterations
     hits = d.meta["hits"]
     assert sum(hits) == len(harmful) and all(x > 0 for x in hits)

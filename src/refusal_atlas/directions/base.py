@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 
 from refusal_atlas.errors import ArtifactError, ConfigError
-from refusal_atlas.io import load_tensors, save_tensors
+from refusal_atlas.io import load_tensors, save_tensors, vectors_fingerprint
 
 
 @dataclass
@@ -65,8 +64,7 @@ class DirectionSet:
 
     def fingerprint(self) -> str:
         """16 hex chars of sha256 over the float32 vector bytes, ids and layer: which artifact made a result."""
-        data = self.vectors.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()
-        return hashlib.sha256(data + repr((self.ids, self.layer)).encode()).hexdigest()[:16]
+        return vectors_fingerprint(self.vectors, self.ids, self.layer)
 
     def select(self, ids: list[int]) -> DirectionSet:
         """The sub-set with the given ids, in the given order (order matters for sequential ablation)."""

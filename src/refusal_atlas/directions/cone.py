@@ -18,7 +18,7 @@ basis vectors. A dimension sweep k = k_min..k_max warm-starts each basis from th
 dimension k−1 (the new vector is random, made orthogonal to the others).
 
 Saved as a DirectionSet with method "cone": vectors = α·B (α = ‖r_DIM‖ in meta["alpha"]), ids =
-basis indices; divide by α to get the orthonormal basis. ``cone_step`` also scores a fresh set of
+basis indices; divide by α to get the orthonormal basis. ``workflows.gradient.cone_step`` also scores a fresh set of
 cone samples on held-out harmful prompts (the run's first evaluation set, which training and
 validation never see) and stores that distribution in meta["sample_eval"]; the sample directions
 themselves are not stored, they are reproducible from meta["sample_eval"]["seed"] with
@@ -33,11 +33,10 @@ from typing import Any
 
 import torch
 
-from refusal_atlas.data import load_prompts
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import LossWeights, direction_loss
 from refusal_atlas.directions.optim import TrainConfig, orthonormal_rows, start_training, train_directions
-from refusal_atlas.directions.training_setup import TrainingSetup, resolve_init, save_direction, train_on_run
+from refusal_atlas.directions.training_setup import TrainingSetup
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.evaluation.refusal import mean_refusal_score
 from refusal_atlas.interventions import Intervention
@@ -200,37 +199,3 @@ def evaluate_cone(
             "sample_scores": scores, "min": min(scores), "median": statistics.median(scores),
             "max": max(scores), "basis_scores": [mean_score(b) for b in basis],
             "random_scores": [mean_score(r) for r in randoms], "baseline_score": mean_score(None)}
-
-
-def cone_step(ws, *, k_min: int = 2, k_max: int = 2, name: str = "cone", warm_start: str | None = None,
-              init: str = "dim", n_val_samples: int = 4, n_eval_samples: int = 16, n_eval_prompts: int = 50,
-              n_train: int = 64, n_val: int = 16, target_tokens: int = 30, weights: LossWeights = LossWeights(),
-              cfg: TrainConfig | None = None) -> list[DirectionSet]:
-    """Cone sweep on a run directory: R/directions/<name>_k<k>.safetensors each, <name> = the largest.
-
-    Each cone is saved with the distribution of ``n_eval_samples`` sampled directions' ablation
-    refusal scores on ``n_eval_prompts`` held-out harmful prompts (0 samples: skip).
-    """
-    check_cone_dim(k_min, ws.adapter.d_model)
-    check_cone_dim(k_max, ws.adapter.d_model)
-    warm = resolve_init(ws, warm_start) if warm_start else None
-    if isinstance(warm, str):
-        raise ConfigError("--warm-start takes a direction file name (e.g. rdo), not 'dim'/'random'; use --init")
-    if n_eval_samples < 0 or n_eval_prompts < 1:
-        raise ConfigError(f"need n_eval_samples >= 0 and n_eval_prompts >= 1, got {n_eval_samples}, {n_eval_prompts}")
-
-    dataset = ws.cfg.eval_harmful[0]
-    texts = [p.instruction for p in load_prompts(dataset, n=n_eval_prompts, seed=ws.cfg.seed)]
-
-    def train(setup: TrainingSetup, cfg: TrainConfig) -> list[DirectionSet]:
-        def finish(cone: DirectionSet) -> None:
-            if n_eval_samples:
-                cone.meta["sample_eval"] = {"dataset": dataset, **evaluate_cone(
-                    ws.adapter, ws.chat, cone, texts, ws.refusal_ids, n_samples=n_eval_samples, n_random=4,
-                    seed=cfg.seed + 42, batch_size=ws.cfg.batch_size)}
-            save_direction(ws, cone, f"{name}_k{len(cone)}")  # train_on_run saves them again, and <name>
-
-        return sweep_cones(ws.adapter, setup, k_max, k_min=k_min, warm_start=warm, init=init, on_cone=finish,
-                           n_val_samples=n_val_samples, weights=weights, cfg=cfg)
-
-    return train_on_run(ws, name, train, n_train=n_train, n_val=n_val, target_tokens=target_tokens, cfg=cfg)

@@ -19,7 +19,9 @@ class DimCandidates:
     layers: list[int]
     positions: list[int]
 
-    def at(self, layer: int, position: int = -1) -> DirectionSet:
+    def at(self, *, layer: int, position: int = -1) -> DirectionSet:
+        """The candidate read at block-input ``layer`` and post-instruction ``position`` (keywords: the
+        two are easy to swap, and selection records key them the other way round, (position, layer))."""
         if layer not in self.layers or position not in self.positions:
             raise ConfigError(f"no DIM candidate at layer {layer}, position {position} "
                               f"(layers {self.layers[0]}..{self.layers[-1]}, positions {self.positions})")

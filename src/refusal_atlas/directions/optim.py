@@ -22,7 +22,7 @@ A non-finite loss stops training and keeps the best validated iterate (flagged i
 the very first step it is an error, since nothing was learned.
 
 The start every method shares (:func:`check_dim`, :func:`start_training`, :func:`initial_direction`)
-is here too; reading and writing run directories is in directions/training_setup.py, which this
+is here too; reading and writing run directories is in workflows/gradient.py, which this
 module does not import.
 """
 

@@ -22,7 +22,7 @@ import torch
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import LossWeights, direction_loss
 from refusal_atlas.directions.optim import TrainConfig, initial_direction, start_training, train_directions
-from refusal_atlas.directions.training_setup import TrainingSetup, resolve_init, train_on_run
+from refusal_atlas.directions.training_setup import TrainingSetup
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.model.adapter import ModelAdapter
 
@@ -65,17 +65,3 @@ def train_rdo(
         meta["max_abs_cos_with_excluded"] = float((torch.nn.functional.normalize(constraint, dim=1)
                                                    @ result.params[0]).abs().max())
     return DirectionSet(alpha * result.params, layer, method, position=None, meta=meta)
-
-
-def rdo_step(ws, *, name: str | None = None, init: str | None = None, orthogonal: bool = False, n_train: int = 64,
-             n_val: int = 16, target_tokens: int = 30, weights: LossWeights = LossWeights(),
-             cfg: TrainConfig | None = None) -> DirectionSet:
-    """Train RDO (or RDO⊥ to DIM) on a run directory and save R/directions/<name>.safetensors."""
-    name = name or ("rdo_orth" if orthogonal else "rdo")
-    start = resolve_init(ws, init or ("random" if orthogonal else "dim"))
-
-    def train(setup: TrainingSetup, cfg: TrainConfig) -> DirectionSet:
-        return train_rdo(ws.adapter, setup, init=start, weights=weights, cfg=cfg,
-                         orthogonal_to=setup.dim.vectors if orthogonal else None)
-
-    return train_on_run(ws, name, train, n_train=n_train, n_val=n_val, target_tokens=target_tokens, cfg=cfg)

@@ -33,7 +33,7 @@ from refusal_atlas.activations import extract
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import LossWeights, direction_loss
 from refusal_atlas.directions.optim import TrainConfig, initial_direction, start_training, train_directions
-from refusal_atlas.directions.training_setup import TrainingSetup, resolve_init, train_on_run
+from refusal_atlas.directions.training_setup import TrainingSetup
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.interventions import ablate
 from refusal_atlas.model.adapter import ModelAdapter
@@ -194,18 +194,3 @@ def train_repind(
         "stopped": [r["stopped"] for r in runs], **setup.provenance,
     }
     return DirectionSet(alpha * torch.stack(found), layer, "repind", position=None, meta=meta)
-
-
-def repind_step(ws, *, name: str = "repind", n_directions: int = 1, restarts: int = 1,
-                independence_weight: float = 200.0, init: str = "random", orthogonal: bool = False,
-                n_train: int = 64, n_val: int = 16, target_tokens: int = 30, weights: LossWeights = LossWeights(),
-                cfg: TrainConfig | None = None) -> DirectionSet:
-    """RepInd on a run directory; saves R/directions/<name>.safetensors (one row per direction)."""
-    start = resolve_init(ws, init)
-
-    def train(setup: TrainingSetup, cfg: TrainConfig) -> DirectionSet:
-        return train_repind(ws.adapter, ws.chat, setup, n_directions=n_directions, restarts=restarts,
-                            independence_weight=independence_weight, init=start, orthogonal=orthogonal,
-                            weights=weights, cfg=cfg)
-
-    return train_on_run(ws, name, train, n_train=n_train, n_val=n_val, target_tokens=target_tokens, cfg=cfg)

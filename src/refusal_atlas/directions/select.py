@@ -106,7 +106,7 @@ def select_direction(
     records: dict[tuple[int, int], dict] = {}
     with progress(len(eligible), "select: ablation refusal score") as bar:
         for p, l in eligible:
-            d = candidates.at(l, p)
+            d = candidates.at(layer=l, position=p)
             rec = ckpt.get("refusal", p, l)
             if rec is None:
                 score = float(refusal_score(scorer.harmful(Intervention("ablate", d)), refusal_ids).mean())
@@ -117,7 +117,7 @@ def select_direction(
     chosen = None
     with progress(len(ordered), "select: KL + induce filters") as bar:
         for p, l in ordered:
-            rec, d = records[(p, l)], candidates.at(l, p)
+            rec, d = records[(p, l)], candidates.at(layer=l, position=p)
             filt = ckpt.get("filters", p, l)
             if filt is None:
                 kl = float(next_token_kl(base_harmless, scorer.harmless(Intervention("ablate", d))).mean())
@@ -149,7 +149,7 @@ def select_direction(
     baseline = {"harmful_refusal_score": base_harmful_score, "harmless_refusal_score": base_harmless_score}
     if chosen is None:
         return Selection(direction=None, scores=scores, baseline=baseline)
-    direction = candidates.at(chosen[1], chosen[0])
+    direction = candidates.at(layer=chosen[1], position=chosen[0])
     direction.meta.update({k: records[chosen][k] for k in ("refusal", "kl", "steering")})
     direction.meta["relaxed_filters"] = relaxed
     return Selection(direction=direction, scores=scores, baseline=baseline, relaxed=relaxed)

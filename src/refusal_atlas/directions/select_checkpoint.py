@@ -27,7 +27,7 @@ def _key(candidates, eligible, harmful, harmless, refusal_ids, batch_size) -> st
     h = hashlib.sha256(json.dumps([list(map(list, eligible)), list(harmful), list(harmless), list(refusal_ids),
                                    batch_size]).encode())
     for p, l in eligible:
-        h.update(candidates.at(l, p).vectors.to(torch.float32).contiguous().numpy().tobytes())
+        h.update(candidates.at(layer=l, position=p).vectors.to(torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:20]
 
 

@@ -1,5 +1,5 @@
 """The cheap two-number score of an ablation on validation prompts, shared by the subset search
-(search.py) and the model selection of the gradient methods (directions/optim.py).
+(search/) and the model selection of the gradient methods (directions/optim.py).
 
 Refusal: the mean logit refusal score on harmful prompts with the directions ablated (or an edit applied) (one forward
 pass each, lower = less refusal). Damage: the mean next-token KL on harmless prompts against the

@@ -78,7 +78,7 @@ def ensure_embedded_model(progress: bool = True) -> Path:
     if (target / "COMPLETE").is_file():
         return target
     from refusal_atlas.model.export import save_model_dir
-    from refusal_atlas.model.loading import load_gguf
+    from refusal_atlas.model.gguf import load_gguf
 
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)

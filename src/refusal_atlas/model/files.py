@@ -188,3 +188,8 @@ def _check_gguf_extents(extents: list[tuple[list[int], int, int]], start: int, s
         end = max(end, start + offset + count // block * type_size)
     if end > size:
         raise ValueError(f"truncated: the tensors need {end} bytes, the file has {size}")
+
+
+def is_local_model(spec: str) -> bool:
+    """A path on disk (a .gguf file, a relative, absolute or home path, or anything that exists), not a Hugging Face id."""
+    return spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()

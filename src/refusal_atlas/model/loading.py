@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -13,6 +12,8 @@ from pathlib import Path
 import torch
 
 from refusal_atlas.errors import ModelError
+from refusal_atlas.model.files import is_local_model
+from refusal_atlas.model.gguf import load_gguf
 from refusal_atlas.model.placement import describe_placement, dispatch_loaded, parse_device_map, parse_max_memory, uses_disk
 
 EMBEDDED = "embedded"
@@ -84,21 +85,6 @@ def prepare_tokenizer(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """De-quantize a GGUF file with transformers' GGUF support → (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"GGUF file not found: {path}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    except Exception as exc:  # a malformed file fails inside the GGUF reader in many ways (struct, KeyError, ...)
-        raise ModelError(f"cannot load GGUF file {path}: not a valid GGUF model ({type(exc).__name__}: {exc})") from None
-    return model, tokenizer
-
-
 def _from_pretrained(source: str, dtype: torch.dtype, device_map, max_memory=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -152,7 +138,6 @@ def load_model(
         name, source = Path(spec).stem, str(Path(spec).resolve())
     else:
         from refusal_atlas.model.files import check_model_dir
-        from refusal_atlas.validate import is_local_model
 
         if is_local_model(spec):  # a clear message for a missing, partial or truncated model directory
             check_model_dir(Path(spec).expanduser())

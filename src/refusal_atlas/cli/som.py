@@ -1,7 +1,4 @@
-"""CLI verbs of the SOM workflow (`directions som`, `run --method som`; `search` lives in cli_search.py), registered by cli.py.
-
-Kept apart from cli.py so the shared command module only gains one registration line.
-"""
+"""CLI verbs of the SOM workflow (`directions som`, `run --method som`; `search` lives in cli/search.py)."""
 
 from __future__ import annotations
 
@@ -10,16 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-RunDirOpt = Annotated[Path, typer.Option("--run-dir", "-r", help="run directory")]
-
-
-def _seed(run_dir: Path, seed: int | None) -> int:
-    """Default seed: the run's config seed (manifest), else 0."""
-    if seed is not None:
-        return seed
-    from refusal_atlas.rundir import RunDir
-
-    return int(RunDir(run_dir).manifest().get("config", {}).get("seed", 0))
+from refusal_atlas.cli.common import RunDirOpt, run_seed
 
 
 def directions_som(
@@ -38,11 +26,11 @@ def directions_som(
     check_run_dir(run_dir, require_manifest=False)
     from refusal_atlas.directions.som import SomDirections, parse_grid
     from refusal_atlas.rundir import RunDir
-    from refusal_atlas.workflows_som import som_step
+    from refusal_atlas.workflows.som import som_step
 
     run = RunDir(run_dir)
     builder = SomDirections(grid=parse_grid(grid), sigma=sigma, lr=lr, iterations=iterations,
-                            seed=_seed(run_dir, seed), lr_schedule=lr_schedule)  # type: ignore[arg-type]
+                            seed=run_seed(run_dir, seed), lr_schedule=lr_schedule)  # type: ignore[arg-type]
     d = som_step(run, builder, layer=layer)
     typer.echo(f"{len(d)} live SOM directions at layer {d.layer} (of {grid}); hits {d.meta['hits']}; "
                f"quantization error {d.meta['quantization_error']:.3f}")
@@ -57,7 +45,7 @@ def run_som_command(cfg, run_dir: Path, resume: bool, trials: int, k: int, allow
     from refusal_atlas.errors import ConfigError
     from refusal_atlas.search import SearchSettings
     from refusal_atlas.validate import check_at_least
-    from refusal_atlas.workflows_som import format_comparison, format_search, run_som
+    from refusal_atlas.workflows.som import format_comparison, format_search, run_som
 
     builder = SomDirections(seed=cfg.seed)
     check_at_least(k=(k, 1), trials=(trials, 1))
@@ -74,8 +62,5 @@ def run_som_command(cfg, run_dir: Path, resume: bool, trials: int, k: int, allow
     typer.echo(f"\nrun directory: {ws.run.path}  (metrics.json, search.json, study.db, directions/)")
 
 
-def register(app: typer.Typer, directions_app: typer.Typer) -> None:
-    from refusal_atlas.cli_search import register as register_search
-
+def register(directions_app: typer.Typer) -> None:
     directions_app.command("som")(directions_som)
-    register_search(app)

@@ -18,6 +18,7 @@ that trial and copies its values, or takes over if it dies.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import threading
@@ -88,18 +89,38 @@ def make_storage(target: str | os.PathLike) -> optuna.storages.RDBStorage:
     raise AssertionError("unreachable")
 
 
+@contextmanager
+def study_lock(db_path: Path) -> Iterator[None]:
+    """Exclusive lock beside the study: under it, any RUNNING trial was left by a dead process."""
+    lock_path = db_path.with_name(db_path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another search is running on {db_path} (locked)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def fail_stale_trials(study: optuna.Study) -> list[int]:
+    """Mark RUNNING trials (left by a killed process) FAIL; returns their numbers."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stale:
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+    return [t.number for t in stale]
+
+
 def study_guard(target: str | os.PathLike):
     """The single-process lock for a SQLite study; nothing for a server (heartbeats take over)."""
-    from refusal_atlas.search import study_lock
-
     return nullcontext() if is_server_url(target) else study_lock(Path(target))
 
 
 def release_stale_trials(study: optuna.Study, target: str | os.PathLike) -> list[int]:
     """SQLite under its lock: every RUNNING trial is stale. Server: only those whose heartbeat stopped."""
     if not is_server_url(target):
-        from refusal_atlas.search import fail_stale_trials
-
         return fail_stale_trials(study)
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
     _fail_stale(study)

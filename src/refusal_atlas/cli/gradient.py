@@ -1,8 +1,7 @@
-"""CLI verbs of the gradient methods (`directions rdo|cone|repind`), registered by cli.py.
+"""CLI verbs of the gradient methods (`directions rdo|cone|repind`); the jobs are in workflows/gradient.py.
 
 Each reads the run's DIM direction and config (manifest), builds or reuses R/targets.json, trains,
-and writes R/directions/<name>.safetensors. Kept apart from cli.py so the shared command module
-only gains one registration line. The run directory and the training options are declared once,
+and writes R/directions/<name>.safetensors. The run directory and the training options are declared once,
 in :data:`_TRAINING_OPTIONS`, and added to every verb by :func:`_training_verb`.
 """
 
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 if TYPE_CHECKING:
-    from refusal_atlas.workspace import Workspace
+    from refusal_atlas.workflows.workspace import Workspace
 else:
     Workspace = Any  # imported when a verb runs: it pulls in torch and the model code
 
@@ -48,20 +47,17 @@ def _common(run_dir, *, n_train, n_val, target_tokens, steps, batch_size, micro_
     from refusal_atlas.validate import check_run_dir
 
     check_run_dir(run_dir)  # milliseconds, before torch is imported
-    from refusal_atlas.cli import _workspace
+    from refusal_atlas.cli.common import reopen_workspace, run_seed
     from refusal_atlas.directions.losses import LossWeights
     from refusal_atlas.directions.optim import TrainConfig
-    from refusal_atlas.directions.training_setup import load_dim
+    from refusal_atlas.workflows.gradient import load_dim
 
     load_dim(run_dir)  # bad input fails before the model is loaded
-    if seed is None:
-        from refusal_atlas.rundir import RunDir
-
-        seed = int(RunDir(run_dir).manifest().get("config", {}).get("seed", 0))
+    seed = run_seed(run_dir, seed)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, lr=lr, eval_every=eval_every,
                       patience=patience, val_kl_weight=val_kl_weight, seed=seed)
     weights = LossWeights(ablation_weight, addition_weight, retain_weight)
-    ws = _workspace(run_dir)
+    ws = reopen_workspace(run_dir)
     return ws, dict(n_train=n_train, n_val=n_val, target_tokens=target_tokens, weights=weights, cfg=cfg)
 
 
@@ -117,7 +113,7 @@ def directions_rdo(
     name: Annotated[Optional[str], typer.Option(help="output name (default rdo / rdo_orth)")] = None,
 ) -> None:
     """Refusal Direction Optimization (gradient-trained single direction)."""
-    from refusal_atlas.directions.rdo import rdo_step
+    from refusal_atlas.workflows.gradient import rdo_step
 
     d = rdo_step(ws, name=name, init=init, orthogonal=orthogonal, **kw)
     typer.echo(f"{d.method}: cos with DIM {d.meta['cos_with_dim']:.3f}; {_summary(d)}")
@@ -140,7 +136,7 @@ def directions_cone(
     name: Annotated[str, typer.Option(help="output name")] = "cone",
 ) -> None:
     """Refusal cones: orthonormal bases whose positive span mediates refusal (sweep k_min..k)."""
-    from refusal_atlas.directions.cone import cone_step
+    from refusal_atlas.workflows.gradient import cone_step
 
     cones = cone_step(ws, k_min=k_min, k_max=k_max, name=name, warm_start=warm_start, init=init,
                       n_val_samples=n_val_samples, n_eval_samples=n_eval_samples, n_eval_prompts=n_eval_prompts, **kw)
@@ -165,7 +161,7 @@ def directions_repind(
     name: Annotated[str, typer.Option(help="output name")] = "repind",
 ) -> None:
     """Representationally independent refusal directions (independent of DIM and of each other)."""
-    from refusal_atlas.directions.repind import repind_step
+    from refusal_atlas.workflows.gradient import repind_step
 
     d = repind_step(ws, name=name, n_directions=n_directions, restarts=restarts,
                     independence_weight=independence_weight, init=init, orthogonal=orthogonal, **kw)

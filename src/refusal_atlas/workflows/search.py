@@ -2,7 +2,7 @@
 
 Reads the run's DIM candidates and harmless means (and any DirectionSets asked for, building SOM
 directions with default settings if ``som`` is asked for and missing), searches the edit space of
-:mod:`refusal_atlas.search_space` with the seeded, resumable loop of :mod:`refusal_atlas.search`
+:mod:`refusal_atlas.search.space` with the seeded, resumable loop of :mod:`refusal_atlas.search`
 on the validation prompts, and saves what it found as edits: ``edits/search_best`` (the pick rule's
 trial) and ``edits/search_trial_<n>`` for every Pareto trial (trial 0 is full ablation of the run's DIM
 pick, so the front starts from it), so `evaluate --edit` and `export
@@ -21,10 +21,10 @@ from refusal_atlas.edits.sources import EditContext
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.io import write_json
 from refusal_atlas.search import completed, open_study, summarize
-from refusal_atlas.search_storage import release_stale_trials, study_guard
-from refusal_atlas.search_space import EditSpace, build_edit, context_fingerprint, describe_choice, run_edit_trials
-from refusal_atlas.workflows_som import record_references, validation_objective
-from refusal_atlas.workspace import PromptSets, Workspace
+from refusal_atlas.search.storage import release_stale_trials, study_guard
+from refusal_atlas.search.space import EditSpace, build_edit, context_fingerprint, describe_choice, run_edit_trials
+from refusal_atlas.workflows.som import record_references, validation_objective
+from refusal_atlas.workflows.workspace import PromptSets, Workspace
 
 
 @dataclass
@@ -67,7 +67,7 @@ def check_sets(run_dir, names: tuple[str, ...], k_max: int | None) -> None:
 def ensure_sets(ws: Workspace, names: tuple[str, ...]) -> None:
     """Build SOM directions (defaults, at the DIM layer) if asked for and missing; other sets must exist."""
     from refusal_atlas.directions.som import SomDirections
-    from refusal_atlas.workflows_som import som_step
+    from refusal_atlas.workflows.som import som_step
 
     for name in names:
         if ws.run.direction_path(name).exists():
@@ -82,7 +82,7 @@ def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettin
                      storage: str | None = None) -> dict[str, Any]:
     """Add ``trials``, or reach ``until`` completed trials, or search for ``minutes`` → edits/, search_edits.json.
 
-    ``storage``: a PostgreSQL URL shared by several workers (see search_storage); default ``R/study.db``.
+    ``storage``: a PostgreSQL URL shared by several workers (see search/storage.py); default ``R/study.db``.
     """
     if sum(x is not None for x in (trials, until, minutes)) != 1:
         raise ConfigError("give exactly one of trials (add N), until (reach N) or minutes")

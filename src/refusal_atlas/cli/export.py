@@ -55,8 +55,8 @@ def export_cmd(
     check_output_dir(out, force)
     check_output_parent(out)
     chosen, source = _chosen_edit(run_dir, manifest, directions, edit)
-    from refusal_atlas.reproduce import export_run
-    from refusal_atlas.workspace import open_workspace
+    from refusal_atlas.export_bundle import export_run
+    from refusal_atlas.workflows.workspace import open_workspace
 
     ws = open_workspace(run_config(manifest), run_dir, must_exist=True)
     load = {"model": ws.cfg.model, "device": ws.cfg.device, "dtype": ws.cfg.dtype}
@@ -72,7 +72,7 @@ def verify_cmd(
     rerun: Annotated[bool, typer.Option(help="reload the source model, redo the edit and compare byte for byte")] = False,
 ) -> None:
     """Re-check the sha256 of every exported file; with --rerun, recompute the export from the bundle."""
-    from refusal_atlas.reproduce import check_hashes, rerun as rerun_export
+    from refusal_atlas.export_bundle import check_hashes, rerun as rerun_export
 
     if not path.is_dir():
         raise RefusalAtlasError(f"{path} is not a directory written by `refusal-atlas export`")

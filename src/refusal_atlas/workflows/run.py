@@ -23,7 +23,7 @@ from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.generation import DECODING
 from refusal_atlas.interventions import Intervention
 from refusal_atlas.io import load_tensors, read_json, save_tensors, write_json
-from refusal_atlas.workspace import PromptSets, Workspace, load_prompt_sets, open_workspace
+from refusal_atlas.workflows.workspace import PromptSets, Workspace, load_prompt_sets, open_workspace
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def select_step(ws: Workspace, cands: DimCandidates, sets: PromptSets, resume: b
         return DirectionSet.load(path)
     with ws.timed("select"):
         if ws.cfg.layer is not None:
-            direction = cands.at(ws.cfg.layer, (ws.cfg.positions or [-1])[-1])
+            direction = cands.at(layer=ws.cfg.layer, position=(ws.cfg.positions or [-1])[-1])
             direction.meta["selection"] = "fixed layer (--layer)"
         else:
             sel = select_direction(

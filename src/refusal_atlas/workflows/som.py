@@ -23,8 +23,8 @@ from refusal_atlas.io import read_json, write_json
 from refusal_atlas.rundir import RunDir
 from refusal_atlas.evaluation.objective import ValidationObjective
 from refusal_atlas.search import SearchSettings, completed, open_study, run_trials, summarize
-from refusal_atlas.search_storage import release_stale_trials, study_guard
-from refusal_atlas.workspace import PromptSets, Workspace, load_prompt_sets
+from refusal_atlas.search.storage import release_stale_trials, study_guard
+from refusal_atlas.workflows.workspace import PromptSets, Workspace, load_prompt_sets
 
 
 # --- SOM directions --------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def search_step(ws: Workspace, sets: PromptSets, settings: SearchSettings, direc
                 trials: int | None = None, until: int | None = None, storage: str | None = None) -> dict[str, Any]:
     """Add ``trials`` trials (or run until ``until`` trials are complete) → study.db, search.json, search_best.
 
-    ``storage``: a PostgreSQL URL shared by several workers (see search_storage); default ``R/study.db``.
+    ``storage``: a PostgreSQL URL shared by several workers (see search/storage.py); default ``R/study.db``.
 
     Returns the search summary (see :func:`refusal_atlas.search.summarize`).
     """
@@ -198,7 +198,7 @@ def format_search(summary: dict[str, Any]) -> str:
 
 
 def format_comparison(comparison: dict[str, Any]) -> str:
-    from refusal_atlas.pipeline import format_table
+    from refusal_atlas.workflows.run import format_table
 
     lines = [format_table(comparison["records"]), ""]
     kl = comparison["harmless"]
@@ -216,7 +216,7 @@ def run_som(cfg: RunConfig, run_dir: str | Path, builder: SomDirections, setting
             trials: int, resume: bool = False,
             allow_low_refusal: bool = False) -> tuple[Workspace, dict[str, Any], dict[str, Any]]:
     """DIM pipeline, then SOM at the DIM layer, search to ``trials`` completed trials, held-out comparison."""
-    from refusal_atlas.pipeline import run as run_dim
+    from refusal_atlas.workflows.run import run as run_dim
 
     if trials < 1:
         raise ConfigError("--trials must be >= 1 for `run --method som`")

@@ -1,6 +1,6 @@
 """The `search` verb: the edit search by default (DIM directions × strength kernels × projected ×
 norm-preserving, plus any DirectionSets named with --sets), or the SOM paper's subset search
-(--space subsets). Registered by cli_som.register, so cli.py is unchanged.
+(--space subsets).
 
 ``--trials N`` / ``--budget N`` mean *reach N completed trials in the study* — the same as in
 `run --method som --trials N` — so re-running a killed search with the same command finishes the
@@ -10,14 +10,12 @@ job instead of overshooting. ``--budget 20m`` (or 90s, 1h) instead adds trials f
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from refusal_atlas.cli.common import RunDirOpt, run_seed
 from refusal_atlas.errors import ConfigError
-
-RunDirOpt = Annotated[Path, typer.Option("--run-dir", "-r", help="run directory")]
 
 
 def parse_budget(text: str | None, trials: int | None) -> tuple[int | None, float | None]:
@@ -64,7 +62,7 @@ def search(
     from refusal_atlas.validate import check_at_least, check_direction_file, check_run_dir, run_config
 
     if storage is not None:
-        from refusal_atlas.search_storage import check_storage
+        from refusal_atlas.search.storage import check_storage
 
         storage = str(check_storage(storage))
     manifest = check_run_dir(run_dir)  # milliseconds, before anything heavy is imported
@@ -78,7 +76,7 @@ def search(
     if space == "subsets" and set_names:
         raise ConfigError("--sets is for --space edits; subsets take --directions")
     if space == "edits":
-        from refusal_atlas.workflows_search import check_sets
+        from refusal_atlas.workflows.search import check_sets
 
         check_sets(run_dir, set_names, k_max)
     else:
@@ -89,16 +87,15 @@ def search(
         if max(k, k_max or k) > found["k"]:
             raise ConfigError(f"--k {max(k, k_max or k)} but {directions} holds only {found['k']} directions; "
                               "lower --k/--k-max or use a larger SOM")
-    from refusal_atlas.cli_som import _seed
-    from refusal_atlas.workspace import load_prompt_sets, open_workspace
+    from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
     cfg = run_config(manifest, {"n_val": n_val, "kl_threshold": kl_threshold})
     ws = open_workspace(cfg, run_dir, must_exist=True, allowed=("n_val", "kl_threshold"))
     prompt_sets = load_prompt_sets(ws.cfg)
     if space == "edits":
-        from refusal_atlas.workflows_search import EditSearchSettings, edit_search_step, format_edit_search
+        from refusal_atlas.workflows.search import EditSearchSettings, edit_search_step, format_edit_search
 
-        settings = EditSearchSettings(seed=_seed(run_dir, seed), kl_threshold=ws.cfg.kl_threshold,
+        settings = EditSearchSettings(seed=run_seed(run_dir, seed), kl_threshold=ws.cfg.kl_threshold,
                                       n_startup_trials=n_startup_trials, sets=set_names, k_max=k_max)
         summary = edit_search_step(ws, prompt_sets, settings, until=until, minutes=minutes, storage=storage)
         if summary["stale_trials_failed"]:
@@ -108,9 +105,9 @@ def search(
                    "(use `evaluate --edit search_best`, `export --edit search_best`)")
         return
     from refusal_atlas.search import SearchSettings
-    from refusal_atlas.workflows_som import compare_step, format_comparison, format_search, search_step
+    from refusal_atlas.workflows.som import compare_step, format_comparison, format_search, search_step
 
-    settings = SearchSettings(k=k, k_max=k_max, seed=_seed(run_dir, seed), mode=ws.cfg.ablation_mode,
+    settings = SearchSettings(k=k, k_max=k_max, seed=run_seed(run_dir, seed), mode=ws.cfg.ablation_mode,
                               kl_threshold=ws.cfg.kl_threshold, n_startup_trials=n_startup_trials)
     summary = search_step(ws, prompt_sets, settings, directions, until=until, storage=storage)
     if summary["stale_trials_failed"]:

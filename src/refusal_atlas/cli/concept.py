@@ -1,4 +1,4 @@
-"""`refusal-atlas concept`: map any concept from your own prompt files and marker list (see concept.py)."""
+"""`refusal-atlas concept`: map any concept from your own prompt files and marker list (see workflows/concept.py)."""
 
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ def concept_cmd(
 ) -> None:
     """Concept direction (DIM of positive − negative prompts), selected on val prompts, ablated and added on
     held-out prompts; the marker rate is the concept's "refusal rate"."""
-    from refusal_atlas.cli import _ints, _names
-    from refusal_atlas.concept import ConceptSpec, concept_summary, read_markers, run_concept, split_prompts
+    from refusal_atlas.cli.common import parse_ints, parse_names
+    from refusal_atlas.workflows.concept import ConceptSpec, concept_summary, read_markers, run_concept, split_prompts
 
     spec = ConceptSpec(name=name, positive=positive, negative=negative, markers=read_markers(markers),
-                       start_words=_names(start_words) or [], n_val=n_val, n_test=n_test, layers=_ints(layers),
+                       start_words=parse_names(start_words) or [], n_val=n_val, n_test=n_test, layers=parse_ints(layers),
                        kl_threshold=kl_threshold, max_new_tokens=max_new_tokens, seed=seed)
     for source in (positive, negative):  # bad prompt files fail here, before the model loads
         split_prompts(source, n_val, n_test, seed)

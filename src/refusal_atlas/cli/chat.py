@@ -88,8 +88,8 @@ def chat_cmd(
     if max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be >= 1")
     from refusal_atlas.conversation import Conversation
-    from refusal_atlas.pipeline import config_from_run
-    from refusal_atlas.workspace import open_workspace
+    from refusal_atlas.workflows.run import config_from_run
+    from refusal_atlas.workflows.workspace import open_workspace
 
     ws = open_workspace(config_from_run(run_dir), run_dir, must_exist=True)
     spec = parse_interventions([edit], DirectionSet.load(path), mode=ws.cfg.ablation_mode)[0]

@@ -1,7 +1,7 @@
 """Seeded, resumable two-objective Optuna searches: study storage, the ask/tell loop, Pareto front.
 
-:func:`run_loop` is shared by the edit search (space in :mod:`refusal_atlas.search_space`, run-dir
-step in :mod:`refusal_atlas.workflows_search`) and by the SOM paper's subset search below.
+:func:`run_loop` is shared by the edit search (space in :mod:`refusal_atlas.search.space`, run-dir
+step in :mod:`refusal_atlas.workflows.search`) and by the SOM paper's subset search below.
 
 * **Subset search space.** A subset of k distinct ids is a Lehmer code: parameter ``pick_i`` ranges over
   ``[0, n−1−i]`` and indexes into the ids not yet chosen, so every point of the space is a valid,
@@ -22,12 +22,10 @@ step in :mod:`refusal_atlas.workflows_search`) and by the SOM paper's subset sea
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,7 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.errors import ArtifactError, ConfigError
 from refusal_atlas.interventions import AblationMode
 from refusal_atlas.progress import progress
-from refusal_atlas.search_storage import coordinator_for, is_server_url, make_storage
+from refusal_atlas.search.storage import coordinator_for, is_server_url, make_storage
 
 Objective = Callable[[DirectionSet], tuple[float, float]]
 RULE = ("min_refusal_under_kl: among Pareto-optimal trials with mean validation KL <= kl_threshold, the "
@@ -99,22 +97,6 @@ def fingerprint_directions(directions: DirectionSet) -> str:
     return directions.fingerprint()
 
 
-@contextmanager
-def study_lock(db_path: Path) -> Iterator[None]:
-    """Exclusive lock beside the study: under it, any RUNNING trial was left by a dead process."""
-    lock_path = db_path.with_name(db_path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another search is running on {db_path} (locked)") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def open_study(db_path: str | os.PathLike, name: str, identity: dict[str, Any] | None = None,
                create: bool = True) -> optuna.Study:
     """Open (or create) the two-objective study ``name`` in the SQLite file or PostgreSQL URL ``db_path``.
@@ -127,7 +109,7 @@ def open_study(db_path: str | os.PathLike, name: str, identity: dict[str, Any] |
         raise ArtifactError(f"no search study at {db_path}; run `refusal-atlas search` first")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        storage = make_storage(db_path)  # SQLite file, or a PostgreSQL server with heartbeats (search_storage)
+        storage = make_storage(db_path)  # SQLite file, or a PostgreSQL server with heartbeats (search/storage.py)
         names = [s.study_name for s in storage.get_all_studies()]
         if name not in names and not create:
             raise ArtifactError(f"{db_path} holds no study named {name!r} (studies: {names})")
@@ -152,14 +134,6 @@ def open_study(db_path: str | os.PathLike, name: str, identity: dict[str, Any] |
                     f"{ {k: stored.get(k) for k in diff} } vs now { {k: identity.get(k) for k in diff} }); "
                     "use the same settings to resume, or another run directory")
     return study
-
-
-def fail_stale_trials(study: optuna.Study) -> list[int]:
-    """Mark RUNNING trials (left by a killed process) FAIL; returns their numbers."""
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for t in stale:
-        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-    return [t.number for t in stale]
 
 
 def completed(study: optuna.Study) -> list[FrozenTrial]:
