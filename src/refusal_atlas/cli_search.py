@@ -56,6 +56,7 @@ def search(
     kl_threshold: Annotated[Optional[float], typer.Option(help="KL bound of the pick rule (default: config)")] = None,
     n_val: Annotated[Optional[int], typer.Option(help="validation prompts per side")] = None,
     n_startup_trials: Annotated[int, typer.Option(help="random trials before TPE")] = 10,
+    prune: Annotated[bool, typer.Option(help="edits: stop clearly dominated trials after 25% of the prompts")] = True,
     evaluate: Annotated[Optional[bool], typer.Option(help="subsets: held-out comparison vs DIM (default on)")] = None,
     storage: Annotated[Optional[str], typer.Option(help="shared study for many workers: postgresql://user@host/db "
                                                         "(default: R/study.db, one process)")] = None,
@@ -99,7 +100,8 @@ def search(
         from refusal_atlas.workflows_search import EditSearchSettings, edit_search_step, format_edit_search
 
         settings = EditSearchSettings(seed=_seed(run_dir, seed), kl_threshold=ws.cfg.kl_threshold,
-                                      n_startup_trials=n_startup_trials, sets=set_names, k_max=k_max)
+                                      n_startup_trials=n_startup_trials, sets=set_names, k_max=k_max,
+                                      **({} if prune else {"prune": None}))
         summary = edit_search_step(ws, prompt_sets, settings, until=until, minutes=minutes, storage=storage)
         if summary["stale_trials_failed"]:
             typer.echo(f"marked stale trials {summary['stale_trials_failed']} (left by a killed run) as failed")
