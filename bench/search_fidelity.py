@@ -121,6 +121,7 @@ def main() -> None:
                      "generation_s": gen_s, "refusal_rate": rate[args.tokens],
                      "few_token_rates": {str(m): rate[m] for m in few},
                      "trial_s": trial_s[-1]})
+        write_json(Path(args.json) if args.json else ws.run / "search_fidelity.json", {"partial_rows": rows})
         print(f"trial {t.number:>3}: score {t.values[0]:7.3f}  KL {t.values[1]:.4f}  partial {partial['refusal']:7.3f}"
               f"  refusal@{args.tokens} {rate[args.tokens]:.3f}  ({gen_s:.1f} s)", flush=True)
     truth = [r["refusal_rate"] for r in rows]
@@ -141,14 +142,15 @@ def main() -> None:
     write_json(out, result)
     print(f"\n{len(rows)} distinct trials of {len(trial_s)}, {len(prompts)} harmful val prompts, "
           f"reference = greedy {args.tokens}-token generation + substring judge")
-    print(f"  {'score':<24}{'Spearman ρ':>11}{'seconds / trial':>17}")
-    print(f"  {'trial score (logit)':<24}{rho['trial_score']:>11.3f}{result['median_trial_s']:>17.1f}")
-    print(f"  {'first-stage score':<24}{rho['first_stage_score']:>11.3f}{'':>17}")
+    print(f"  {'score':<28}{'Spearman ρ':>11}  {'median s / trial':<28}")
+    print(f"  {'trial score (logit, 1 pass)':<28}{rho['trial_score']:>11.3f}  "
+          f"{result['median_trial_s']:.1f} (refusal + KL passes)")
+    print(f"  {'first-stage score (25%)':<28}{rho['first_stage_score']:>11.3f}  -")
     for m in few:
         cost = result["few_token_generation_s"].get(str(m))
-        print(f"  {f'substring@{m} tokens':<24}{rho[f'substring@{m}']:>11.3f}"
-              f"{(f'{cost:.1f} (harmful only)' if cost is not None else '-'):>17}")
-    print(f"  {f'substring@{args.tokens} (reference)':<24}{1.0:>11.3f}{f'{med_gen:.1f} (harmful only)':>17}")
+        print(f"  {f'substring after {m} tokens':<28}{rho[f'substring@{m}']:>11.3f}  "
+              f"{f'{cost:.1f} (generation, harmful only)' if cost is not None else '-'}")
+    print(f"  {f'substring after {args.tokens} (ref.)':<28}{1.0:>11.3f}  {med_gen:.1f} (generation, harmful only)")
     rp = result["pruning_replay"]
     print(f"pruning replay ({rp['rule']}): would prune {len(rp['pruned'])}/{len(rows)} trials {rp['pruned']}; "
           f"final-front trials among them: {rp['front_trials_pruned'] or 'none'}")
