@@ -265,6 +265,10 @@ def main() -> None:
     if args.max_exports < 2:
         ap.error("--max-exports must be >= 2")
     work = Path(args.work).resolve()
+    checkpoints = work / "heretic" / "checkpoints"
+    if not args.skip_heretic_search and not args.install_only and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        sys.exit(f"error: {checkpoints} holds an earlier heretic study (heretic would ask whether to reuse it); "
+                 "pass --skip-heretic-search to reuse its result, or remove that folder for a fresh search")
     (work / "heretic").mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     exe = install_heretic(work / "venv")
