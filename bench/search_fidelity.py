@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -49,6 +50,13 @@ def spearman(a: list[float], b: list[float]) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = float(ra.norm() * rb.norm())
     return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
+
+
+def hybrid(row: dict, m: int) -> float:
+    """The m-token substring rate with ties broken by the logit score: rate + (0.5/n)·σ(score) keeps every
+    rate step (1/n) and orders equal rates by the one-pass score."""
+    n = row["n_prompts"]
+    return row["few_token_rates"][str(m)] + 0.5 / n / (1 + math.exp(-row["values"][0]))
 
 
 def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
@@ -120,14 +128,15 @@ def main() -> None:
         rows.append({"number": t.number, "values": list(t.values), "partial": [partial["refusal"], partial["kl"]],
                      "generation_s": gen_s, "refusal_rate": rate[args.tokens],
                      "few_token_rates": {str(m): rate[m] for m in few},
-                     "trial_s": trial_s[-1]})
+                     "trial_s": trial_s[-1], "n_prompts": len(prompts)})
         write_json(Path(args.json) if args.json else ws.run / "search_fidelity.json", {"partial_rows": rows})
         print(f"trial {t.number:>3}: score {t.values[0]:7.3f}  KL {t.values[1]:.4f}  partial {partial['refusal']:7.3f}"
               f"  refusal@{args.tokens} {rate[args.tokens]:.3f}  ({gen_s:.1f} s)", flush=True)
     truth = [r["refusal_rate"] for r in rows]
     rho = {"trial_score": spearman([r["values"][0] for r in rows], truth),
            "first_stage_score": spearman([r["partial"][0] for r in rows], truth),
-           **{f"substring@{m}": spearman([r["few_token_rates"][str(m)] for r in rows], truth) for m in few}}
+           **{f"substring@{m}": spearman([r["few_token_rates"][str(m)] for r in rows], truth) for m in few},
+           **{f"substring@{m}+logit": spearman([hybrid(r, m) for r in rows], truth) for m in few}}
     med_gen = statistics.median(r["generation_s"] for r in rows)
     result = {
         "run_dir": str(ws.run.path), "n_trials": len(trial_s), "n_distinct": len(rows), "n_prompts": len(prompts),
@@ -150,6 +159,7 @@ def main() -> None:
         cost = result["few_token_generation_s"].get(str(m))
         print(f"  {f'substring after {m} tokens':<28}{rho[f'substring@{m}']:>11.3f}  "
               f"{f'{cost:.1f} (generation, harmful only)' if cost is not None else '-'}")
+        print(f"  {f'  same, ties by logit':<28}{rho[f'substring@{m}+logit']:>11.3f}  (same cost)")
     print(f"  {f'substring after {args.tokens} (ref.)':<28}{1.0:>11.3f}  {med_gen:.1f} (generation, harmful only)")
     rp = result["pruning_replay"]
     print(f"pruning replay ({rp['rule']}): would prune {len(rp['pruned'])}/{len(rows)} trials {rp['pruned']}; "
