@@ -15,6 +15,12 @@ ones; equal up to float rounding, tested), with two savings:
   holds only COMPLETE trials). Otherwise the rest of the prompts finish the trial.
 
 Every scored trial stores its partial values, so later trials can be compared on equal prompts.
+
+``score_tokens = m > 0`` (off by default) makes the refusal number the substring refusal rate of m greedy
+tokens per harmful prompt (decoded on the same prefix keys/values; a row stops once a refusal phrase
+appears) with ties broken by the logit score: rate + (0.5/n)·σ(mean log-odds), so the rate's 1/n steps
+always win. It costs m decoding steps per harmful prompt (bench/search_fidelity.py measures the
+trade-off); the KL number is unchanged.
 """
 
 from __future__ import annotations
@@ -91,8 +97,11 @@ class StagedObjective(ValidationObjective):
     """ValidationObjective with a shared prefix per trial and a two-stage :meth:`score` (see module docstring)."""
 
     def __init__(self, adapter, chat, harmful: Sequence[str], harmless: Sequence[str], refusal_ids: Sequence[int],
-                 *, batch_size: int = 16, fraction: float = PruneRule.fraction):
+                 *, batch_size: int = 16, fraction: float = PruneRule.fraction, score_tokens: int = 0):
         super().__init__(adapter, chat, harmful, harmless, refusal_ids, batch_size=batch_size, mode="subspace")
+        if score_tokens < 0:
+            raise ConfigError(f"score_tokens must be >= 0, got {score_tokens}")
+        self.score_tokens = score_tokens
         self.n1 = first_stage_sizes(len(self.harmful), len(self.harmless), fraction)
         nh = len(self.harmful)
         self.rows = self.harmful + self.harmless  # harmful rows 0..nh-1, harmless rows nh..
@@ -125,19 +134,60 @@ class StagedObjective(ValidationObjective):
             out[batch] = logp
         return out
 
+    def fingerprint(self) -> str:
+        base = super().fingerprint()
+        return base if not self.score_tokens else f"{base}+tokens{self.score_tokens}"
+
+    def _verdicts(self, rows: list[int], kv) -> tuple[torch.Tensor, list[bool]]:
+        """Harmful ``rows`` decoded for ``score_tokens`` greedy tokens: (next-token log-probs, refusal verdicts)."""
+        from refusal_atlas.evaluation.completions import refusal_decided
+        from refusal_atlas.evaluation.refusal import is_refusal
+        from refusal_atlas.generation import greedy_generate, greedy_on_plan
+
+        tok = self.chat.tokenizer
+        if self.plan is None:
+            gens = greedy_generate(self.adapter, self.chat, [self.rows[i] for i in rows], self.score_tokens,
+                                   self.batch_size, fast=False)
+            lp = self._logprobs(rows, None)
+        else:
+            gens, lp = [None] * len(rows), torch.empty(0)
+            for batch in budget_batches([len(self.plan.suffixes[i]) for i in rows], self.batch_size):
+                out = greedy_on_plan(self.adapter, self.plan, kv, [rows[j] for j in batch], self.score_tokens,
+                                     stop_when=refusal_decided(tok), keep_first_logprobs=True)
+                if not lp.numel():
+                    lp = torch.empty(len(rows), out[0].first_logprobs.shape[-1], dtype=torch.float32)
+                for j, g in zip(batch, out):
+                    gens[j] = g
+                    lp[j] = g.first_logprobs
+        return lp, [is_refusal(tok.decode(g.token_ids, skip_special_tokens=True)) for g in gens]
+
+    def _refusal_value(self, scores: list[float], verdicts: list[bool]) -> float:
+        mean = sum(scores) / len(scores)
+        if not self.score_tokens:
+            return mean
+        return sum(verdicts) / len(verdicts) + 0.5 / len(verdicts) / (1 + math.exp(-mean))
+
     def _prefix_kv(self):
         if self.plan is None:
             return None
         self.prefix_passes += 1
         return self.plan.prefix_kv()
 
-    def _stage_values(self, rows: list[int], lp: torch.Tensor) -> tuple[list[float], list[float]]:
+    def _stage_values(self, rows: list[int], kv) -> tuple[list[float], list[bool], list[float]]:
+        """(refusal log-odds and verdicts of the harmful rows, KL of the harmless rows) under the active edit."""
         nh, base = len(self.harmful), self._harmless_base()
-        harm = [j for j, i in enumerate(rows) if i < nh]
-        safe = [j for j, i in enumerate(rows) if i >= nh]
-        refusal = refusal_score(lp[harm], self.refusal_ids).tolist() if harm else []
-        kl = next_token_kl(base[[rows[j] - nh for j in safe]], lp[safe]).tolist() if safe else []
-        return refusal, kl
+        harm = [i for i in rows if i < nh]
+        safe = [i for i in rows if i >= nh]
+        refusal, verdicts, kl = [], [], []
+        if harm:
+            if self.score_tokens:
+                lp, verdicts = self._verdicts(harm, kv)
+            else:
+                lp = self._logprobs(harm, kv)
+            refusal = refusal_score(lp, self.refusal_ids).tolist()
+        if safe:
+            kl = next_token_kl(base[[i - nh for i in safe]], self._logprobs(safe, kv)).tolist()
+        return refusal, verdicts, kl
 
     def score(self, edit, prune: Callable[[tuple[float, float]], int | None] | None = None) -> TrialScore:
         """Both stages under ``edit`` (an Edit, DirectionSet or Intervention), stopping after the first if
@@ -145,21 +195,21 @@ class StagedObjective(ValidationObjective):
         spec = edit if hasattr(edit, "apply") else Intervention("ablate", edit, mode="subspace")
         self._harmless_base()  # clean pass first, outside the edit
         refusal: list[float] = []
+        verdicts: list[bool] = []
         kl: list[float] = []
         with spec.apply(self.adapter):
             kv = self._prefix_kv()
             for stage, rows in enumerate(self.stages):
                 if not rows:
                     continue
-                r, k = self._stage_values(rows, self._logprobs(rows, kv))
-                refusal += r
-                kl += k
+                r, v, k = self._stage_values(rows, kv)
+                refusal, verdicts, kl = refusal + r, verdicts + v, kl + k
                 if stage == 0:
-                    partial = (sum(refusal) / len(refusal), sum(kl) / len(kl))
+                    partial = (self._refusal_value(refusal, verdicts), sum(kl) / len(kl))
                     by = prune(partial) if prune is not None else None
                     if by is not None:
                         return TrialScore(partial, self.n1, None, by)
-        return TrialScore(partial, self.n1, (sum(refusal) / len(refusal), sum(kl) / len(kl)))
+        return TrialScore(partial, self.n1, (self._refusal_value(refusal, verdicts), sum(kl) / len(kl)))
 
     def __call__(self, directions) -> tuple[float, float]:
         values = self.score(directions).values

@@ -38,6 +38,7 @@ class EditSearchSettings:
     sets: tuple[str, ...] = ()
     k_max: int | None = None
     prune: PruneRule | None = field(default_factory=PruneRule)  # None: score every trial on every prompt
+    score_tokens: int = 0  # > 0: refusal = substring rate of that many greedy tokens (search_trial)
 
 
 def check_sets(run_dir, names: tuple[str, ...], k_max: int | None) -> None:
@@ -95,7 +96,8 @@ def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettin
     space = EditSpace.for_context(ctx, settings.k_max)
     objective = StagedObjective(ws.adapter, ws.chat, [p.instruction for p in sets.harmful_val],
                                 [p.instruction for p in sets.harmless_val], ws.refusal_ids,
-                                batch_size=ws.cfg.batch_size, fraction=(settings.prune or PruneRule()).fraction)
+                                batch_size=ws.cfg.batch_size, fraction=(settings.prune or PruneRule()).fraction,
+                                score_tokens=settings.score_tokens)
     identity = {**space.identity(), "seed": settings.seed, "n_startup_trials": settings.n_startup_trials,
                 "directions": context_fingerprint(ctx), "objective": objective.fingerprint(),
                 **prune_identity(settings.prune)}

@@ -88,6 +88,42 @@ def test_pruned_partial_score_equals_the_full_score_on_the_first_prompts(staged_
         assert full.partial == pruned.partial and full.values != full.partial
 
 
+def test_few_token_score_is_the_substring_rate_with_logit_ties(staged_parts, monkeypatch):
+    import math
+
+    from refusal_atlas.evaluation import refusal as refusal_mod
+    from refusal_atlas.generation import greedy_generate
+
+    adapter, chat, ids = staged_parts
+    tok = chat.tokenizer
+    # a refusal phrase the tiny vocabulary can produce, so the verdicts are not all equal
+    monkeypatch.setattr(refusal_mod, "REFUSAL_SUBSTRINGS", ("sorry", "cannot"))
+    monkeypatch.setattr(refusal_mod.is_refusal, "__defaults__", (("sorry", "cannot"),))
+    monkeypatch.setattr(refusal_mod.refusal_phrase_in, "__defaults__", (("sorry", "cannot"),))
+    from refusal_atlas.evaluation import completions
+
+    monkeypatch.setattr(completions.refusal_decided, "__defaults__", (("sorry", "cannot"),))
+    obj = StagedObjective(adapter, chat, HARMFUL, HARMLESS, ids, batch_size=3, fraction=0.25, score_tokens=3)
+    plain = StagedObjective(adapter, chat, HARMFUL, HARMLESS, ids, batch_size=3, fraction=0.25)
+    assert obj.fingerprint() != plain.fingerprint()
+    seen = set()
+    for edit in _edits(adapter):
+        before = obj.prefix_passes
+        got = obj.score(edit)
+        assert obj.prefix_passes - before == 1 + (before == 0)  # generation reuses the trial's prefix pass
+        gens = greedy_generate(adapter, chat, HARMFUL, 3, batch_size=3, intervention=edit, fast=False)
+        verdicts = [refusal_mod.is_refusal(tok.decode(g.token_ids, skip_special_tokens=True)) for g in gens]
+        seen.update(verdicts)
+        logit = plain.score(edit).values
+        for n, value in ((2, got.partial[0]), (8, got.values[0])):
+            mean = _plain(adapter, chat, HARMFUL[:n], HARMLESS, ids, edit)[0]
+            assert value == pytest.approx(sum(verdicts[:n]) / n + 0.5 / n / (1 + math.exp(-mean)), abs=1e-6)
+        assert got.values[1] == pytest.approx(logit[1], abs=1e-6)  # KL unchanged
+    assert seen == {True, False}  # the rate part is exercised, not constant
+    with pytest.raises(ConfigError, match="score_tokens"):
+        StagedObjective(adapter, chat, HARMFUL, HARMLESS, ids, score_tokens=-1)
+
+
 def test_prune_rule():
     rule = PruneRule(fraction=0.25, refusal_margin=0.5, kl_ratio=1.5, kl_margin=0.002)
     front = [(0, (-3.0, 0.04)), (4, (-1.0, 0.001))]
