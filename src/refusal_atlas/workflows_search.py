@@ -146,8 +146,10 @@ def format_edit_search(summary: dict[str, Any]) -> str:
     dim = (summary.get("reference") or {}).get("dim")
     if dim:
         rows.append(("DIM", dim["refusal"], dim["kl"], "-", "(full ablation of the selected DIM direction)"))
+    m = (summary.get("settings") or {}).get("score_tokens")
+    what = f"substring rate of {m} greedy tokens + logit tie-break" if m else "mean logit refusal score"
     lines = [f"trials: {n['complete']} complete, {n.get('pruned', 0)} pruned, {n['fail']} failed; Pareto front on validation prompts "
-             "(refusal = mean logit refusal score, lower = less refusal; KL = next-token KL on harmless):",
+             f"(refusal = {what}, lower = less refusal; KL = next-token KL on harmless):",
              f"  {'trial':<7}{'refusal':>9}{'KL':>9}  {'saved as':<22}edit", f"  {'-' * 90}"]
     lines += [f"  {a:<7}{r:>9.3f}{k:>9.4f}  {name:<22}{what}" for a, r, k, name, what in rows]
     lines.append(f"chosen: trial #{chosen['number']} ({chosen['why']}) → edits/search_best.json")
