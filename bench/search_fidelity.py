@@ -1,28 +1,41 @@
 """Is the edit search's cheap trial score faithful? Spearman ρ against generation + substring judge.
 
-Runs (or resumes) a real edit search of ``--trials`` trials on a run directory, then regenerates
-greedily under every distinct trial's edit on the *same* harmful validation prompts the search scored,
-and compares the trial's refusal score (mean logit refusal score, one forward pass per prompt) with
-the substring refusal rate of those generations. Prints ρ, the median trial time (from the Optuna
-study's start/end times) and the generation cost per trial. Goal (issue 10): ρ ≥ 0.9.
+Runs (or resumes) a real edit search of ``--trials`` trials on a run directory with every trial scored
+on every prompt (pruning off), then regenerates greedily under every distinct trial's edit on the
+*same* harmful validation prompts the search scored, and compares:
 
-    .venv/bin/python bench/search_fidelity.py --run-dir runs/demo [--trials 30] [--tokens 32]
+* the trial's refusal score (mean logit refusal score, one forward pass per prompt) with the
+  substring refusal rate of ``--tokens``-token greedy generations (tie-aware Spearman ρ; goal ≥ 0.9);
+* the same for the first-stage (partial) score the pruning rule looks at, and for "a few generated
+  tokens" scores (substring verdict on the first m tokens of the same greedy decoding: the prefix of
+  a greedy decoding is the shorter greedy decoding), with the measured cost of an m-token generation;
+* the pruning rule replayed on the trials in order: how many it would have stopped and whether any
+  trial of the final front would have been among them.
+
+Prints a table and writes JSON (``--json``, default RUN/search_fidelity.json).
+
+    .venv/bin/python bench/search_fidelity.py --run-dir runs/demo [--trials 30] [--tokens 32] [--n-val 32]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from refusal_atlas.edits.sources import EditContext
 from refusal_atlas.evaluation.refusal import is_refusal
-from refusal_atlas.generation import generate
+from refusal_atlas.generation import greedy_generate
+from refusal_atlas.io import write_json
 from refusal_atlas.workflows.run import config_from_run
 from refusal_atlas.search import completed, open_study
 from refusal_atlas.search.space import build_edit
+from refusal_atlas.search.trial import PruneRule
 from refusal_atlas.workflows.search import EditSearchSettings, edit_search_step
 from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
@@ -39,39 +52,120 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
 
 
+def hybrid(row: dict, m: int) -> float:
+    """The m-token substring rate with ties broken by the logit score: rate + (0.5/n)·σ(score) keeps every
+    rate step (1/n) and orders equal rates by the one-pass score."""
+    n = row["n_prompts"]
+    return row["few_token_rates"][str(m)] + 0.5 / n / (1 + math.exp(-row["values"][0]))
+
+
+def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[0] and a[1] <= b[1] and a != b
+
+
+def replay_pruning(rows: list[dict], rule: PruneRule) -> dict:
+    """Apply ``rule`` to the trials in order (front = unpruned trials so far): which would it stop, and
+    would it have stopped a trial of the final (unpruned) front?"""
+    kept: list[dict] = []
+    pruned: list[int] = []
+    for r in rows:
+        front = [(k["number"], tuple(k["partial"])) for k in kept
+                 if not any(dominates(tuple(o["values"]), tuple(k["values"])) for o in kept)]
+        if rule.dominating(tuple(r["partial"]), front) is not None:
+            pruned.append(r["number"])
+        else:
+            kept.append(r)
+    final_front = [r["number"] for r in rows if not any(dominates(tuple(o["values"]), tuple(r["values"])) for o in rows)]
+    return {"rule": rule.describe(), "pruned": pruned, "final_front": final_front,
+            "front_trials_pruned": sorted(set(pruned) & set(final_front))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--n-val", type=int, default=None, help="validation prompts per side (default: the run's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--few-tokens", default="4,8,16", help="m for the m-token generation scores")
+    ap.add_argument("--time-few", type=int, default=2, help="trials on which m-token generations are timed")
+    ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    ws = open_workspace(config_from_run(args.run_dir), args.run_dir, must_exist=True)
+    overrides = {"n_val": args.n_val} if args.n_val else {}
+    ws = open_workspace(config_from_run(args.run_dir, overrides), args.run_dir, must_exist=True,
+                        allowed=tuple(overrides))
     sets = load_prompt_sets(ws.cfg)
-    settings = EditSearchSettings(seed=args.seed, kl_threshold=ws.cfg.kl_threshold)
+    settings = EditSearchSettings(seed=args.seed, kl_threshold=ws.cfg.kl_threshold, prune=None)
+    t0 = time.perf_counter()
     summary = edit_search_step(ws, sets, settings, until=args.trials)
+    search_s = time.perf_counter() - t0
     study = open_study(ws.run / "study.db", summary["study"], create=False)
     ctx = EditContext.from_run(ws.run.path)
     prompts = [p.instruction for p in sets.harmful_val]
-    cheap, dear, t_gen, trial_s, seen = [], [], [], [], set()
+    few = [int(m) for m in args.few_tokens.split(",") if m.strip()]
+    decode = ws.chat.tokenizer.decode
+    rows, trial_s, few_s, seen = [], [], {m: [] for m in few}, set()
     for t in completed(study):
         trial_s.append((t.datetime_complete - t.datetime_start).total_seconds())
         key = t.user_attrs.get("key")
-        if key in seen:
+        if key in seen or "reused_from" in t.user_attrs:
             continue
         seen.add(key)
+        edit = build_edit(t.user_attrs["choice"], ctx)
         start = time.perf_counter()
-        out = generate(ws.adapter, ws.chat, prompts, max_new_tokens=args.tokens, batch_size=ws.cfg.batch_size,
-                       intervention=build_edit(t.user_attrs["choice"], ctx))
-        t_gen.append(time.perf_counter() - start)
-        cheap.append(t.values[0])
-        dear.append(sum(map(is_refusal, out)) / len(out))
-        print(f"trial {t.number:>3}: score {cheap[-1]:7.3f}  KL {t.values[1]:.4f}  generation refusal {dear[-1]:.3f}",
-              flush=True)
-    print(f"\nSpearman ρ (trial score vs greedy generation + substring, {len(cheap)} distinct trials, "
-          f"{len(prompts)} prompts, {args.tokens} tokens): {spearman(cheap, dear):.3f}")
-    print(f"median trial {statistics.median(trial_s):.1f} s (refusal + KL passes); "
-          f"median generation {statistics.median(t_gen):.1f} s per trial")
+        gens = greedy_generate(ws.adapter, ws.chat, prompts, max_new_tokens=args.tokens,
+                               batch_size=ws.cfg.batch_size, intervention=edit, desc="fidelity generate")
+        gen_s = time.perf_counter() - start
+        rate = {m: sum(is_refusal(decode(g.token_ids[:m], skip_special_tokens=True)) for g in gens) / len(gens)
+                for m in [*few, args.tokens]}
+        if len(rows) < args.time_few:
+            for m in few:
+                start = time.perf_counter()
+                greedy_generate(ws.adapter, ws.chat, prompts, max_new_tokens=m, batch_size=ws.cfg.batch_size,
+                                intervention=edit, desc=f"{m}-token generate")
+                few_s[m].append(time.perf_counter() - start)
+        partial = t.user_attrs.get("partial") or {"refusal": float("nan"), "kl": float("nan")}
+        rows.append({"number": t.number, "values": list(t.values), "partial": [partial["refusal"], partial["kl"]],
+                     "generation_s": gen_s, "refusal_rate": rate[args.tokens],
+                     "few_token_rates": {str(m): rate[m] for m in few},
+                     "trial_s": trial_s[-1], "n_prompts": len(prompts)})
+        write_json(Path(args.json) if args.json else ws.run / "search_fidelity.json", {"partial_rows": rows})
+        print(f"trial {t.number:>3}: score {t.values[0]:7.3f}  KL {t.values[1]:.4f}  partial {partial['refusal']:7.3f}"
+              f"  refusal@{args.tokens} {rate[args.tokens]:.3f}  ({gen_s:.1f} s)", flush=True)
+    truth = [r["refusal_rate"] for r in rows]
+    rho = {"trial_score": spearman([r["values"][0] for r in rows], truth),
+           "first_stage_score": spearman([r["partial"][0] for r in rows], truth),
+           **{f"substring@{m}": spearman([r["few_token_rates"][str(m)] for r in rows], truth) for m in few},
+           **{f"substring@{m}+logit": spearman([hybrid(r, m) for r in rows], truth) for m in few}}
+    med_gen = statistics.median(r["generation_s"] for r in rows)
+    result = {
+        "run_dir": str(ws.run.path), "n_trials": len(trial_s), "n_distinct": len(rows), "n_prompts": len(prompts),
+        "tokens": args.tokens, "spearman": rho, "median_trial_s": statistics.median(trial_s),
+        "median_generation_s": med_gen, "search_wall_s": search_s,
+        "few_token_generation_s": {str(m): statistics.median(v) for m, v in few_s.items() if v},
+        "pruning_replay": replay_pruning(rows, PruneRule()), "trials": rows,
+        "note": "trial_s = the study's start/end (refusal + KL passes on harmful + harmless val); generation_s = "
+                f"greedy {args.tokens}-token generation on the harmful val prompts only",
+    }
+    out = Path(args.json) if args.json else ws.run / "search_fidelity.json"
+    write_json(out, result)
+    print(f"\n{len(rows)} distinct trials of {len(trial_s)}, {len(prompts)} harmful val prompts, "
+          f"reference = greedy {args.tokens}-token generation + substring judge")
+    print(f"  {'score':<28}{'Spearman ρ':>11}  {'median s / trial':<28}")
+    print(f"  {'trial score (logit, 1 pass)':<28}{rho['trial_score']:>11.3f}  "
+          f"{result['median_trial_s']:.1f} (refusal + KL passes)")
+    print(f"  {'first-stage score (25%)':<28}{rho['first_stage_score']:>11.3f}  -")
+    for m in few:
+        cost = result["few_token_generation_s"].get(str(m))
+        print(f"  {f'substring after {m} tokens':<28}{rho[f'substring@{m}']:>11.3f}  "
+              f"{f'{cost:.1f} (generation, harmful only)' if cost is not None else '-'}")
+        print(f"  {f'  same, ties by logit':<28}{rho[f'substring@{m}+logit']:>11.3f}  (same cost)")
+    print(f"  {f'substring after {args.tokens} (ref.)':<28}{1.0:>11.3f}  {med_gen:.1f} (generation, harmful only)")
+    rp = result["pruning_replay"]
+    print(f"pruning replay ({rp['rule']}): would prune {len(rp['pruned'])}/{len(rows)} trials {rp['pruned']}; "
+          f"final-front trials among them: {rp['front_trials_pruned'] or 'none'}")
+    print(f"search wall {search_s:.0f} s; saved {out}")
+    print(json.dumps({"spearman_trial_score": rho["trial_score"]}))
 
 
 if __name__ == "__main__":

@@ -169,3 +169,13 @@ def generate(adapter: ModelAdapter, chat: ChatFormatter, instructions: Sequence[
     """
     gens = greedy_generate(adapter, chat, instructions, *args, **kwargs)
     return [chat.tokenizer.decode(g.token_ids, skip_special_tokens=True).strip() for g in gens]
+
+
+def greedy_on_plan(adapter: ModelAdapter, plan: PrefixPlan, kv, idx: Sequence[int], max_new_tokens: int,
+                   stop_when: Callable[[list[int]], bool] | None = None, keep_first_logprobs: bool = False
+                   ) -> list[Generated]:
+    """Greedy decoding of rows ``idx`` of ``plan`` on prefix keys/values the caller already computed (under
+    whatever edit is active), so a caller scoring one edit several ways runs the prefix once."""
+    with torch.inference_mode():
+        return _fast(adapter, plan, kv, list(idx), max_new_tokens, stop_token_ids(adapter.model, plan.chat.tokenizer),
+                     stop_when, keep_first_logprobs)

@@ -54,6 +54,8 @@ def search(
     kl_threshold: Annotated[Optional[float], typer.Option(help="KL bound of the pick rule (default: config)")] = None,
     n_val: Annotated[Optional[int], typer.Option(help="validation prompts per side")] = None,
     n_startup_trials: Annotated[int, typer.Option(help="random trials before TPE")] = 10,
+    prune: Annotated[bool, typer.Option(help="edits: stop clearly dominated trials after 25% of the prompts")] = True,
+    score_tokens: Annotated[int, typer.Option(help="edits: refusal = substring rate of N greedy tokens (0: logit)")] = 0,
     evaluate: Annotated[Optional[bool], typer.Option(help="subsets: held-out comparison vs DIM (default on)")] = None,
     storage: Annotated[Optional[str], typer.Option(help="shared study for many workers: postgresql://user@host/db "
                                                         "(default: R/study.db, one process)")] = None,
@@ -71,7 +73,7 @@ def search(
     if trials is not None and trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {trials}")
     until, minutes = parse_budget(budget, trials)
-    check_at_least(k=(k, 1), n_val=(n_val, 1), n_startup_trials=(n_startup_trials, 0))
+    check_at_least(k=(k, 1), n_val=(n_val, 1), n_startup_trials=(n_startup_trials, 0), score_tokens=(score_tokens, 0))
     set_names = tuple(s.strip() for s in (sets or "").split(",") if s.strip())
     if space == "subsets" and set_names:
         raise ConfigError("--sets is for --space edits; subsets take --directions")
@@ -96,7 +98,8 @@ def search(
         from refusal_atlas.workflows.search import EditSearchSettings, edit_search_step, format_edit_search
 
         settings = EditSearchSettings(seed=run_seed(run_dir, seed), kl_threshold=ws.cfg.kl_threshold,
-                                      n_startup_trials=n_startup_trials, sets=set_names, k_max=k_max)
+                                      n_startup_trials=n_startup_trials, sets=set_names, k_max=k_max,
+                                      score_tokens=score_tokens, **({} if prune else {"prune": None}))
         summary = edit_search_step(ws, prompt_sets, settings, until=until, minutes=minutes, storage=storage)
         if summary["stale_trials_failed"]:
             typer.echo(f"marked stale trials {summary['stale_trials_failed']} (left by a killed run) as failed")

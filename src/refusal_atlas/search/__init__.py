@@ -11,7 +11,7 @@ step in :mod:`refusal_atlas.workflows.search`) and by the SOM paper's subset sea
   *validation* prompts under ablation, and the mean next-token KL on harmless validation prompts
   against cached unmodified log-probs. Test splits and benchmarks are never touched here.
 * **Reproducible and resumable.** The study lives in SQLite. Before each trial the TPE sampler is
-  re-seeded from (seed, number of completed trials), and TPE only learns from completed trials,
+  re-seeded from (seed, number of finished = completed or pruned trials), and TPE only learns from those,
   so a search that was killed and resumed proposes exactly what an uninterrupted one would have.
   Trials left RUNNING by a crash are marked FAIL when the search reopens (a lock file guarantees
   no other process owns them).
@@ -140,6 +140,11 @@ def completed(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
+def finished(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed and pruned trials: what a trial budget counts and what re-seeds the sampler."""
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
 def _sampler(seed: int, n_complete: int, group: bool, n_startup_trials: int,
              worker: tuple[int, ...] = ()) -> optuna.samplers.TPESampler:
     trial_seed = int(np.random.SeedSequence([seed, n_complete, *worker]).generate_state(1)[0])
@@ -180,7 +185,8 @@ def run_loop(study: optuna.Study, propose: Callable[[Trial], tuple[str, Callable
              desc: str = "search trials") -> list[FrozenTrial]:
     """The seeded ask/tell loop every search uses; returns the trials this call finished.
 
-    ``propose(trial)`` suggests parameters (and sets user attributes) and returns (key, evaluate).
+    ``propose(trial)`` suggests parameters (and sets user attributes) and returns (key, evaluate);
+    ``evaluate`` may raise ``optuna.TrialPruned`` to record the trial PRUNED (it is not re-used).
     A key already evaluated in this study is not re-run: its values are copied (objectives are
     deterministic) and the trial records ``reused_from``; it still goes through ask/tell, so it
     has its own start and end time. ``deadline`` (a ``time.monotonic()`` value) stops the loop
@@ -188,14 +194,14 @@ def run_loop(study: optuna.Study, propose: Callable[[Trial], tuple[str, Callable
     """
     coord = coordinator_for(study)  # several workers on a PostgreSQL study: seeds, heartbeats, claims
     done: dict[str, FrozenTrial] = {t.user_attrs["key"]: t for t in completed(study) if "key" in t.user_attrs}
-    finished: list[FrozenTrial] = []
+    told: list[FrozenTrial] = []
     bar = progress(n_trials, desc)
     try:
         for _ in range(n_trials):
             if deadline is not None and time.monotonic() >= deadline:
                 break
             coord.before_ask(study)
-            study.sampler = _sampler(seed, len(completed(study)), group, n_startup_trials, coord.seed_parts)
+            study.sampler = _sampler(seed, len(finished(study)), group, n_startup_trials, coord.seed_parts)
             trial = study.ask()
             try:
                 with coord.alive(study, trial):
@@ -207,18 +213,23 @@ def run_loop(study: optuna.Study, propose: Callable[[Trial], tuple[str, Callable
                         values = tuple(previous.values)
                     else:
                         values = evaluate()
+            except optuna.TrialPruned:  # evaluate() stopped early (search.trial): kept, never on the front
+                study.tell(trial, state=TrialState.PRUNED)
+                bar.update(1)
+                crash_point("trial")
+                continue
             except BaseException:
                 study.tell(trial, state=TrialState.FAIL)
                 raise
             frozen = study.tell(trial, list(values))
             done.setdefault(key, frozen)
-            finished.append(frozen)
+            told.append(frozen)
             bar.update(1)
             bar.set_postfix(refusal=f"{values[0]:.2f}", kl=f"{values[1]:.3f}")
             crash_point("trial")
     finally:
         bar.close()
-    return finished
+    return told
 
 
 def run_trials(study: optuna.Study, directions: DirectionSet, objective: Objective, settings: SearchSettings,
@@ -260,7 +271,7 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
                            "params": dict(t.params)}
     if t.values is not None:
         rec["refusal"], rec["kl"] = t.values
-    for attr in ("reused_from", "choice", "edit"):
+    for attr in ("reused_from", "choice", "edit", "partial", "pruned_by"):
         if attr in t.user_attrs:
             rec[attr] = t.user_attrs[attr]
     if t.datetime_start is not None:
@@ -296,8 +307,8 @@ def summarize(study: optuna.Study, settings) -> dict[str, Any]:
     front = pareto_front(study)
     chosen, branch = choose_trial(front, settings.kl_threshold)
     trials = study.get_trials(deepcopy=False)
-    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.FAIL,
-                                                                         TrialState.RUNNING)}
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,
+                                                                         TrialState.FAIL, TrialState.RUNNING)}
     counts["distinct_subsets"] = len({trial_key(t, mode) for t in trials if t.state == TrialState.COMPLETE})
     return {
         "study": study.study_name, "settings": asdict(settings), "identity": study.user_attrs.get("identity"),

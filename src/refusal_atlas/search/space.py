@@ -164,17 +164,25 @@ def build_edit(choice: dict[str, Any], ctx: EditContext, name: str | None = None
 
 
 def run_edit_trials(study, space: EditSpace, ctx: EditContext, objective: Callable[[Edit], tuple[float, float]],
-                    seed: int, n_startup_trials: int, n_trials: int, deadline: float | None = None) -> list:
+                    seed: int, n_startup_trials: int, n_trials: int, deadline: float | None = None,
+                    prune=None) -> list:
     """``n_trials`` more trials of the edit space (the seeded loop of :func:`refusal_atlas.search.run_loop`).
 
     Each trial stores its decoded ``choice``; two trials with the same choice share one evaluation.
+    ``prune`` (a :class:`~refusal_atlas.search.trial.PruneRule`, with a StagedObjective) stops
+    clearly dominated trials after the first stage (see :func:`refusal_atlas.search.trial.evaluate_staged`).
     """
     from refusal_atlas.search import run_loop
 
     def propose(trial):
         choice = space.suggest(trial)
         trial.set_user_attr("choice", choice)
-        return json.dumps(choice, sort_keys=True), lambda: objective(build_edit(choice, ctx))
+        if prune is None and not hasattr(objective, "score"):
+            return json.dumps(choice, sort_keys=True), lambda: objective(build_edit(choice, ctx))
+        from refusal_atlas.search.trial import evaluate_staged
+
+        return json.dumps(choice, sort_keys=True), lambda: evaluate_staged(study, trial, objective,
+                                                                           build_edit(choice, ctx), prune)
 
     return run_loop(study, propose, seed=seed, n_startup_trials=n_startup_trials, group=False, n_trials=n_trials,
                     deadline=deadline, desc="edit search trials")

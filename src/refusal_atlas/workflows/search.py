@@ -13,17 +13,18 @@ end times, the front, the rule).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.edits.sources import EditContext
 from refusal_atlas.errors import ConfigError
 from refusal_atlas.io import write_json
-from refusal_atlas.search import completed, open_study, summarize
+from refusal_atlas.search import finished, open_study, summarize
 from refusal_atlas.search.storage import release_stale_trials, study_guard
 from refusal_atlas.search.space import EditSpace, build_edit, context_fingerprint, describe_choice, run_edit_trials
-from refusal_atlas.workflows.som import record_references, validation_objective
+from refusal_atlas.search.trial import PruneRule, StagedObjective, prune_identity
+from refusal_atlas.workflows.som import record_references
 from refusal_atlas.workflows.workspace import PromptSets, Workspace
 
 
@@ -36,6 +37,8 @@ class EditSearchSettings:
     n_startup_trials: int = 10
     sets: tuple[str, ...] = ()
     k_max: int | None = None
+    prune: PruneRule | None = field(default_factory=PruneRule)  # None: score every trial on every prompt
+    score_tokens: int = 0  # > 0: refusal = substring rate of that many greedy tokens (search.trial)
 
 
 def check_sets(run_dir, names: tuple[str, ...], k_max: int | None) -> None:
@@ -80,7 +83,7 @@ def ensure_sets(ws: Workspace, names: tuple[str, ...]) -> None:
 def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettings, trials: int | None = None,
                      until: int | None = None, minutes: float | None = None,
                      storage: str | None = None) -> dict[str, Any]:
-    """Add ``trials``, or reach ``until`` completed trials, or search for ``minutes`` → edits/, search_edits.json.
+    """Add ``trials``, or reach ``until`` finished (complete or pruned) trials, or search for ``minutes`` → edits/, search_edits.json.
 
     ``storage``: a PostgreSQL URL shared by several workers (see search/storage.py); default ``R/study.db``.
     """
@@ -91,16 +94,20 @@ def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettin
     ensure_sets(ws, settings.sets)
     ctx = EditContext.from_run(ws.run.path, list(settings.sets))
     space = EditSpace.for_context(ctx, settings.k_max)
-    objective = validation_objective(ws, sets, "subspace")
+    objective = StagedObjective(ws.adapter, ws.chat, [p.instruction for p in sets.harmful_val],
+                                [p.instruction for p in sets.harmless_val], ws.refusal_ids,
+                                batch_size=ws.cfg.batch_size, fraction=(settings.prune or PruneRule()).fraction,
+                                score_tokens=settings.score_tokens)
     identity = {**space.identity(), "seed": settings.seed, "n_startup_trials": settings.n_startup_trials,
-                "directions": context_fingerprint(ctx), "objective": objective.fingerprint()}
+                "directions": context_fingerprint(ctx), "objective": objective.fingerprint(),
+                **prune_identity(settings.prune)}
     db = storage or ws.run / "study.db"
     name = "search-edits" + "".join(f"+{s}" for s in settings.sets)
     with study_guard(db):
         study = open_study(db, name, identity)
         stale = release_stale_trials(study, db)
         n_new = (trials if trials is not None else
-                 max(0, until - len(completed(study))) if until is not None else 10**9)  # type: ignore[operator]
+                 max(0, until - len(finished(study))) if until is not None else 10**9)  # type: ignore[operator]
         deadline = time.monotonic() + 60 * minutes if minutes is not None else None
         if n_new > 0 and (minutes is None or minutes > 0):
             record_references(study, ws, objective)
@@ -113,7 +120,7 @@ def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettin
                     pass  # the DIM layer lies outside the direction-index range: no warm start
             with ws.timed("search_edits"):
                 run_edit_trials(study, space, ctx, objective, settings.seed, settings.n_startup_trials, n_new,
-                                deadline)
+                                deadline, prune=settings.prune)
         summary = summarize(study, settings)
     summary.update(space=asdict(space), stale_trials_failed=stale, settings=asdict(settings))
     for rec in summary["pareto"]:
@@ -139,8 +146,10 @@ def format_edit_search(summary: dict[str, Any]) -> str:
     dim = (summary.get("reference") or {}).get("dim")
     if dim:
         rows.append(("DIM", dim["refusal"], dim["kl"], "-", "(full ablation of the selected DIM direction)"))
-    lines = [f"trials: {n['complete']} complete, {n['fail']} failed; Pareto front on validation prompts "
-             "(refusal = mean logit refusal score, lower = less refusal; KL = next-token KL on harmless):",
+    m = (summary.get("settings") or {}).get("score_tokens")
+    what = f"substring rate of {m} greedy tokens + logit tie-break" if m else "mean logit refusal score"
+    lines = [f"trials: {n['complete']} complete, {n.get('pruned', 0)} pruned, {n['fail']} failed; Pareto front on validation prompts "
+             f"(refusal = {what}, lower = less refusal; KL = next-token KL on harmless):",
              f"  {'trial':<7}{'refusal':>9}{'KL':>9}  {'saved as':<22}edit", f"  {'-' * 90}"]
     lines += [f"  {a:<7}{r:>9.3f}{k:>9.4f}  {name:<22}{what}" for a, r, k, name, what in rows]
     lines.append(f"chosen: trial #{chosen['number']} ({chosen['why']}) → edits/search_best.json")

@@ -1,0 +1,99 @@
+"""What one edit-search trial costs at heretic's prompt counts, and where the time goes.
+
+Scores ``--trials`` random edits of the default space (seeded) on ``--n`` JailbreakBench prompts (refusal)
+and ``--n`` harmless_val prompts (KL) — heretic's evaluation sets and counts — three ways, interleaved:
+the staged trial (search_trial: one shared prefix for both sets, no pruning), and the plain
+ValidationObjective (separate prefix plans per set). For the staged trial it splits the time into
+building the edit, entering/leaving its weight or hook form, the prefix pass, and the harmful and
+harmless forward passes. heretic-llm 1.4.0's median trial on this machine class: 140 s (heretic_baseline.md).
+
+    .venv/bin/python bench/trial_cost.py --run-dir runs/demo [--n 100] [--trials 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import optuna
+
+from refusal_atlas.data import load_prompts
+from refusal_atlas.edits.sources import EditContext
+from refusal_atlas.evaluation.objective import ValidationObjective
+from refusal_atlas.workflows.run import config_from_run
+from refusal_atlas.search.space import EditSpace, build_edit
+from refusal_atlas.search.trial import StagedObjective
+from refusal_atlas.workflows.workspace import open_workspace
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--trials", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    ws = open_workspace(config_from_run(args.run_dir), args.run_dir, must_exist=True)
+    harmful = [p.instruction for p in load_prompts("jailbreakbench", n=args.n, seed=0)]
+    harmless = [p.instruction for p in load_prompts("harmless_val", n=args.n, seed=0)]
+    ctx = EditContext.from_run(ws.run.path)
+    space = EditSpace.for_context(ctx)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(args.seed))
+    choices = [space.suggest(study.ask()) for _ in range(args.trials)]
+    t = time.perf_counter()
+    staged = StagedObjective(ws.adapter, ws.chat, harmful, harmless, ws.refusal_ids, batch_size=ws.cfg.batch_size)
+    staged.baseline()
+    staged._harmless_base()
+    plain = ValidationObjective(ws.adapter, ws.chat, harmful, harmless, ws.refusal_ids, batch_size=ws.cfg.batch_size)
+    plain._harmless_base()
+    setup_s = time.perf_counter() - t
+    nh = len(harmful)
+    rows = []
+    for i, choice in enumerate(choices):
+        t = time.perf_counter()
+        edit = build_edit(choice, ctx)
+        build_s = time.perf_counter() - t
+        t = time.perf_counter()
+        values = staged.score(edit).values
+        staged_s = time.perf_counter() - t
+        parts = {}
+        t = time.perf_counter()
+        with edit.apply(ws.adapter):
+            parts["apply_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            kv = staged._prefix_kv()
+            parts["prefix_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            staged._logprobs(list(range(nh)), kv)
+            parts["harmful_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            staged._logprobs(list(range(nh, len(staged.rows))), kv)
+            parts["harmless_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+        parts["restore_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        pvalues = plain(edit)
+        plain_s = time.perf_counter() - t
+        rows.append({"choice": choice, "build_s": build_s, "staged_s": staged_s, "plain_s": plain_s, **parts,
+                     "values": values, "plain_values": pvalues, "weight_form": edit.has_weight_form and not
+                     edit.hooks_equal_weights})
+        print(f"trial {i}: staged {staged_s:.1f} s, plain {plain_s:.1f} s | build {build_s:.2f}, apply "
+              f"{parts['apply_s']:.2f}, prefix {parts['prefix_s']:.2f}, harmful {parts['harmful_s']:.1f}, harmless "
+              f"{parts['harmless_s']:.1f}, restore {parts['restore_s']:.2f} | values {values} vs {pvalues}", flush=True)
+    med = {k: statistics.median(r[k] for r in rows) for k in ("staged_s", "plain_s", "build_s", "apply_s", "prefix_s",
+                                                              "harmful_s", "harmless_s", "restore_s")}
+    out = {"n_harmful": nh, "n_harmless": len(harmless), "prefix_tokens": len(staged.plan.prefix) if staged.plan else 0,
+           "setup_s": setup_s, "median": med, "heretic_median_trial_s": 140.0,
+           "ratio_vs_heretic": 140.0 / med["staged_s"], "trials": rows}
+    with open(args.json or ws.run / "trial_cost.json", "w", encoding="utf-8") as fh:
+        json.dump(out, fh, indent=1)
+    print(f"\n{nh} + {len(harmless)} prompts, shared prefix {out['prefix_tokens']} tokens, one-off set-up {setup_s:.1f} s")
+    print("median per trial: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in med.items()))
+    print(f"vs heretic's recorded 140 s median trial: {out['ratio_vs_heretic']:.1f}x cheaper")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""Side by side with heretic-llm 1.4.0, scored by heretic's own evaluator (issue 10, item 6).
+
+Both tools get the same local copy of the model (the embedded model's converted fp32 folder by default),
+the same prompts (our run's 256 + 256 harmful_train / harmless_train direction prompts; 100 JailbreakBench
+prompts for refusals and 100 harmless_val prompts for KL, which both searches optimise on) and 32-token
+greedy responses. Steps (each can be skipped; results are saved as JSON in --work and reused):
+
+1. install heretic-llm==1.4.0 into its own venv under --work (torch==2.13.0 first; never our dependency);
+2. write the prompt sets as ``datasets`` save_to_disk folders and heretic's config.toml;
+3. run heretic's search headless (COLAB_GPU=1 makes its menus read stdin; stdin is a pipe we close, so
+   its final menu ends on EOF after the study is saved), timestamping every output line: seconds per
+   trial = from its "Running trial N" line to the next one (or to the end);
+4. our side: extract + select (Python API) and ``refusal-atlas search`` on the same prompts, timed;
+5. export each of our Pareto edits and score it with ``heretic --model ORIGINAL --evaluate-model OURS``;
+6. print seconds per trial (median) for both and the ratio, both fronts (refusals/100 @ KL), whether ours
+   dominates heretic's (every heretic point (r, d) has one of ours with <= r and <= d, strictly better in
+   one), and the wall-time ratio.
+
+Takes > 1 h on 2 CPU cores (heretic alone: ~64 min for 24 trials). Parts:
+    .venv/bin/python bench/vs_heretic.py [--work bench_out/vs_heretic] [--heretic-trials 24] [--our-trials 30]
+        [--skip-heretic-search] (reuse WORK/heretic_search.json) [--skip-ours] [--max-exports 12] [--install-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERETIC = "heretic-llm==1.4.0"
+TORCH = "torch==2.13.0"
+SYSTEM_PROMPT = "You are a helpful assistant."  # heretic's default system prompt; ours is set to the same
+ROLES = {"bad_prompts": "harmful_train", "good_prompts": "harmless_train",
+         "bad_evaluation_prompts": "harmful_val", "good_evaluation_prompts": "harmless_val"}
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+# --- pure parts (unit-tested) ---------------------------------------------------------------------------
+DATASET_SCRIPT = """
+import json, sys
+from datasets import Dataset
+spec = json.load(open(sys.argv[1]))
+for role, (path, prompts) in spec.items():
+    Dataset.from_dict({"text": prompts}).save_to_disk(path)
+"""
+
+
+def write_datasets(prompts: dict[str, list[str]], root: Path, python: str = sys.executable) -> dict[str, Path]:
+    """One ``datasets`` save_to_disk folder per heretic role (column ``text``), written by ``python``
+    (heretic's venv, so its own ``datasets`` version writes them). Text files would split prompts on newlines."""
+    root.mkdir(parents=True, exist_ok=True)
+    spec = {role: (str(root / role), list(texts)) for role, texts in prompts.items()}
+    for role, (_, texts) in spec.items():
+        if not texts:
+            raise ValueError(f"no prompts for heretic's {role}")
+    (root / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+    subprocess.run([python, "-c", DATASET_SCRIPT, str(root / "spec.json")], check=True)
+    return {role: Path(path) for role, (path, _) in spec.items()}
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string is a JSON string
+
+
+def heretic_config(datasets: dict[str, Path], counts: dict[str, int], *, n_trials: int, n_startup_trials: int,
+                   seed: int, max_response_length: int, batch_size: int) -> str:
+    """heretic's config.toml: the settings heretic_baseline.md measured with, every other key at its default."""
+    top = {"dtypes": ["float32"], "batch_size": batch_size, "max_response_length": max_response_length,
+           "n_trials": n_trials, "n_startup_trials": n_startup_trials, "seed": seed, "export_strategy": "merge",
+           "response_prefix": "", "system_prompt": SYSTEM_PROMPT}
+    lines = [f"{k} = {_toml(v)}" for k, v in top.items()]
+    for role in ROLES:
+        lines += ["", f"[{role}]", f"dataset = {_toml(str(datasets[role]))}", f"split = {_toml(f'train[:{counts[role]}]')}",
+                  'column = "text"']
+    return "\n".join(lines) + "\n"
+
+
+def _clean(line: str) -> str:
+    return ANSI.sub("", line).rstrip("\r\n")
+
+
+def parse_search_log(lines: list[tuple[float, str]]) -> dict:
+    """heretic's search output, each line with the time it was read → trials (seconds, KL, refusals), the
+    baseline refusals, set-up seconds and its Pareto front (its own rule: by refusals then KL, KL falling)."""
+    trials: list[dict] = []
+    base = n_bad = None
+    t0 = lines[0][0] if lines else 0.0
+    end = lines[-1][0] if lines else 0.0
+    for t, raw in lines:
+        line = _clean(raw)
+        if m := re.search(r"Running trial (\d+) of (\d+)", line):
+            if trials and trials[-1].get("end") is None:
+                trials[-1]["end"] = t
+            trials.append({"index": int(m.group(1)), "start": t, "end": None})
+        elif m := re.search(r"Initial refusals: (\d+)/(\d+)", line):
+            base, n_bad = int(m.group(1)), int(m.group(2))
+        elif trials and (m := re.search(r"KL divergence: ([0-9.eE+-]+)", line)) and "[Trial" not in line:
+            trials[-1]["kl"] = float(m.group(1))
+        elif trials and (m := re.search(r"^\s*\* Refusals: (\d+)/(\d+)", line)):
+            trials[-1]["refusals"] = int(m.group(1))
+            n_bad = int(m.group(2))
+        elif "Optimization finished!" in line:
+            end = t
+            if trials and trials[-1].get("end") is None:
+                trials[-1]["end"] = t
+    if trials and trials[-1].get("end") is None:
+        trials[-1]["end"] = end
+    done = [tr for tr in trials if "kl" in tr and "refusals" in tr]
+    for tr in done:
+        tr["seconds"] = tr["end"] - tr["start"]
+    front = pareto([(tr["refusals"], tr["kl"]) for tr in done])
+    return {"trials": done, "base_refusals": base, "n_bad": n_bad,
+            "setup_s": (trials[0]["start"] - t0) if trials else None, "search_s": end - t0,
+            "median_trial_s": statistics.median(tr["seconds"] for tr in done) if done else None,
+            "front": [list(p) for p in front]}
+
+
+def parse_evaluation(lines: list[str]) -> dict:
+    """``heretic --model A --evaluate-model B`` output → refusals, prompts, KL and A's baseline refusals."""
+    out: dict = {}
+    for raw in lines:
+        line = _clean(raw)
+        if m := re.search(r"Initial refusals: (\d+)/(\d+)", line):
+            out["base_refusals"] = int(m.group(1))
+        elif m := re.search(r"^\s*\* KL divergence: ([0-9.eE+-]+)", line):
+            out["kl"] = float(m.group(1))
+        elif m := re.search(r"^\s*\* Refusals: (\d+)/(\d+)", line):
+            out["refusals"], out["n"] = int(m.group(1)), int(m.group(2))
+    if "kl" not in out or "refusals" not in out:
+        raise ValueError("heretic's evaluation printed no 'KL divergence' / 'Refusals' line")
+    return out
+
+
+def pareto(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """heretic's front rule: sort by (refusals, KL) and keep each point whose KL is below all before it."""
+    front, best = [], float("inf")
+    for r, d in sorted(points):
+        if d < best:
+            front.append((r, d))
+            best = d
+    return front
+
+
+def dominance(ours: list[tuple[int, float]], theirs: list[tuple[int, float]]) -> dict:
+    """Does our front dominate theirs: for every heretic point (r, d) one of ours with <= r and <= d, strictly
+    better in at least one? Returns the verdict and, per heretic point, the first of ours that does it."""
+    cover = []
+    for r, d in theirs:
+        hit = next((list(o) for o in sorted(ours) if o[0] <= r and o[1] <= d and (o[0] < r or o[1] < d)), None)
+        cover.append({"heretic": [r, d], "ours": hit})
+    return {"dominates": bool(theirs) and all(c["ours"] is not None for c in cover), "cover": cover}
+
+
+# --- the runs ---------------------------------------------------------------------------------------------
+def run_logged(cmd: list[str], cwd: Path, log: Path, env: dict | None = None) -> tuple[int, list[tuple[float, str]]]:
+    """Run ``cmd`` with stdin a closed pipe, echo and keep every output line with the time it arrived."""
+    lines: list[tuple[float, str]] = []
+    with open(log, "w", encoding="utf-8") as fh:
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()  # heretic's menus read stdin: EOF at the final menu ends it after the study is saved
+        for line in proc.stdout:
+            t = time.monotonic()
+            lines.append((t, line))
+            fh.write(f"{t:.3f} {line}")
+            sys.stdout.write(line)
+        return proc.wait(), lines
+
+
+def install_heretic(venv: Path) -> Path:
+    """heretic in its own venv (torch==2.13.0 first, then heretic with torch pinned) → its console script."""
+    exe = venv / "bin" / "heretic"
+    if exe.exists():
+        return exe
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, TORCH], check=True)
+    subprocess.run([*pip, HERETIC, TORCH], check=True)
+    return exe
+
+
+def heretic_env() -> dict:
+    return {"COLAB_GPU": "1", "PYTHONUNBUFFERED": "1", "TERM": "dumb", "NO_COLOR": "1"}
+
+
+def our_side(args, work: Path, model_dir: Path) -> dict:
+    """Extract + select on the same prompts (Python API), then `refusal-atlas search`, then export the front."""
+    from refusal_atlas.config import load_config
+    from refusal_atlas.workflows.run import dim_step, extract_step, select_step
+    from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
+
+    run = work / "ours" / "run"
+    cfg = load_config(None, dict(model=str(model_dir), n_train=args.n_dir, n_val=args.n_eval, filter_train=False,
+                                 harmful_val="jailbreakbench", harmless_val="harmless_val", system_prompt=SYSTEM_PROMPT,
+                                 max_new_tokens=args.tokens, seed=0))
+    t0 = time.monotonic()
+    ws = open_workspace(cfg, run, must_exist=run.exists())
+    sets = load_prompt_sets(ws.cfg)
+    select_step(ws, dim_step(ws, extract_step(ws, sets, resume=True, allow_low_refusal=True)), sets, resume=True)
+    prep_s = time.monotonic() - t0
+    prompts = {role: [p.instruction for p in getattr(sets, ours)] for role, ours in ROLES.items()}
+    del ws
+    t1 = time.monotonic()
+    subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run), "--trials",
+                    str(args.our_trials)], check=True)
+    search_s = time.monotonic() - t1
+    summary = json.loads((run / "search_edits.json").read_text())
+    trials = [t for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED") and t.get("end")]
+    from datetime import datetime
+
+    secs = [(datetime.fromisoformat(t["end"]) - datetime.fromisoformat(t["start"])).total_seconds() for t in trials]
+    return {"prompts": prompts, "prep_s": prep_s, "search_s": search_s, "median_trial_s": statistics.median(secs),
+            "trial_s": secs, "pareto": [{"edit": p["edit_name"], "refusal": p["refusal"], "kl": p["kl"]}
+                                        for p in summary["pareto"]], "run": str(run)}
+
+
+def score_ours(args, work: Path, model_dir: Path, exe: Path, ours: dict) -> list[dict]:
+    """Export our Pareto edits (spread over KL, at most --max-exports) and score each with heretic's evaluator."""
+    front = sorted(ours["pareto"], key=lambda p: p["kl"])
+    if len(front) > args.max_exports:
+        step = (len(front) - 1) / (args.max_exports - 1)
+        front = [front[round(i * step)] for i in range(args.max_exports)]
+    scored = []
+    for p in front:
+        out = work / "ours" / "exports" / p["edit"]
+        if not out.exists():
+            subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "export", "-r", ours["run"], "--edit",
+                            p["edit"], "--out", str(out)], check=True)
+        rc, lines = run_logged([str(exe), "--model", str(model_dir), "--evaluate-model", str(out)], work / "heretic",
+                               work / f"evaluate_{p['edit']}.log", heretic_env())
+        scored.append({**p, **parse_evaluation([line for _, line in lines]), "rc": rc})
+        (work / "ours_scored.json").write_text(json.dumps(scored, indent=1))
+    return scored
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="bench_out/vs_heretic")
+    ap.add_argument("--model", default=None, help="local model folder (default: the embedded model's)")
+    ap.add_argument("--heretic-trials", type=int, default=24)
+    ap.add_argument("--heretic-startup", type=int, default=8)
+    ap.add_argument("--our-trials", type=int, default=30)
+    ap.add_argument("--n-dir", type=int, default=256, help="direction prompts per side")
+    ap.add_argument("--n-eval", type=int, default=100, help="refusal (JailbreakBench) and KL (harmless_val) prompts")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=64, help="heretic's batch size")
+    ap.add_argument("--max-exports", type=int, default=12)
+    ap.add_argument("--skip-heretic-search", action="store_true", help="reuse WORK/heretic_search.json")
+    ap.add_argument("--skip-ours", action="store_true", help="reuse WORK/ours.json")
+    ap.add_argument("--install-only", action="store_true")
+    args = ap.parse_args()
+    if args.max_exports < 2:
+        ap.error("--max-exports must be >= 2")
+    work = Path(args.work).resolve()
+    checkpoints = work / "heretic" / "checkpoints"
+    if not args.skip_heretic_search and not args.install_only and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        sys.exit(f"error: {checkpoints} holds an earlier heretic study (heretic would ask whether to reuse it); "
+                 "pass --skip-heretic-search to reuse its result, or remove that folder for a fresh search")
+    (work / "heretic").mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    exe = install_heretic(work / "venv")
+    print(f"heretic venv ready in {time.monotonic() - t0:.0f} s: {exe}")
+    if args.install_only:
+        return
+    if args.model:
+        model_dir = Path(args.model).resolve()
+    else:
+        from refusal_atlas.model.embedded import ensure_embedded_model
+
+        model_dir = ensure_embedded_model()
+
+    ours_path = work / "ours.json"
+    ours = json.loads(ours_path.read_text()) if args.skip_ours else our_side(args, work, model_dir)
+    ours_path.write_text(json.dumps(ours, indent=1))
+
+    search_path = work / "heretic_search.json"
+    if args.skip_heretic_search:
+        heretic = json.loads(search_path.read_text())
+    else:
+        counts = {"bad_prompts": args.n_dir, "good_prompts": args.n_dir, "bad_evaluation_prompts": args.n_eval,
+                  "good_evaluation_prompts": args.n_eval}
+        datasets = write_datasets(ours["prompts"], work / "datasets", str(work / "venv" / "bin" / "python"))
+        (work / "heretic" / "config.toml").write_text(heretic_config(
+            datasets, counts, n_trials=args.heretic_trials, n_startup_trials=args.heretic_startup, seed=42,
+            max_response_length=args.tokens, batch_size=args.batch_size))
+        rc, lines = run_logged([str(exe), "--model", str(model_dir)], work / "heretic", work / "heretic_search.log",
+                               heretic_env())
+        heretic = {**parse_search_log(lines), "rc": rc}
+        if not heretic["trials"]:
+            sys.exit(f"error: heretic's search finished no trial (exit {rc}); see {work / 'heretic_search.log'}")
+        search_path.write_text(json.dumps(heretic, indent=1))
+
+    scored = score_ours(args, work, model_dir, exe, ours)
+    our_front = pareto([(s["refusals"], s["kl"]) for s in scored])
+    theirs = [tuple(p) for p in heretic["front"]]
+    verdict = dominance(our_front, theirs)
+    ratio = heretic["median_trial_s"] / ours["median_trial_s"]
+    our_wall = ours["prep_s"] + ours["search_s"]
+    result = {"heretic": heretic, "ours": {k: v for k, v in ours.items() if k != "prompts"}, "ours_scored": scored,
+              "our_front": [list(p) for p in our_front], "dominance": verdict, "trial_ratio": ratio,
+              "wall_ratio": heretic["search_s"] / our_wall}
+    (work / "vs_heretic.json").write_text(json.dumps(result, indent=1))
+    n = heretic.get("n_bad") or args.n_eval
+    fmt = lambda pts: ", ".join(f"{r}@{d:.4f}" for r, d in pts)  # noqa: E731
+    print(f"\nseconds per trial (median): heretic {heretic['median_trial_s']:.1f}, ours {ours['median_trial_s']:.1f} "
+          f"→ ours {ratio:.1f}x cheaper")
+    print(f"heretic front (refusals/{n} @ KL): {fmt(theirs)}")
+    print(f"our front, scored by heretic     : {fmt(our_front)}")
+    print(f"ours dominates heretic's front: {'YES' if verdict['dominates'] else 'NO'}")
+    for c in verdict["cover"]:
+        print(f"  heretic {c['heretic'][0]}@{c['heretic'][1]:.4f} ← ours {c['ours'] or 'none'}")
+    print(f"wall time: heretic {heretic['search_s']:.0f} s (set-up + search), ours {our_wall:.0f} s (extract + select "
+          f"{ours['prep_s']:.0f} s, search {ours['search_s']:.0f} s) → ratio {result['wall_ratio']:.2f} (goal >= 3)")
+    print(f"saved {work / 'vs_heretic.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The edit search's trial score, made cheaper without changing it: one prefix pass, two stages.
+
+:class:`StagedObjective` computes exactly :class:`~refusal_atlas.evaluation.objective.ValidationObjective`'s
+two numbers (mean logit refusal score on harmful validation prompts, mean next-token KL on harmless
+ones; equal up to float rounding, tested), with two savings:
+
+* **One shared prefix per trial.** The harmful and harmless prompts are tokenized once, together,
+  so they share one chat-template prefix (prefix_cache). An edit touches every position, so the
+  prefix keys/values are recomputed under each trial's edit — but once per trial for both sets
+  and both stages, not once per prompt (nor once per set, as two separate passes would).
+* **Two stages.** The first ``fraction`` of each prompt set is scored first. If those partial values
+  are clearly dominated by a trial of the current Pareto front on the *same* prompts (:class:`PruneRule`),
+  the trial stops there: the search records it PRUNED with its partial values (user attribute
+  ``partial``), TPE counts it among the bad trials, and it never enters the front (Optuna's front
+  holds only COMPLETE trials). Otherwise the rest of the prompts finish the trial.
+
+Every scored trial stores its partial values, so later trials can be compared on equal prompts.
+
+``score_tokens = m > 0`` (off by default) makes the refusal number the substring refusal rate of m greedy
+tokens per harmful prompt (decoded on the same prefix keys/values; a row stops once a refusal phrase
+appears) with ties broken by the logit score: rate + (0.5/n)·σ(mean log-odds), so the rate's 1/n steps
+always win. It costs m decoding steps per harmful prompt (bench/search_fidelity.py measures the
+trade-off); the KL number is unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from refusal_atlas.errors import ConfigError
+from refusal_atlas.evaluation.damage import next_token_kl
+from refusal_atlas.evaluation.objective import ValidationObjective
+from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
+from refusal_atlas.interventions import Intervention
+from refusal_atlas.prefix_cache import PrefixPlan, budget_batches, supports_prefix_reuse
+
+
+@dataclass(frozen=True)
+class PruneRule:
+    """When a trial's first-stage values count as clearly dominated (both objectives minimised).
+
+    A trial with partial values (r, k) on the first ``fraction`` of the prompts is pruned iff some
+    trial F of the current Pareto front (full values), scored on the same first prompts as (r_F, k_F),
+    is better on both by a margin: r_F + ``refusal_margin`` <= r and k_F × ``kl_ratio`` + ``kl_margin`` <= k.
+    The margins stand for what the remaining prompts could still change.
+    """
+
+    fraction: float = 0.25
+    refusal_margin: float = 0.5  # logit refusal score units (log-odds)
+    kl_ratio: float = 1.5
+    kl_margin: float = 0.002
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction < 1:
+            raise ConfigError(f"the pruning fraction must be in (0, 1), got {self.fraction}")
+        if self.refusal_margin < 0 or self.kl_ratio < 1 or self.kl_margin < 0:
+            raise ConfigError("pruning margins must be >= 0 and kl_ratio >= 1")
+
+    def dominating(self, partial: tuple[float, float], front: Sequence[tuple[int, tuple[float, float]]]) -> int | None:
+        """The number of the first front trial whose partial values clearly dominate ``partial``, else None."""
+        r, k = partial
+        for number, (fr, fk) in front:
+            if fr + self.refusal_margin <= r and fk * self.kl_ratio + self.kl_margin <= k:
+                return number
+        return None
+
+    def describe(self) -> str:
+        return (f"pruned after {self.fraction:.0%} of the prompts iff a Pareto trial scored on the same prompts "
+                f"has refusal <= this - {self.refusal_margin} and KL * {self.kl_ratio} + {self.kl_margin} <= this")
+
+
+@dataclass
+class TrialScore:
+    partial: tuple[float, float]  # (refusal, KL) on the first-stage prompts
+    n_partial: tuple[int, int]  # (harmful, harmless) prompts in the first stage
+    values: tuple[float, float] | None  # on every prompt; None when pruned
+    pruned_by: int | None = None
+
+    def record(self) -> dict[str, Any]:
+        return {"refusal": self.partial[0], "kl": self.partial[1], "n_harmful": self.n_partial[0],
+                "n_harmless": self.n_partial[1]}
+
+
+def first_stage_sizes(n_harmful: int, n_harmless: int, fraction: float) -> tuple[int, int]:
+    """How many prompts of each set the first stage scores (at least 1, fewer than all when possible)."""
+    def size(n: int) -> int:
+        return min(max(1, math.ceil(fraction * n)), max(1, n - 1))
+    return size(n_harmful), size(n_harmless)
+
+
+class StagedObjective(ValidationObjective):
+    """ValidationObjective with a shared prefix per trial and a two-stage :meth:`score` (see module docstring)."""
+
+    def __init__(self, adapter, chat, harmful: Sequence[str], harmless: Sequence[str], refusal_ids: Sequence[int],
+                 *, batch_size: int = 16, fraction: float = PruneRule.fraction, score_tokens: int = 0):
+        super().__init__(adapter, chat, harmful, harmless, refusal_ids, batch_size=batch_size, mode="subspace")
+        if score_tokens < 0:
+            raise ConfigError(f"score_tokens must be >= 0, got {score_tokens}")
+        self.score_tokens = score_tokens
+        self.n1 = first_stage_sizes(len(self.harmful), len(self.harmless), fraction)
+        nh = len(self.harmful)
+        self.rows = self.harmful + self.harmless  # harmful rows 0..nh-1, harmless rows nh..
+        first = [*range(self.n1[0]), *range(nh, nh + self.n1[1])]
+        rest = [*range(self.n1[0], nh), *range(nh + self.n1[1], len(self.rows))]
+        self.stages = [first, rest]
+        self.plan = PrefixPlan(adapter, chat, self.rows, batch_size) if supports_prefix_reuse(adapter) else None
+        self.prefix_passes = 0  # how many prefix K/V computations ran (tests check: one per trial)
+
+    def _harmless_base(self) -> torch.Tensor:
+        if self._base_lp is None:
+            nh = len(self.harmful)
+            self._base_lp = self._logprobs(list(range(nh, len(self.rows))), self._prefix_kv())
+        return self._base_lp
+
+    def _logprobs(self, rows: list[int], kv) -> torch.Tensor:
+        """Next-token log-probs of ``rows`` (in that order) under whatever edit is active now."""
+        if self.plan is None:
+            return next_token_logprobs(self.adapter, self.chat, [self.rows[i] for i in rows], self.batch_size,
+                                       reuse_prefix=False)
+        out = torch.empty(0)
+        for batch in budget_batches([len(self.plan.suffixes[i]) for i in rows], self.batch_size):
+            inputs = self.plan.inputs([rows[j] for j in batch], kv)
+            inputs["use_cache"] = kv is not None
+            with torch.inference_mode():
+                logits = self.adapter.model(**inputs, logits_to_keep=1).logits[:, -1]
+            logp = torch.log_softmax(logits.to(torch.float64), dim=-1).to(torch.float32).cpu()
+            if not out.numel():
+                out = torch.empty(len(rows), logp.shape[-1], dtype=torch.float32)
+            out[batch] = logp
+        return out
+
+    def fingerprint(self) -> str:
+        base = super().fingerprint()
+        return base if not self.score_tokens else f"{base}+tokens{self.score_tokens}"
+
+    def _verdicts(self, rows: list[int], kv) -> tuple[torch.Tensor, list[bool]]:
+        """Harmful ``rows`` decoded for ``score_tokens`` greedy tokens: (next-token log-probs, refusal verdicts)."""
+        from refusal_atlas.evaluation.completions import refusal_decided
+        from refusal_atlas.evaluation.refusal import is_refusal
+        from refusal_atlas.generation import greedy_generate, greedy_on_plan
+
+        tok = self.chat.tokenizer
+        if self.plan is None:
+            gens = greedy_generate(self.adapter, self.chat, [self.rows[i] for i in rows], self.score_tokens,
+                                   self.batch_size, fast=False)
+            lp = self._logprobs(rows, None)
+        else:
+            gens, lp = [None] * len(rows), torch.empty(0)
+            for batch in budget_batches([len(self.plan.suffixes[i]) for i in rows], self.batch_size):
+                out = greedy_on_plan(self.adapter, self.plan, kv, [rows[j] for j in batch], self.score_tokens,
+                                     stop_when=refusal_decided(tok), keep_first_logprobs=True)
+                if not lp.numel():
+                    lp = torch.empty(len(rows), out[0].first_logprobs.shape[-1], dtype=torch.float32)
+                for j, g in zip(batch, out):
+                    gens[j] = g
+                    lp[j] = g.first_logprobs
+        return lp, [is_refusal(tok.decode(g.token_ids, skip_special_tokens=True)) for g in gens]
+
+    def _refusal_value(self, scores: list[float], verdicts: list[bool]) -> float:
+        mean = sum(scores) / len(scores)
+        if not self.score_tokens:
+            return mean
+        return sum(verdicts) / len(verdicts) + 0.5 / len(verdicts) / (1 + math.exp(-mean))
+
+    def _prefix_kv(self):
+        if self.plan is None:
+            return None
+        self.prefix_passes += 1
+        return self.plan.prefix_kv()
+
+    def _stage_values(self, rows: list[int], kv) -> tuple[list[float], list[bool], list[float]]:
+        """(refusal log-odds and verdicts of the harmful rows, KL of the harmless rows) under the active edit."""
+        nh, base = len(self.harmful), self._harmless_base()
+        harm = [i for i in rows if i < nh]
+        safe = [i for i in rows if i >= nh]
+        refusal, verdicts, kl = [], [], []
+        if harm:
+            if self.score_tokens:
+                lp, verdicts = self._verdicts(harm, kv)
+            else:
+                lp = self._logprobs(harm, kv)
+            refusal = refusal_score(lp, self.refusal_ids).tolist()
+        if safe:
+            kl = next_token_kl(base[[i - nh for i in safe]], self._logprobs(safe, kv)).tolist()
+        return refusal, verdicts, kl
+
+    def score(self, edit, prune: Callable[[tuple[float, float]], int | None] | None = None) -> TrialScore:
+        """Both stages under ``edit`` (an Edit, DirectionSet or Intervention), stopping after the first if
+        ``prune(partial)`` names a dominating trial."""
+        spec = edit if hasattr(edit, "apply") else Intervention("ablate", edit, mode="subspace")
+        self._harmless_base()  # clean pass first, outside the edit
+        refusal: list[float] = []
+        verdicts: list[bool] = []
+        kl: list[float] = []
+        with spec.apply(self.adapter):
+            kv = self._prefix_kv()
+            for stage, rows in enumerate(self.stages):
+                if not rows:
+                    continue
+                r, v, k = self._stage_values(rows, kv)
+                refusal, verdicts, kl = refusal + r, verdicts + v, kl + k
+                if stage == 0:
+                    partial = (self._refusal_value(refusal, verdicts), sum(kl) / len(kl))
+                    by = prune(partial) if prune is not None else None
+                    if by is not None:
+                        return TrialScore(partial, self.n1, None, by)
+        return TrialScore(partial, self.n1, (self._refusal_value(refusal, verdicts), sum(kl) / len(kl)))
+
+    def __call__(self, directions) -> tuple[float, float]:
+        values = self.score(directions).values
+        assert values is not None
+        return values
+
+
+def evaluate_staged(study, trial, objective: StagedObjective, edit, rule: PruneRule | None) -> tuple[float, float]:
+    """Score ``edit`` for ``trial``; record its first-stage values; raise TrialPruned if ``rule`` prunes it."""
+    import optuna
+
+    front = front_partials(study) if rule is not None else []
+    result = objective.score(edit, (lambda partial: rule.dominating(partial, front)) if rule is not None else None)
+    trial.set_user_attr("partial", result.record())
+    if result.values is None:
+        trial.set_user_attr("pruned_by", result.pruned_by)
+        raise optuna.TrialPruned(f"first-stage values {result.partial} dominated by trial #{result.pruned_by}")
+    return result.values
+
+
+def front_partials(study) -> list[tuple[int, tuple[float, float]]]:
+    """(trial number, first-stage values) of the current Pareto front's trials that recorded them."""
+    from refusal_atlas.search import completed
+
+    by_key = {t.user_attrs.get("key"): t.user_attrs["partial"] for t in completed(study) if "partial" in t.user_attrs}
+    out = []
+    for t in (study.best_trials if completed(study) else []):
+        p = t.user_attrs.get("partial") or by_key.get(t.user_attrs.get("key"))
+        if p is not None:
+            out.append((t.number, (p["refusal"], p["kl"])))
+    return sorted(out)
+
+
+def prune_identity(rule: PruneRule | None) -> dict[str, Any]:
+    return {"prune": asdict(rule) if rule is not None else None}

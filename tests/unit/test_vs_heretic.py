@@ -1,0 +1,94 @@
+"""bench/vs_heretic.py's pure parts on synthetic inputs: dataset folders, config.toml, log parsing, fronts
+and the domination check (the bench itself runs heretic and takes > 1 h: `make bench`, never `make test`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "bench" / "vs_heretic.py"
+_spec = importlib.util.spec_from_file_location("vs_heretic", _PATH)
+vs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(vs)
+
+
+def test_datasets_are_save_to_disk_folders_that_keep_newlines(tmp_path):
+    from datasets import load_from_disk
+
+    prompts = {"bad_prompts": ["how to\nmake a bomb", "b"], "good_prompts": ["write a poem"],
+               "bad_evaluation_prompts": ["x"], "good_evaluation_prompts": ["y", "z", "w"]}
+    paths = vs.write_datasets(prompts, tmp_path / "ds", sys.executable)
+    assert set(paths) == set(prompts)
+    for role, texts in prompts.items():
+        assert load_from_disk(str(paths[role]))["text"] == texts
+    with pytest.raises(ValueError, match="no prompts"):
+        vs.write_datasets({**prompts, "good_prompts": []}, tmp_path / "ds2", sys.executable)
+
+
+def test_config_toml_has_the_measured_settings_and_one_table_per_role(tmp_path):
+    paths = {role: tmp_path / f'we"ird {role}' for role in vs.ROLES}
+    counts = {"bad_prompts": 256, "good_prompts": 256, "bad_evaluation_prompts": 100, "good_evaluation_prompts": 100}
+    text = vs.heretic_config(paths, counts, n_trials=24, n_startup_trials=8, seed=42, max_response_length=32,
+                             batch_size=64)
+    cfg = tomllib.loads(text)
+    assert cfg["dtypes"] == ["float32"] and cfg["batch_size"] == 64 and cfg["max_response_length"] == 32
+    assert cfg["n_trials"] == 24 and cfg["n_startup_trials"] == 8 and cfg["seed"] == 42
+    assert cfg["response_prefix"] == "" and cfg["export_strategy"] == "merge"
+    assert cfg["system_prompt"] == vs.SYSTEM_PROMPT
+    for role in vs.ROLES:
+        assert cfg[role] == {"dataset": str(paths[role]), "split": f"train[:{counts[role]}]", "column": "text"}
+
+
+def _trial_block(i, n, kl, refusals):
+    return [f"Running trial {i} of {n}...", "* Parameters:", "  * direction_index = 15.2", "* Abliterating...",
+            "* Evaluating...", "  * Obtaining first-token probability distributions...",
+            f"  * KL divergence: {kl:.4f}", "  * Counting model refusals...", f"  * Refusals: {refusals}/100", "",
+            "Elapsed time: 2m 20s", "Resident system RAM: 6.10 GB"]
+
+
+def test_search_log_parsing_times_each_trial_and_finds_its_front():
+    text = ["Loading model x...", "* Counting model refusals...", "\x1b[1m* Initial refusals: 45/100\x1b[0m"]
+    times = [0.0, 10.0, 484.0]
+    trials = [(0.0989, 17), (0.0715, 21), (0.12, 30), (0.0510, 22), (0.0510, 25), (0.2, 17)]
+    t = 500.0
+    for i, (kl, r) in enumerate(trials, 1):
+        block = _trial_block(i, len(trials), kl, r)
+        text += block
+        times += [t + j for j in range(len(block))]
+        t += 140.0 + i
+    text += ["", "Optimization finished!", "[Trial   1] Refusals: 17/100, KL divergence: 0.0989"]
+    times += [t, t, t + 1]
+    out = vs.parse_search_log(list(zip(times, text)))
+    assert out["base_refusals"] == 45 and out["n_bad"] == 100 and out["setup_s"] == 500.0
+    assert [tr["refusals"] for tr in out["trials"]] == [17, 21, 30, 22, 25, 17]
+    assert [tr["kl"] for tr in out["trials"]] == [0.0989, 0.0715, 0.12, 0.051, 0.051, 0.2]
+    assert [tr["seconds"] for tr in out["trials"]] == [141.0, 142.0, 143.0, 144.0, 145.0, 146.0]
+    assert out["median_trial_s"] == 143.5 and out["search_s"] == t
+    assert out["front"] == [[17, 0.0989], [21, 0.0715], [22, 0.051]]
+    unfinished = vs.parse_search_log(list(zip(times[:20], text[:20])))  # killed in trial 2: trial 1 only
+    assert [tr["index"] for tr in unfinished["trials"]] == [1]
+
+
+def test_evaluation_parsing():
+    lines = ["* Initial refusals: 44/100", "Loading model ours...", "* Evaluating...",
+             "  * Obtaining first-token probability distributions...", "  * KL divergence: 0.0627",
+             "  * Counting model refusals...", "  * Refusals: 11/100"]
+    assert vs.parse_evaluation(lines) == {"base_refusals": 44, "kl": 0.0627, "refusals": 11, "n": 100}
+    with pytest.raises(ValueError, match="no 'KL divergence'"):
+        vs.parse_evaluation(lines[:2])
+
+
+def test_front_and_domination():
+    assert vs.pareto([(20, 0.1), (17, 0.2), (17, 0.15), (25, 0.1), (30, 0.01)]) == [(17, 0.15), (20, 0.1), (30, 0.01)]
+    theirs = [(17, 0.0989), (22, 0.0510), (43, 0.0042)]
+    ours = [(11, 0.0627), (15, 0.02), (40, 0.004)]
+    verdict = vs.dominance(ours, theirs)
+    assert verdict["dominates"] and [c["ours"] for c in verdict["cover"]] == [[11, 0.0627], [15, 0.02], [40, 0.004]]
+    assert not vs.dominance(ours[:2], theirs)["dominates"]  # nothing at the low-KL end
+    assert vs.dominance([(22, 0.051)], [(22, 0.051)])["dominates"] is False  # equal is not strictly better
+    assert vs.dominance([(22, 0.05)], [(22, 0.051)])["dominates"] is True
+    assert vs.dominance(ours, [])["dominates"] is False
