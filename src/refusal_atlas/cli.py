@@ -14,6 +14,7 @@ import typer
 
 from refusal_atlas.cli_chat import register as register_chat_commands
 from refusal_atlas.cli_compare import register as register_compare_command
+from refusal_atlas.cli_reproduce import register as register_reproduce_command
 from refusal_atlas.cli_concept import register as register_concept_commands
 from refusal_atlas.cli_config import register as register_config_commands
 from refusal_atlas.cli_config import setting_help as _setting
@@ -325,6 +326,7 @@ register_concept_commands(app)
 register_som_commands(app, directions_app)
 register_gradient_commands(directions_app)
 register_compare_command(app)
+register_reproduce_command(app)
 register_export_commands(app)
 
 
