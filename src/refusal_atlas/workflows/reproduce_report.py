@@ -55,7 +55,8 @@ def to_markdown(budget: ReproduceBudget, rows: dict[str, dict], plots: dict[str,
     for rid in sorted(rows):
         r = rows[rid]
         v = r["verdict"]
-        cells = [f"({rid}) {TITLES[rid]}", r["claim"], r["measured"], r["prompts"], str(r["n"]),
+        n = ", ".join(f"{k} {v}" for k, v in r["n"].items()) if isinstance(r["n"], dict) else str(r["n"])
+        cells = [f"({rid}) {TITLES[rid]}", r["claim"], r["measured"], r["prompts"], n,
                  numbers_text(r["numbers"]), f"**{v['verdict']}** — {v['detail']}", v["rule"]]
         lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
     missing = [r for r in TITLES if r not in rows]
