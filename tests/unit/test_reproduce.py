@@ -10,7 +10,7 @@ from refusal_atlas.workflows.reproduce_budget import ReproduceBudget
 TINY = dict(name="tiny", harmful_train="harmful_train", harmless_train="harmless_train", n_harmful_train=16,
             n_harmless_train=12, filter_train=False, harmful_val="harmful_val", n_val=4, n_eval=4, n_logit=4,
             n_xstest=3, max_new_tokens=2, batch_size=8, layer=2, som_grid=(3, 3), som_iterations=300, k_max=3,
-            subset_trials=2, grad_n_train=4, grad_n_val=2, target_tokens=2, rdo_steps=2, cone_k_max=2, cone_steps=2,
+            subset_trials=2, grad_n_train=4, grad_batch=2, grad_n_val=2, target_tokens=2, rdo_steps=2, cone_k_max=2, cone_steps=2,
             cone_samples=2, n_random=2, repind_steps=2, edit_trials=2)
 
 

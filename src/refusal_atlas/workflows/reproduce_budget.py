@@ -22,16 +22,16 @@ class ReproduceBudget:
     harmful_train: str = "salad_harmful_train"
     harmless_train: str = "salad_harmless_train"
     n_harmful_train: int = 1184
-    n_harmless_train: int = 256
+    n_harmless_train: int = 128
     filter_train: bool = True
     harmful_val: str = "salad_harmful_val"
     harmless_val: str = "harmless_val"
-    n_val: int = 24
+    n_val: int = 16
     eval_harmful: str = "jailbreakbench"
     eval_harmless: str = "harmless_test"
     n_eval: int = 50  # held-out prompts of every generation comparison
-    n_logit: int = 50  # held-out prompts of the one-pass curves (refusal score, geometry)
-    n_xstest: int = 50
+    n_logit: int = 32  # held-out prompts of the one-pass curves (refusal score, geometry)
+    n_xstest: int = 32
     max_new_tokens: int = 24
     batch_size: int = 32
     layer: int | None = None  # None: DIM selection on the validation prompts
@@ -39,19 +39,22 @@ class ReproduceBudget:
     som_grid: tuple[int, int] = (4, 4)
     som_iterations: int = 10_000
     k_max: int = 7
-    subset_trials: int = 6  # search trials per k and ablation mode (validation only)
+    subset_trials: int = 4  # search trials per k and ablation mode (validation only)
     # gradient methods (c), (d), (e)
-    grad_n_train: int = 32
-    grad_n_val: int = 12
-    target_tokens: int = 16
-    rdo_steps: int = 16
+    # on the embedded model a step of 8 prompts × 30 target tokens costs ~26 s on 2 cores
+    # (docs/measurements/gradient_embedded.json), so quick trains briefly on small batches
+    grad_n_train: int = 16
+    grad_n_val: int = 8
+    target_tokens: int = 12
+    grad_batch: int = 4
+    rdo_steps: int = 8
     cone_k_max: int = 3
-    cone_steps: int = 8
-    cone_samples: int = 8
-    n_random: int = 8
-    repind_steps: int = 8
+    cone_steps: int = 4
+    cone_samples: int = 6
+    n_random: int = 6
+    repind_steps: int = 4
     # (g): the edit search
-    edit_trials: int = 16
+    edit_trials: int = 12
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,7 +62,7 @@ class ReproduceBudget:
             if getattr(self, name) < 2:
                 raise ConfigError(f"reproduce budget: {name} must be >= 2")
         for name in ("n_val", "n_eval", "n_logit", "n_xstest", "max_new_tokens", "batch_size", "som_iterations",
-                     "subset_trials", "grad_n_train", "grad_n_val", "target_tokens", "rdo_steps", "cone_steps",
+                     "subset_trials", "grad_n_train", "grad_batch", "grad_n_val", "target_tokens", "rdo_steps", "cone_steps",
                      "cone_samples", "n_random", "repind_steps", "edit_trials"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"reproduce budget: {name} must be >= 1")
@@ -88,9 +91,9 @@ class ReproduceBudget:
 QUICK = ReproduceBudget()
 # The papers' scale (SOM: ~4k harmful points, 10k updates; RDO/cones: hundreds of steps); a GPU job.
 FULL = replace(QUICK, name="full", n_harmless_train=1184, n_val=128, n_eval=100, n_logit=100, n_xstest=250,
-               max_new_tokens=256, batch_size=16, subset_trials=40, grad_n_train=256, grad_n_val=64, target_tokens=30,
-               rdo_steps=400, cone_k_max=5, cone_steps=200, cone_samples=32, n_random=32, repind_steps=200,
-               edit_trials=200)
+               max_new_tokens=256, batch_size=16, subset_trials=40, grad_n_train=256, grad_n_val=64,
+               target_tokens=30, grad_batch=8, rdo_steps=400, cone_k_max=5, cone_steps=200, cone_samples=32,
+               n_random=32, repind_steps=200, edit_trials=200)
 BUDGETS = {"quick": QUICK, "full": FULL}
 
 

@@ -125,7 +125,8 @@ def row_b(ctx: ReproduceContext, done: dict) -> dict[str, Any]:
 
 # --- (c) ----------------------------------------------------------------------------------------------
 def train_cfg(ctx: ReproduceContext, steps: int) -> TrainConfig:
-    return TrainConfig(steps=steps, seed=ctx.budget.seed, eval_every=max(1, min(4, steps // 2)))
+    return TrainConfig(steps=steps, seed=ctx.budget.seed, batch_size=ctx.budget.grad_batch,
+                       micro_batch=min(4, ctx.budget.grad_batch), eval_every=max(1, min(4, steps // 2)))
 
 
 def gradient_kw(ctx: ReproduceContext) -> dict[str, int]:
