@@ -189,5 +189,5 @@ def run_reproduce(run_dir: str | Path, budget: ReproduceBudget, model: str = "em
         say(f"row ({row_id}) {row['verdict']['verdict']} in {row['seconds']:.0f}s; "
             f"elapsed {time.perf_counter() - start:.0f}s")
         write_report(run_dir, budget, done)
-    ctx.ws.run.update_manifest(status="complete")
+    ctx.ws.run.update_manifest(status="complete" if set(done) == set(ROW_IDS) else "partial: rows " + "".join(sorted(done)))
     return write_report(run_dir, budget, done)
