@@ -109,3 +109,13 @@ def test_bad_input_cli(tmp_path):
 def test_budget_checks():
     with pytest.raises(RefusalAtlasError, match="k_max"):
         ReproduceBudget(k_max=8)
+
+
+def test_pick_k_uses_validation_numbers_only():
+    from refusal_atlas.workflows.reproduce_rows import pick_k
+
+    curve = [{"k": 1, "val_refusal": -1.0, "val_kl": 0.05, "heldout_score": {"mean": -9.0}},
+             {"k": 2, "val_refusal": -3.0, "val_kl": 0.08, "heldout_score": {"mean": 5.0}},
+             {"k": 3, "val_refusal": -8.0, "val_kl": 0.30, "heldout_score": {"mean": -20.0}}]
+    assert pick_k(curve, 0.1)["k"] == 2  # lowest validation refusal under the KL bound; held-out never looked at
+    assert pick_k(curve, 0.01)["k"] == 1  # nothing under the bound: the lowest validation KL
