@@ -22,7 +22,7 @@ from refusal_atlas.interventions import Intervention
 from refusal_atlas.search import SearchSettings, completed, open_study, run_trials, summarize
 from refusal_atlas.search_storage import study_guard
 from refusal_atlas.workflows.reproduce import ReproduceContext, say
-from refusal_atlas.workflows_som import record_references, som_step, validation_objective
+from refusal_atlas.workflows_som import som_step, validation_objective
 
 SOM_EQUALS_DIM_TOLERANCE = 1e-4  # float32 storage of the vectors; the algebra is exact
 
@@ -74,8 +74,7 @@ def subset_curve(ctx: ReproduceContext, som: DirectionSet, mode: str) -> list[di
         with study_guard(db):
             study = open_study(db, f"reproduce-som-{mode}-k{k}", settings.identity(som, objective.fingerprint()))
             n_new = max(0, b.subset_trials - len(completed(study)))
-            if n_new:
-                record_references(study, ws, objective)
+            if n_new:  # no per-study DIM reference: DIM is measured once, on held-out prompts, by the row
                 run_trials(study, som, objective, settings, n_new)
             summary = summarize(study, settings)
         chosen = summary["chosen"]
