@@ -26,7 +26,7 @@ class ReproduceBudget:
     filter_train: bool = True
     harmful_val: str = "salad_harmful_val"
     harmless_val: str = "harmless_val"
-    n_val: int = 16
+    n_val: int = 12
     eval_harmful: str = "jailbreakbench"
     eval_harmless: str = "harmless_test"
     n_eval: int = 50  # held-out prompts of every generation comparison
