@@ -1,6 +1,7 @@
 """The settings of `refusal-atlas reproduce`: how many prompts, tokens, steps and trials each row gets.
 
-``quick`` is sized for the embedded 0.5B model on 2 CPU cores (about 30 minutes): one-forward-pass
+``quick`` is sized for the embedded 0.5B model on 2 CPU cores (about 30 minutes, estimated from the
+measured costs of extraction, generation and training steps; not yet timed end to end): one-forward-pass
 logit refusal scores for every curve and sweep, greedy generation with the substring judge only for
 the headline held-out comparisons. ``full`` is the papers' scale, meant for a GPU and a 7B-class
 model (docs/reproduce.md). A run directory remembers its budget: rerunning with other numbers is an
