@@ -40,3 +40,24 @@ def test_separation_rule():
 def test_unordered_interval_is_rejected():
     with pytest.raises(ValueError):
         lower_is_better({"rate": 0.1, "ci95": [0.2, 0.1]}, rate_record(1, 10))
+
+
+def test_correlation_rule_every_outcome():
+    from refusal_atlas.evaluation.verdicts import positively_correlated
+
+    x = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    assert positively_correlated(x, [2 * v + 0.1 * (-1) ** i for i, v in enumerate(x)]).verdict == "supported"
+    assert positively_correlated(x, [-v for v in x]).verdict == "not supported"
+    assert positively_correlated(x, [1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.5, -0.5]).verdict == "inconclusive"
+    assert positively_correlated([0.0, 1.0, 2.0], [0.0, 1.0, 2.0]).verdict == "inconclusive"  # n < 4: no interval
+    assert positively_correlated(x, [1.0] * 8).verdict == "inconclusive"  # constant: r undefined
+
+
+def test_all_of_rule_every_outcome():
+    from refusal_atlas.evaluation.verdicts import ClaimVerdict, all_of
+
+    s, n, i = (ClaimVerdict(v, "r", v) for v in ("supported", "not supported", "inconclusive"))
+    assert all_of([s, s]).verdict == "supported"
+    assert all_of([s, n, i]).verdict == "not supported"
+    assert all_of([s, i]).verdict == "inconclusive"
+    assert all_of([]).verdict == "inconclusive"

@@ -11,7 +11,8 @@ import sys
 
 import typer
 
-from refusal_atlas.cli import chat, compare, concept, config, evaluate, export, gradient, prepare, run, search, som
+from refusal_atlas.cli import (chat, compare, concept, config, evaluate, export, gradient, prepare, reproduce, run, search,
+                              som)
 from refusal_atlas.errors import RefusalAtlasError
 
 # rich_markup_mode=None: help texts are plain text, so "[k, k_max]" and brackets stay as written
@@ -31,6 +32,7 @@ som.register(directions_app)
 search.register(app)
 gradient.register(directions_app)
 compare.register(app)
+reproduce.register(app)
 export.register(app)
 
 

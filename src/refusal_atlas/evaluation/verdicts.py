@@ -69,3 +69,55 @@ def separated(a: Sequence[float], b: Sequence[float], what: str = "refusal score
     if med_a >= med_b:
         return ClaimVerdict("not supported", SEPARATION_RULE, detail)
     return ClaimVerdict("inconclusive", SEPARATION_RULE, detail)
+
+
+CORRELATION_RULE = ("Pearson r with a Fisher-z 95% interval (needs n >= 4 points): interval above 0 → supported; "
+                    "below 0 → not supported; containing 0 (or n < 4) → inconclusive")
+ALL_OF_RULE = "every part supported → supported; any part not supported → not supported; otherwise inconclusive"
+
+
+def pearson_interval(x: Sequence[float], y: Sequence[float]) -> dict:
+    """Pearson r of paired values with a Fisher-z 95% interval (None when n < 4 or a series is constant)."""
+    import math
+
+    n = len(x)
+    if n != len(y):
+        raise ValueError("paired series of different lengths")
+    if n < 2:
+        return {"r": None, "ci95": None, "n": n}
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        return {"r": None, "ci95": None, "n": n}
+    r = sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(sxx * syy)
+    r = max(-1.0, min(1.0, r))
+    if n < 4:
+        return {"r": r, "ci95": None, "n": n}
+    z, half = math.atanh(max(-0.999999, min(0.999999, r))), 1.959964 / math.sqrt(n - 3)
+    return {"r": r, "ci95": [math.tanh(z - half), math.tanh(z + half)], "n": n}
+
+
+def positively_correlated(x: Sequence[float], y: Sequence[float], what: str = "r") -> ClaimVerdict:
+    """Claim: x and y rise together (e.g. centroid distance and refusal score as directions are ablated)."""
+    stats = pearson_interval(x, y)
+    if stats["r"] is None or stats["ci95"] is None:
+        r = "undefined" if stats["r"] is None else f"{stats['r']:.3f}"
+        return ClaimVerdict("inconclusive", CORRELATION_RULE, f"{what} {r} (n {stats['n']}, no interval)")
+    lo, hi = stats["ci95"]
+    detail = f"{what} {stats['r']:.3f} [{lo:.3f}, {hi:.3f}] (n {stats['n']})"
+    if lo > 0:
+        return ClaimVerdict("supported", CORRELATION_RULE, detail)
+    if hi < 0:
+        return ClaimVerdict("not supported", CORRELATION_RULE, detail)
+    return ClaimVerdict("inconclusive", CORRELATION_RULE, detail)
+
+
+def all_of(parts: Sequence[ClaimVerdict]) -> ClaimVerdict:
+    """A claim made of parts (e.g. 'at every cone dimension'): the weakest part decides."""
+    if not parts:
+        return ClaimVerdict("inconclusive", ALL_OF_RULE, "no parts")
+    labels = [p.verdict for p in parts]
+    verdict: Verdict = ("not supported" if "not supported" in labels else
+                        "supported" if all(v == "supported" for v in labels) else "inconclusive")
+    return ClaimVerdict(verdict, ALL_OF_RULE, "; ".join(p.detail for p in parts))

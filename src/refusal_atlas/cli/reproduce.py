@@ -1,0 +1,37 @@
+"""`refusal-atlas reproduce`: the seed papers' claims (a)–(g), measured and judged in one resumable job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def reproduce(
+    model: Annotated[str, typer.Option(help="model id or path (default: the embedded Qwen2.5-Coder-0.5B)")] = "embedded",
+    budget: Annotated[str, typer.Option(help="quick (CPU; sized for ~30 min on the embedded model, an estimate) or full (GPU, paper scale)")] = "quick",
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-r", help="default: runs/reproduce-<budget>")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, mps (None: best available)")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16")] = None,
+    allow_low_refusal: Annotated[bool, typer.Option(help="continue when the model refuses < 10% of harmful train "
+                                                         "prompts")] = False,
+) -> None:
+    """Rows (a)–(g) with n, 95% CIs and verdicts → R/reproduce.json, R/reproduce.md, R/plots; rerun to resume."""
+    from refusal_atlas.config import load_config
+    from refusal_atlas.validate import check_model_settings
+    from refusal_atlas.workflows.reproduce import check_reproduce_dir, run_reproduce
+    from refusal_atlas.workflows.reproduce_budget import budget_named
+
+    chosen = budget_named(budget)
+    run_dir = run_dir or Path("runs") / f"reproduce-{chosen.name}"
+    check_reproduce_dir(run_dir, chosen, model)
+    check_model_settings(load_config(None, chosen.run_settings(model, device, dtype)))  # before any model loads
+    data = run_reproduce(run_dir, chosen, model, device, dtype, allow_low_refusal)
+    for rid, row in data["rows"].items():
+        typer.echo(f"({rid}) {row['verdict']['verdict']:<14} {row['claim']}")
+    typer.echo(f"wrote {run_dir / 'reproduce.md'} and {run_dir / 'reproduce.json'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("reproduce")(reproduce)
