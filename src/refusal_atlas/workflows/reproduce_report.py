@@ -80,9 +80,13 @@ def make_plots(run_dir: Path, rows: dict[str, dict]) -> dict[str, str]:
         if rid not in rows:
             return
         try:
-            fig, ax = plt.subplots(figsize=(5.5, 3.6))
+            fig, ax = plt.subplots(figsize=(5.5, 3.8))
             draw(ax, rows[rid])
-            ax.legend(fontsize=7)
+            n = rows[rid]["n"]
+            n_text = ", ".join(f"{k} {v}" for k, v in n.items()) if isinstance(n, dict) else f"{n} prompts"
+            ax.set_title(f"({rid}) {TITLES[rid]}: held-out, n = {n_text}", fontsize=9)
+            handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]  # twin axes too
+            ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
             save_figure(fig, run_dir / "plots" / f"reproduce_{rid}.png")
             out[rid] = f"plots/reproduce_{rid}.png"
         except Exception:  # noqa: BLE001 - a broken plot must not lose the table
@@ -92,14 +96,14 @@ def make_plots(run_dir: Path, rows: dict[str, dict]) -> dict[str, str]:
         for mode, curve in r["curves"].items():
             ax.plot([c["k"] for c in curve], [c["heldout_score"]["mean"] for c in curve], "o-", label=f"SOM-k ({mode})")
         ax.axhline(r["numbers"]["dim_heldout_score"]["mean"], color="k", ls="--", label="DIM")
-        ax.set(xlabel="k (best validation subset)", ylabel="held-out refusal score")
+        ax.set(xlabel="k (best validation subset)", ylabel="held-out refusal score (log-odds)")
 
     def cones_d(ax, r):
         for p in r["per_k"]:
             ax.scatter([p["k"]] * len(p["sample_scores"]), p["sample_scores"], s=12, label=f"cone k={p['k']}")
         ax.scatter([0] * len(r["numbers"]["random_scores"]), r["numbers"]["random_scores"], marker="x", c="grey",
                    label="random (x = 0)")
-        ax.set(xlabel="cone dimension", ylabel="held-out refusal score")
+        ax.set(xlabel="cone dimension", ylabel="held-out refusal score (log-odds)")
 
     def layers_e(ax, r):
         for name in ("repind", "rdo_orth"):
@@ -112,7 +116,7 @@ def make_plots(run_dir: Path, rows: dict[str, dict]) -> dict[str, str]:
         ax.plot(js, [p["compactness"] for p in r["points"]], "s-", label="harmful compactness")
         ax2 = ax.twinx()
         ax2.plot(js, [p["refusal_score"]["mean"] for p in r["points"]], "k^--", label="refusal score")
-        ax2.set_ylabel("refusal score")
+        ax2.set_ylabel("refusal score (log-odds)")
         ax.set(xlabel="SOM directions ablated", ylabel="distance")
 
     for rid, draw in (("b", curve_b), ("d", cones_d), ("e", layers_e), ("f", geometry_f)):
