@@ -47,7 +47,8 @@ def intervention_fingerprint(intervention: Intervention) -> str:
     return h.hexdigest()[:16]
 
 
-def _read(path: Path | None) -> list[dict]:
+def read_completions(path: Path | None) -> list[dict]:
+    """The well-formed records of a completions JSONL file (a torn last line from a crash is skipped)."""
     if path is None or not path.is_file():
         return []
     out = []
@@ -97,7 +98,7 @@ def completions_for(
     Either way one batch at a time is generated and saved.
     """
     fp = intervention_fingerprint(intervention)
-    lines = _read(path)
+    lines = read_completions(path)
     have = {r["instruction"]: r for r in lines if _usable(r, max_new_tokens, fp, stop_when_decided)}
     missing = list(dict.fromkeys(p.instruction for p in prompts if p.instruction not in have))
     category = {p.instruction: p.category for p in prompts}

@@ -24,7 +24,7 @@ from refusal_atlas.data import Prompt, load_prompts
 from refusal_atlas.io import read_json, write_json
 from refusal_atlas.workflows.reproduce_budget import ReproduceBudget, check_same_budget
 from refusal_atlas.workflows.workspace import PromptSets
-from refusal_atlas.workflows.reproduce_context import ROW_IDS, SETTINGS_FILE, ReproduceContext, say  # noqa: F401
+from refusal_atlas.workflows.reproduce_context import ROW_IDS, SETTINGS_FILE, ReproduceContext, say
 
 
 def row_path(run_dir: Path, row_id: str) -> Path:
