@@ -10,14 +10,15 @@ greedy responses. Steps (each can be skipped; results are saved as JSON in --wor
 3. run heretic's search headless (COLAB_GPU=1 makes its menus read stdin; stdin is a pipe we close, so
    its final menu ends on EOF after the study is saved), timestamping every output line: seconds per
    trial = from its "Running trial N" line to the next one (or to the end);
-4. our side: extract + select (Python API) and ``refusal-atlas search`` on the same prompts, timed;
+4. our side: extract + select (Python API) and ``refusal-atlas search`` on the same prompts, timed, with
+   ``--budget`` = a third of heretic's wall time less our extract + select (or --our-trials N);
 5. export each of our Pareto edits and score it with ``heretic --model ORIGINAL --evaluate-model OURS``;
 6. print seconds per trial (median) for both and the ratio, both fronts (refusals/100 @ KL), whether ours
    dominates heretic's (every heretic point (r, d) has one of ours with <= r and <= d, strictly better in
    one), and the wall-time ratio.
 
 Takes > 1 h on 2 CPU cores (heretic alone: ~64 min for 24 trials). Parts:
-    .venv/bin/python bench/vs_heretic.py [--work bench_out/vs_heretic] [--heretic-trials 24] [--our-trials 30]
+    .venv/bin/python bench/vs_heretic.py [--work bench_out/vs_heretic] [--heretic-trials 24] [--our-trials N]
         [--skip-heretic-search] (reuse WORK/heretic_search.json) [--skip-ours] [--max-exports 12] [--install-only]
 """
 
@@ -196,35 +197,69 @@ def heretic_env() -> dict:
     return {"COLAB_GPU": "1", "PYTHONUNBUFFERED": "1", "TERM": "dumb", "NO_COLOR": "1"}
 
 
-def our_side(args, work: Path, model_dir: Path) -> dict:
-    """Extract + select on the same prompts (Python API), then `refusal-atlas search`, then export the front."""
+def our_config(args, model_dir: Path):
+    """Our run's config: the same model folder, prompt counts, system prompt and response length as heretic's."""
     from refusal_atlas.config import load_config
+
+    return load_config(None, dict(model=str(model_dir), n_train=args.n_dir, n_val=args.n_eval, filter_train=False,
+                                  harmful_val="jailbreakbench", harmless_val="harmless_val", system_prompt=SYSTEM_PROMPT,
+                                  max_new_tokens=args.tokens, seed=0))
+
+
+def our_prompts(args, model_dir: Path) -> dict[str, list[str]]:
+    """heretic's four prompt roles, taken from our run's prompt sets (no model is loaded)."""
+    from refusal_atlas.workflows.workspace import load_prompt_sets
+
+    sets = load_prompt_sets(our_config(args, model_dir))
+    return {role: [p.instruction for p in getattr(sets, ours)] for role, ours in ROLES.items()}
+
+
+def search_budget(args, heretic_wall_s: float | None, prep_s: float) -> str:
+    """`refusal-atlas search --budget`: --our-trials if given, else a third of heretic's wall time minus our
+    extract + select time and one trial's worth of margin (the loop starts no trial after its deadline, but
+    the last one runs to its end)."""
+    if args.our_trials:
+        return str(args.our_trials)
+    if heretic_wall_s is None:
+        raise SystemExit("error: without heretic's wall time (--skip-heretic-search needs WORK/heretic_search.json) "
+                         "pass --our-trials")
+    seconds = heretic_wall_s / 3 - prep_s - args.trial_margin_s
+    if seconds < 60:
+        raise SystemExit(f"error: a third of heretic's wall time ({heretic_wall_s / 3:.0f} s) leaves {seconds:.0f} s "
+                         f"after our extract + select ({prep_s:.0f} s); pass --our-trials")
+    return f"{int(seconds)}s"
+
+
+def our_side(args, work: Path, model_dir: Path, heretic_wall_s: float | None) -> dict:
+    """Extract + select on the same prompts (Python API), then `refusal-atlas search` within its budget."""
     from refusal_atlas.workflows.run import dim_step, extract_step, select_step
     from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
     run = work / "ours" / "run"
-    cfg = load_config(None, dict(model=str(model_dir), n_train=args.n_dir, n_val=args.n_eval, filter_train=False,
-                                 harmful_val="jailbreakbench", harmless_val="harmless_val", system_prompt=SYSTEM_PROMPT,
-                                 max_new_tokens=args.tokens, seed=0))
+    cfg = our_config(args, model_dir)
     t0 = time.monotonic()
     ws = open_workspace(cfg, run, must_exist=run.exists())
     sets = load_prompt_sets(ws.cfg)
     select_step(ws, dim_step(ws, extract_step(ws, sets, resume=True, allow_low_refusal=True)), sets, resume=True)
     prep_s = time.monotonic() - t0
-    prompts = {role: [p.instruction for p in getattr(sets, ours)] for role, ours in ROLES.items()}
     del ws
+    budget = search_budget(args, heretic_wall_s, prep_s)
+    print(f"our extract + select took {prep_s:.0f} s; searching with --budget {budget}", flush=True)
     t1 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run), "--trials",
-                    str(args.our_trials)], check=True)
+    subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run), "--budget", budget],
+                   check=True)
     search_s = time.monotonic() - t1
     summary = json.loads((run / "search_edits.json").read_text())
     trials = [t for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED") and t.get("end")]
     from datetime import datetime
 
     secs = [(datetime.fromisoformat(t["end"]) - datetime.fromisoformat(t["start"])).total_seconds() for t in trials]
-    return {"prompts": prompts, "prep_s": prep_s, "search_s": search_s, "median_trial_s": statistics.median(secs),
-            "trial_s": secs, "pareto": [{"edit": p["edit_name"], "refusal": p["refusal"], "kl": p["kl"]}
-                                        for p in summary["pareto"]], "run": str(run)}
+    complete = [s for s, t in zip(secs, trials) if t["state"] == "COMPLETE"]
+    return {"prep_s": prep_s, "search_s": search_s, "budget": budget, "median_trial_s": statistics.median(secs),
+            "median_complete_trial_s": statistics.median(complete) if complete else None,
+            "n_pruned": sum(t["state"] == "PRUNED" for t in trials), "trial_s": secs,
+            "pareto": [{"edit": p["edit_name"], "refusal": p["refusal"], "kl": p["kl"]} for p in summary["pareto"]],
+            "run": str(run)}
 
 
 def score_ours(args, work: Path, model_dir: Path, exe: Path, ours: dict) -> list[dict]:
@@ -252,7 +287,10 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="local model folder (default: the embedded model's)")
     ap.add_argument("--heretic-trials", type=int, default=24)
     ap.add_argument("--heretic-startup", type=int, default=8)
-    ap.add_argument("--our-trials", type=int, default=30)
+    ap.add_argument("--our-trials", type=int, default=None,
+                    help="our trials (default: search for a third of heretic's wall time, less our extract + select)")
+    ap.add_argument("--trial-margin-s", type=float, default=60.0,
+                    help="seconds kept back from our time budget for the last trial, which runs to its end")
     ap.add_argument("--n-dir", type=int, default=256, help="direction prompts per side")
     ap.add_argument("--n-eval", type=int, default=100, help="refusal (JailbreakBench) and KL (harmless_val) prompts")
     ap.add_argument("--tokens", type=int, default=32)
@@ -282,17 +320,13 @@ def main() -> None:
 
         model_dir = ensure_embedded_model()
 
-    ours_path = work / "ours.json"
-    ours = json.loads(ours_path.read_text()) if args.skip_ours else our_side(args, work, model_dir)
-    ours_path.write_text(json.dumps(ours, indent=1))
-
     search_path = work / "heretic_search.json"
     if args.skip_heretic_search:
         heretic = json.loads(search_path.read_text())
     else:
         counts = {"bad_prompts": args.n_dir, "good_prompts": args.n_dir, "bad_evaluation_prompts": args.n_eval,
                   "good_evaluation_prompts": args.n_eval}
-        datasets = write_datasets(ours["prompts"], work / "datasets", str(work / "venv" / "bin" / "python"))
+        datasets = write_datasets(our_prompts(args, model_dir), work / "datasets", str(work / "venv" / "bin" / "python"))
         (work / "heretic" / "config.toml").write_text(heretic_config(
             datasets, counts, n_trials=args.heretic_trials, n_startup_trials=args.heretic_startup, seed=42,
             max_response_length=args.tokens, batch_size=args.batch_size))
@@ -303,20 +337,28 @@ def main() -> None:
             sys.exit(f"error: heretic's search finished no trial (exit {rc}); see {work / 'heretic_search.log'}")
         search_path.write_text(json.dumps(heretic, indent=1))
 
+    ours_path = work / "ours.json"
+    ours = json.loads(ours_path.read_text()) if args.skip_ours else our_side(args, work, model_dir, heretic["search_s"])
+    ours_path.write_text(json.dumps(ours, indent=1))
+
     scored = score_ours(args, work, model_dir, exe, ours)
     our_front = pareto([(s["refusals"], s["kl"]) for s in scored])
     theirs = [tuple(p) for p in heretic["front"]]
     verdict = dominance(our_front, theirs)
     ratio = heretic["median_trial_s"] / ours["median_trial_s"]
+    full_ratio = heretic["median_trial_s"] / (ours.get("median_complete_trial_s") or ours["median_trial_s"])
     our_wall = ours["prep_s"] + ours["search_s"]
     result = {"heretic": heretic, "ours": {k: v for k, v in ours.items() if k != "prompts"}, "ours_scored": scored,
               "our_front": [list(p) for p in our_front], "dominance": verdict, "trial_ratio": ratio,
+              "complete_trial_ratio": full_ratio,
               "wall_ratio": heretic["search_s"] / our_wall}
     (work / "vs_heretic.json").write_text(json.dumps(result, indent=1))
     n = heretic.get("n_bad") or args.n_eval
     fmt = lambda pts: ", ".join(f"{r}@{d:.4f}" for r, d in pts)  # noqa: E731
     print(f"\nseconds per trial (median): heretic {heretic['median_trial_s']:.1f}, ours {ours['median_trial_s']:.1f} "
-          f"→ ours {ratio:.1f}x cheaper")
+          f"→ ours {ratio:.1f}x cheaper (goal >= 10)")
+    print(f"  counting only our unpruned trials ({len(ours['trial_s']) - ours.get('n_pruned', 0)} of "
+          f"{len(ours['trial_s'])}): {full_ratio:.1f}x")
     print(f"heretic front (refusals/{n} @ KL): {fmt(theirs)}")
     print(f"our front, scored by heretic     : {fmt(our_front)}")
     print(f"ours dominates heretic's front: {'YES' if verdict['dominates'] else 'NO'}")

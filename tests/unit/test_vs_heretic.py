@@ -92,3 +92,15 @@ def test_front_and_domination():
     assert vs.dominance([(22, 0.051)], [(22, 0.051)])["dominates"] is False  # equal is not strictly better
     assert vs.dominance([(22, 0.05)], [(22, 0.051)])["dominates"] is True
     assert vs.dominance(ours, [])["dominates"] is False
+
+
+def test_our_budget_is_a_third_of_heretics_wall_time_less_our_preparation():
+    from types import SimpleNamespace
+
+    auto = SimpleNamespace(our_trials=None, trial_margin_s=60.0)
+    assert vs.search_budget(auto, 3600.0, 300.0) == "840s"  # 1200 - 300 - 60
+    assert vs.search_budget(SimpleNamespace(our_trials=12, trial_margin_s=60.0), None, 999.0) == "12"
+    with pytest.raises(SystemExit, match="leaves"):
+        vs.search_budget(auto, 600.0, 150.0)
+    with pytest.raises(SystemExit, match="--our-trials"):
+        vs.search_budget(auto, None, 10.0)
