@@ -7,7 +7,12 @@ ValidationObjective (separate prefix plans per set). For the staged trial it spl
 building the edit, entering/leaving its weight or hook form, the prefix pass, and the harmful and
 harmless forward passes. heretic-llm 1.4.0's median trial on this machine class: 140 s (heretic_baseline.md).
 
-    .venv/bin/python bench/trial_cost.py --run-dir runs/demo [--n 100] [--trials 4]
+It also counts the work one trial must do (matmul FLOPs of the padded tokens of both sets' suffixes, the
+shared prefix once, the LM head on each row's last position) and times a plain matmul of the model's
+MLP shape in the same run: the ratio of the two is the fastest this CPU could score a trial at this
+precision, so it says how far any implementation could go below heretic at equal prompt counts.
+
+    .venv/bin/python bench/trial_cost.py --run-dir runs/demo [--n 100] [--trials 4] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import statistics
 import time
 
 import optuna
+import torch
 
 from refusal_atlas.data import load_prompts
 from refusal_atlas.edits.sources import EditContext
@@ -28,6 +34,34 @@ from refusal_atlas.search.trial import StagedObjective
 from refusal_atlas.workflows.workspace import open_workspace
 
 
+def trial_flops(model, plan) -> float:
+    """Matmul FLOPs of one staged trial: every padded suffix token through every layer's projections and
+    attention (over prefix + suffix), the prefix once, and the LM head on one position per row."""
+    cfg = model.config
+    d, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    block = sum(m.weight.numel() for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and ".layers." in name) / layers
+    prefix = len(plan.prefix)
+    flops = 2 * block * layers * prefix
+    for batch in plan.batches:
+        n = max(len(plan.suffixes[i]) for i in batch)
+        attention = 4 * d * layers * n * (prefix + (n + 1) / 2)  # QK^T and AV per row
+        flops += len(batch) * (2 * block * layers * n + attention + 2 * vocab * d)
+    return float(flops)
+
+
+def matmul_peak(d: int, inner: int, dtype: torch.dtype, rows: int = 2048, repeats: int = 7) -> float:
+    """FLOP/s of a [rows, d] × [d, inner] matmul (the MLP's shape), median of ``repeats``."""
+    a, b = torch.randn(rows, d, dtype=dtype), torch.randn(d, inner, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * rows * d * inner / statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-dir", required=True)
@@ -35,8 +69,10 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--dtype", default=None, help="load the model in this dtype instead of the run's (e.g. bfloat16)")
     args = ap.parse_args()
-    ws = open_workspace(config_from_run(args.run_dir), args.run_dir, must_exist=True)
+    ws = open_workspace(config_from_run(args.run_dir, {"dtype": args.dtype} if args.dtype else None), args.run_dir,
+                        must_exist=True)
     harmful = [p.instruction for p in load_prompts("jailbreakbench", n=args.n, seed=0)]
     harmless = [p.instruction for p in load_prompts("harmless_val", n=args.n, seed=0)]
     ctx = EditContext.from_run(ws.run.path)
@@ -85,7 +121,14 @@ def main() -> None:
               f"{parts['harmless_s']:.1f}, restore {parts['restore_s']:.2f} | values {values} vs {pvalues}", flush=True)
     med = {k: statistics.median(r[k] for r in rows) for k in ("staged_s", "plain_s", "build_s", "apply_s", "prefix_s",
                                                               "harmful_s", "harmless_s", "restore_s")}
-    out = {"n_harmful": nh, "n_harmless": len(harmless), "prefix_tokens": len(staged.plan.prefix) if staged.plan else 0,
+    model = ws.adapter.model
+    flops = trial_flops(model, staged.plan) if staged.plan else float("nan")
+    dtype = next(model.parameters()).dtype
+    peak = matmul_peak(model.config.hidden_size, model.config.intermediate_size, dtype)
+    floor_s = flops / peak
+    out = {"dtype": str(dtype), "trial_gflop": flops / 1e9, "achieved_gflops": flops / med["staged_s"] / 1e9,
+           "matmul_peak_gflops": peak / 1e9, "fastest_possible_trial_s": floor_s,
+           "best_possible_ratio_vs_heretic": 140.0 / floor_s, "n_harmful": nh, "n_harmless": len(harmless), "prefix_tokens": len(staged.plan.prefix) if staged.plan else 0,
            "setup_s": setup_s, "median": med, "heretic_median_trial_s": 140.0,
            "ratio_vs_heretic": 140.0 / med["staged_s"], "trials": rows}
     with open(args.json or ws.run / "trial_cost.json", "w", encoding="utf-8") as fh:
@@ -93,6 +136,9 @@ def main() -> None:
     print(f"\n{nh} + {len(harmless)} prompts, shared prefix {out['prefix_tokens']} tokens, one-off set-up {setup_s:.1f} s")
     print("median per trial: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in med.items()))
     print(f"vs heretic's recorded 140 s median trial: {out['ratio_vs_heretic']:.1f}x cheaper")
+    print(f"work per trial ({out['dtype']}): {out['trial_gflop']:.0f} GFLOP; achieved {out['achieved_gflops']:.0f} GFLOP/s "
+          f"against a plain matmul's {out['matmul_peak_gflops']:.0f} GFLOP/s in this run → no trial at these prompt "
+          f"counts can take under {floor_s:.1f} s here ({out['best_possible_ratio_vs_heretic']:.1f}x heretic's 140 s)")
 
 
 if __name__ == "__main__":

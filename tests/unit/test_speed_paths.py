@@ -117,3 +117,42 @@ def test_generation_first_step_gives_the_next_token_logprobs(parts, prompts):
     plain = next_token_logprobs(adapter, chat, prompts, batch_size=4, intervention=spec, reuse_prefix=False)
     assert (first - plain).abs().max() < 1e-5
     assert all(g.token_ids[0] == int(plain[i].argmax()) for i, g in enumerate(gens))
+
+
+def test_evaluate_stops_rows_early_only_when_every_judge_is_the_substring_one(monkeypatch):
+    from types import SimpleNamespace
+
+    from refusal_atlas.data import Prompt
+    from refusal_atlas.evaluation import evaluate
+    from refusal_atlas.evaluation.judges import SubstringJudge
+
+    class ModelJudge(SubstringJudge):  # any judge that is not exactly the substring one reads whole answers
+        pass
+
+    sub = evaluate.EvalPlan(datasets=[], interventions=[], judges=[SubstringJudge()], stop_when_decided=True)
+    assert sub.early_stop("harmful") and sub.early_stop("harmless") and not sub.early_stop("over_refusal")
+    assert not evaluate.EvalPlan(datasets=[], interventions=[], judges=[SubstringJudge()]).early_stop("harmful")
+    mixed = evaluate.EvalPlan(datasets=[], interventions=[], judges=[SubstringJudge(), object()],
+                              stop_when_decided=True)
+    assert not mixed.early_stop("harmful")
+
+    seen = []
+
+    def fake_completions(*args, stop_when_decided=False, **kw):
+        seen.append(stop_when_decided)
+        return SimpleNamespace(responses=["I cannot"], reused=0, token_ids=[[1]])
+
+    monkeypatch.setattr(evaluate, "load_prompts", lambda name, n, seed: [Prompt("x")])
+    monkeypatch.setattr(evaluate, "dataset_role", lambda name: "harmful")
+    monkeypatch.setattr(evaluate, "completions_for", fake_completions)
+    ws = SimpleNamespace(adapter=None, chat=None, run=SimpleNamespace(completions_path=lambda *a: None,
+                                                                      add_metrics=lambda recs: None))
+    plan = evaluate.EvalPlan(datasets=["d"], interventions=[Intervention("none")], judges=[SubstringJudge()],
+                             stop_when_decided=True)
+    evaluate.evaluate_run(ws, plan)
+    plan.judges = [SubstringJudge(), ModelJudge()]
+    evaluate.evaluate_run(ws, plan)
+    assert seen == [True, False]
+    custom = evaluate.EvalPlan(datasets=[], interventions=[], judges=[SubstringJudge(substrings=("nope",))],
+                               stop_when_decided=True)
+    assert not custom.early_stop("harmful")  # the stop rule watches the default phrases only

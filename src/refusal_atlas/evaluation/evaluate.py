@@ -128,6 +128,14 @@ class EvalPlan:
     batch_size: int = 16
     seed: int = 0
     backend: object | None = None  # generation engine (None: HF with hooks; see generation_vllm)
+    stop_when_decided: bool = False  # stop a row at its first refusal phrase (see early_stop)
+
+    def early_stop(self, role: str) -> bool:
+        """Whether rows of a ``role`` set may stop at their first refusal phrase: only when every judge is
+        the default substring judge (whose verdict is then fixed; a model judge reads the whole answer) and not
+        for over-refusal sets, which are judged by a prefix rule."""
+        return (self.stop_when_decided and role != "over_refusal"
+                and all(type(j) is SubstringJudge and j.substrings == SubstringJudge().substrings for j in self.judges))
 
 
 def check_interventions(names: Sequence[str]) -> list[tuple[str, float]]:
@@ -174,7 +182,7 @@ def evaluate_run(ws, plan: EvalPlan) -> list[dict]:
         for spec in plan.interventions:
             comp = completions_for(ws.adapter, ws.chat, prompts, spec, plan.max_new_tokens, plan.batch_size,
                                    ws.run.completions_path(name, spec.label), desc=f"generate {name} [{spec.label}]",
-                                   backend=plan.backend)
+                                   stop_when_decided=plan.early_stop(role), backend=plan.backend)
             items = [JudgeItem(p.instruction, r) for p, r in zip(prompts, comp.responses)]
             for judge in plan.judges:
                 rec = judged_record(spec, name, role, judge, judge.judge(items, role), comp.responses,
