@@ -197,11 +197,12 @@ def heretic_env() -> dict:
     return {"COLAB_GPU": "1", "PYTHONUNBUFFERED": "1", "TERM": "dumb", "NO_COLOR": "1"}
 
 
-def our_config(args, model_dir: Path):
-    """Our run's config: the same model folder, prompt counts, system prompt and response length as heretic's."""
+def our_config(args, model_dir: Path, n_val: int):
+    """Our run's config: the same model folder, prompt counts, system prompt and response length as heretic's
+    (``n_val``: the validation prompts per side of this step)."""
     from refusal_atlas.config import load_config
 
-    return load_config(None, dict(model=str(model_dir), n_train=args.n_dir, n_val=args.n_eval, filter_train=False,
+    return load_config(None, dict(model=str(model_dir), n_train=args.n_dir, n_val=n_val, filter_train=False,
                                   harmful_val="jailbreakbench", harmless_val="harmless_val", system_prompt=SYSTEM_PROMPT,
                                   max_new_tokens=args.tokens, seed=0))
 
@@ -210,7 +211,7 @@ def our_prompts(args, model_dir: Path) -> dict[str, list[str]]:
     """heretic's four prompt roles, taken from our run's prompt sets (no model is loaded)."""
     from refusal_atlas.workflows.workspace import load_prompt_sets
 
-    sets = load_prompt_sets(our_config(args, model_dir))
+    sets = load_prompt_sets(our_config(args, model_dir, args.n_eval))
     return {role: [p.instruction for p in getattr(sets, ours)] for role, ours in ROLES.items()}
 
 
@@ -231,12 +232,13 @@ def search_budget(args, heretic_wall_s: float | None, prep_s: float) -> str:
 
 
 def our_side(args, work: Path, model_dir: Path, heretic_wall_s: float | None) -> dict:
-    """Extract + select on the same prompts (Python API), then `refusal-atlas search` within its budget."""
+    """Extract + select (Python API; selection on the first --n-select validation prompts, as `run` does),
+    then `refusal-atlas search` on all --n-eval of them (heretic's sets) within its budget."""
     from refusal_atlas.workflows.run import dim_step, extract_step, select_step
     from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
     run = work / "ours" / "run"
-    cfg = our_config(args, model_dir)
+    cfg = our_config(args, model_dir, args.n_select)
     t0 = time.monotonic()
     ws = open_workspace(cfg, run, must_exist=run.exists())
     sets = load_prompt_sets(ws.cfg)
@@ -246,8 +248,8 @@ def our_side(args, work: Path, model_dir: Path, heretic_wall_s: float | None) ->
     budget = search_budget(args, heretic_wall_s, prep_s)
     print(f"our extract + select took {prep_s:.0f} s; searching with --budget {budget}", flush=True)
     t1 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run), "--budget", budget],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run), "--budget", budget,
+                    "--n-val", str(args.n_eval)], check=True)
     search_s = time.monotonic() - t1
     summary = json.loads((run / "search_edits.json").read_text())
     trials = [t for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED") and t.get("end")]
@@ -293,6 +295,8 @@ def main() -> None:
                     help="seconds kept back from our time budget for the last trial, which runs to its end")
     ap.add_argument("--n-dir", type=int, default=256, help="direction prompts per side")
     ap.add_argument("--n-eval", type=int, default=100, help="refusal (JailbreakBench) and KL (harmless_val) prompts")
+    ap.add_argument("--n-select", type=int, default=32,
+                    help="our DIM selection's validation prompts per side (the run default; the search uses --n-eval)")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=64, help="heretic's batch size")
     ap.add_argument("--max-exports", type=int, default=12)

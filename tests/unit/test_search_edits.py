@@ -235,3 +235,23 @@ def test_trial_zero_is_full_dim_ablation(tiny_run):
     summary = json.loads((root / "run" / "search_edits.json").read_text()) if (root / "run" / "search_edits.json").exists() else None
     if summary is not None:  # written by the CLI test of this module
         assert summary["trials"][0]["choice"] == space.decode(space.full_ablation_params(dim.layer))
+
+
+def test_anchor_trials_are_uniformly_weakened_ablations(tiny_run):
+    """A weaker anchor scales every write's ablation weight, leaves the embedding alone and, on a tiny model,
+    does less damage than full ablation; a strength outside the peak range is refused."""
+    root, ws, _ = tiny_run
+    ctx = EditContext.from_run(root / "run")
+    space = EditSpace.for_context(ctx)
+    dim = DirectionSet.load(ws.run.direction_path("dim"))
+    half = build_edit(space.decode(space.full_ablation_params(dim.layer, 0.5)), ctx)
+    assert half.attn_weights == half.mlp_weights == [0.5] * ctx.n_layers and half.embed_weight == 0.0
+    batch = ws.chat.encode(["how to make a bomb", "tell joke please"])
+    clean = ws.loaded.model(**batch).logits
+    with half.apply(ws.adapter):
+        weak = ws.loaded.model(**batch).logits
+    with build_edit(space.decode(space.full_ablation_params(dim.layer)), ctx).apply(ws.adapter):
+        full = ws.loaded.model(**batch).logits
+    assert 0 < (weak - clean).abs().max() < (full - clean).abs().max()
+    with pytest.raises(ConfigError, match="peak range"):
+        space.full_ablation_params(dim.layer, 0.05)

@@ -10,7 +10,7 @@ ignored, as heretic does), and nearby values mean nearby edits:
   its score is > 0.5 (none above: the highest; more than ``k_max``: the ``k_max`` highest), always
   in the set's canonical order, so flipping one score adds or removes one direction — unlike a
   Lehmer code, where neighbouring values are unrelated subsets; ``mode``: subspace or sequential;
-* per component (attn, mlp), a strength kernel: ``<c>_peak`` ∈ [0.8, 1.5], ``<c>_position`` ∈
+* per component (attn, mlp), a strength kernel: ``<c>_peak`` ∈ [0.2, 1.5], ``<c>_position`` ∈
   [0.3, 1.0]·(L−1), ``<c>_floor_frac`` ∈ [0, 1] (floor = frac × peak), ``<c>_distance`` ∈ [1, L]
   (heretic-llm 1.4.0: peak position from 0.6·L, distance up to 0.6·L);
 * ``projected`` (directions orthogonalized against the harmless mean), ``norm_preserving`` and
@@ -19,7 +19,10 @@ ignored, as heretic does), and nearby values mean nearby edits:
 Departures from heretic, because on the embedded 0.5B model full DIM ablation (every layer and the
 embedding) already beats heretic's strongest front points: the peak may sit from 0.3·(L−1), the
 falloff may reach L, and the embedding can be edited, so full ablation is inside the space (and the
-run-dir search enqueues it as trial 0).
+run-dir search enqueues it as trial 0). The peak may also be as weak as 0.2 (heretic: 0.8), because
+the low-damage half of a front is made of weak edits, and the run-dir search enqueues uniformly
+weakened full ablations next (:meth:`EditSpace.full_ablation_params` with ``strength`` < 1), so the front
+spans both ends from the first trials on.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class EditSpace:
     sets: tuple[tuple[str, tuple[int, ...]], ...] = ()
     k_max: int = K_LIMIT
     index_range: tuple[float, float] = (0.4, 0.9)  # × (L−1), for ``dim:index``
-    peak_range: tuple[float, float] = (0.8, 1.5)
+    peak_range: tuple[float, float] = (0.2, 1.5)
     position_range: tuple[float, float] = (0.3, 1.0)  # × (L−1)
     distance_range: tuple[float, float] = (1.0, 1.0)  # absolute minimum, maximum × L
 
@@ -121,9 +124,12 @@ class EditSpace:
                          "floor": float(params[f"{c}_floor_frac"]) * peak, "distance": float(params[f"{c}_distance"])}
         return choice
 
-    def full_ablation_params(self, layer: int) -> dict[str, Any]:
-        """Parameters meaning full ablation of the DIM direction at ``layer`` (weight 1 on every write and
-        the embedding): enqueued as trial 0, so the front starts from the selected DIM edit."""
+    def full_ablation_params(self, layer: int, strength: float = 1.0) -> dict[str, Any]:
+        """Parameters meaning ablation of the DIM direction at ``layer`` with weight ``strength`` on every
+        write (and, at strength 1 — full ablation — the embedding too): trial 0 is strength 1, so the front
+        starts from the selected DIM edit; weaker ones seed its low-damage end."""
+        if not self.peak_range[0] <= strength <= self.peak_range[1]:
+            raise ConfigError(f"strength {strength:g} is outside the peak range {self.peak_range}")
         lo, hi = self._span(self.index_range)
         p = sum(self._span(self.position_range)) / 2
         dist_hi = max(self.distance_range[0], self.distance_range[1] * self.n_layers)
@@ -131,12 +137,12 @@ class EditSpace:
         if not lo <= layer <= hi or distance > dist_hi:
             raise ConfigError(f"full ablation at layer {layer} is outside this space")
         params: dict[str, Any] = {"source": "dim:index", "direction_index": float(layer), "projected": False,
-                                  "norm_preserving": False, "embed": True}
+                                  "norm_preserving": False, "embed": strength >= 1.0}
         params.update({f"{name}_use_{i}": 0.0 for name, ids in self.sets for i in ids})
         if self.sets:
             params["mode"] = "subspace"
         for c in COMPONENTS:
-            params.update({f"{c}_peak": 1.0, f"{c}_position": p, f"{c}_floor_frac": 1.0, f"{c}_distance": distance})
+            params.update({f"{c}_peak": strength, f"{c}_position": p, f"{c}_floor_frac": 1.0, f"{c}_distance": distance})
         return params
 
     def identity(self) -> dict[str, Any]:

@@ -5,8 +5,8 @@ directions with default settings if ``som`` is asked for and missing), searches 
 :mod:`refusal_atlas.search.space` with the seeded, resumable loop of :mod:`refusal_atlas.search`
 on the validation prompts, and saves what it found as edits: ``edits/search_best`` (the pick rule's
 trial) and ``edits/search_trial_<n>`` for every Pareto trial (trial 0 is full ablation of the run's DIM
-pick, so the front starts from it), so `evaluate --edit` and `export
---edit` use exactly the evaluated edit. Writes ``search_edits.json`` (all trials with their start and
+pick and trials 1 and 2 the same edit at strength 0.5 and 0.25, so the front starts from both of its
+ends), so `evaluate --edit` and `export --edit` use exactly the evaluated edit. Writes ``search_edits.json`` (all trials with their start and
 end times, the front, the rule).
 """
 
@@ -39,6 +39,9 @@ class EditSearchSettings:
     k_max: int | None = None
     prune: PruneRule | None = field(default_factory=PruneRule)  # None: score every trial on every prompt
     score_tokens: int = 0  # > 0: refusal = substring rate of that many greedy tokens (search.trial)
+    # trials 0, 1, ...: ablation of the selected DIM direction at these strengths (1 = full ablation, the
+    # run's own edit; weaker ones seed the front's low-damage end, where TPE alone finds little early on)
+    anchors: tuple[float, ...] = (1.0, 0.5, 0.25)
 
 
 def check_sets(run_dir, names: tuple[str, ...], k_max: int | None) -> None:
@@ -112,12 +115,13 @@ def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettin
         if n_new > 0 and (minutes is None or minutes > 0):
             record_references(study, ws, objective)
             dim_path = ws.run.direction_path("dim")
-            if not study.trials and dim_path.exists():  # warm start: trial 0 is full ablation of the DIM pick
+            if not study.trials and dim_path.exists():  # warm start: the DIM pick at each anchor strength
                 layer = DirectionSet.load(dim_path).layer
-                try:
-                    study.enqueue_trial(space.full_ablation_params(layer))
-                except ConfigError:
-                    pass  # the DIM layer lies outside the direction-index range: no warm start
+                for strength in settings.anchors:
+                    try:
+                        study.enqueue_trial(space.full_ablation_params(layer, strength))
+                    except ConfigError:
+                        pass  # the DIM layer lies outside the direction-index range: no warm start
             with ws.timed("search_edits"):
                 run_edit_trials(study, space, ctx, objective, settings.seed, settings.n_startup_trials, n_new,
                                 deadline, prune=settings.prune)
