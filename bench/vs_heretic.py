@@ -164,6 +164,39 @@ def dominance(ours: list[tuple[int, float]], theirs: list[tuple[int, float]]) ->
     return {"dominates": bool(theirs) and all(c["ours"] is not None for c in cover), "cover": cover}
 
 
+def plot_fronts(result: dict, path: Path) -> Path:
+    """Both tools' trials and fronts in heretic's own units (refusals/100 vs KL, log scale), with the
+    unedited model's refusals: where one front lies below and left of the other, it does better."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heretic, n = result["heretic"], result["heretic"].get("n_bad") or 100
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    tr = [t for t in heretic["trials"] if t["kl"] > 0]
+    ax.scatter([t["kl"] for t in tr], [t["refusals"] for t in tr], s=14, color="tab:orange", alpha=0.35,
+               label=f"heretic trials ({len(heretic['trials'])})")
+    for pts, color, label in ((heretic["front"], "tab:orange", "heretic front"),
+                              (result["our_front"], "tab:blue", "our front (exported, scored by heretic)")):
+        pts = sorted(pts, key=lambda p: p[1])
+        ax.step([p[1] for p in pts], [p[0] for p in pts], where="post", color=color, marker="o", label=label)
+    sc = [s for s in result["ours_scored"] if s["kl"] > 0]
+    ax.scatter([s["kl"] for s in sc], [s["refusals"] for s in sc], s=14, color="tab:blue", alpha=0.35)
+    if heretic.get("base_refusals") is not None:
+        ax.axhline(heretic["base_refusals"], color="grey", ls=":", label="unedited model")
+    ax.set_xscale("log")
+    ax.set_xlabel("KL divergence of the first token on 100 harmless prompts (heretic's evaluator, log scale)")
+    ax.set_ylabel(f"refusals / {n} JailbreakBench prompts")
+    verdict = "dominates" if result["dominance"]["dominates"] else "does not dominate"
+    ax.set_title(f"ours vs heretic-llm 1.4.0 (lower-left is better): ours {verdict}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # --- the runs ---------------------------------------------------------------------------------------------
 def run_logged(cmd: list[str], cwd: Path, log: Path, env: dict | None = None) -> tuple[int, list[tuple[float, str]]]:
     """Run ``cmd`` with stdin a closed pipe, echo and keep every output line with the time it arrived."""
@@ -278,7 +311,8 @@ def score_ours(args, work: Path, model_dir: Path, exe: Path, ours: dict) -> list
                             p["edit"], "--out", str(out)], check=True)
         rc, lines = run_logged([str(exe), "--model", str(model_dir), "--evaluate-model", str(out)], work / "heretic",
                                work / f"evaluate_{p['edit']}.log", heretic_env())
-        scored.append({**p, **parse_evaluation([line for _, line in lines]), "rc": rc})
+        ours_values = {"our_refusal_score": p["refusal"], "our_kl": p["kl"]}  # heretic's own values take the plain keys
+        scored.append({**p, **ours_values, **parse_evaluation([line for _, line in lines]), "rc": rc})
         (work / "ours_scored.json").write_text(json.dumps(scored, indent=1))
     return scored
 
@@ -357,6 +391,7 @@ def main() -> None:
               "complete_trial_ratio": full_ratio,
               "wall_ratio": heretic["search_s"] / our_wall}
     (work / "vs_heretic.json").write_text(json.dumps(result, indent=1))
+    plot_fronts(result, work / "vs_heretic.png")
     n = heretic.get("n_bad") or args.n_eval
     fmt = lambda pts: ", ".join(f"{r}@{d:.4f}" for r, d in pts)  # noqa: E731
     print(f"\nseconds per trial (median): heretic {heretic['median_trial_s']:.1f}, ours {ours['median_trial_s']:.1f} "
@@ -370,7 +405,7 @@ def main() -> None:
         print(f"  heretic {c['heretic'][0]}@{c['heretic'][1]:.4f} ← ours {c['ours'] or 'none'}")
     print(f"wall time: heretic {heretic['search_s']:.0f} s (set-up + search), ours {our_wall:.0f} s (extract + select "
           f"{ours['prep_s']:.0f} s, search {ours['search_s']:.0f} s) → ratio {result['wall_ratio']:.2f} (goal >= 3)")
-    print(f"saved {work / 'vs_heretic.json'}")
+    print(f"saved {work / 'vs_heretic.json'} and {work / 'vs_heretic.png'}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,6 @@ import os
 from tqdm.auto import tqdm
 
 
-def progress(total: int, desc: str, enabled: bool = True):
+def progress(total: int | None, desc: str, enabled: bool = True):
     quiet = os.environ.get("REFUSAL_ATLAS_QUIET") == "1"
     return tqdm(total=total, desc=desc, disable=quiet or not enabled, leave=False, dynamic_ncols=True)

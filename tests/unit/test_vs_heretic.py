@@ -104,3 +104,14 @@ def test_our_budget_is_a_third_of_heretics_wall_time_less_our_preparation():
         vs.search_budget(auto, 600.0, 150.0)
     with pytest.raises(SystemExit, match="--our-trials"):
         vs.search_budget(auto, None, 10.0)
+
+
+def test_front_plot_is_written(tmp_path):
+    result = {"heretic": {"n_bad": 100, "base_refusals": 44, "front": [[20, 0.05], [39, 0.001]],
+                          "trials": [{"refusals": 20, "kl": 0.05}, {"refusals": 39, "kl": 0.001}]},
+              "our_front": [[11, 0.06], [30, 0.004]],
+              "ours_scored": [{"refusals": 11, "kl": 0.06}, {"refusals": 30, "kl": 0.004}],
+              "dominance": vs.dominance([(11, 0.06), (30, 0.004)], [(20, 0.05), (39, 0.001)])}
+    assert result["dominance"]["dominates"] is False  # 39@0.001 is lower in KL than anything of ours
+    out = vs.plot_fronts(result, tmp_path / "fronts.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

@@ -195,7 +195,7 @@ def run_loop(study: optuna.Study, propose: Callable[[Trial], tuple[str, Callable
     coord = coordinator_for(study)  # several workers on a PostgreSQL study: seeds, heartbeats, claims
     done: dict[str, FrozenTrial] = {t.user_attrs["key"]: t for t in completed(study) if "key" in t.user_attrs}
     told: list[FrozenTrial] = []
-    bar = progress(n_trials, desc)
+    bar = progress(None if deadline is not None and n_trials >= 10**6 else n_trials, desc)  # a time budget: no total
     try:
         for _ in range(n_trials):
             if deadline is not None and time.monotonic() >= deadline:
