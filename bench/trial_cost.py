@@ -5,7 +5,9 @@ and ``--n`` harmless_val prompts (KL) — heretic's evaluation sets and counts �
 the staged trial (search_trial: one shared prefix for both sets, no pruning), and the plain
 ValidationObjective (separate prefix plans per set). For the staged trial it splits the time into
 building the edit, entering/leaving its weight or hook form, the prefix pass, and the harmful and
-harmless forward passes. heretic-llm 1.4.0's median trial on this machine class: 140 s (heretic_baseline.md).
+harmless forward passes. heretic-llm 1.4.0's median trial is read from ``--heretic`` (a
+``heretic_search.json`` that bench/vs_heretic.py wrote on this machine: machines of one class differ up to
+2× here), else the 140 s recorded in heretic_baseline.md.
 
 It also counts the work one trial must do (matmul FLOPs of the padded tokens of both sets' suffixes, the
 shared prefix once, the LM head on each row's last position) and times a plain matmul of the model's
@@ -19,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import optuna
 import torch
@@ -69,10 +74,15 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--heretic", default=None, help="heretic_search.json of a vs_heretic.py run on this machine")
     ap.add_argument("--dtype", default=None, help="load the model in this dtype instead of the run's (e.g. bfloat16)")
     args = ap.parse_args()
-    ws = open_workspace(config_from_run(args.run_dir, {"dtype": args.dtype} if args.dtype else None), args.run_dir,
-                        must_exist=True)
+    run_dir = args.run_dir
+    if args.dtype:  # the run's manifest records its dtype: score a throw-away copy, never edit the user's run
+        run_dir = shutil.copytree(args.run_dir, Path(tempfile.mkdtemp(prefix="trial_cost_")) / "run",
+                                  ignore=shutil.ignore_patterns("completions", "edits", "*.db"))
+    ws = open_workspace(config_from_run(run_dir, {"dtype": args.dtype} if args.dtype else None), run_dir,
+                        must_exist=True, allowed=("dtype",) if args.dtype else ())
     harmful = [p.instruction for p in load_prompts("jailbreakbench", n=args.n, seed=0)]
     harmless = [p.instruction for p in load_prompts("harmless_val", n=args.n, seed=0)]
     ctx = EditContext.from_run(ws.run.path)
@@ -126,19 +136,22 @@ def main() -> None:
     dtype = next(model.parameters()).dtype
     peak = matmul_peak(model.config.hidden_size, model.config.intermediate_size, dtype)
     floor_s = flops / peak
+    heretic_s, heretic_from = 140.0, "heretic_baseline.md (another machine of this class)"
+    if args.heretic:
+        heretic_s, heretic_from = float(json.loads(Path(args.heretic).read_text())["median_trial_s"]), args.heretic
     out = {"dtype": str(dtype), "trial_gflop": flops / 1e9, "achieved_gflops": flops / med["staged_s"] / 1e9,
            "matmul_peak_gflops": peak / 1e9, "fastest_possible_trial_s": floor_s,
-           "best_possible_ratio_vs_heretic": 140.0 / floor_s, "n_harmful": nh, "n_harmless": len(harmless), "prefix_tokens": len(staged.plan.prefix) if staged.plan else 0,
-           "setup_s": setup_s, "median": med, "heretic_median_trial_s": 140.0,
-           "ratio_vs_heretic": 140.0 / med["staged_s"], "trials": rows}
-    with open(args.json or ws.run / "trial_cost.json", "w", encoding="utf-8") as fh:
+           "best_possible_ratio_vs_heretic": heretic_s / floor_s, "n_harmful": nh, "n_harmless": len(harmless), "prefix_tokens": len(staged.plan.prefix) if staged.plan else 0,
+           "setup_s": setup_s, "median": med, "heretic_median_trial_s": heretic_s,
+           "heretic_from": heretic_from, "ratio_vs_heretic": heretic_s / med["staged_s"], "trials": rows}
+    with open(args.json or Path(args.run_dir) / "trial_cost.json", "w", encoding="utf-8") as fh:
         json.dump(out, fh, indent=1)
     print(f"\n{nh} + {len(harmless)} prompts, shared prefix {out['prefix_tokens']} tokens, one-off set-up {setup_s:.1f} s")
     print("median per trial: " + ", ".join(f"{k[:-2]} {v:.2f} s" for k, v in med.items()))
-    print(f"vs heretic's recorded 140 s median trial: {out['ratio_vs_heretic']:.1f}x cheaper")
+    print(f"vs heretic's {heretic_s:.1f} s median trial ({heretic_from}): {out['ratio_vs_heretic']:.1f}x cheaper")
     print(f"work per trial ({out['dtype']}): {out['trial_gflop']:.0f} GFLOP; achieved {out['achieved_gflops']:.0f} GFLOP/s "
           f"against a plain matmul's {out['matmul_peak_gflops']:.0f} GFLOP/s in this run → no trial at these prompt "
-          f"counts can take under {floor_s:.1f} s here ({out['best_possible_ratio_vs_heretic']:.1f}x heretic's 140 s)")
+          f"counts can take under {floor_s:.1f} s here ({out['best_possible_ratio_vs_heretic']:.1f}x heretic's {heretic_s:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -297,9 +297,14 @@ def our_side(args, work: Path, model_dir: Path, heretic_wall_s: float | None) ->
             "run": str(run)}
 
 
-def score_ours(args, work: Path, model_dir: Path, exe: Path, ours: dict) -> list[dict]:
-    """Export our Pareto edits (spread over KL, at most --max-exports) and score each with heretic's evaluator."""
-    front = sorted(ours["pareto"], key=lambda p: p["kl"])
+def score_ours(args, work: Path, model_dir: Path, exe: Path, ours: dict, kl_cap: float | None = None) -> list[dict]:
+    """Export our Pareto edits (spread over KL, at most --max-exports) and score each with heretic's evaluator.
+
+    ``kl_cap``: edits whose validation KL is above it are not scored. Our validation KL is heretic's KL on the
+    same prompts (equal to 3 decimals in every scored pair), so an edit far above heretic's largest front KL
+    cannot cover any heretic point, and each scoring costs minutes.
+    """
+    front = sorted((p for p in ours["pareto"] if kl_cap is None or p["kl"] <= kl_cap), key=lambda p: p["kl"])
     if len(front) > args.max_exports:
         step = (len(front) - 1) / (args.max_exports - 1)
         front = [front[round(i * step)] for i in range(args.max_exports)]
@@ -334,6 +339,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=64, help="heretic's batch size")
     ap.add_argument("--max-exports", type=int, default=12)
+    ap.add_argument("--kl-cap-factor", type=float, default=1.5,
+                    help="score only our edits with validation KL <= this × heretic's largest front KL (0: all)")
     ap.add_argument("--skip-heretic-search", action="store_true", help="reuse WORK/heretic_search.json")
     ap.add_argument("--skip-ours", action="store_true", help="reuse WORK/ours.json")
     ap.add_argument("--install-only", action="store_true")
@@ -379,9 +386,10 @@ def main() -> None:
     ours = json.loads(ours_path.read_text()) if args.skip_ours else our_side(args, work, model_dir, heretic["search_s"])
     ours_path.write_text(json.dumps(ours, indent=1))
 
-    scored = score_ours(args, work, model_dir, exe, ours)
-    our_front = pareto([(s["refusals"], s["kl"]) for s in scored])
     theirs = [tuple(p) for p in heretic["front"]]
+    kl_cap = args.kl_cap_factor * max(d for _, d in theirs) if args.kl_cap_factor else None
+    scored = score_ours(args, work, model_dir, exe, ours, kl_cap)
+    our_front = pareto([(s["refusals"], s["kl"]) for s in scored])
     verdict = dominance(our_front, theirs)
     ratio = heretic["median_trial_s"] / ours["median_trial_s"]
     full_ratio = heretic["median_trial_s"] / (ours.get("median_complete_trial_s") or ours["median_trial_s"])

@@ -162,6 +162,9 @@ def test_search_verb_saves_the_pick_and_evaluate_export_use_it(tiny_run, tmp_pat
     assert all((run / "edits" / f"{rec['edit_name']}.json").is_file() for rec in summary["pareto"])
     again = _cli("search", "-r", str(run), "--budget", "4", "--n-startup-trials", "2", "--sets", "som").stdout
     assert "4 complete" in again  # --budget N / --trials N reach N completed trials
+    summary = json.loads((run / "search_edits.json").read_text())
+    best = load_edit(run / "edits" / "search_best")  # the fourth trial may have changed the pick
+    assert best.fingerprint() == summary["chosen"]["edit_fingerprint"]
 
     _cli("evaluate", "-r", str(run), "--edit", "search_best", "--interventions", "none", "--datasets",
          "harmless_test", "--n", "3", "--max-new-tokens", "2", "--kl-tokens", "2")

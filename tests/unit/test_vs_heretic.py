@@ -115,3 +115,20 @@ def test_front_plot_is_written(tmp_path):
     assert result["dominance"]["dominates"] is False  # 39@0.001 is lower in KL than anything of ours
     out = vs.plot_fronts(result, tmp_path / "fronts.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_only_our_edits_under_the_kl_cap_are_exported_and_scored(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    exported, evaluated = [], []
+    monkeypatch.setattr(vs.subprocess, "run", lambda cmd, check: exported.append(cmd[cmd.index("--edit") + 1]))
+    monkeypatch.setattr(vs, "run_logged", lambda cmd, cwd, log, env: evaluated.append(cmd[-1]) or
+                        (0, [(0.0, "* Refusals: 3/100"), (0.0, "* KL divergence: 0.0100")]))
+    monkeypatch.setattr(vs, "heretic_env", dict)
+    ours = {"run": str(tmp_path / "run"), "pareto": [{"edit": f"e{i}", "refusal": -i, "kl": kl}
+                                                      for i, kl in enumerate([0.001, 0.05, 0.09, 0.3])]}
+    args = SimpleNamespace(max_exports=12)
+    scored = vs.score_ours(args, tmp_path, tmp_path / "model", tmp_path / "heretic", ours, kl_cap=0.09)
+    assert exported == ["e0", "e1", "e2"] and [Path(p).name for p in evaluated] == ["e0", "e1", "e2"]
+    assert [s["edit"] for s in scored] == ["e0", "e1", "e2"] and scored[0]["our_kl"] == 0.001
+    assert len(vs.score_ours(args, tmp_path, tmp_path / "m", tmp_path / "h", ours, kl_cap=None)) == 4

@@ -308,7 +308,8 @@ def summarize(study: optuna.Study, settings) -> dict[str, Any]:
     chosen, branch = choose_trial(front, settings.kl_threshold)
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,
-                                                                         TrialState.FAIL, TrialState.RUNNING)}
+                                                                         TrialState.FAIL, TrialState.RUNNING,
+                                                                         TrialState.WAITING)}
     counts["distinct_subsets"] = len({trial_key(t, mode) for t in trials if t.state == TrialState.COMPLETE})
     return {
         "study": study.study_name, "settings": asdict(settings), "identity": study.user_attrs.get("identity"),
@@ -321,5 +322,5 @@ def summarize(study: optuna.Study, settings) -> dict[str, Any]:
         "chosen": {**trial_record(chosen), "why": branch},
         "pareto_front": [t.number for t in front],
         "pareto": _dedupe(front, mode),
-        "trials": [trial_record(t) for t in trials],
+        "trials": [trial_record(t) for t in trials if t.state != TrialState.WAITING],  # waiting: queued anchors
     }

@@ -10,7 +10,7 @@ ignored, as heretic does), and nearby values mean nearby edits:
   its score is > 0.5 (none above: the highest; more than ``k_max``: the ``k_max`` highest), always
   in the set's canonical order, so flipping one score adds or removes one direction — unlike a
   Lehmer code, where neighbouring values are unrelated subsets; ``mode``: subspace or sequential;
-* per component (attn, mlp), a strength kernel: ``<c>_peak`` ∈ [0.2, 1.5], ``<c>_position`` ∈
+* per component (attn, mlp), a strength kernel: ``<c>_peak`` ∈ [0.1, 1.5], ``<c>_position`` ∈
   [0.3, 1.0]·(L−1), ``<c>_floor_frac`` ∈ [0, 1] (floor = frac × peak), ``<c>_distance`` ∈ [1, L]
   (heretic-llm 1.4.0: peak position from 0.6·L, distance up to 0.6·L);
 * ``projected`` (directions orthogonalized against the harmless mean), ``norm_preserving`` and
@@ -19,7 +19,7 @@ ignored, as heretic does), and nearby values mean nearby edits:
 Departures from heretic, because on the embedded 0.5B model full DIM ablation (every layer and the
 embedding) already beats heretic's strongest front points: the peak may sit from 0.3·(L−1), the
 falloff may reach L, and the embedding can be edited, so full ablation is inside the space (and the
-run-dir search enqueues it as trial 0). The peak may also be as weak as 0.2 (heretic: 0.8), because
+run-dir search enqueues it as trial 0). The peak may also be as weak as 0.1 (heretic: 0.8), because
 the low-damage half of a front is made of weak edits, and the run-dir search enqueues uniformly
 weakened full ablations next (:meth:`EditSpace.full_ablation_params` with ``strength`` < 1), so the front
 spans both ends from the first trials on.
@@ -50,7 +50,7 @@ class EditSpace:
     sets: tuple[tuple[str, tuple[int, ...]], ...] = ()
     k_max: int = K_LIMIT
     index_range: tuple[float, float] = (0.4, 0.9)  # × (L−1), for ``dim:index``
-    peak_range: tuple[float, float] = (0.2, 1.5)
+    peak_range: tuple[float, float] = (0.1, 1.5)
     position_range: tuple[float, float] = (0.3, 1.0)  # × (L−1)
     distance_range: tuple[float, float] = (1.0, 1.0)  # absolute minimum, maximum × L
 

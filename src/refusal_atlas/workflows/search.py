@@ -5,8 +5,8 @@ directions with default settings if ``som`` is asked for and missing), searches 
 :mod:`refusal_atlas.search.space` with the seeded, resumable loop of :mod:`refusal_atlas.search`
 on the validation prompts, and saves what it found as edits: ``edits/search_best`` (the pick rule's
 trial) and ``edits/search_trial_<n>`` for every Pareto trial (trial 0 is full ablation of the run's DIM
-pick and trials 1 and 2 the same edit at strength 0.5 and 0.25, so the front starts from both of its
-ends), so `evaluate --edit` and `export --edit` use exactly the evaluated edit. Writes ``search_edits.json`` (all trials with their start and
+pick and the next ones the same edit ever weaker, down to strength 0.12, so the front starts from
+both of its ends), so `evaluate --edit` and `export --edit` use exactly the evaluated edit. Writes ``search_edits.json`` (all trials with their start and
 end times, the front, the rule).
 """
 
@@ -40,8 +40,10 @@ class EditSearchSettings:
     prune: PruneRule | None = field(default_factory=PruneRule)  # None: score every trial on every prompt
     score_tokens: int = 0  # > 0: refusal = substring rate of that many greedy tokens (search.trial)
     # trials 0, 1, ...: ablation of the selected DIM direction at these strengths (1 = full ablation, the
-    # run's own edit; weaker ones seed the front's low-damage end, where TPE alone finds little early on)
-    anchors: tuple[float, ...] = (1.0, 0.5, 0.25)
+    # run's own edit). Weaker ones lay a first front from end to end: on the embedded model KL grows about
+    # as strength² and refusals fall about linearly (bench/vs_heretic.py, 2026-12-02: 1 → 14/100 at KL
+    # 0.076, 0.5 → 20 at 0.016, 0.25 → 31 at 0.0037), and TPE alone finds few low-damage points early on.
+    anchors: tuple[float, ...] = (1.0, 0.85, 0.7, 0.5, 0.25, 0.12)
 
 
 def check_sets(run_dir, names: tuple[str, ...], k_max: int | None) -> None:
