@@ -12,12 +12,13 @@ greedy responses. Steps (each can be skipped; results are saved as JSON in --wor
    trial = from its "Running trial N" line to the next one (or to the end);
 4. our side: extract + select (Python API) and ``refusal-atlas search`` on the same prompts, timed, with
    ``--budget`` = a third of heretic's wall time less our extract + select (or --our-trials N);
-5. export each of our Pareto edits and score it with ``heretic --model ORIGINAL --evaluate-model OURS``;
+5. export each of our Pareto edits whose validation KL could cover a heretic point (``--kl-cap-factor``)
+   and score it with ``heretic --model ORIGINAL --evaluate-model OURS``;
 6. print seconds per trial (median) for both and the ratio, both fronts (refusals/100 @ KL), whether ours
    dominates heretic's (every heretic point (r, d) has one of ours with <= r and <= d, strictly better in
    one), and the wall-time ratio.
 
-Takes > 1 h on 2 CPU cores (heretic alone: ~64 min for 24 trials). Parts:
+Takes 1–2 h on 2 CPU cores (heretic alone: 28 min for 24 trials on an Intel Xeon, 51 min on an AMD EPYC). Parts:
     .venv/bin/python bench/vs_heretic.py [--work bench_out/vs_heretic] [--heretic-trials 24] [--our-trials N]
         [--skip-heretic-search] (reuse WORK/heretic_search.json) [--skip-ours] [--max-exports 12] [--install-only]
 """
