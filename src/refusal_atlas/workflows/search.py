@@ -41,8 +41,9 @@ class EditSearchSettings:
     score_tokens: int = 0  # > 0: refusal = substring rate of that many greedy tokens (search.trial)
     # trials 0, 1, ...: ablation of the selected DIM direction at these strengths (1 = full ablation, the
     # run's own edit). Weaker ones lay a first front from end to end: on the embedded model KL grows about
-    # as strength² and refusals fall about linearly (bench/vs_heretic.py, 2026-12-02: 1 → 14/100 at KL
-    # 0.076, 0.5 → 20 at 0.016, 0.25 → 31 at 0.0037), and TPE alone finds few low-damage points early on.
+    # as strength² and refusals fall about linearly (bench/vs_heretic.py, 2026-12-02, heretic's evaluator:
+    # 1 → 14/100 at KL 0.076, 0.5 → 20 at 0.016, 0.25 → 31 at 0.0037, 0.12 → 38 at 0.0008), and TPE
+    # alone finds few low-damage points early on.
     anchors: tuple[float, ...] = (1.0, 0.85, 0.7, 0.5, 0.25, 0.12)
 
 
