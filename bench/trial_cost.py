@@ -20,6 +20,7 @@ precision, so it says how far any implementation could go below heretic at equal
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import shutil
 import statistics
@@ -55,6 +56,19 @@ def trial_flops(model, plan) -> float:
     return float(flops)
 
 
+def skippable_fraction(space: EditSpace, ctx: EditContext, n: int = 2000, seed: int = 0) -> float:
+    """Mean share of the blocks below an edit's first edited one, over ``n`` random edits of the space: the
+    work that skipping them (feeding cached clean block inputs, as selection's steering pass does) would save."""
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed))
+    shares = []
+    for _ in range(n):
+        edit = build_edit(space.suggest(study.ask()), ctx)
+        edited = [j for j, (a, m) in enumerate(zip(edit.attn_weights, edit.mlp_weights)) if a or m]
+        first = 0 if edit.embed_weight or not edited else edited[0]
+        shares.append(first / ctx.n_layers)
+    return statistics.fmean(shares)
+
+
 def matmul_peak(d: int, inner: int, dtype: torch.dtype, rows: int = 2048, repeats: int = 7) -> float:
     """FLOP/s of a [rows, d] × [d, inner] matmul (the MLP's shape), median of ``repeats``."""
     a, b = torch.randn(rows, d, dtype=dtype), torch.randn(d, inner, dtype=dtype)
@@ -77,9 +91,14 @@ def main() -> None:
     ap.add_argument("--heretic", default=None, help="heretic_search.json of a vs_heretic.py run on this machine")
     ap.add_argument("--dtype", default=None, help="load the model in this dtype instead of the run's (e.g. bfloat16)")
     args = ap.parse_args()
+    heretic_s, heretic_from = 140.0, "heretic_baseline.md (another machine of this class)"
+    if args.heretic:  # read before any model loads: a bad path fails at once, not after the measurement
+        heretic_s, heretic_from = float(json.loads(Path(args.heretic).read_text())["median_trial_s"]), args.heretic
     run_dir = args.run_dir
     if args.dtype:  # the run's manifest records its dtype: score a throw-away copy, never edit the user's run
-        run_dir = shutil.copytree(args.run_dir, Path(tempfile.mkdtemp(prefix="trial_cost_")) / "run",
+        scratch = tempfile.mkdtemp(prefix="trial_cost_")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        run_dir = shutil.copytree(args.run_dir, Path(scratch) / "run",
                                   ignore=shutil.ignore_patterns("completions", "edits", "*.db"))
     ws = open_workspace(config_from_run(run_dir, {"dtype": args.dtype} if args.dtype else None), run_dir,
                         must_exist=True, allowed=("dtype",) if args.dtype else ())
@@ -136,10 +155,8 @@ def main() -> None:
     dtype = next(model.parameters()).dtype
     peak = matmul_peak(model.config.hidden_size, model.config.intermediate_size, dtype)
     floor_s = flops / peak
-    heretic_s, heretic_from = 140.0, "heretic_baseline.md (another machine of this class)"
-    if args.heretic:
-        heretic_s, heretic_from = float(json.loads(Path(args.heretic).read_text())["median_trial_s"]), args.heretic
-    out = {"dtype": str(dtype), "trial_gflop": flops / 1e9, "achieved_gflops": flops / med["staged_s"] / 1e9,
+    skip = skippable_fraction(space, ctx, seed=args.seed)
+    out = {"skippable_block_share": skip, "dtype": str(dtype), "trial_gflop": flops / 1e9, "achieved_gflops": flops / med["staged_s"] / 1e9,
            "matmul_peak_gflops": peak / 1e9, "fastest_possible_trial_s": floor_s,
            "best_possible_ratio_vs_heretic": heretic_s / floor_s, "n_harmful": nh, "n_harmless": len(harmless), "prefix_tokens": len(staged.plan.prefix) if staged.plan else 0,
            "setup_s": setup_s, "median": med, "heretic_median_trial_s": heretic_s,
@@ -152,6 +169,8 @@ def main() -> None:
     print(f"work per trial ({out['dtype']}): {out['trial_gflop']:.0f} GFLOP; achieved {out['achieved_gflops']:.0f} GFLOP/s "
           f"against a plain matmul's {out['matmul_peak_gflops']:.0f} GFLOP/s in this run → no trial at these prompt "
           f"counts can take under {floor_s:.1f} s here ({out['best_possible_ratio_vs_heretic']:.1f}x heretic's {heretic_s:.1f} s)")
+    print(f"skipping the blocks below each edit's first edited one would save {skip:.1%} of the block work "
+          "(mean over 2000 random edits of the default space)")
 
 
 if __name__ == "__main__":

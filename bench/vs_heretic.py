@@ -110,6 +110,8 @@ def parse_search_log(lines: list[tuple[float, str]]) -> dict:
             base, n_bad = int(m.group(1)), int(m.group(2))
         elif trials and (m := re.search(r"KL divergence: ([0-9.eE+-]+)", line)) and "[Trial" not in line:
             trials[-1]["kl"] = float(m.group(1))
+        elif trials and trials[-1].get("kl") is None and (m := re.search(r"^\s*\* ([\w.]+) = (.+?)\s*$", line)):
+            trials[-1].setdefault("params", {})[m.group(1)] = m.group(2)  # "* attn.o_proj.max_weight = 1.09"
         elif trials and (m := re.search(r"^\s*\* Refusals: (\d+)/(\d+)", line)):
             trials[-1]["refusals"] = int(m.group(1))
             n_bad = int(m.group(2))
@@ -127,6 +129,38 @@ def parse_search_log(lines: list[tuple[float, str]]) -> dict:
             "setup_s": (trials[0]["start"] - t0) if trials else None, "search_s": end - t0,
             "median_trial_s": statistics.median(tr["seconds"] for tr in done) if done else None,
             "front": [list(p) for p in front]}
+
+
+HERETIC_COMPONENTS = {"attn": "attn.o_proj", "mlp": "mlp.down_proj"}
+
+
+def heretic_choice(params: dict[str, str]) -> dict:
+    """heretic's trial parameters (as its log prints them) → the same edit as a choice of our search space.
+
+    Layer numbers are taken as they are: scored by heretic's evaluator, heretic's trial 14 rebuilt this way
+    gave KL 0.0583 where heretic's own edit gave 0.0602 (2026-12-02), one layer later 0.0508.
+    """
+    index = params["direction_index"]
+    choice: dict = {"projected": False, "norm_preserving": False, "embed": False}
+    if index == "per layer":  # each block its own direction
+        choice["source"] = "dim:per_layer"
+    else:
+        choice.update(source="dim:index", direction_index=float(index))
+    for ours, theirs in HERETIC_COMPONENTS.items():
+        choice[ours] = {"peak": float(params[f"{theirs}.max_weight"]),
+                        "position": float(params[f"{theirs}.max_weight_position"]),
+                        "floor": float(params[f"{theirs}.min_weight"]),
+                        "distance": float(params[f"{theirs}.min_weight_distance"])}
+    return choice
+
+
+def read_logged(log: Path) -> list[tuple[float, str]]:
+    """A log written by :func:`run_logged` → its (time, line) pairs."""
+    out = []
+    for raw in log.read_text(encoding="utf-8").splitlines():
+        t, _, line = raw.partition(" ")
+        out.append((float(t), line))
+    return out
 
 
 def parse_evaluation(lines: list[str]) -> dict:

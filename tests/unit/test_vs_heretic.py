@@ -132,3 +132,25 @@ def test_only_our_edits_under_the_kl_cap_are_exported_and_scored(tmp_path, monke
     assert exported == ["e0", "e1", "e2"] and [Path(p).name for p in evaluated] == ["e0", "e1", "e2"]
     assert [s["edit"] for s in scored] == ["e0", "e1", "e2"] and scored[0]["our_kl"] == 0.001
     assert len(vs.score_ours(args, tmp_path, tmp_path / "m", tmp_path / "h", ours, kl_cap=None)) == 4
+
+
+def test_heretic_trial_parameters_are_parsed_and_become_our_choice(tmp_path):
+    kernels = [f"  * {c}.{k} = {v}" for c in ("attn.o_proj", "mlp.down_proj")
+               for k, v in (("max_weight", "1.09"), ("max_weight_position", "16.58"), ("min_weight", "0.58"),
+                            ("min_weight_distance", "11.73"))]
+    block = _trial_block(1, 2, 0.06, 14)
+    block[3:3] = kernels
+    second = _trial_block(2, 2, 0.2, 30)
+    second[2] = "  * direction_index = per layer"
+    second[3:3] = kernels
+    log = tmp_path / "search.log"
+    log.write_text("".join(f"{t:.3f} {line}\n" for t, line in enumerate(["start", *block, *second])))
+    trials = vs.parse_search_log(vs.read_logged(log))["trials"]
+    assert trials[0]["params"]["direction_index"] == "15.2" and len(trials[0]["params"]) == 9
+    assert "KL divergence" not in trials[0]["params"] and trials[0]["kl"] == 0.06
+    choice = vs.heretic_choice(trials[0]["params"])
+    assert choice["source"] == "dim:index" and choice["direction_index"] == 15.2 and not choice["embed"]
+    assert choice["attn"] == choice["mlp"] == {"peak": 1.09, "position": 16.58, "floor": 0.58, "distance": 11.73}
+    assert vs.heretic_choice(trials[1]["params"])["source"] == "dim:per_layer"
+    with pytest.raises(KeyError):
+        vs.heretic_choice({"direction_index": "3.0"})  # a log without kernels is not silently half an edit
