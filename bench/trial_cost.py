@@ -15,16 +15,14 @@ MLP shape in the same run: the ratio of the two is the fastest this CPU could sc
 precision, so it says how far any implementation could go below heretic at equal prompt counts.
 
     .venv/bin/python bench/trial_cost.py --run-dir runs/demo [--n 100] [--trials 4] [--dtype bfloat16]
+        [--compare float32_trial_cost.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -90,18 +88,16 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--heretic", default=None, help="heretic_search.json of a vs_heretic.py run on this machine")
     ap.add_argument("--dtype", default=None, help="load the model in this dtype instead of the run's (e.g. bfloat16)")
+    ap.add_argument("--compare", default=None, help="trial_cost JSON of the same edits in another dtype: print how "
+                                                     "the two rank them (Spearman) and the time ratio")
     args = ap.parse_args()
     heretic_s, heretic_from = 140.0, "heretic_baseline.md (another machine of this class)"
     if args.heretic:  # read before any model loads: a bad path fails at once, not after the measurement
         heretic_s, heretic_from = float(json.loads(Path(args.heretic).read_text())["median_trial_s"]), args.heretic
+    other = json.loads(Path(args.compare).read_text()) if args.compare else None  # a bad path fails before the model loads
     run_dir = args.run_dir
-    if args.dtype:  # the run's manifest records its dtype: score a throw-away copy, never edit the user's run
-        scratch = tempfile.mkdtemp(prefix="trial_cost_")
-        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-        run_dir = shutil.copytree(args.run_dir, Path(scratch) / "run",
-                                  ignore=shutil.ignore_patterns("completions", "edits", "*.db"))
-    ws = open_workspace(config_from_run(run_dir, {"dtype": args.dtype} if args.dtype else None), run_dir,
-                        must_exist=True, allowed=("dtype",) if args.dtype else ())
+    # --dtype loads the model in that dtype for this process only; the run's manifest is not touched
+    ws = open_workspace(config_from_run(run_dir), run_dir, must_exist=True, load_dtype=args.dtype)
     harmful = [p.instruction for p in load_prompts("jailbreakbench", n=args.n, seed=0)]
     harmless = [p.instruction for p in load_prompts("harmless_val", n=args.n, seed=0)]
     ctx = EditContext.from_run(ws.run.path)
@@ -171,6 +167,26 @@ def main() -> None:
           f"counts can take under {floor_s:.1f} s here ({out['best_possible_ratio_vs_heretic']:.1f}x heretic's {heretic_s:.1f} s)")
     print(f"skipping the blocks below each edit's first edited one would save {skip:.1%} of the block work "
           "(mean over 2000 random edits of the default space)")
+    if other is not None:
+        print(compare_runs(out, other))
+
+
+def compare_runs(ours: dict, other: dict) -> str:
+    """How two trial_cost runs of the same seeded edits (e.g. bfloat16 vs float32) rank them and what each costs."""
+    from search_fidelity import spearman  # bench/ is on the path when this script runs
+
+    if [t["choice"] for t in ours["trials"]] != [t["choice"] for t in other["trials"][:len(ours["trials"])]]:
+        raise SystemExit("error: --compare holds other edits (use the same --seed, and at least as many --trials)")
+    pairs = list(zip(ours["trials"], other["trials"]))
+    lines = [f"against {other['dtype']} on the same {len(pairs)} edits: median trial {ours['median']['staged_s']:.2f} s vs "
+             f"{other['median']['staged_s']:.2f} s ({other['median']['staged_s'] / ours['median']['staged_s']:.2f}x)"]
+    for i, name in enumerate(("refusal score", "KL")):
+        a, b = [p[0]["values"][i] for p in pairs], [p[1]["values"][i] for p in pairs]
+        rho = spearman(a, b)
+        diffs = sorted(x - y for x, y in zip(a, b))
+        lines.append(f"  {name}: Spearman rho {rho:.3f}, difference {diffs[0]:+.4f} .. {diffs[-1]:+.4f} "
+                     f"(median {statistics.median(diffs):+.4f})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

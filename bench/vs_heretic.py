@@ -20,7 +20,8 @@ greedy responses. Steps (each can be skipped; results are saved as JSON in --wor
 
 Takes 1–2 h on 2 CPU cores (heretic alone: 28 min for 24 trials on an Intel Xeon, 51 min on an AMD EPYC). Parts:
     .venv/bin/python bench/vs_heretic.py [--work bench_out/vs_heretic] [--heretic-trials 24] [--our-trials N]
-        [--skip-heretic-search] (reuse WORK/heretic_search.json) [--skip-ours] [--max-exports 12] [--install-only]
+        [--our-dtype bfloat16] [--skip-heretic-search] (reuse WORK/heretic_search.json) [--skip-ours]
+        [--max-exports 12] [--install-only]
 """
 
 from __future__ import annotations
@@ -317,7 +318,7 @@ def our_side(args, work: Path, model_dir: Path, heretic_wall_s: float | None) ->
     print(f"our extract + select took {prep_s:.0f} s; searching with --budget {budget}", flush=True)
     t1 = time.monotonic()
     subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run), "--budget", budget,
-                    "--n-val", str(args.n_eval)], check=True)
+                    "--n-val", str(args.n_eval), *(["--dtype", args.our_dtype] if args.our_dtype else [])], check=True)
     search_s = time.monotonic() - t1
     summary = json.loads((run / "search_edits.json").read_text())
     trials = [t for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED") and t.get("end")]
@@ -325,7 +326,8 @@ def our_side(args, work: Path, model_dir: Path, heretic_wall_s: float | None) ->
 
     secs = [(datetime.fromisoformat(t["end"]) - datetime.fromisoformat(t["start"])).total_seconds() for t in trials]
     complete = [s for s, t in zip(secs, trials) if t["state"] == "COMPLETE"]
-    return {"prep_s": prep_s, "search_s": search_s, "budget": budget, "median_trial_s": statistics.median(secs),
+    return {"prep_s": prep_s, "search_s": search_s, "budget": budget, "search_dtype": args.our_dtype or "float32",
+            "median_trial_s": statistics.median(secs),
             "median_complete_trial_s": statistics.median(complete) if complete else None,
             "n_pruned": sum(t["state"] == "PRUNED" for t in trials), "trial_s": secs,
             "pareto": [{"edit": p["edit_name"], "refusal": p["refusal"], "kl": p["kl"]} for p in summary["pareto"]],
@@ -372,6 +374,8 @@ def main() -> None:
     ap.add_argument("--n-select", type=int, default=32,
                     help="our DIM selection's validation prompts per side (the run default; the search uses --n-eval)")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--our-dtype", default=None, help="dtype our search scores trials in (bfloat16: see docs/search.md); "
+                                                     "extract, select and the exports stay float32, as heretic runs")
     ap.add_argument("--batch-size", type=int, default=64, help="heretic's batch size")
     ap.add_argument("--max-exports", type=int, default=12)
     ap.add_argument("--kl-cap-factor", type=float, default=1.5,
@@ -437,8 +441,8 @@ def main() -> None:
     plot_fronts(result, work / "vs_heretic.png")
     n = heretic.get("n_bad") or args.n_eval
     fmt = lambda pts: ", ".join(f"{r}@{d:.4f}" for r, d in pts)  # noqa: E731
-    print(f"\nseconds per trial (median): heretic {heretic['median_trial_s']:.1f}, ours {ours['median_trial_s']:.1f} "
-          f"→ ours {ratio:.1f}x cheaper (goal >= 10)")
+    print(f"\nseconds per trial (median): heretic {heretic['median_trial_s']:.1f} (float32), ours "
+          f"{ours['median_trial_s']:.1f} ({ours.get('search_dtype', 'float32')}) → ours {ratio:.1f}x cheaper (goal >= 10)")
     print(f"  counting only our unpruned trials ({len(ours['trial_s']) - ours.get('n_pruned', 0)} of "
           f"{len(ours['trial_s'])}): {full_ratio:.1f}x")
     print(f"heretic front (refusals/{n} @ KL): {fmt(theirs)}")

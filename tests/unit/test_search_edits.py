@@ -179,6 +179,23 @@ def test_search_verb_saves_the_pick_and_evaluate_export_use_it(tiny_run, tmp_pat
     assert torch.allclose(reloaded(**batch).logits, expected, atol=1e-4)
 
 
+def test_a_bfloat16_search_keeps_the_runs_dtype_and_is_its_own_study(tiny_run, tmp_path):
+    """--dtype loads the model in bf16 for the search only: export and evaluate keep the run's float32, and the
+    study records the dtype, so a float32 study is never resumed with bf16 values."""
+    import shutil
+
+    root, _, _ = tiny_run
+    run = shutil.copytree(root / "run", tmp_path / "run", ignore=shutil.ignore_patterns("edits", "*.db", "search*"))
+    before = json.loads((run / "manifest.json").read_text())["config"]["dtype"]
+    _cli("search", "-r", str(run), "--trials", "2", "--n-startup-trials", "2", "--dtype", "bfloat16")
+    summary = json.loads((run / "search_edits.json").read_text())
+    assert summary["n_trials"]["complete"] == 2
+    assert summary["identity"]["objective"].endswith("+bfloat16")
+    assert json.loads((run / "manifest.json").read_text())["config"]["dtype"] == before
+    proc = _cli("search", "-r", str(run), "--trials", "3", "--n-startup-trials", "2", check=False)
+    assert proc.returncode == 2 and "objective" in proc.stderr  # float32 values never join the bf16 study
+
+
 def test_search_bad_input_is_one_error_line(tiny_run, tmp_path):
     root, ws, _ = tiny_run
     run = root / "run"
@@ -189,6 +206,7 @@ def test_search_bad_input_is_one_error_line(tiny_run, tmp_path):
                         (["search", "-r", str(run), "--k-max", "9"], "--k-max must be in 1..7"),
                         (["search", "-r", str(run), "--sets", "small", "--k-max", "3"], "has only 2 directions"),
                         (["search", "-r", str(run), "--sets", "alien"], "comes from another model"),
+                        (["search", "-r", str(run), "--dtype", "fp12"], "unknown dtype 'fp12'"),
                         (["evaluate", "-r", str(run), "--edit", "nope"], "no saved edit"),
                         (["export", "-r", str(run), "--edit", "nope", "--out", str(tmp_path / "x")], "no saved edit")]:
         proc = _cli(*args, check=False)

@@ -42,3 +42,25 @@ def test_pruning_replay_counts_what_the_rule_would_stop():
     assert tight["pruned"] == [1, 3]
     lost = sf.replay_pruning([rows[0], _row(1, (-5.0, 0.01), (-2.0, 0.2))], PruneRule(0.25, 0.0, 1.0, 0.0))
     assert lost["pruned"] == [1] and lost["front_trials_pruned"] == [1]  # a misleading first stage loses a front trial
+
+
+def test_trial_cost_compares_two_dtypes_on_the_same_edits():
+    import sys
+
+    sys.path.insert(0, str(_PATH.parent))
+    try:
+        tc_spec = importlib.util.spec_from_file_location("trial_cost", _PATH.parent / "trial_cost.py")
+        tc = importlib.util.module_from_spec(tc_spec)
+        tc_spec.loader.exec_module(tc)
+        run = lambda dtype, vals, s: {"dtype": dtype, "median": {"staged_s": s},  # noqa: E731
+                                      "trials": [{"choice": {"i": i}, "values": v} for i, v in enumerate(vals)]}
+        bf = run("bfloat16", [(-1.0, 0.011), (-2.0, 0.031), (-3.0, 0.021)], 10.0)
+        fp = run("float32", [(-1.1, 0.010), (-3.1, 0.030), (-2.9, 0.020)], 25.0)
+        text = tc.compare_runs(bf, fp)
+        assert "2.50x" in text
+        assert "refusal score: Spearman rho 0.500" in text and "KL: Spearman rho 1.000" in text
+        assert "median +0.0010" in text
+        with pytest.raises(SystemExit, match="other edits"):
+            tc.compare_runs(bf, run("float32", [(-1.0, 0.0)] * 3, 25.0) | {"trials": [{"choice": {"i": 9}, "values": (0, 0)}] * 3})
+    finally:
+        sys.path.remove(str(_PATH.parent))

@@ -156,3 +156,50 @@ def test_evaluate_stops_rows_early_only_when_every_judge_is_the_substring_one(mo
     custom = evaluate.EvalPlan(datasets=[], interventions=[], judges=[SubstringJudge(substrings=("nope",))],
                                stop_when_decided=True)
     assert not custom.early_stop("harmful")  # the stop rule watches the default phrases only
+
+
+def test_the_lm_head_gets_a_contiguous_input_once_and_the_logits_do_not_change(tiny):
+    """logits_to_keep=1 hands the head a strided slice, which torch's CPU Linear runs up to 500x slower in bf16."""
+    ids = torch.randint(5, 60, (3, 7))
+    with torch.inference_mode():
+        before = tiny.model(input_ids=ids, logits_to_keep=1).logits
+    seen = []
+    head = tiny.model.get_output_embeddings()
+    probe = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    with torch.inference_mode():
+        tiny.model(input_ids=ids, logits_to_keep=1)
+    assert seen == [False]  # without the adapter the head sees the slice
+    probe.remove()
+    ModelAdapter(tiny.model)
+    ModelAdapter(tiny.model)  # a second adapter on the same model adds no second hook
+    assert len(head._forward_pre_hooks) == 1
+    probe = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    with torch.inference_mode():
+        after = tiny.model(input_ids=ids, logits_to_keep=1).logits
+    probe.remove()
+    assert seen == [False, True]
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # another kernel: rounding only
+
+
+def test_a_bf16_model_gets_a_float32_head_that_follows_in_place_edits(tiny):
+    from refusal_atlas.model.adapter import float32_head_output
+
+    model = tiny.model.to(torch.bfloat16)
+    head = model.get_output_embeddings()
+    seen = []
+    head.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    float32_head_output(model)
+    float32_head_output(model)  # once per model
+    assert head._refusal_atlas_fp32
+    ids = torch.randint(5, 60, (2, 5))
+    with torch.inference_mode():
+        logits = model(input_ids=ids, logits_to_keep=1).logits
+    assert logits.dtype == torch.float32
+    expected = torch.nn.functional.linear(seen[-1].float(), head.weight.float())
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        head.weight.mul_(2)  # an edit made in place must reach the cached float32 weight
+    with torch.inference_mode():
+        logits = model(input_ids=ids, logits_to_keep=1).logits
+    torch.testing.assert_close(logits, torch.nn.functional.linear(seen[-1].float(), head.weight.float()),
+                               rtol=1e-6, atol=1e-6)

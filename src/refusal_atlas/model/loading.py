@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from refusal_atlas.errors import ModelError
+from refusal_atlas.model.adapter import contiguous_head_input
 from refusal_atlas.model.files import is_local_model
 from refusal_atlas.model.gguf import load_gguf
 from refusal_atlas.model.placement import describe_placement, dispatch_loaded, parse_device_map, parse_max_memory, uses_disk
@@ -39,7 +40,7 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """float32 on CPU (bf16 matmuls are slower on common CPUs), bfloat16 on accelerators."""
+    """float32 on CPU (bf16 is faster there only with AVX512-BF16 or AMX), bfloat16 on accelerators."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -148,6 +149,7 @@ def load_model(
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    contiguous_head_input(model)
     prepare_tokenizer(tokenizer)
     info.update(describe_placement(model))
     loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source, info=info)

@@ -37,6 +37,7 @@ from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.evaluation.objective import ValidationObjective
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.interventions import Intervention
+from refusal_atlas.model.adapter import float32_head_output
 from refusal_atlas.prefix_cache import PrefixPlan, budget_batches, supports_prefix_reuse
 
 
@@ -109,6 +110,7 @@ class StagedObjective(ValidationObjective):
         rest = [*range(self.n1[0], nh), *range(nh + self.n1[1], len(self.rows))]
         self.stages = [first, rest]
         self.plan = PrefixPlan(adapter, chat, self.rows, batch_size) if supports_prefix_reuse(adapter) else None
+        float32_head_output(adapter.model)  # a no-op in float32; in bf16 it lowers the KL floor (adapter.py)
         self.prefix_passes = 0  # how many prefix K/V computations ran (tests check: one per trial)
 
     def _harmless_base(self) -> torch.Tensor:
@@ -135,7 +137,10 @@ class StagedObjective(ValidationObjective):
         return out
 
     def fingerprint(self) -> str:
+        """The prompts, plus the token count and a dtype other than float32: both change the trial values."""
         base = super().fingerprint()
+        dtype = str(self.adapter.dtype).removeprefix("torch.")
+        base = base if dtype == "float32" else f"{base}+{dtype}"
         return base if not self.score_tokens else f"{base}+tokens{self.score_tokens}"
 
     def _verdicts(self, rows: list[int], kv) -> tuple[torch.Tensor, list[bool]]:

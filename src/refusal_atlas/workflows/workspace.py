@@ -78,8 +78,11 @@ class Workspace:
 
 
 def open_workspace(cfg: RunConfig, run_dir: str | Path, *, must_exist: bool = False,
-                   allowed: Iterable[str] = ()) -> Workspace:
+                   allowed: Iterable[str] = (), load_dtype: str | None = None) -> Workspace:
     """Validate ``cfg`` and the run directory, load the model, then create (or reopen) the run directory.
+
+    ``load_dtype`` loads the model in another dtype for this verb only (the search scores trials in
+    bfloat16 where that is faster); the run's recorded dtype, which export and evaluate use, is kept.
 
     Reopening a run with settings that would make its artifacts stale is an error (see
     :func:`refusal_atlas.validate.check_run_settings`); the settings in ``allowed`` (those the
@@ -96,7 +99,7 @@ def open_workspace(cfg: RunConfig, run_dir: str | Path, *, must_exist: bool = Fa
             template = Path(cfg.chat_template).expanduser().read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read chat template {cfg.chat_template}: {exc.strerror}") from None
-    loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, device_map=cfg.device_map,
+    loaded = load_model(cfg.model, device=cfg.device, dtype=load_dtype or cfg.dtype, device_map=cfg.device_map,
                         max_memory=cfg.max_memory, dtype_fallback=cfg.dtype_fallback)
     adapter = ModelAdapter(loaded.model)
     chat = ChatFormatter(loaded.tokenizer, system=cfg.system_prompt, chat_template=template)
