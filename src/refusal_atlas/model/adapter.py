@@ -111,6 +111,8 @@ def float32_head_output(model: nn.Module) -> None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear) or head.weight.dtype == torch.float32 or getattr(head, "_refusal_atlas_fp32", False):
         return
+    if getattr(head, "_hf_hook", None) is not None:  # accelerate placed it and owns its forward: keep that
+        return
     cache: dict = {}
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # replaces Linear.forward on this instance; hooks still run
