@@ -104,9 +104,9 @@ def float32_head_output(model: nn.Module) -> None:
     """Compute the LM head in float32 when the model runs in a lower precision (once per model).
 
     bf16 logits of magnitude 16-32 are rounded to steps of 0.125, which puts a floor of about 0.001
-    under the next-token KL of any edit: a gentle edit's KL read 0.0022 in bf16 against 0.0011 in
-    float32. A float32 head (one position per row, the float32 weight cached until it is edited)
-    brings that to 0.0014, for about 2 s of a 16.6 s trial on the embedded model (docs/search.md).
+    under the next-token KL of any edit (median +0.0010 against float32 over 10 edits). A float32 head
+    (one position per row, the float32 weight cached until it is edited) brings that to +0.0003, for
+    about 2 s of a 16.6 s trial on the embedded model (bench/trial_cost.py --compare, docs/search.md).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear) or head.weight.dtype == torch.float32 or getattr(head, "_refusal_atlas_fp32", False):
