@@ -334,19 +334,47 @@ def our_side(args, work: Path, model_dir: Path, heretic_wall_s: float | None) ->
             "run": str(run)}
 
 
-def score_ours(args, work: Path, model_dir: Path, exe: Path, ours: dict, kl_cap: float | None = None) -> list[dict]:
-    """Export our Pareto edits (spread over KL, at most --max-exports) and score each with heretic's evaluator.
+def next_to_score(front: list[dict], theirs: list[tuple[int, float]], scored: list[dict], tries: int = 2,
+                  max_exports: int = 12) -> dict | None:
+    """The next of our Pareto edits (sorted by validation KL) to score with heretic's evaluator, or None.
+
+    Each scoring costs minutes, so the edits that decide the verdict go first: for the first heretic point
+    (r, d) that no scored edit covers yet, our strongest unscored edit among the ``tries`` strongest with
+    validation KL <= d (our validation KL is heretic's KL on the same prompts; at the strong end the trial's
+    refusal score cannot resolve a few refusals, hence more than one try). When no uncovered point has a
+    candidate left, the rest of the front, spread evenly over KL, until ``max_exports`` are scored.
+    """
+    if len(scored) >= max_exports:
+        return None
+    done = {s["edit"] for s in scored}
+    points = [(s["refusals"], s["kl"]) for s in scored if s.get("refusals") is not None]
+    for r, d in theirs:
+        if dominance(points, [(r, d)])["dominates"]:
+            continue
+        left = [p for p in [p for p in front if p["kl"] <= d][-tries:] if p["edit"] not in done]
+        if left:
+            return left[-1]
+    rest = [p for p in front if p["edit"] not in done]
+    if not rest:
+        return None
+    # spread: the unscored edit farthest (in KL rank) from every scored one
+    ranks = {p["edit"]: i for i, p in enumerate(front)}
+    taken = [ranks[e] for e in done if e in ranks]
+    return max(rest, key=lambda p: min((abs(ranks[p["edit"]] - t) for t in taken), default=len(front) - ranks[p["edit"]]))
+
+
+def score_ours(args, work: Path, model_dir: Path, exe: Path, ours: dict, kl_cap: float | None = None,
+               theirs: list[tuple[int, float]] | None = None) -> list[dict]:
+    """Export our Pareto edits in ``next_to_score``'s order (at most --max-exports) and score each with
+    heretic's evaluator.
 
     ``kl_cap``: edits whose validation KL is above it are not scored. Our validation KL is heretic's KL on the
     same prompts (2026-12-02: within 0.0002 in 11 of 12 pairs, the 12th, at KL 0.28, within 1 %), so an edit
     far above heretic's largest front KL cannot cover any heretic point, and each scoring costs minutes.
     """
     front = sorted((p for p in ours["pareto"] if kl_cap is None or p["kl"] <= kl_cap), key=lambda p: p["kl"])
-    if len(front) > args.max_exports:
-        step = (len(front) - 1) / (args.max_exports - 1)
-        front = [front[round(i * step)] for i in range(args.max_exports)]
-    scored = []
-    for p in front:
+    scored: list[dict] = []
+    while (p := next_to_score(front, theirs or [], scored, max_exports=args.max_exports)) is not None:
         out = work / "ours" / "exports" / p["edit"]
         if not out.exists():
             subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "export", "-r", ours["run"], "--edit",
@@ -355,6 +383,8 @@ def score_ours(args, work: Path, model_dir: Path, exe: Path, ours: dict, kl_cap:
                                work / f"evaluate_{p['edit']}.log", heretic_env())
         ours_values = {"our_refusal_score": p["refusal"], "our_kl": p["kl"]}  # heretic's own values take the plain keys
         scored.append({**p, **ours_values, **parse_evaluation([line for _, line in lines]), "rc": rc})
+        print(f"scored {p['edit']} (validation KL {p['kl']:.4f}): {scored[-1].get('refusals')} refusals @ KL "
+              f"{scored[-1].get('kl')}", flush=True)
         (work / "ours_scored.json").write_text(json.dumps(scored, indent=1))
     return scored
 
@@ -427,7 +457,7 @@ def main() -> None:
 
     theirs = [tuple(p) for p in heretic["front"]]
     kl_cap = args.kl_cap_factor * max(d for _, d in theirs) if args.kl_cap_factor else None
-    scored = score_ours(args, work, model_dir, exe, ours, kl_cap)
+    scored = score_ours(args, work, model_dir, exe, ours, kl_cap, theirs)
     our_front = pareto([(s["refusals"], s["kl"]) for s in scored])
     verdict = dominance(our_front, theirs)
     ratio = heretic["median_trial_s"] / ours["median_trial_s"]

@@ -129,8 +129,8 @@ def test_only_our_edits_under_the_kl_cap_are_exported_and_scored(tmp_path, monke
                                                       for i, kl in enumerate([0.001, 0.05, 0.09, 0.3])]}
     args = SimpleNamespace(max_exports=12)
     scored = vs.score_ours(args, tmp_path, tmp_path / "model", tmp_path / "heretic", ours, kl_cap=0.09)
-    assert exported == ["e0", "e1", "e2"] and [Path(p).name for p in evaluated] == ["e0", "e1", "e2"]
-    assert [s["edit"] for s in scored] == ["e0", "e1", "e2"] and scored[0]["our_kl"] == 0.001
+    assert exported == ["e0", "e2", "e1"] and [Path(p).name for p in evaluated] == ["e0", "e2", "e1"]  # spread over KL
+    assert [s["edit"] for s in scored] == ["e0", "e2", "e1"] and scored[0]["our_kl"] == 0.001
     assert len(vs.score_ours(args, tmp_path, tmp_path / "m", tmp_path / "h", ours, kl_cap=None)) == 4
 
 
@@ -154,3 +154,30 @@ def test_heretic_trial_parameters_are_parsed_and_become_our_choice(tmp_path):
     assert vs.heretic_choice(trials[1]["params"])["source"] == "dim:per_layer"
     with pytest.raises(KeyError):
         vs.heretic_choice({"direction_index": "3.0"})  # a log without kernels is not silently half an edit
+
+
+
+def test_edits_that_could_cover_a_heretic_point_are_scored_first():
+    front = [{"edit": f"e{i}", "kl": kl} for i, kl in enumerate([0.001, 0.003, 0.02, 0.05, 0.058, 0.07, 0.09])]
+    theirs = [(14, 0.06), (21, 0.051), (26, 0.022), (39, 0.0012)]
+
+    def order(results: dict[str, tuple[int, float]], max_exports: int = 12) -> list[str]:
+        """Score until next_to_score stops; heretic's (refusals, KL) per edit come from ``results``."""
+        scored = []
+        while (p := vs.next_to_score(front, theirs, scored, max_exports=max_exports)) is not None:
+            r, d = results[p["edit"]]
+            scored.append({**p, "refusals": r, "kl": d})
+        return [s["edit"] for s in scored]
+
+    covering = {"e0": (38, 0.0010), "e1": (33, 0.003), "e2": (25, 0.0201), "e3": (20, 0.0501), "e4": (13, 0.0579),
+                "e5": (12, 0.07), "e6": (11, 0.09)}
+    # per heretic point, our strongest edit at no more validation KL
+    assert order(covering, max_exports=4) == ["e4", "e3", "e2", "e0"]
+    theirs.remove((21, 0.051))
+    assert order(covering, max_exports=3) == ["e4", "e2", "e0"]
+    # e4 misses 14@0.06, so the next strongest below 0.06 (e3) is tried too, and no third (tries=2)
+    missing = {**covering, "e4": (16, 0.0579), "e3": (18, 0.0501)}
+    assert order(missing, max_exports=4) == ["e4", "e3", "e2", "e0"]
+    everything = order(missing)
+    assert sorted(everything) == [f"e{i}" for i in range(7)]  # then the rest of the front, once each
+    assert order(covering, max_exports=1) == ["e4"]
