@@ -12,8 +12,9 @@ greedy responses. Steps (each can be skipped; results are saved as JSON in --wor
    trial = from its "Running trial N" line to the next one (or to the end);
 4. our side: extract + select (Python API) and ``refusal-atlas search`` on the same prompts, timed, with
    ``--budget`` = a third of heretic's wall time less our extract + select (or --our-trials N);
-5. export each of our Pareto edits whose validation KL could cover a heretic point (``--kl-cap-factor``)
-   and score it with ``heretic --model ORIGINAL --evaluate-model OURS``;
+5. export our Pareto edits, those that could cover a heretic point first (``next_to_score``; at most
+   --max-exports, none with validation KL above ``--kl-cap-factor`` × heretic's largest), and score each with
+   ``heretic --model ORIGINAL --evaluate-model OURS``;
 6. print seconds per trial (median) for both and the ratio, both fronts (refusals/100 @ KL), whether ours
    dominates heretic's (every heretic point (r, d) has one of ours with <= r and <= d, strictly better in
    one), and the wall-time ratio.
