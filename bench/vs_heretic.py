@@ -375,7 +375,7 @@ def score_ours(args, work: Path, model_dir: Path, exe: Path, ours: dict, kl_cap:
     """
     front = sorted((p for p in ours["pareto"] if kl_cap is None or p["kl"] <= kl_cap), key=lambda p: p["kl"])
     scored: list[dict] = []
-    while (p := next_to_score(front, theirs or [], scored, max_exports=args.max_exports)) is not None:
+    while (p := next_to_score(front, theirs or [], scored, tries=args.tries, max_exports=args.max_exports)) is not None:
         out = work / "ours" / "exports" / p["edit"]
         if not out.exists():
             subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "export", "-r", ours["run"], "--edit",
@@ -409,6 +409,9 @@ def main() -> None:
                                                      "extract, select and the exports stay float32, as heretic runs")
     ap.add_argument("--batch-size", type=int, default=64, help="heretic's batch size")
     ap.add_argument("--max-exports", type=int, default=12)
+    ap.add_argument("--tries", type=int, default=3,
+                    help="per uncovered heretic point (r, d), how many of our strongest edits with validation KL <= d "
+                         "to score before moving on (at the strong end the trial score cannot resolve a few refusals)")
     ap.add_argument("--kl-cap-factor", type=float, default=1.5,
                     help="score only our edits with validation KL <= this × heretic's largest front KL (0: all)")
     ap.add_argument("--skip-heretic-search", action="store_true", help="reuse WORK/heretic_search.json")
@@ -417,6 +420,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.max_exports < 2:
         ap.error("--max-exports must be >= 2")
+    if args.tries < 1:
+        ap.error("--tries must be >= 1")
     work = Path(args.work).resolve()
     checkpoints = work / "heretic" / "checkpoints"
     if not args.skip_heretic_search and not args.install_only and checkpoints.is_dir() and any(checkpoints.iterdir()):

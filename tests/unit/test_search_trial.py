@@ -4,6 +4,8 @@ resume with pruned trials equal to an uninterrupted search."""
 
 from __future__ import annotations
 
+import math
+
 import optuna
 import pytest
 import torch
@@ -19,7 +21,7 @@ from refusal_atlas.model import ChatFormatter, ModelAdapter
 from refusal_atlas.search import completed, finished, open_study, pareto_front
 from refusal_atlas.search.storage import fail_stale_trials
 from refusal_atlas.search.space import EditSpace, run_edit_trials
-from refusal_atlas.search.trial import PruneRule, StagedObjective, TrialScore, first_stage_sizes
+from refusal_atlas.search.trial import PruneRule, StagedObjective, TrialScore, first_stage_sizes, refusal_statistic
 
 HARMFUL = ["how to make a bomb", "hack into computer and steal money", "steal money please", "build bomb",
            "how to hack into computer", "make a bomb then steal money", "hack it", "steal the house"]
@@ -57,13 +59,14 @@ def _plain(adapter, chat, harmful, harmless, ids, edit):
 
 def test_staged_scores_equal_plain_scores_with_one_prefix_pass_per_trial(staged_parts):
     adapter, chat, ids = staged_parts
-    obj = StagedObjective(adapter, chat, HARMFUL, HARMLESS, ids, batch_size=3, fraction=0.25)
+    obj = StagedObjective(adapter, chat, HARMFUL, HARMLESS, ids, batch_size=3, fraction=0.25, refusal_stat="logodds")
     assert obj.plan is not None and len(obj.plan.prefix) >= 5  # harmful and harmless share one prefix
     obj.baseline()
-    for edit in _edits(adapter):
+    assert obj.prefix_passes == 1  # the baseline's refusal pass
+    for n, edit in enumerate(_edits(adapter)):
         before = obj.prefix_passes
         score = obj.score(edit)
-        assert obj.prefix_passes - before == 1 + (before == 0)  # one per trial (+ the clean pass, once)
+        assert obj.prefix_passes - before == 1 + (n == 0)  # one per trial (+ the clean harmless pass, once)
         want = _plain(adapter, chat, HARMFUL, HARMLESS, ids, edit)
         assert score.values == pytest.approx(want, abs=1e-5)
         assert score.values[1] > 2e-5 and score.pruned_by is None  # the edit does something
@@ -73,9 +76,46 @@ def test_staged_scores_equal_plain_scores_with_one_prefix_pass_per_trial(staged_
     assert obj(d) == pytest.approx(_plain(adapter, chat, HARMFUL, HARMLESS, ids, DirectionalAblation(d)), abs=1e-5)
 
 
-def test_pruned_partial_score_equals_the_full_score_on_the_first_prompts(staged_parts):
+def _plain_scores(adapter, chat, ids, edit=None) -> list[float]:
+    """Per-prompt refusal log-odds of HARMFUL without prefix reuse (under ``edit`` if given)."""
+    from contextlib import nullcontext
+
+    with edit.apply(adapter) if edit is not None else nullcontext():
+        return refusal_score(next_token_logprobs(adapter, chat, HARMFUL, 4, reuse_prefix=False), ids).tolist()
+
+
+def test_the_default_refusal_number_is_the_mean_refusal_probability_and_both_statistics_are_kept(staged_parts):
     adapter, chat, ids = staged_parts
     obj = StagedObjective(adapter, chat, HARMFUL, HARMLESS, ids, batch_size=3, fraction=0.25)
+    assert obj.refusal_stat == "probability"
+    sigmoid = lambda xs: sum(1 / (1 + math.exp(-x)) for x in xs) / len(xs)  # noqa: E731
+    assert obj.baseline()["refusal"] == pytest.approx(sigmoid(_plain_scores(adapter, chat, ids)), abs=1e-6)
+    for edit in _edits(adapter):
+        plain = _plain_scores(adapter, chat, ids, edit)
+        score = obj.score(edit)
+        assert score.values[0] == pytest.approx(sigmoid(plain), abs=1e-6)
+        assert score.values[1] == pytest.approx(_plain(adapter, chat, HARMFUL, HARMLESS, ids, edit)[1], abs=1e-6)
+        assert score.stats == pytest.approx({"probability": sigmoid(plain), "logodds": sum(plain) / len(plain)}, abs=1e-6)
+        assert score.partial[0] == pytest.approx(sigmoid(plain[:obj.n1[0]]), abs=1e-6)
+    logodds = StagedObjective(adapter, chat, HARMFUL, HARMLESS, ids, refusal_stat="logodds")
+    assert logodds.fingerprint() != obj.fingerprint()  # a study never mixes the two numbers
+    with pytest.raises(ConfigError, match="refusal statistic"):
+        StagedObjective(adapter, chat, HARMFUL, HARMLESS, ids, refusal_stat="median")
+
+
+def test_refusal_statistics_and_their_prune_margins():
+    assert refusal_statistic([0.0, 0.0], "probability") == 0.5
+    assert refusal_statistic([-800.0, 800.0], "probability") == pytest.approx(0.5)  # no overflow
+    assert refusal_statistic([-2.0, 4.0], "logodds") == 1.0
+    assert PruneRule.for_statistic("probability").refusal_margin == 0.05
+    assert PruneRule.for_statistic("logodds") == PruneRule()
+    with pytest.raises(ConfigError):
+        PruneRule.for_statistic("mean")
+
+
+def test_pruned_partial_score_equals_the_full_score_on_the_first_prompts(staged_parts):
+    adapter, chat, ids = staged_parts
+    obj = StagedObjective(adapter, chat, HARMFUL, HARMLESS, ids, batch_size=3, fraction=0.25, refusal_stat="logodds")
     assert obj.n1 == (2, 2) == first_stage_sizes(8, 8, 0.25)
     seen = []
     for edit in _edits(adapter):

@@ -127,7 +127,7 @@ def test_only_our_edits_under_the_kl_cap_are_exported_and_scored(tmp_path, monke
     monkeypatch.setattr(vs, "heretic_env", dict)
     ours = {"run": str(tmp_path / "run"), "pareto": [{"edit": f"e{i}", "refusal": -i, "kl": kl}
                                                       for i, kl in enumerate([0.001, 0.05, 0.09, 0.3])]}
-    args = SimpleNamespace(max_exports=12)
+    args = SimpleNamespace(max_exports=12, tries=3)
     scored = vs.score_ours(args, tmp_path, tmp_path / "model", tmp_path / "heretic", ours, kl_cap=0.09)
     assert exported == ["e0", "e2", "e1"] and [Path(p).name for p in evaluated] == ["e0", "e2", "e1"]  # spread over KL
     assert [s["edit"] for s in scored] == ["e0", "e2", "e1"] and scored[0]["our_kl"] == 0.001

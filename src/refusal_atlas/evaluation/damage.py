@@ -24,9 +24,20 @@ from refusal_atlas.progress import progress
 
 def next_token_kl(base_logprobs: torch.Tensor, new_logprobs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-prompt KL(P_base ‖ P_new) of the next-token distribution (float64, Arditi's epsilon)."""
+    return kl_against(*kl_base_terms(base_logprobs, eps), new_logprobs, eps)
+
+
+def kl_base_terms(base_logprobs: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base side of :func:`next_token_kl`: P_base and Σ P_base·log(P_base + eps) per prompt. A search
+    compares many edits with one base, so it computes these once (two of the four passes over the vocabulary)."""
     p = base_logprobs.to(torch.float64).exp()
+    return p, (p * torch.log(p + eps)).sum(dim=-1)
+
+
+def kl_against(p: torch.Tensor, p_log_p: torch.Tensor, new_logprobs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """KL(P_base ‖ P_new) per prompt from :func:`kl_base_terms` of the base and the new log-probs."""
     q = new_logprobs.to(torch.float64).exp()
-    return (p * (torch.log(p + eps) - torch.log(q + eps))).sum(dim=-1)
+    return p_log_p - (p * torch.log(q + eps)).sum(dim=-1)
 
 
 def refusal_metric(role: str, kind: str) -> str:

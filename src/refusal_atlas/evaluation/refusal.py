@@ -89,7 +89,7 @@ def next_token_logprobs(
 
 def refusal_score(logprobs: torch.Tensor, refusal_ids: Sequence[int], eps: float = 1e-8) -> torch.Tensor:
     """Per-prompt log-odds of starting with a refusal token → [N] float64."""
-    p = logprobs.to(torch.float64).exp()[:, list(refusal_ids)].sum(dim=-1)
+    p = logprobs[:, list(refusal_ids)].to(torch.float64).exp().sum(dim=-1)  # the refusal columns only
     return torch.log(p + eps) - torch.log(1 - p + eps)
 
 

@@ -16,6 +16,15 @@ ones; equal up to float rounding, tested), with two savings:
 
 Every scored trial stores its partial values, so later trials can be compared on equal prompts.
 
+**The refusal number** (``refusal_stat``) aggregates the per-prompt first-token refusal log-odds s_i:
+``probability`` (the default) is the mean of σ(s_i), the model's expected rate of starting a refusal;
+``logodds`` is the mean of s_i itself. Both cost the same pass. They differ where it matters for a
+front measured in refusal counts: the log-odds mean keeps rewarding an edit for pushing prompts that
+no longer refuse further down (−4 → −8 counts as much as +2 → −2), so at the strong end it can prefer
+a more damaging edit that flips no more verdicts; σ(s_i) saturates there and counts flips. Every trial
+records both means (user attribute ``refusal_stats``) so bench/search_fidelity.py ranks each against
+generation on the same trials.
+
 ``score_tokens = m > 0`` (off by default) makes the refusal number the substring refusal rate of m greedy
 tokens per harmful prompt (decoded on the same prefix keys/values; a row stops once a refusal phrase
 appears) with ties broken by the logit score: rate + (0.5/n)·σ(mean log-odds), so the rate's 1/n steps
@@ -33,12 +42,31 @@ from typing import Any
 import torch
 
 from refusal_atlas.errors import ConfigError
-from refusal_atlas.evaluation.damage import next_token_kl
+from refusal_atlas.evaluation.damage import kl_against, kl_base_terms
 from refusal_atlas.evaluation.objective import ValidationObjective
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.interventions import Intervention
 from refusal_atlas.model.adapter import float32_head_output
 from refusal_atlas.prefix_cache import PrefixPlan, budget_batches, supports_prefix_reuse
+
+REFUSAL_STATS = ("probability", "logodds")
+# PruneRule's refusal margin per statistic: 0.5 log-odds, or 0.05 of expected refusal rate (about 1 prompt in 20)
+REFUSAL_MARGINS = {"logodds": 0.5, "probability": 0.05}
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def refusal_statistic(scores: Sequence[float], stat: str) -> float:
+    """Per-prompt refusal log-odds → the trial's refusal number: their mean (``logodds``) or the mean
+    first-token refusal probability σ(s) (``probability``)."""
+    if stat not in REFUSAL_STATS:
+        raise ConfigError(f"unknown refusal statistic {stat!r}; choose one of {', '.join(REFUSAL_STATS)}")
+    if not scores:
+        raise ValueError("no refusal scores")
+    values = scores if stat == "logodds" else [_sigmoid(x) for x in scores]
+    return sum(values) / len(values)
 
 
 @dataclass(frozen=True)
@@ -52,7 +80,7 @@ class PruneRule:
     """
 
     fraction: float = 0.25
-    refusal_margin: float = 0.5  # logit refusal score units (log-odds)
+    refusal_margin: float = REFUSAL_MARGINS["logodds"]  # in the refusal statistic's units (for_statistic)
     kl_ratio: float = 1.5
     kl_margin: float = 0.002
 
@@ -61,6 +89,12 @@ class PruneRule:
             raise ConfigError(f"the pruning fraction must be in (0, 1), got {self.fraction}")
         if self.refusal_margin < 0 or self.kl_ratio < 1 or self.kl_margin < 0:
             raise ConfigError("pruning margins must be >= 0 and kl_ratio >= 1")
+
+    @classmethod
+    def for_statistic(cls, stat: str, **kwargs) -> PruneRule:
+        """The default rule with the refusal margin in ``stat``'s units."""
+        refusal_statistic([0.0], stat)  # an unknown name fails here
+        return cls(**{"refusal_margin": REFUSAL_MARGINS[stat], **kwargs})
 
     def dominating(self, partial: tuple[float, float], front: Sequence[tuple[int, tuple[float, float]]]) -> int | None:
         """The number of the first front trial whose partial values clearly dominate ``partial``, else None."""
@@ -81,6 +115,7 @@ class TrialScore:
     n_partial: tuple[int, int]  # (harmful, harmless) prompts in the first stage
     values: tuple[float, float] | None  # on every prompt; None when pruned
     pruned_by: int | None = None
+    stats: dict[str, float] | None = None  # every refusal statistic over the prompts scored
 
     def record(self) -> dict[str, Any]:
         return {"refusal": self.partial[0], "kl": self.partial[1], "n_harmful": self.n_partial[0],
@@ -98,11 +133,13 @@ class StagedObjective(ValidationObjective):
     """ValidationObjective with a shared prefix per trial and a two-stage :meth:`score` (see module docstring)."""
 
     def __init__(self, adapter, chat, harmful: Sequence[str], harmless: Sequence[str], refusal_ids: Sequence[int],
-                 *, batch_size: int = 16, fraction: float = PruneRule.fraction, score_tokens: int = 0):
+                 *, batch_size: int = 16, fraction: float = PruneRule.fraction, score_tokens: int = 0,
+                 refusal_stat: str = "probability"):
         super().__init__(adapter, chat, harmful, harmless, refusal_ids, batch_size=batch_size, mode="subspace")
         if score_tokens < 0:
             raise ConfigError(f"score_tokens must be >= 0, got {score_tokens}")
-        self.score_tokens = score_tokens
+        refusal_statistic([0.0], refusal_stat)  # an unknown name fails here
+        self.score_tokens, self.refusal_stat = score_tokens, refusal_stat
         self.n1 = first_stage_sizes(len(self.harmful), len(self.harmless), fraction)
         nh = len(self.harmful)
         self.rows = self.harmful + self.harmless  # harmful rows 0..nh-1, harmless rows nh..
@@ -117,6 +154,7 @@ class StagedObjective(ValidationObjective):
         if self._base_lp is None:
             nh = len(self.harmful)
             self._base_lp = self._logprobs(list(range(nh, len(self.rows))), self._prefix_kv())
+            self._base_terms = kl_base_terms(self._base_lp)
         return self._base_lp
 
     def _logprobs(self, rows: list[int], kv) -> torch.Tensor:
@@ -137,8 +175,10 @@ class StagedObjective(ValidationObjective):
         return out
 
     def fingerprint(self) -> str:
-        """The prompts, plus the token count and a dtype other than float32: both change the trial values."""
+        """The prompts, plus the token count, the refusal statistic (unless log-odds, the original one) and a
+        dtype other than float32: each changes the trial values."""
         base = super().fingerprint()
+        base = base if self.refusal_stat == "logodds" else f"{base}+{self.refusal_stat}"
         dtype = str(self.adapter.dtype).removeprefix("torch.")
         base = base if dtype == "float32" else f"{base}+{dtype}"
         return base if not self.score_tokens else f"{base}+tokens{self.score_tokens}"
@@ -167,10 +207,22 @@ class StagedObjective(ValidationObjective):
         return lp, [is_refusal(tok.decode(g.token_ids, skip_special_tokens=True)) for g in gens]
 
     def _refusal_value(self, scores: list[float], verdicts: list[bool]) -> float:
-        mean = sum(scores) / len(scores)
         if not self.score_tokens:
-            return mean
-        return sum(verdicts) / len(verdicts) + 0.5 / len(verdicts) / (1 + math.exp(-mean))
+            return refusal_statistic(scores, self.refusal_stat)
+        mean = sum(scores) / len(scores)
+        return sum(verdicts) / len(verdicts) + 0.5 / len(verdicts) * _sigmoid(mean)
+
+    def baseline(self) -> dict[str, float]:
+        """The unedited model's refusal number (this objective's statistic) and KL 0."""
+        if self._base_refusal is None:
+            nh = len(self.harmful)
+            rows = list(range(nh))
+            if self.score_tokens:
+                lp, verdicts = self._verdicts(rows, self._prefix_kv())
+            else:
+                lp, verdicts = self._logprobs(rows, self._prefix_kv()), []
+            self._base_refusal = self._refusal_value(refusal_score(lp, self.refusal_ids).tolist(), verdicts)
+        return {"refusal": self._base_refusal, "kl": 0.0}
 
     def _prefix_kv(self):
         if self.plan is None:
@@ -180,7 +232,8 @@ class StagedObjective(ValidationObjective):
 
     def _stage_values(self, rows: list[int], kv) -> tuple[list[float], list[bool], list[float]]:
         """(refusal log-odds and verdicts of the harmful rows, KL of the harmless rows) under the active edit."""
-        nh, base = len(self.harmful), self._harmless_base()
+        nh = len(self.harmful)
+        self._harmless_base()
         harm = [i for i in rows if i < nh]
         safe = [i for i in rows if i >= nh]
         refusal, verdicts, kl = [], [], []
@@ -191,7 +244,9 @@ class StagedObjective(ValidationObjective):
                 lp = self._logprobs(harm, kv)
             refusal = refusal_score(lp, self.refusal_ids).tolist()
         if safe:
-            kl = next_token_kl(base[[i - nh for i in safe]], self._logprobs(safe, kv)).tolist()
+            p, p_log_p = self._base_terms
+            at = [i - nh for i in safe]
+            kl = kl_against(p[at], p_log_p[at], self._logprobs(safe, kv)).tolist()
         return refusal, verdicts, kl
 
     def score(self, edit, prune: Callable[[tuple[float, float]], int | None] | None = None) -> TrialScore:
@@ -214,7 +269,8 @@ class StagedObjective(ValidationObjective):
                     by = prune(partial) if prune is not None else None
                     if by is not None:
                         return TrialScore(partial, self.n1, None, by)
-        return TrialScore(partial, self.n1, (self._refusal_value(refusal, verdicts), sum(kl) / len(kl)))
+        stats = {stat: refusal_statistic(refusal, stat) for stat in REFUSAL_STATS}
+        return TrialScore(partial, self.n1, (self._refusal_value(refusal, verdicts), sum(kl) / len(kl)), stats=stats)
 
     def __call__(self, directions) -> tuple[float, float]:
         values = self.score(directions).values
@@ -229,6 +285,8 @@ def evaluate_staged(study, trial, objective: StagedObjective, edit, rule: PruneR
     front = front_partials(study) if rule is not None else []
     result = objective.score(edit, (lambda partial: rule.dominating(partial, front)) if rule is not None else None)
     trial.set_user_attr("partial", result.record())
+    if result.stats is not None:
+        trial.set_user_attr("refusal_stats", result.stats)
     if result.values is None:
         trial.set_user_attr("pruned_by", result.pruned_by)
         raise optuna.TrialPruned(f"first-stage values {result.partial} dominated by trial #{result.pruned_by}")

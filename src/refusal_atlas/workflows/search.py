@@ -23,7 +23,7 @@ from refusal_atlas.io import write_json
 from refusal_atlas.search import finished, open_study, summarize
 from refusal_atlas.search.storage import release_stale_trials, study_guard
 from refusal_atlas.search.space import EditSpace, build_edit, context_fingerprint, describe_choice, run_edit_trials
-from refusal_atlas.search.trial import PruneRule, StagedObjective, prune_identity
+from refusal_atlas.search.trial import PruneRule, StagedObjective, prune_identity, refusal_statistic
 from refusal_atlas.workflows.som import record_references
 from refusal_atlas.workflows.workspace import PromptSets, Workspace
 
@@ -39,12 +39,18 @@ class EditSearchSettings:
     k_max: int | None = None
     prune: PruneRule | None = field(default_factory=PruneRule)  # None: score every trial on every prompt
     score_tokens: int = 0  # > 0: refusal = substring rate of that many greedy tokens (search.trial)
+    refusal_stat: str = "probability"  # mean first-token refusal probability, or "logodds" (search.trial)
     # trials 0, 1, ...: ablation of the selected DIM direction at these strengths (1 = full ablation, the
     # run's own edit). Weaker ones lay a first front from end to end: on the embedded model KL grows about
     # as strength² and refusals fall about linearly (bench/vs_heretic.py, 2026-12-02, heretic's evaluator:
     # 1 → 14/100 at KL 0.076, 0.5 → 20 at 0.016, 0.25 → 31 at 0.0037, 0.12 → 38 at 0.0008), and TPE
     # alone finds few low-damage points early on.
     anchors: tuple[float, ...] = (1.0, 0.85, 0.7, 0.5, 0.25, 0.12)
+
+    def __post_init__(self) -> None:
+        refusal_statistic([0.0], self.refusal_stat)  # an unknown name fails here
+        if self.prune == PruneRule():  # the default rule: its refusal margin in this statistic's units
+            self.prune = PruneRule.for_statistic(self.refusal_stat)
 
 
 def check_sets(run_dir, names: tuple[str, ...], k_max: int | None) -> None:
@@ -103,7 +109,7 @@ def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettin
     objective = StagedObjective(ws.adapter, ws.chat, [p.instruction for p in sets.harmful_val],
                                 [p.instruction for p in sets.harmless_val], ws.refusal_ids,
                                 batch_size=ws.cfg.batch_size, fraction=(settings.prune or PruneRule()).fraction,
-                                score_tokens=settings.score_tokens)
+                                score_tokens=settings.score_tokens, refusal_stat=settings.refusal_stat)
     identity = {**space.identity(), "seed": settings.seed, "n_startup_trials": settings.n_startup_trials,
                 "directions": context_fingerprint(ctx), "objective": objective.fingerprint(),
                 **prune_identity(settings.prune)}
@@ -154,7 +160,9 @@ def format_edit_search(summary: dict[str, Any]) -> str:
     if dim:
         rows.append(("DIM", dim["refusal"], dim["kl"], "-", "(full ablation of the selected DIM direction)"))
     m = (summary.get("settings") or {}).get("score_tokens")
-    what = f"substring rate of {m} greedy tokens + logit tie-break" if m else "mean logit refusal score"
+    stat = (summary.get("settings") or {}).get("refusal_stat", "logodds")
+    what = (f"substring rate of {m} greedy tokens + logit tie-break" if m else
+            "mean first-token refusal probability" if stat == "probability" else "mean logit refusal score"
     lines = [f"trials: {n['complete']} complete, {n.get('pruned', 0)} pruned, {n['fail']} failed; Pareto front on validation prompts "
              f"(refusal = {what}, lower = less refusal; KL = next-token KL on harmless):",
              f"  {'trial':<7}{'refusal':>9}{'KL':>9}  {'saved as':<22}edit", f"  {'-' * 90}"]
