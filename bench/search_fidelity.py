@@ -4,8 +4,11 @@ Runs (or resumes) a real edit search of ``--trials`` trials on a run directory w
 on every prompt (pruning off), then regenerates greedily under every distinct trial's edit on the
 *same* harmful validation prompts the search scored, and compares:
 
-* the trial's refusal score (mean logit refusal score, one forward pass per prompt) with the
-  substring refusal rate of ``--tokens``-token greedy generations (tie-aware Spearman ρ; goal ≥ 0.9);
+* the trial's refusal number (one forward pass per prompt; ``--refusal-stat``: the mean first-token refusal
+  probability, the search's default, or the mean refusal log-odds) with the substring refusal rate of
+  ``--tokens``-token greedy generations (tie-aware Spearman ρ; goal ≥ 0.9). Every trial records both
+  statistics, so both are ranked against the same generations, over all trials and over the stronger half
+  (the trials whose generated rate is at most the median: where a front's strong end is decided);
 * the same for the first-stage (partial) score the pruning rule looks at, and for "a few generated
   tokens" scores (substring verdict on the first m tokens of the same greedy decoding: the prefix of
   a greedy decoding is the shorter greedy decoding), with the measured cost of an m-token generation;
@@ -15,6 +18,7 @@ on every prompt (pruning off), then regenerates greedily under every distinct tr
 Prints a table and writes JSON (``--json``, default RUN/search_fidelity.json).
 
     .venv/bin/python bench/search_fidelity.py --run-dir runs/demo [--trials 30] [--tokens 32] [--n-val 32]
+        [--refusal-stat probability|logodds] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from refusal_atlas.io import write_json
 from refusal_atlas.workflows.run import config_from_run
 from refusal_atlas.search import completed, open_study
 from refusal_atlas.search.space import build_edit
-from refusal_atlas.search.trial import PruneRule
+from refusal_atlas.search.trial import REFUSAL_STATS, PruneRule
 from refusal_atlas.workflows.search import EditSearchSettings, edit_search_step
 from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
@@ -53,10 +57,23 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def hybrid(row: dict, m: int) -> float:
-    """The m-token substring rate with ties broken by the logit score: rate + (0.5/n)·σ(score) keeps every
-    rate step (1/n) and orders equal rates by the one-pass score."""
+    """The m-token substring rate with ties broken by the logit score: rate + (0.5/n)·σ(mean log-odds) keeps
+    every rate step (1/n) and orders equal rates by the one-pass score."""
     n = row["n_prompts"]
-    return row["few_token_rates"][str(m)] + 0.5 / n / (1 + math.exp(-row["values"][0]))
+    return row["few_token_rates"][str(m)] + 0.5 / n / (1 + math.exp(-row["refusal_stats"]["logodds"]))
+
+
+def stat_correlations(rows: list[dict], truth: list[float]) -> dict[str, float]:
+    """Spearman ρ of each recorded refusal statistic against ``truth``, over all rows and over the stronger
+    half (rows whose truth is at most its median)."""
+    cut = statistics.median(truth)
+    strong = [i for i, t in enumerate(truth) if t <= cut]
+    out = {}
+    for stat in REFUSAL_STATS:
+        xs = [r["refusal_stats"][stat] for r in rows]
+        out[stat] = spearman(xs, truth)
+        out[f"{stat}_stronger_half"] = spearman([xs[i] for i in strong], [truth[i] for i in strong])
+    return out
 
 
 def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
@@ -90,12 +107,15 @@ def main() -> None:
     ap.add_argument("--few-tokens", default="4,8,16", help="m for the m-token generation scores")
     ap.add_argument("--time-few", type=int, default=2, help="trials on which m-token generations are timed")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--refusal-stat", default="probability", choices=REFUSAL_STATS, help="the search's refusal number")
+    ap.add_argument("--dtype", default=None, help="search and generate in this dtype (e.g. bfloat16)")
     args = ap.parse_args()
     overrides = {"n_val": args.n_val} if args.n_val else {}
     ws = open_workspace(config_from_run(args.run_dir, overrides), args.run_dir, must_exist=True,
-                        allowed=tuple(overrides))
+                        allowed=tuple(overrides), load_dtype=args.dtype)
     sets = load_prompt_sets(ws.cfg)
-    settings = EditSearchSettings(seed=args.seed, kl_threshold=ws.cfg.kl_threshold, prune=None)
+    settings = EditSearchSettings(seed=args.seed, kl_threshold=ws.cfg.kl_threshold, prune=None,
+                                  refusal_stat=args.refusal_stat)
     t0 = time.perf_counter()
     summary = edit_search_step(ws, sets, settings, until=args.trials)
     search_s = time.perf_counter() - t0
@@ -126,6 +146,7 @@ def main() -> None:
                 few_s[m].append(time.perf_counter() - start)
         partial = t.user_attrs.get("partial") or {"refusal": float("nan"), "kl": float("nan")}
         rows.append({"number": t.number, "values": list(t.values), "partial": [partial["refusal"], partial["kl"]],
+                     "refusal_stats": t.user_attrs["refusal_stats"],
                      "generation_s": gen_s, "refusal_rate": rate[args.tokens],
                      "few_token_rates": {str(m): rate[m] for m in few},
                      "trial_s": trial_s[-1], "n_prompts": len(prompts)})
@@ -137,13 +158,15 @@ def main() -> None:
            "first_stage_score": spearman([r["partial"][0] for r in rows], truth),
            **{f"substring@{m}": spearman([r["few_token_rates"][str(m)] for r in rows], truth) for m in few},
            **{f"substring@{m}+logit": spearman([hybrid(r, m) for r in rows], truth) for m in few}}
+    by_stat = stat_correlations(rows, truth)
     med_gen = statistics.median(r["generation_s"] for r in rows)
     result = {
         "run_dir": str(ws.run.path), "n_trials": len(trial_s), "n_distinct": len(rows), "n_prompts": len(prompts),
-        "tokens": args.tokens, "spearman": rho, "median_trial_s": statistics.median(trial_s),
+        "tokens": args.tokens, "refusal_stat": args.refusal_stat, "dtype": args.dtype or "run's", "spearman": rho,
+        "spearman_by_statistic": by_stat, "median_trial_s": statistics.median(trial_s),
         "median_generation_s": med_gen, "search_wall_s": search_s,
         "few_token_generation_s": {str(m): statistics.median(v) for m, v in few_s.items() if v},
-        "pruning_replay": replay_pruning(rows, PruneRule()), "trials": rows,
+        "pruning_replay": replay_pruning(rows, PruneRule.for_statistic(args.refusal_stat)), "trials": rows,
         "note": "trial_s = the study's start/end (refusal + KL passes on harmful + harmless val); generation_s = "
                 f"greedy {args.tokens}-token generation on the harmful val prompts only",
     }
@@ -152,8 +175,11 @@ def main() -> None:
     print(f"\n{len(rows)} distinct trials of {len(trial_s)}, {len(prompts)} harmful val prompts, "
           f"reference = greedy {args.tokens}-token generation + substring judge")
     print(f"  {'score':<28}{'Spearman ρ':>11}  {'median s / trial':<28}")
-    print(f"  {'trial score (logit, 1 pass)':<28}{rho['trial_score']:>11.3f}  "
+    print(f"  {f'trial score ({args.refusal_stat})':<28}{rho['trial_score']:>11.3f}  "
           f"{result['median_trial_s']:.1f} (refusal + KL passes)")
+    for stat in REFUSAL_STATS:
+        print(f"  {f'  mean {stat}, 1 pass':<28}{by_stat[stat]:>11.3f}  stronger half of the trials: "
+              f"{by_stat[f'{stat}_stronger_half']:.3f}")
     print(f"  {'first-stage score (25%)':<28}{rho['first_stage_score']:>11.3f}  -")
     for m in few:
         cost = result["few_token_generation_s"].get(str(m))

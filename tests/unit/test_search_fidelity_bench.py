@@ -25,7 +25,17 @@ def test_spearman_uses_average_ranks_for_ties():
 
 def _row(n, values, partial, rate4=0.0):
     return {"number": n, "values": list(values), "partial": list(partial), "few_token_rates": {"4": rate4},
-            "n_prompts": 32}
+            "n_prompts": 32, "refusal_stats": {"logodds": values[0], "probability": 1 / (1 + math.exp(-values[0]))}}
+
+
+def test_each_refusal_statistic_is_ranked_against_generation_overall_and_on_the_stronger_half():
+    truth = [0.1, 0.2, 0.3, 0.5, 0.6, 0.8]
+    # log-odds ranks the strong end wrongly (rows 0 and 1 swapped), probability gets it right
+    rows = [{"refusal_stats": {"logodds": lo, "probability": p}} for lo, p in
+            [(-3.0, 0.05), (-3.5, 0.10), (-2.0, 0.20), (-1.0, 0.40), (0.0, 0.55), (1.0, 0.70)]]
+    out = sf.stat_correlations(rows, truth)
+    assert out["probability"] == pytest.approx(1.0) and out["probability_stronger_half"] == pytest.approx(1.0)
+    assert out["logodds"] < 1.0 and out["logodds_stronger_half"] == pytest.approx(0.5)
 
 
 def test_hybrid_keeps_rate_steps_and_breaks_ties_by_the_logit_score():

@@ -162,7 +162,7 @@ def format_edit_search(summary: dict[str, Any]) -> str:
     m = (summary.get("settings") or {}).get("score_tokens")
     stat = (summary.get("settings") or {}).get("refusal_stat", "logodds")
     what = (f"substring rate of {m} greedy tokens + logit tie-break" if m else
-            "mean first-token refusal probability" if stat == "probability" else "mean logit refusal score"
+            "mean first-token refusal probability" if stat == "probability" else "mean logit refusal score")
     lines = [f"trials: {n['complete']} complete, {n.get('pruned', 0)} pruned, {n['fail']} failed; Pareto front on validation prompts "
              f"(refusal = {what}, lower = less refusal; KL = next-token KL on harmless):",
              f"  {'trial':<7}{'refusal':>9}{'KL':>9}  {'saved as':<22}edit", f"  {'-' * 90}"]
