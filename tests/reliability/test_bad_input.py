@@ -228,6 +228,12 @@ def test_search_k_and_trials(cli, run_dir):
     cli(["search", "-r", run_dir, "--space", "subsets", "--directions", "dim", "--k", "0"], "--k must be >= 1")
 
 
+def test_search_refusal_statistic(cli, run_dir):
+    cli(["search", "-r", run_dir, "--refusal-stat", "median"], ["unknown --refusal-stat 'median'", "probability or logodds"])
+    cli(["search", "-r", run_dir, "--space", "subsets", "--directions", "dim", "--k", "1", "--refusal-stat", "logodds"],
+        "--refusal-stat is for --space edits")
+
+
 def test_config_file_errors(cli, tmp_path, tiny_model_dir):
     (tmp_path / "c.toml").write_text('model = "x"\nlearning_rat = 3\n')
     cli(["run", "-r", "r", "--config", "c.toml"], ["unknown setting 'learning_rat' in c.toml", "refusal-atlas config"])
