@@ -22,7 +22,8 @@ greedy responses. Steps (each can be skipped; results are saved as JSON in --wor
 Takes 1–2 h on 2 CPU cores (heretic alone: 28 min for 24 trials on an Intel Xeon, 51 min on an AMD EPYC). Parts:
     .venv/bin/python bench/vs_heretic.py [--work bench_out/vs_heretic] [--heretic-trials 24] [--our-trials N]
         [--our-dtype bfloat16] [--skip-heretic-search] (reuse WORK/heretic_search.json) [--skip-ours]
-        [--max-exports 12] [--install-only]
+        [--max-exports 12] [--tries 3] [--install-only]
+A rerun with --skip-heretic-search --skip-ours reuses every heretic evaluation that finished (its log).
 """
 
 from __future__ import annotations
@@ -364,6 +365,17 @@ def next_to_score(front: list[dict], theirs: list[tuple[int, float]], scored: li
     return max(rest, key=lambda p: min((abs(ranks[p["edit"]] - t) for t in taken), default=len(front) - ranks[p["edit"]]))
 
 
+def finished_evaluation(log: Path, export: Path) -> dict | None:
+    """A scoring that an earlier (killed) bench run finished: heretic's evaluation log of this export, if it
+    is newer than the export and holds both result lines; else None (score it again)."""
+    if not log.is_file() or not export.exists() or log.stat().st_mtime < export.stat().st_mtime:
+        return None
+    try:
+        return {**parse_evaluation([line for _, line in read_logged(log)]), "rc": None, "reused_log": log.name}
+    except ValueError:
+        return None
+
+
 def score_ours(args, work: Path, model_dir: Path, exe: Path, ours: dict, kl_cap: float | None = None,
                theirs: list[tuple[int, float]] | None = None) -> list[dict]:
     """Export our Pareto edits in ``next_to_score``'s order (at most --max-exports) and score each with
@@ -377,13 +389,17 @@ def score_ours(args, work: Path, model_dir: Path, exe: Path, ours: dict, kl_cap:
     scored: list[dict] = []
     while (p := next_to_score(front, theirs or [], scored, tries=args.tries, max_exports=args.max_exports)) is not None:
         out = work / "ours" / "exports" / p["edit"]
-        if not out.exists():
-            subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "export", "-r", ours["run"], "--edit",
-                            p["edit"], "--out", str(out)], check=True)
-        rc, lines = run_logged([str(exe), "--model", str(model_dir), "--evaluate-model", str(out)], work / "heretic",
-                               work / f"evaluate_{p['edit']}.log", heretic_env())
+        log = work / f"evaluate_{p['edit']}.log"
+        evaluation = finished_evaluation(log, out)
+        if evaluation is None:
+            if not out.exists():
+                subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "export", "-r", ours["run"], "--edit",
+                                p["edit"], "--out", str(out)], check=True)
+            rc, lines = run_logged([str(exe), "--model", str(model_dir), "--evaluate-model", str(out)],
+                                   work / "heretic", log, heretic_env())
+            evaluation = {**parse_evaluation([line for _, line in lines]), "rc": rc}
         ours_values = {"our_refusal_score": p["refusal"], "our_kl": p["kl"]}  # heretic's own values take the plain keys
-        scored.append({**p, **ours_values, **parse_evaluation([line for _, line in lines]), "rc": rc})
+        scored.append({**p, **ours_values, **evaluation})
         print(f"scored {p['edit']} (validation KL {p['kl']:.4f}): {scored[-1].get('refusals')} refusals @ KL "
               f"{scored[-1].get('kl')}", flush=True)
         (work / "ours_scored.json").write_text(json.dumps(scored, indent=1))

@@ -181,3 +181,20 @@ def test_edits_that_could_cover_a_heretic_point_are_scored_first():
     everything = order(missing)
     assert sorted(everything) == [f"e{i}" for i in range(7)]  # then the rest of the front, once each
     assert order(covering, max_exports=1) == ["e4"]
+
+
+def test_a_finished_heretic_evaluation_is_reused_and_an_unfinished_one_is_not(tmp_path):
+    import os
+
+    export = tmp_path / "exports" / "e1"
+    export.mkdir(parents=True)
+    log = tmp_path / "evaluate_e1.log"
+    assert vs.finished_evaluation(log, export) is None  # nothing logged yet
+    log.write_text("1.000 * Loading model\n2.000   * KL divergence: 0.0123\n3.000   * Refusals: 7/100\n")
+    out = vs.finished_evaluation(log, export)
+    assert out is not None and out["refusals"] == 7 and out["kl"] == 0.0123 and out["n"] == 100
+    log.write_text("1.000 * Loading model\n2.000   * KL divergence: 0.0123\n")  # killed before the refusal count
+    assert vs.finished_evaluation(log, export) is None
+    log.write_text("2.000   * KL divergence: 0.0123\n3.000   * Refusals: 7/100\n")
+    os.utime(log, (1, 1))  # a log older than the export belongs to an earlier export of that name
+    assert vs.finished_evaluation(log, export) is None
