@@ -58,11 +58,17 @@ def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
+def check_refusal_stat(stat: str) -> str:
+    """``stat`` if it names a refusal statistic, else a ConfigError."""
+    if stat not in REFUSAL_STATS:
+        raise ConfigError(f"unknown refusal statistic {stat!r}; choose one of {', '.join(REFUSAL_STATS)}")
+    return stat
+
+
 def refusal_statistic(scores: Sequence[float], stat: str) -> float:
     """Per-prompt refusal log-odds → the trial's refusal number: their mean (``logodds``) or the mean
     first-token refusal probability σ(s) (``probability``)."""
-    if stat not in REFUSAL_STATS:
-        raise ConfigError(f"unknown refusal statistic {stat!r}; choose one of {', '.join(REFUSAL_STATS)}")
+    check_refusal_stat(stat)
     if not scores:
         raise ValueError("no refusal scores")
     values = scores if stat == "logodds" else [_sigmoid(x) for x in scores]
@@ -93,8 +99,7 @@ class PruneRule:
     @classmethod
     def for_statistic(cls, stat: str, **kwargs) -> PruneRule:
         """The default rule with the refusal margin in ``stat``'s units."""
-        refusal_statistic([0.0], stat)  # an unknown name fails here
-        return cls(**{"refusal_margin": REFUSAL_MARGINS[stat], **kwargs})
+        return cls(**{"refusal_margin": REFUSAL_MARGINS[check_refusal_stat(stat)], **kwargs})
 
     def dominating(self, partial: tuple[float, float], front: Sequence[tuple[int, tuple[float, float]]]) -> int | None:
         """The number of the first front trial whose partial values clearly dominate ``partial``, else None."""
@@ -138,8 +143,7 @@ class StagedObjective(ValidationObjective):
         super().__init__(adapter, chat, harmful, harmless, refusal_ids, batch_size=batch_size, mode="subspace")
         if score_tokens < 0:
             raise ConfigError(f"score_tokens must be >= 0, got {score_tokens}")
-        refusal_statistic([0.0], refusal_stat)  # an unknown name fails here
-        self.score_tokens, self.refusal_stat = score_tokens, refusal_stat
+        self.score_tokens, self.refusal_stat = score_tokens, check_refusal_stat(refusal_stat)
         self.n1 = first_stage_sizes(len(self.harmful), len(self.harmless), fraction)
         nh = len(self.harmful)
         self.rows = self.harmful + self.harmless  # harmful rows 0..nh-1, harmless rows nh..

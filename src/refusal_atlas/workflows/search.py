@@ -23,7 +23,7 @@ from refusal_atlas.io import write_json
 from refusal_atlas.search import finished, open_study, summarize
 from refusal_atlas.search.storage import release_stale_trials, study_guard
 from refusal_atlas.search.space import EditSpace, build_edit, context_fingerprint, describe_choice, run_edit_trials
-from refusal_atlas.search.trial import PruneRule, StagedObjective, prune_identity, refusal_statistic
+from refusal_atlas.search.trial import PruneRule, StagedObjective, prune_identity, check_refusal_stat
 from refusal_atlas.workflows.som import record_references
 from refusal_atlas.workflows.workspace import PromptSets, Workspace
 
@@ -48,7 +48,7 @@ class EditSearchSettings:
     anchors: tuple[float, ...] = (1.0, 0.85, 0.7, 0.5, 0.25, 0.12)
 
     def __post_init__(self) -> None:
-        refusal_statistic([0.0], self.refusal_stat)  # an unknown name fails here
+        check_refusal_stat(self.refusal_stat)
         if self.prune == PruneRule():  # the default rule: its refusal margin in this statistic's units
             self.prune = PruneRule.for_statistic(self.refusal_stat)
 
