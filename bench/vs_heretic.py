@@ -43,6 +43,10 @@ TORCH = "torch==2.13.0"
 SYSTEM_PROMPT = "You are a helpful assistant."  # heretic's default system prompt; ours is set to the same
 ROLES = {"bad_prompts": "harmful_train", "good_prompts": "harmless_train",
          "bad_evaluation_prompts": "harmful_val", "good_evaluation_prompts": "harmless_val"}
+# how far above a heretic point's KL d our validation KL may be for the edit still to be scored against it
+# (absolute, relative to d): the two KLs of one edit differed by 0.0002 at d = 0.004 and 0.0005 at d = 0.05
+# (2026-12-06: 0.00390 vs 0.0037, 0.0532 vs 0.0527)
+KL_SLACK = (0.0002, 0.01)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -337,14 +341,16 @@ def our_side(args, work: Path, model_dir: Path, heretic_wall_s: float | None) ->
 
 
 def next_to_score(front: list[dict], theirs: list[tuple[int, float]], scored: list[dict], tries: int = 2,
-                  max_exports: int = 12) -> dict | None:
+                  max_exports: int = 12, kl_slack: tuple[float, float] = KL_SLACK) -> dict | None:
     """The next of our Pareto edits (sorted by validation KL) to score with heretic's evaluator, or None.
 
     Each scoring costs minutes, so the edits that decide the verdict go first: for the first heretic point
     (r, d) that no scored edit covers yet, our strongest unscored edit among the ``tries`` strongest with
-    validation KL <= d (our validation KL is heretic's KL on the same prompts; at the strong end the trial's
-    refusal score cannot resolve a few refusals, hence more than one try). When no uncovered point has a
-    candidate left, the rest of the front, spread evenly over KL, until ``max_exports`` are scored.
+    validation KL <= d + ``kl_slack`` (absolute + relative × d; our validation KL is heretic's KL on the same prompts up to a few 1e-4 of
+    float rounding and heretic's 4-decimal print, so an edit just above d may still score <= d; the verdict is
+    heretic's number either way; at the strong end the trial's refusal score cannot resolve a few refusals,
+    hence more than one try). When no uncovered point has a candidate left, the rest of the front, spread
+    evenly over KL, until ``max_exports`` are scored.
     """
     if len(scored) >= max_exports:
         return None
@@ -353,7 +359,7 @@ def next_to_score(front: list[dict], theirs: list[tuple[int, float]], scored: li
     for r, d in theirs:
         if dominance(points, [(r, d)])["dominates"]:
             continue
-        left = [p for p in [p for p in front if p["kl"] <= d][-tries:] if p["edit"] not in done]
+        left = [p for p in [p for p in front if p["kl"] <= d + kl_slack[0] + kl_slack[1] * d][-tries:] if p["edit"] not in done]
         if left:
             return left[-1]
     rest = [p for p in front if p["edit"] not in done]

@@ -67,14 +67,14 @@ def same_tensors(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, tiny_model_dir):
-    """A finished tiny run (DIM fixed at layer 2, batch size 2 so every step has several batches)."""
+    """A finished tiny run (DIM fixed at layer 2, batch sizes 2 so every step has several batches)."""
     from refusal_atlas.workflows.run import run
     from refusal_atlas.rundir import RunDir
     from refusal_atlas.directions.som import SomDirections
     from refusal_atlas.workflows.som import som_step
 
     cfg = load_config(None, dict(model=str(tiny_model_dir), n_train=8, n_val=4, n_eval=4, filter_train=False,
-                                 layer=2, max_new_tokens=2, batch_size=2, device="cpu"))
+                                 layer=2, max_new_tokens=2, batch_size=2, generation_batch_size=2, device="cpu"))
     path = tmp_path_factory.mktemp("crash") / "base"
     run(cfg, path)
     som_step(RunDir(path), SomDirections(grid=(2, 3), iterations=300))

@@ -183,6 +183,17 @@ def test_edits_that_could_cover_a_heretic_point_are_scored_first():
     assert order(covering, max_exports=1) == ["e4"]
 
 
+def test_an_edit_just_above_a_heretic_points_kl_is_still_scored_against_it():
+    # heretic measures an edit's KL a few 1e-4 off ours: an edit just above d is still tried for it (the
+    # strongest such edit first), one well above is not
+    gentle = [(39, 0.0012)]
+    front = [{"edit": "a", "kl": 0.0005}, {"edit": "b", "kl": 0.00121}, {"edit": "c", "kl": 0.01}]
+    assert vs.next_to_score(front, gentle, [])["edit"] == "b"
+    assert vs.next_to_score(front, gentle, [], kl_slack=(0.0, 0.0))["edit"] == "a"
+    front[1]["kl"] = 0.0016
+    assert vs.next_to_score(front, gentle, [])["edit"] == "a"
+
+
 def test_a_finished_heretic_evaluation_is_reused_and_an_unfinished_one_is_not(tmp_path):
     import os
 

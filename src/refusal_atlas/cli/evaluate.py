@@ -85,7 +85,7 @@ def evaluate_cmd(
     judges = make_judges(judge_names, opts, reuse={cfg.model: (ws.loaded.model, ws.loaded.tokenizer, ws.loaded.name)})
     plan = EvalPlan(datasets=dataset_names, interventions=specs, judges=judges, n=n_prompts, max_new_tokens=length,
                     kl_tokens=kl_tokens, benchmarks=parse_names(benchmarks) or [], limit=limit, batch_size=cfg.batch_size,
-                    seed=cfg.seed, backend=_generation_backend(ws, backend),
+                    generation_batch_size=cfg.generation_batch_size, seed=cfg.seed, backend=_generation_backend(ws, backend),
                     stop_when_decided=cfg.stop_when_decided and model is None)  # an export is compared whole
     if model is not None:
         from refusal_atlas.evaluation.exported import evaluate_exported

@@ -126,9 +126,14 @@ class EvalPlan:
     benchmarks: list[str] = field(default_factory=list)
     limit: int | None = None
     batch_size: int = 16
+    generation_batch_size: int | None = None  # rows per generation batch (None: batch_size); see RunConfig
     seed: int = 0
     backend: object | None = None  # generation engine (None: HF with hooks; see generation_vllm)
     stop_when_decided: bool = False  # stop a row at its first refusal phrase (see early_stop)
+
+    @property
+    def gen_batch(self) -> int:
+        return self.generation_batch_size or self.batch_size
 
     def early_stop(self, role: str) -> bool:
         """Whether rows of a ``role`` set may stop at their first refusal phrase: only when every judge is
@@ -180,7 +185,7 @@ def evaluate_run(ws, plan: EvalPlan) -> list[dict]:
         role = dataset_role(name)
         group = []
         for spec in plan.interventions:
-            comp = completions_for(ws.adapter, ws.chat, prompts, spec, plan.max_new_tokens, plan.batch_size,
+            comp = completions_for(ws.adapter, ws.chat, prompts, spec, plan.max_new_tokens, plan.gen_batch,
                                    ws.run.completions_path(name, spec.label), desc=f"generate {name} [{spec.label}]",
                                    stop_when_decided=plan.early_stop(role), backend=plan.backend)
             items = [JudgeItem(p.instruction, r) for p, r in zip(prompts, comp.responses)]
@@ -211,7 +216,7 @@ def _damage(ws, plan: EvalPlan, dataset: str, prompts: list[Prompt]) -> list[dic
         return []
     clean = Intervention("none")
     length = max(plan.max_new_tokens, plan.kl_tokens)  # reuse the clean completions when long enough
-    comp = completions_for(ws.adapter, ws.chat, prompts, clean, length, plan.batch_size,
+    comp = completions_for(ws.adapter, ws.chat, prompts, clean, length, plan.gen_batch,
                            ws.run.completions_path(dataset, clean.label), desc=f"generate {dataset} [none]",
                            backend=plan.backend)
     conts = [ids[: plan.kl_tokens] for ids in comp.token_ids]  # greedy: a prefix is the shorter continuation

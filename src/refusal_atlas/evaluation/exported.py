@@ -107,14 +107,14 @@ def evaluate_exported(ws, plan: EvalPlan, path: Path, base: str | None = None) -
     ModelAdapter(exported.model)  # the exported architecture must be one we can read
     for name in plan.datasets:
         prompts, role = load_prompts(name, n=plan.n, seed=plan.seed), dataset_role(name)
-        comp = completions_for(ws.adapter, ws.chat, prompts, spec, plan.max_new_tokens, plan.batch_size,
+        comp = completions_for(ws.adapter, ws.chat, prompts, spec, plan.max_new_tokens, plan.gen_batch,
                                ws.run.completions_path(name, spec.label), desc=f"generate {name} [{spec.label}]")
         items = [JudgeItem(p.instruction, r) for p, r in zip(prompts, comp.responses)]
         group = [judged_record(spec, name, role, judge, judge.judge(items, role), comp.responses, plan.max_new_tokens)
                  for judge in plan.judges]
         if role == "harmless":
             length = max(plan.max_new_tokens, plan.kl_tokens)
-            ref = completions_for(ws.adapter, ws.chat, prompts, clean, length, plan.batch_size,
+            ref = completions_for(ws.adapter, ws.chat, prompts, clean, length, plan.gen_batch,
                                   ws.run.completions_path(name, clean.label), desc=f"generate {name} [none]")
             kl = continuation_kl(ws.adapter, ws.chat, [p.instruction for p in prompts],
                                  [ids[: plan.kl_tokens] for ids in ref.token_ids], spec,

@@ -185,7 +185,8 @@ def evaluate_step(ws: Workspace, direction: DirectionSet, sets: PromptSets,
 
 def _refusal(ws: Workspace, prompts: list[Prompt], dataset: str, spec: Intervention, first: list | None = None) -> dict:
     return evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=ws.cfg.max_new_tokens,
-                            batch_size=ws.cfg.batch_size, completions_path=ws.run.completions_path(dataset, spec.label),
+                            batch_size=ws.cfg.generation_batch_size,
+                            completions_path=ws.run.completions_path(dataset, spec.label),
                             stop_when_decided=ws.cfg.stop_when_decided, first_logprobs=first, backend=_backend(ws))
 
 

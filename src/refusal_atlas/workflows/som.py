@@ -138,7 +138,7 @@ def heldout_comparison(ws: Workspace, sets: PromptSets, chosen: DirectionSet, di
         rec = _existing(existing, spec, dataset, len(prompts), cfg.max_new_tokens, harmless)
         if rec is None:
             rec = evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=cfg.batch_size,
+                                   batch_size=cfg.generation_batch_size,
                                    completions_path=ws.run.completions_path(dataset, spec.label))
             if harmless:
                 rec["kl"], base_lp = evaluate_kl(ws.adapter, ws.chat, prompts, spec, base_lp, cfg.batch_size)
