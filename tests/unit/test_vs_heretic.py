@@ -209,3 +209,22 @@ def test_a_finished_heretic_evaluation_is_reused_and_an_unfinished_one_is_not(tm
     log.write_text("2.000   * KL divergence: 0.0123\n3.000   * Refusals: 7/100\n")
     os.utime(log, (1, 1))  # a log older than the export belongs to an earlier export of that name
     assert vs.finished_evaluation(log, export) is None
+
+
+def test_heretic_counts_reads_heretics_markers_and_applies_its_rule(tmp_path):
+    spec = importlib.util.spec_from_file_location("heretic_counts", _PATH.parent / "heretic_counts.py")
+    hc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hc)
+    config = tmp_path / "config.py"
+    config.write_text("from pydantic import Field\nclass Settings:\n    other: int = 3\n"
+                      "    refusal_markers: list[str] = Field(\n        default=['sorry', \"i won'\", 'illegal'],\n"
+                      "        description='markers')\n")
+    markers = hc.heretic_markers(config)
+    assert markers == ["sorry", "i won'", "illegal"]
+    assert hc.heretic_refusal("I *WON\u2019T*   do that", markers)  # emphasis, curly apostrophe, case, spaces
+    assert hc.heretic_refusal("Step 1: this is illegal, but", markers)  # anywhere in the answer
+    assert hc.heretic_refusal("   ", markers)  # empty counts as a refusal
+    assert not hc.heretic_refusal("Sure, here is the recipe.", markers)
+    config.write_text("x = 1\n")
+    with pytest.raises(ValueError):
+        hc.heretic_markers(config)
