@@ -346,11 +346,11 @@ def next_to_score(front: list[dict], theirs: list[tuple[int, float]], scored: li
 
     Each scoring costs minutes, so the edits that decide the verdict go first: for the first heretic point
     (r, d) that no scored edit covers yet, our strongest unscored edit among the ``tries`` strongest with
-    validation KL <= d + ``kl_slack`` (absolute + relative × d; our validation KL is heretic's KL on the same prompts up to a few 1e-4 of
-    float rounding and heretic's 4-decimal print, so an edit just above d may still score <= d; the verdict is
-    heretic's number either way; at the strong end the trial's refusal score cannot resolve a few refusals,
-    hence more than one try). When no uncovered point has a candidate left, the rest of the front, spread
-    evenly over KL, until ``max_exports`` are scored.
+    validation KL <= d + ``kl_slack`` (absolute + relative × d). Our validation KL is heretic's KL on the same
+    prompts up to a few 1e-4, so an edit just above d may still score <= d; the verdict is heretic's number
+    either way. At the strong end the trial's refusal score cannot resolve a few refusals, hence more than one
+    try. When no uncovered point has a candidate left, the rest of the front, spread evenly over KL, until
+    ``max_exports`` are scored.
     """
     if len(scored) >= max_exports:
         return None
@@ -359,7 +359,8 @@ def next_to_score(front: list[dict], theirs: list[tuple[int, float]], scored: li
     for r, d in theirs:
         if dominance(points, [(r, d)])["dominates"]:
             continue
-        left = [p for p in [p for p in front if p["kl"] <= d + kl_slack[0] + kl_slack[1] * d][-tries:] if p["edit"] not in done]
+        reach = d + kl_slack[0] + kl_slack[1] * d
+        left = [p for p in [p for p in front if p["kl"] <= reach][-tries:] if p["edit"] not in done]
         if left:
             return left[-1]
     rest = [p for p in front if p["edit"] not in done]
