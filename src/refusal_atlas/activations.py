@@ -3,7 +3,9 @@
 Means are accumulated in float64 while streaming batches, so memory does not grow with the
 number of prompts. Per-prompt vectors are kept only at the last position (what SOM training and
 geometry plots need). The forward pass stops right after the deepest requested layer and never
-runs the LM head.
+runs the LM head. Where the model allows it (:func:`~refusal_atlas.prefix_cache.supports_prefix_reuse`)
+the chat template's common opening is run once and each batch runs only the prompts' own tokens on its
+keys/values: the same residuals up to float rounding (tested), about half the work on short prompts.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from refusal_atlas.crashpoints import crash_point
 from refusal_atlas.errors import ArtifactError
 from refusal_atlas.io import load_tensors, save_tensors
 from refusal_atlas.model.adapter import ModelAdapter
+from refusal_atlas.prefix_cache import PrefixPlan, supports_prefix_reuse
 from refusal_atlas.model.chat import ChatFormatter
 from refusal_atlas.progress import progress
 
@@ -86,13 +89,17 @@ def extract(
 
         return hook
 
+    plan = _prefix_plan(adapter, chat, instructions, batch_size)
+    kv = plan.prefix_kv() if plan is not None else None  # before the hooks: they must see only prompt tokens
     handles = [adapter.layers[l].register_forward_pre_hook(make_hook(l), with_kwargs=True) for l in layers]
     bar = progress(len(instructions), desc)
     try:
-        for idx in length_sorted_batches(chat.token_lengths(instructions), batch_size):
-            batch = chat.encode([instructions[i] for i in idx], device=adapter.device)
+        for idx in (plan.batches if plan is not None else
+                    length_sorted_batches(chat.token_lengths(instructions), batch_size)):
+            batch = (plan.inputs(idx, kv) if plan is not None else
+                     chat.encode([instructions[i] for i in idx], device=adapter.device))
             try:
-                adapter.base(**batch, use_cache=False)
+                adapter.base(**batch, use_cache=plan is not None)
             except _Stop:
                 pass
             stacked = torch.stack([captured[l] for l in layers], dim=2)  # [b, P, L, d]
@@ -106,6 +113,19 @@ def extract(
             h.remove()
     return ActivationSet(layers=list(layers), positions=list(positions), mean=total / len(instructions),
                          n=len(instructions), last=last)
+
+
+def _prefix_plan(adapter: ModelAdapter, chat: ChatFormatter, instructions: Sequence[str],
+                 batch_size: int) -> PrefixPlan | None:
+    """A shared-prefix plan when the model allows one and every prompt's own tokens end with the whole
+    post-instruction template (so each position this module reads is in them); else None (plain passes)."""
+    if not supports_prefix_reuse(adapter):
+        return None
+    plan = PrefixPlan(adapter, chat, instructions, batch_size)
+    eoi = list(chat.eoi_ids)
+    if not plan.prefix or any(len(s) <= len(eoi) or s[-len(eoi):] != eoi for s in plan.suffixes):
+        return None
+    return plan
 
 
 def extract_resumable(adapter: ModelAdapter, chat: ChatFormatter, instructions: Sequence[str], partial: Path,

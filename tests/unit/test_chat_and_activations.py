@@ -38,6 +38,20 @@ def test_extracted_means_match_per_prompt_means(tiny_parts, prompts):
         assert torch.allclose(batched.last[i], s.last[0], atol=1e-5)
 
 
+def test_shared_prefix_extraction_equals_plain_passes(tiny_parts, prompts, monkeypatch):
+    import refusal_atlas.activations as activations
+
+    _, adapter, chat = tiny_parts
+    plan = activations._prefix_plan(adapter, chat, prompts, 4)
+    assert plan is not None and len(plan.prefix) > 0  # this test really takes the shared-prefix path
+    assert activations._prefix_plan(adapter, chat, prompts[:1], 4) is None  # one prompt: nothing of its own left
+    fast = extract(adapter, chat, prompts, layers=[0, 2, 3], positions=None, batch_size=3)
+    monkeypatch.setattr(activations, "supports_prefix_reuse", lambda adapter: False)
+    plain = extract(adapter, chat, prompts, layers=[0, 2, 3], positions=None, batch_size=3)
+    assert torch.allclose(fast.mean, plain.mean, atol=1e-5) and torch.allclose(fast.last, plain.last, atol=1e-5)
+    assert not torch.equal(fast.mean[:, 0], fast.mean[:, 1])  # layers differ: the hooks read the right blocks
+
+
 def test_extract_roundtrip_and_errors(tmp_path, tiny_parts, prompts):
     _, adapter, chat = tiny_parts
     a = extract(adapter, chat, prompts, layers=[0, 2], positions=[-1])
