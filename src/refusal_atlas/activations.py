@@ -24,8 +24,8 @@ from refusal_atlas.crashpoints import crash_point
 from refusal_atlas.errors import ArtifactError
 from refusal_atlas.io import load_tensors, save_tensors
 from refusal_atlas.model.adapter import ModelAdapter
-from refusal_atlas.prefix_cache import PrefixPlan, supports_prefix_reuse
 from refusal_atlas.model.chat import ChatFormatter
+from refusal_atlas.prefix_cache import PrefixPlan, supports_prefix_reuse
 from refusal_atlas.progress import progress
 
 
