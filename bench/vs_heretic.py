@@ -21,7 +21,7 @@ greedy responses. Steps (each can be skipped; results are saved as JSON in --wor
 
 Takes 1–2 h on 2 CPU cores (heretic alone: 28 min for 24 trials on an Intel Xeon, 51 min on an AMD EPYC). Parts:
     .venv/bin/python bench/vs_heretic.py [--work bench_out/vs_heretic] [--heretic-trials 24] [--our-trials N]
-        [--our-dtype bfloat16] [--skip-heretic-search] (reuse WORK/heretic_search.json) [--skip-ours]
+        [--our-dtype bfloat16] [--our-max-kl 0.1] [--skip-heretic-search] (reuse WORK/heretic_search.json) [--skip-ours]
         [--max-exports 12] [--tries 3] [--install-only]
 A rerun with --skip-heretic-search --skip-ours reuses every heretic evaluation that finished (its log).
 """
@@ -324,7 +324,8 @@ def our_side(args, work: Path, model_dir: Path, heretic_wall_s: float | None) ->
     print(f"our extract + select took {prep_s:.0f} s; searching with --budget {budget}", flush=True)
     t1 = time.monotonic()
     subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run), "--budget", budget,
-                    "--n-val", str(args.n_eval), *(["--dtype", args.our_dtype] if args.our_dtype else [])], check=True)
+                    "--n-val", str(args.n_eval), *(["--dtype", args.our_dtype] if args.our_dtype else []),
+                    *(["--max-kl", str(args.our_max_kl)] if args.our_max_kl else [])], check=True)
     search_s = time.monotonic() - t1
     summary = json.loads((run / "search_edits.json").read_text())
     trials = [t for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED") and t.get("end")]
@@ -333,6 +334,7 @@ def our_side(args, work: Path, model_dir: Path, heretic_wall_s: float | None) ->
     secs = [(datetime.fromisoformat(t["end"]) - datetime.fromisoformat(t["start"])).total_seconds() for t in trials]
     complete = [s for s, t in zip(secs, trials) if t["state"] == "COMPLETE"]
     return {"prep_s": prep_s, "search_s": search_s, "budget": budget, "search_dtype": args.our_dtype or "float32",
+            "max_kl": args.our_max_kl or None,
             "median_trial_s": statistics.median(secs),
             "median_complete_trial_s": statistics.median(complete) if complete else None,
             "n_pruned": sum(t["state"] == "PRUNED" for t in trials), "trial_s": secs,
@@ -430,6 +432,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--our-dtype", default=None, help="dtype our search scores trials in (bfloat16: see docs/search.md); "
                                                      "extract, select and the exports stay float32, as heretic runs")
+    ap.add_argument("--our-max-kl", type=float, default=0.1,
+                    help="our search's KL cap (`search --max-kl`; 0: none). 0.1 is our pick rule's default KL bound, "
+                         "fixed before any heretic run: its fronts here all lie below it")
     ap.add_argument("--batch-size", type=int, default=64, help="heretic's batch size")
     ap.add_argument("--max-exports", type=int, default=12)
     ap.add_argument("--tries", type=int, default=3,

@@ -234,6 +234,12 @@ def test_search_refusal_statistic(cli, run_dir):
         "--refusal-stat is for --space edits")
 
 
+def test_search_kl_cap(cli, run_dir):
+    cli(["search", "-r", run_dir, "--max-kl", "0"], "--max-kl must be > 0, got 0.0")
+    cli(["search", "-r", run_dir, "--space", "subsets", "--directions", "dim", "--k", "1", "--max-kl", "0.1"],
+        "--max-kl is for --space edits")
+
+
 def test_config_file_errors(cli, tmp_path, tiny_model_dir):
     (tmp_path / "c.toml").write_text('model = "x"\nlearning_rat = 3\n')
     cli(["run", "-r", "r", "--config", "c.toml"], ["unknown setting 'learning_rat' in c.toml", "refusal-atlas config"])

@@ -238,3 +238,42 @@ def test_pruned_trials_never_enter_the_front_and_resume_equals_uninterrupted(tmp
     got = [(s, p, v, pa, by) for _, s, p, v, pa, by in _summary(reopened)]
     want = [(s, p, v, pa, by if by is None else by + (by >= 7)) for _, s, p, v, pa, by in _summary(straight)]
     assert got == want  # same proposals, states, values and partial values (trial numbers shift by the failed one)
+
+
+def summarize_counts(study) -> int:
+    from refusal_atlas.search import summarize
+    from refusal_atlas.workflows.search import EditSearchSettings
+
+    return summarize(study, EditSearchSettings(max_kl=1.0))["n_trials"]["above_max_kl"]
+
+
+def test_kl_cap_keeps_edits_above_it_off_the_front_and_prunes_clear_overshoots():
+    rule = PruneRule(fraction=0.25, refusal_margin=0.05, kl_ratio=1.5, kl_margin=0.002)
+    assert rule.over_cap(0.1525, 0.1) and not rule.over_cap(0.1515, 0.1)
+    free = optuna.create_study(directions=["minimize", "minimize"])
+    run_edit_trials(free, EditSpace(N), _ctx(), FakeStaged(), seed=5, n_startup_trials=3, n_trials=16, prune=None)
+    kls = sorted(t.values[1] for t in completed(free))
+    cap = kls[len(kls) // 2]  # half the uncapped trials lie above it
+    capped = optuna.create_study(directions=["minimize", "minimize"])
+    run_edit_trials(capped, EditSpace(N), _ctx(), FakeStaged(), seed=5, n_startup_trials=3, n_trials=16, prune=rule,
+                    max_kl=cap)
+    front = pareto_front(capped)
+    assert front and all(t.values[1] <= cap for t in front)
+    over = [t for t in completed(capped) if t.values[1] > cap]
+    assert over, "the cap should bind on some completed trial"
+    for t in completed(capped):  # every trial carries the constraint TPE reads
+        assert t.constraints["kl_above_max"] == pytest.approx(t.values[1] - cap)
+    # FakeStaged's first-stage KL is 1.1 × the full KL: a trial is stopped for the cap iff 1.1 × KL >= 1.5 cap + 0.002
+    for t in capped.get_trials(states=(TrialState.PRUNED,)):
+        if t.user_attrs["pruned_by"] == "max_kl":
+            assert t.user_attrs["partial"]["kl"] >= 1.5 * cap + 0.002 and t.constraints["kl_above_max"] > 0
+    assert all(t.user_attrs["partial"]["kl"] < 1.5 * cap + 0.002 for t in completed(capped))
+    assert any(t.user_attrs.get("pruned_by") == "max_kl" for t in capped.trials)
+    # TPE reads the constraint: fewer of the capped search's 16 trials land above the cap than the free one's 8
+    above = sum(t.constraints.get("kl_above_max", 0) > 0 for t in finished(capped))  # dominance-pruned: no value
+    assert above == summarize_counts(capped) and above < sum(v > cap for v in kls)
+    # a cap no trial meets: the front falls back to every completed trial's front rather than vanishing
+    none_fit = optuna.create_study(directions=["minimize", "minimize"])
+    run_edit_trials(none_fit, EditSpace(N), _ctx(), FakeStaged(), seed=5, n_startup_trials=3, n_trials=6, prune=None,
+                    max_kl=1e-9)
+    assert none_fit.best_trials == [] and pareto_front(none_fit)

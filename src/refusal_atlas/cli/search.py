@@ -56,6 +56,8 @@ def search(
     n_startup_trials: Annotated[int, typer.Option(help="random trials before TPE")] = 10,
     prune: Annotated[bool, typer.Option(help="edits: stop clearly dominated trials after 25% of the prompts")] = True,
     score_tokens: Annotated[int, typer.Option(help="edits: refusal = substring rate of N greedy tokens (0: logit)")] = 0,
+    max_kl: Annotated[Optional[float], typer.Option(help="edits: a KL cap; edits above it stay off the front and TPE "
+                                                         "learns to avoid them (pruned early when clearly above)")] = None,
     refusal_stat: Annotated[str, typer.Option(help="edits: refusal number = mean first-token refusal probability "
                                                    "(probability) or mean refusal log-odds (logodds)")] = "probability",
     evaluate: Annotated[Optional[bool], typer.Option(help="subsets: held-out comparison vs DIM (default on)")] = None,
@@ -86,6 +88,8 @@ def search(
         resolve_dtype(dtype, "cpu")  # an unknown name fails here, before the model loads
     if refusal_stat not in ("probability", "logodds"):  # search.trial.REFUSAL_STATS, without importing torch
         raise ConfigError(f"unknown --refusal-stat {refusal_stat!r}; choose probability or logodds")
+    if max_kl is not None and (space != "edits" or not max_kl > 0):
+        raise ConfigError("--max-kl is for --space edits" if space != "edits" else f"--max-kl must be > 0, got {max_kl}")
     if space != "edits" and refusal_stat != "probability":
         raise ConfigError("--refusal-stat is for --space edits")
     set_names = tuple(s.strip() for s in (sets or "").split(",") if s.strip())
@@ -113,7 +117,7 @@ def search(
 
         settings = EditSearchSettings(seed=run_seed(run_dir, seed), kl_threshold=ws.cfg.kl_threshold,
                                       n_startup_trials=n_startup_trials, sets=set_names, k_max=k_max,
-                                      score_tokens=score_tokens, refusal_stat=refusal_stat,
+                                      score_tokens=score_tokens, refusal_stat=refusal_stat, max_kl=max_kl,
                                       **({} if prune else {"prune": None}))
         summary = edit_search_step(ws, prompt_sets, settings, until=until, minutes=minutes, storage=storage)
         if summary["stale_trials_failed"]:

@@ -42,6 +42,7 @@ from refusal_atlas.progress import progress
 from refusal_atlas.search.storage import coordinator_for, is_server_url, make_storage
 
 Objective = Callable[[DirectionSet], tuple[float, float]]
+KL_CONSTRAINT = "kl_above_max"  # with a KL cap: each trial's Optuna constraint KL − max_kl (feasible when <= 0)
 RULE = ("min_refusal_under_kl: among Pareto-optimal trials with mean validation KL <= kl_threshold, the "
         "lowest mean validation refusal score (ties: lower KL, then earlier trial); if none qualifies, "
         "the Pareto trial with the lowest KL")
@@ -182,7 +183,7 @@ def _subset_key(ids: Sequence[int], mode: str) -> tuple[int, ...]:
 
 def run_loop(study: optuna.Study, propose: Callable[[Trial], tuple[str, Callable[[], tuple[float, float]]]],
              *, seed: int, n_startup_trials: int, group: bool, n_trials: int, deadline: float | None = None,
-             desc: str = "search trials") -> list[FrozenTrial]:
+             desc: str = "search trials", max_kl: float | None = None) -> list[FrozenTrial]:
     """The seeded ask/tell loop every search uses; returns the trials this call finished.
 
     ``propose(trial)`` suggests parameters (and sets user attributes) and returns (key, evaluate);
@@ -190,7 +191,8 @@ def run_loop(study: optuna.Study, propose: Callable[[Trial], tuple[str, Callable
     A key already evaluated in this study is not re-run: its values are copied (objectives are
     deterministic) and the trial records ``reused_from``; it still goes through ask/tell, so it
     has its own start and end time. ``deadline`` (a ``time.monotonic()`` value) stops the loop
-    before a trial that would start after it.
+    before a trial that would start after it. ``max_kl`` caps the KL objective: every trial records the
+    constraint KL − max_kl, so TPE counts trials above the cap as infeasible and the front leaves them out.
     """
     coord = coordinator_for(study)  # several workers on a PostgreSQL study: seeds, heartbeats, claims
     done: dict[str, FrozenTrial] = {t.user_attrs["key"]: t for t in completed(study) if "key" in t.user_attrs}
@@ -213,6 +215,8 @@ def run_loop(study: optuna.Study, propose: Callable[[Trial], tuple[str, Callable
                         values = tuple(previous.values)
                     else:
                         values = evaluate()
+                    if max_kl is not None:
+                        trial.set_constraint(KL_CONSTRAINT, values[1] - max_kl)
             except optuna.TrialPruned:  # evaluate() stopped early (search.trial): kept, never on the front
                 study.tell(trial, state=TrialState.PRUNED)
                 bar.update(1)
@@ -248,11 +252,16 @@ def run_trials(study: optuna.Study, directions: DirectionSet, objective: Objecti
 
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
-    """Completed trials no other completed trial beats on both refusal and KL."""
-    if not completed(study):
+    """Completed trials no other completed trial beats on both refusal and KL; under a KL cap, only trials
+    within it (Optuna's feasible trials), unless none is: then all completed trials, so a search whose
+    every trial overshot the cap still reports what it found (summarize says so)."""
+    done = completed(study)
+    if not done:
         raise ArtifactError(f"the search study {study.study_name!r} has no finished trials yet; "
                             "run `refusal-atlas search --trials N`")
-    return sorted(study.best_trials, key=lambda t: (t.values[1], t.values[0], t.number))
+    front = study.best_trials or [t for t in done if not any(
+        all(a <= b for a, b in zip(u.values, t.values)) and u.values != t.values for u in done)]
+    return sorted(front, key=lambda t: (t.values[1], t.values[0], t.number))
 
 
 def choose_trial(front: Sequence[FrozenTrial], kl_threshold: float) -> tuple[FrozenTrial, str]:
@@ -311,6 +320,7 @@ def summarize(study: optuna.Study, settings) -> dict[str, Any]:
                                                                          TrialState.FAIL, TrialState.RUNNING,
                                                                          TrialState.WAITING)}
     counts["distinct_subsets"] = len({trial_key(t, mode) for t in trials if t.state == TrialState.COMPLETE})
+    counts["above_max_kl"] = sum(t.constraints.get(KL_CONSTRAINT, 0.0) > 0 for t in trials)
     return {
         "study": study.study_name, "settings": asdict(settings), "identity": study.user_attrs.get("identity"),
         "objectives": {"refusal": "mean logit refusal score on harmful validation prompts under the edit "

@@ -171,12 +171,13 @@ def build_edit(choice: dict[str, Any], ctx: EditContext, name: str | None = None
 
 def run_edit_trials(study, space: EditSpace, ctx: EditContext, objective: Callable[[Edit], tuple[float, float]],
                     seed: int, n_startup_trials: int, n_trials: int, deadline: float | None = None,
-                    prune=None) -> list:
+                    prune=None, max_kl: float | None = None) -> list:
     """``n_trials`` more trials of the edit space (the seeded loop of :func:`refusal_atlas.search.run_loop`).
 
     Each trial stores its decoded ``choice``; two trials with the same choice share one evaluation.
     ``prune`` (a :class:`~refusal_atlas.search.trial.PruneRule`, with a StagedObjective) stops
-    clearly dominated trials after the first stage (see :func:`refusal_atlas.search.trial.evaluate_staged`).
+    clearly dominated trials after the first stage (see :func:`refusal_atlas.search.trial.evaluate_staged`),
+    and, with a KL cap ``max_kl``, trials whose first-stage KL lies clearly above it.
     """
     from refusal_atlas.search import run_loop
 
@@ -188,10 +189,10 @@ def run_edit_trials(study, space: EditSpace, ctx: EditContext, objective: Callab
         from refusal_atlas.search.trial import evaluate_staged
 
         return json.dumps(choice, sort_keys=True), lambda: evaluate_staged(study, trial, objective,
-                                                                           build_edit(choice, ctx), prune)
+                                                                           build_edit(choice, ctx), prune, max_kl)
 
     return run_loop(study, propose, seed=seed, n_startup_trials=n_startup_trials, group=False, n_trials=n_trials,
-                    deadline=deadline, desc="edit search trials")
+                    deadline=deadline, desc="edit search trials", max_kl=max_kl)
 
 
 def context_fingerprint(ctx: EditContext) -> str:

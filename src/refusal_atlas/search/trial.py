@@ -50,6 +50,7 @@ from refusal_atlas.model.adapter import float32_head_output
 from refusal_atlas.prefix_cache import PrefixPlan, budget_batches, supports_prefix_reuse
 
 REFUSAL_STATS = ("probability", "logodds")
+MAX_KL = "max_kl"  # pruned_by of a trial stopped because its first-stage KL lies clearly above the KL cap
 # PruneRule's refusal margin per statistic: 0.5 log-odds, or 0.05 of expected refusal rate (about 1 prompt in 20)
 REFUSAL_MARGINS = {"logodds": 0.5, "probability": 0.05}
 
@@ -109,6 +110,10 @@ class PruneRule:
                 return number
         return None
 
+    def over_cap(self, partial_kl: float, max_kl: float) -> bool:
+        """Whether first-stage KL ``partial_kl`` lies clearly above a KL cap, by this rule's KL margins."""
+        return partial_kl >= max_kl * self.kl_ratio + self.kl_margin
+
     def describe(self) -> str:
         return (f"pruned after {self.fraction:.0%} of the prompts iff a Pareto trial scored on the same prompts "
                 f"has refusal <= this - {self.refusal_margin} and KL * {self.kl_ratio} + {self.kl_margin} <= this")
@@ -119,7 +124,7 @@ class TrialScore:
     partial: tuple[float, float]  # (refusal, KL) on the first-stage prompts
     n_partial: tuple[int, int]  # (harmful, harmless) prompts in the first stage
     values: tuple[float, float] | None  # on every prompt; None when pruned
-    pruned_by: int | None = None
+    pruned_by: int | str | None = None  # a dominating trial's number, or MAX_KL
     stats: dict[str, float] | None = None  # every refusal statistic over the prompts scored
 
     def record(self) -> dict[str, Any]:
@@ -282,17 +287,32 @@ class StagedObjective(ValidationObjective):
         return values
 
 
-def evaluate_staged(study, trial, objective: StagedObjective, edit, rule: PruneRule | None) -> tuple[float, float]:
-    """Score ``edit`` for ``trial``; record its first-stage values; raise TrialPruned if ``rule`` prunes it."""
+def evaluate_staged(study, trial, objective: StagedObjective, edit, rule: PruneRule | None,
+                    max_kl: float | None = None) -> tuple[float, float]:
+    """Score ``edit`` for ``trial``; record its first-stage values; raise TrialPruned if ``rule`` prunes it:
+    dominated (see PruneRule), or, with a KL cap ``max_kl``, first-stage KL clearly above the cap (then the
+    trial also records the cap's constraint, so TPE counts it infeasible)."""
     import optuna
 
+    from refusal_atlas.search import KL_CONSTRAINT
+
     front = front_partials(study) if rule is not None else []
-    result = objective.score(edit, (lambda partial: rule.dominating(partial, front)) if rule is not None else None)
+
+    def prune(partial: tuple[float, float]) -> int | str | None:
+        assert rule is not None
+        if max_kl is not None and rule.over_cap(partial[1], max_kl):
+            return MAX_KL
+        return rule.dominating(partial, front)
+
+    result = objective.score(edit, prune if rule is not None else None)
     trial.set_user_attr("partial", result.record())
     if result.stats is not None:
         trial.set_user_attr("refusal_stats", result.stats)
     if result.values is None:
         trial.set_user_attr("pruned_by", result.pruned_by)
+        if result.pruned_by == MAX_KL:
+            trial.set_constraint(KL_CONSTRAINT, result.partial[1] - max_kl)
+            raise optuna.TrialPruned(f"first-stage KL {result.partial[1]:.4f} clearly above the cap {max_kl}")
         raise optuna.TrialPruned(f"first-stage values {result.partial} dominated by trial #{result.pruned_by}")
     return result.values
 

@@ -40,6 +40,9 @@ class EditSearchSettings:
     prune: PruneRule | None = field(default_factory=PruneRule)  # None: score every trial on every prompt
     score_tokens: int = 0  # > 0: refusal = substring rate of that many greedy tokens (search.trial)
     refusal_stat: str = "probability"  # mean first-token refusal probability, or "logodds" (search.trial)
+    # a KL cap: edits above it are off the front, and TPE learns to avoid them (an Optuna constraint); with
+    # pruning, a trial whose first-stage KL is clearly above it stops there. None: no cap
+    max_kl: float | None = None
     # trials 0, 1, ...: ablation of the selected DIM direction at these strengths (1 = full ablation, the
     # run's own edit). Weaker ones lay a first front from end to end: on the embedded model KL grows about
     # as strength² and refusals fall about linearly (bench/vs_heretic.py, 2026-12-02, heretic's evaluator:
@@ -49,6 +52,8 @@ class EditSearchSettings:
 
     def __post_init__(self) -> None:
         check_refusal_stat(self.refusal_stat)
+        if self.max_kl is not None and not self.max_kl > 0:
+            raise ConfigError(f"max_kl must be > 0, got {self.max_kl}")
         if self.prune == PruneRule():  # the default rule: its refusal margin in this statistic's units
             self.prune = PruneRule.for_statistic(self.refusal_stat)
 
@@ -112,7 +117,7 @@ def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettin
                                 score_tokens=settings.score_tokens, refusal_stat=settings.refusal_stat)
     identity = {**space.identity(), "seed": settings.seed, "n_startup_trials": settings.n_startup_trials,
                 "directions": context_fingerprint(ctx), "objective": objective.fingerprint(),
-                **prune_identity(settings.prune)}
+                **prune_identity(settings.prune), **({"max_kl": settings.max_kl} if settings.max_kl is not None else {})}
     db = storage or ws.run / "study.db"
     name = "search-edits" + "".join(f"+{s}" for s in settings.sets)
     with study_guard(db):
@@ -133,7 +138,7 @@ def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettin
                         pass  # the DIM layer lies outside the direction-index range: no warm start
             with ws.timed("search_edits"):
                 run_edit_trials(study, space, ctx, objective, settings.seed, settings.n_startup_trials, n_new,
-                                deadline, prune=settings.prune)
+                                deadline, prune=settings.prune, max_kl=settings.max_kl)
         summary = summarize(study, settings)
     summary.update(space=asdict(space), stale_trials_failed=stale, settings=asdict(settings))
     for rec in summary["pareto"]:
@@ -163,8 +168,12 @@ def format_edit_search(summary: dict[str, Any]) -> str:
     stat = (summary.get("settings") or {}).get("refusal_stat", "logodds")
     what = (f"substring rate of {m} greedy tokens + logit tie-break" if m else
             "mean first-token refusal probability" if stat == "probability" else "mean logit refusal score")
-    lines = [f"trials: {n['complete']} complete, {n.get('pruned', 0)} pruned, {n['fail']} failed; Pareto front on validation prompts "
-             f"(refusal = {what}, lower = less refusal; KL = next-token KL on harmless):",
+    cap = (summary.get("settings") or {}).get("max_kl")
+    capped = "" if cap is None else (
+        f"; {n.get('above_max_kl', 0)} above the KL cap {cap}" + ("" if any(t["kl"] <= cap for t in summary["pareto"])
+                                                                 else " (all of them: the front ignores the cap)"))
+    lines = [f"trials: {n['complete']} complete, {n.get('pruned', 0)} pruned, {n['fail']} failed{capped}; Pareto front on "
+             f"validation prompts (refusal = {what}, lower = less refusal; KL = next-token KL on harmless):",
              f"  {'trial':<7}{'refusal':>9}{'KL':>9}  {'saved as':<22}edit", f"  {'-' * 90}"]
     lines += [f"  {a:<7}{r:>9.3f}{k:>9.4f}  {name:<22}{what}" for a, r, k, name, what in rows]
     lines.append(f"chosen: trial #{chosen['number']} ({chosen['why']}) → edits/search_best.json")
