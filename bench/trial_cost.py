@@ -14,8 +14,12 @@ shared prefix once, the LM head on each row's last position) and times a plain m
 MLP shape in the same run: the ratio of the two is the fastest this CPU could score a trial at this
 precision, so it says how far any implementation could go below heretic at equal prompt counts.
 
+``--profile`` scores the first edit once more under torch's profiler and splits that trial into its matmul
+kernels (aten::mm/addmm/bmm, with the rate they ran at inside the model) and everything else: the matmul
+time alone bounds the trial from below at that rate, whatever the rest costs.
+
     .venv/bin/python bench/trial_cost.py --run-dir runs/demo [--n 100] [--trials 4] [--dtype bfloat16]
-        [--compare float32_trial_cost.json]
+        [--compare float32_trial_cost.json] [--profile]
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="load the model in this dtype instead of the run's (e.g. bfloat16)")
     ap.add_argument("--compare", default=None, help="trial_cost JSON of the same edits in another dtype: print how "
                                                      "the two rank them (Spearman) and the time ratio")
+    ap.add_argument("--profile", action="store_true", help="split one more trial into matmul kernels and the rest")
     args = ap.parse_args()
     heretic_s, heretic_from = 140.0, "heretic_baseline.md (another machine of this class)"
     if args.heretic:  # read before any model loads: a bad path fails at once, not after the measurement
@@ -157,6 +162,8 @@ def main() -> None:
            "best_possible_ratio_vs_heretic": heretic_s / floor_s, "n_harmful": nh, "n_harmless": len(harmless), "prefix_tokens": len(staged.plan.prefix) if staged.plan else 0,
            "setup_s": setup_s, "median": med, "heretic_median_trial_s": heretic_s,
            "heretic_from": heretic_from, "ratio_vs_heretic": heretic_s / med["staged_s"], "trials": rows}
+    if args.profile:
+        out["profile"] = profile_trial(staged, build_edit(choices[0], ctx), flops)
     with open(args.json or Path(args.run_dir) / "trial_cost.json", "w", encoding="utf-8") as fh:
         json.dump(out, fh, indent=1)
     print(f"\n{nh} + {len(harmless)} prompts, shared prefix {out['prefix_tokens']} tokens, one-off set-up {setup_s:.1f} s")
@@ -167,8 +174,36 @@ def main() -> None:
           f"counts can take under {floor_s:.1f} s here ({out['best_possible_ratio_vs_heretic']:.1f}x heretic's {heretic_s:.1f} s)")
     print(f"skipping the blocks below each edit's first edited one would save {skip:.1%} of the block work "
           "(mean over 2000 random edits of the default space)")
+    if args.profile:
+        p = out["profile"]
+        print(f"profiled trial {p['trial_s']:.2f} s: matmul kernels {p['matmul_s']:.2f} s ({p['matmul_calls']} calls, "
+              f"{p['matmul_gflops']:.0f} GFLOP/s inside the model), everything else {p['other_s']:.2f} s; top others: "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in p["top_other"].items()))
+        print(f"  with everything else free, a trial still takes {p['matmul_s']:.2f} s at that matmul rate: "
+              f"{heretic_s / p['matmul_s']:.1f}x heretic's {heretic_s:.1f} s at most")
     if other is not None:
         print(compare_runs(out, other))
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def profile_trial(staged, edit, flops: float) -> dict:
+    """One staged trial under torch.profiler: self CPU seconds of the matmul kernels vs the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        staged.score(edit)
+        trial_s = time.perf_counter() - t
+    events = prof.key_averages()
+    mm = [e for e in events if e.key in MATMUL_OPS]
+    matmul_s = sum(e.self_cpu_time_total for e in mm) / 1e6
+    total_s = sum(e.self_cpu_time_total for e in events) / 1e6
+    others = sorted((e for e in events if e.key not in MATMUL_OPS), key=lambda e: -e.self_cpu_time_total)[:5]
+    return {"trial_s": trial_s, "profiled_total_s": total_s, "matmul_s": matmul_s, "other_s": total_s - matmul_s,
+            "matmul_calls": sum(e.count for e in mm), "matmul_gflops": flops / matmul_s / 1e9,
+            "top_other": {e.key: e.self_cpu_time_total / 1e6 for e in others}}
 
 
 def compare_runs(ours: dict, other: dict) -> str:

@@ -74,3 +74,30 @@ def test_trial_cost_compares_two_dtypes_on_the_same_edits():
             tc.compare_runs(bf, run("float32", [(-1.0, 0.0)] * 3, 25.0) | {"trials": [{"choice": {"i": 9}, "values": (0, 0)}] * 3})
     finally:
         sys.path.remove(str(_PATH.parent))
+
+
+def test_trial_cost_profile_splits_matmul_kernels_from_the_rest():
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(_PATH.parent))
+    try:
+        tc_spec = importlib.util.spec_from_file_location("trial_cost", _PATH.parent / "trial_cost.py")
+        tc = importlib.util.module_from_spec(tc_spec)
+        tc_spec.loader.exec_module(tc)
+
+        class Fake:  # three matmuls and a large elementwise op per "trial"
+            def score(self, edit):
+                a = torch.randn(256, 256)
+                for _ in range(3):
+                    a = a @ a / 16
+                return torch.exp(torch.randn(2_000_000)).sum()
+
+        out = tc.profile_trial(Fake(), None, flops=3 * 2 * 256 ** 3)
+        assert out["matmul_calls"] == 3 and out["matmul_s"] > 0 and out["other_s"] > 0
+        assert "aten::exp" in out["top_other"] and not set(out["top_other"]) & set(tc.MATMUL_OPS)
+        assert out["matmul_gflops"] == pytest.approx(3 * 2 * 256 ** 3 / out["matmul_s"] / 1e9)
+        assert out["profiled_total_s"] == pytest.approx(out["matmul_s"] + out["other_s"])
+    finally:
+        sys.path.remove(str(_PATH.parent))
