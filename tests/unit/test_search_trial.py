@@ -74,6 +74,25 @@ def test_staged_scores_equal_plain_scores_with_one_prefix_pass_per_trial(staged_
         assert obj(edit) == pytest.approx(want, abs=1e-5)
     d = DirectionSet(torch.randn(1, adapter.d_model), layer=1, method="dim")  # record_references' call
     assert obj(d) == pytest.approx(_plain(adapter, chat, HARMFUL, HARMLESS, ids, DirectionalAblation(d)), abs=1e-5)
+    assert obj._split_head is True  # the scores above came from the LM head run once per pass
+
+
+def test_a_model_that_rescales_its_logits_keeps_the_per_batch_head(staged_parts, monkeypatch):
+    adapter, chat, ids = staged_parts
+    model = adapter.model
+    forward = type(model).forward
+
+    def scaled(self, *args, **kwargs):  # like Cohere's logit_scale: the head's output is not the logits
+        out = forward(self, *args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    monkeypatch.setattr(type(model), "forward", scaled)
+    obj = StagedObjective(adapter, chat, HARMFUL, HARMLESS, ids, batch_size=3, refusal_stat="logodds")
+    edit = _edits(adapter)[0]
+    got = obj.score(edit).values
+    assert obj._split_head is False
+    assert got == pytest.approx(_plain(adapter, chat, HARMFUL, HARMLESS, ids, edit), abs=1e-5)
 
 
 def _plain_scores(adapter, chat, ids, edit=None) -> list[float]:
