@@ -121,6 +121,55 @@ def blocks_from(adapter: ModelAdapter, start_layer: int):
         base.layers = full
 
 
+HEAD_ROWS = 256  # rows per LM-head matmul (and float64 log-softmax) when the head runs apart from the batches
+
+
+def head_apart(adapter: ModelAdapter, plan: PrefixPlan) -> bool:
+    """Whether the LM head may run once over a whole pass instead of once per batch (checked once per model).
+
+    A batch of 32 rows streams the whole head weight (545 MB in float32 for a 152k vocabulary) for 32
+    matmul rows; on the embedded model that was ~1.7 s of a 13 s bf16 search trial. Apart, the batches keep
+    each row's last hidden state and one matmul maps them all. Allowed only if the decoder's last hidden
+    state through the output embedding gives the model's own logits on a few rows (a model whose forward
+    rescales or caps its logits keeps the per-batch head).
+    """
+    model = adapter.model
+    verdict = getattr(model, "_refusal_atlas_head_apart", None)
+    if verdict is None:
+        verdict, idx = False, list(range(min(4, len(plan))))
+        try:
+            with torch.inference_mode():
+                full = model(**plan.inputs(idx, plan.prefix_kv()), logits_to_keep=1).logits[:, -1].float()
+                h = model.get_decoder()(**plan.inputs(idx, plan.prefix_kv())).last_hidden_state[:, -1]
+                split = model.get_output_embeddings()(h).float()
+            verdict = full.shape == split.shape and bool(torch.allclose(full, split, rtol=1e-2, atol=1e-2))
+        except Exception:  # no decoder / output-embedding split this simple
+            verdict = False
+        model._refusal_atlas_head_apart = verdict
+    return verdict
+
+
+def last_position(adapter: ModelAdapter, inputs: dict, apart: bool) -> torch.Tensor:
+    """Each row's last hidden state (``apart``) or its next-token logits, from one batch's forward pass."""
+    if apart:
+        return adapter.model.get_decoder()(**inputs).last_hidden_state[:, -1]
+    return adapter.model(**inputs, logits_to_keep=1).logits[:, -1]
+
+
+def last_logprobs(adapter: ModelAdapter, last: torch.Tensor, apart: bool) -> torch.Tensor:
+    """:func:`last_position` rows of a whole pass → next-token log-probs [N, V] float32 on the CPU."""
+    head = adapter.model.get_output_embeddings()
+    out = torch.empty(len(last), 0)
+    for i in range(0, len(last), HEAD_ROWS):  # chunks bound the float64 log-softmax's memory
+        with torch.inference_mode():
+            logits = head(last[i:i + HEAD_ROWS]) if apart else last[i:i + HEAD_ROWS]
+        logp = torch.log_softmax(logits.to(torch.float64), dim=-1).to(torch.float32).cpu()
+        if not out.numel():
+            out = torch.empty(len(last), logp.shape[-1], dtype=torch.float32)
+        out[i:i + HEAD_ROWS] = logp
+    return out
+
+
 @torch.inference_mode()
 def plan_logprobs(
     plan: PrefixPlan,
@@ -147,8 +196,9 @@ def plan_logprobs(
             current[layer] = hidden.detach().clone()
         return hook
 
+    apart = head_apart(adapter, plan)
     handles = [adapter.layers[l].register_forward_pre_hook(grab(l), with_kwargs=True) for l in capture]
-    out: torch.Tensor | None = None
+    last: torch.Tensor | None = None
     try:
         with intervention.apply(adapter) if intervention is not None else _nothing():
             kv = plan.prefix_kv()
@@ -159,21 +209,21 @@ def plan_logprobs(
                     assert start_hidden is not None
                     inputs.pop("input_ids")
                     with blocks_from(adapter, start_layer):
-                        logits = adapter.model(inputs_embeds=start_hidden[b], logits_to_keep=1, **inputs).logits[:, -1]
+                        h = last_position(adapter, {"inputs_embeds": start_hidden[b], **inputs}, apart)
                 else:
-                    logits = adapter.model(**inputs, logits_to_keep=1).logits[:, -1]
+                    h = last_position(adapter, inputs, apart)
                 if capture:
                     captured[b] = dict(current)
-                logp = torch.log_softmax(logits.to(torch.float64), dim=-1).to(torch.float32).cpu()
-                if out is None:
-                    out = torch.empty(len(plan), logp.shape[-1], dtype=torch.float32)
-                out[idx] = logp
+                if last is None:
+                    last = torch.empty(len(plan), h.shape[-1], dtype=h.dtype, device=h.device)
+                last[idx] = h
                 if on_batch is not None:
                     on_batch(len(idx))
+            assert last is not None
+            out = last_logprobs(adapter, last, apart)  # inside the intervention: a head edit would apply
     finally:
         for h in handles:
             h.remove()
-    assert out is not None
     return out, captured
 
 

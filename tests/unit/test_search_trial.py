@@ -18,6 +18,7 @@ from refusal_atlas.errors import ConfigError
 from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.model import ChatFormatter, ModelAdapter
+from refusal_atlas.prefix_cache import PrefixPlan, plan_logprobs
 from refusal_atlas.search import completed, finished, open_study, pareto_front
 from refusal_atlas.search.storage import fail_stale_trials
 from refusal_atlas.search.space import EditSpace, run_edit_trials
@@ -74,7 +75,7 @@ def test_staged_scores_equal_plain_scores_with_one_prefix_pass_per_trial(staged_
         assert obj(edit) == pytest.approx(want, abs=1e-5)
     d = DirectionSet(torch.randn(1, adapter.d_model), layer=1, method="dim")  # record_references' call
     assert obj(d) == pytest.approx(_plain(adapter, chat, HARMFUL, HARMLESS, ids, DirectionalAblation(d)), abs=1e-5)
-    assert obj._split_head is True  # the scores above came from the LM head run once per pass
+    assert adapter.model._refusal_atlas_head_apart is True  # the scores above came from the head run once per pass
 
 
 def test_a_model_that_rescales_its_logits_keeps_the_per_batch_head(staged_parts, monkeypatch):
@@ -88,11 +89,15 @@ def test_a_model_that_rescales_its_logits_keeps_the_per_batch_head(staged_parts,
         return out
 
     monkeypatch.setattr(type(model), "forward", scaled)
+    monkeypatch.setattr(model, "_refusal_atlas_head_apart", None, raising=False)  # check this model afresh
     obj = StagedObjective(adapter, chat, HARMFUL, HARMLESS, ids, batch_size=3, refusal_stat="logodds")
     edit = _edits(adapter)[0]
     got = obj.score(edit).values
-    assert obj._split_head is False
+    assert model._refusal_atlas_head_apart is False
     assert got == pytest.approx(_plain(adapter, chat, HARMFUL, HARMLESS, ids, edit), abs=1e-5)
+    plan = PrefixPlan(adapter, chat, HARMLESS, 3)  # the shared pass of selection and evaluation too
+    assert torch.allclose(plan_logprobs(plan)[0], next_token_logprobs(adapter, chat, HARMLESS, 4, reuse_prefix=False),
+                          atol=1e-4)
 
 
 def _plain_scores(adapter, chat, ids, edit=None) -> list[float]:

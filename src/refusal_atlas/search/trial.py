@@ -47,10 +47,10 @@ from refusal_atlas.evaluation.objective import ValidationObjective
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.interventions import Intervention
 from refusal_atlas.model.adapter import float32_head_output
-from refusal_atlas.prefix_cache import PrefixPlan, budget_batches, supports_prefix_reuse
+from refusal_atlas.prefix_cache import (PrefixPlan, budget_batches, head_apart, last_logprobs, last_position,
+                                         supports_prefix_reuse)
 
 REFUSAL_STATS = ("probability", "logodds")
-HEAD_ROWS = 256  # rows per LM-head matmul (and float64 log-softmax) when the head runs apart from the batches
 MAX_KL = "max_kl"  # pruned_by of a trial stopped because its first-stage KL lies clearly above the KL cap
 # PruneRule's refusal margin per statistic: 0.5 log-odds, or 0.05 of expected refusal rate (about 1 prompt in 20)
 REFUSAL_MARGINS = {"logodds": 0.5, "probability": 0.05}
@@ -159,7 +159,6 @@ class StagedObjective(ValidationObjective):
         self.plan = PrefixPlan(adapter, chat, self.rows, batch_size) if supports_prefix_reuse(adapter) else None
         float32_head_output(adapter.model)  # a no-op in float32; in bf16 it lowers the KL floor (adapter.py)
         self.prefix_passes = 0  # how many prefix K/V computations ran (tests check: one per trial)
-        self._split_head: bool | None = None  # _head_once's verdict, once known
 
     def _harmless_base(self) -> torch.Tensor:
         if self._base_lp is None:
@@ -169,57 +168,23 @@ class StagedObjective(ValidationObjective):
         return self._base_lp
 
     def _logprobs(self, rows: list[int], kv) -> torch.Tensor:
-        """Next-token log-probs of ``rows`` (in that order) under whatever edit is active now.
-
-        With the head split off (:meth:`_head_once`), the batches keep only each row's last hidden state
-        and the LM head runs once over all rows: a batch of 32 rows streams the whole head weight (545 MB
-        in float32 for a 152k vocabulary) for 32 matmul rows, which cost ~1.7 s of a 13 s bf16 trial."""
+        """Next-token log-probs of ``rows`` (in that order) under whatever edit is active now (the LM head
+        once over all rows where the model allows it: prefix_cache.head_apart)."""
         if self.plan is None:
             return next_token_logprobs(self.adapter, self.chat, [self.rows[i] for i in rows], self.batch_size,
                                        reuse_prefix=False)
-        split = self._head_once()
+        apart = head_apart(self.adapter, self.plan)
         last = None
         for batch in budget_batches([len(self.plan.suffixes[i]) for i in rows], self.batch_size):
             inputs = self.plan.inputs([rows[j] for j in batch], kv)
             inputs["use_cache"] = kv is not None
             with torch.inference_mode():
-                if split:
-                    h = self.adapter.model.get_decoder()(**inputs).last_hidden_state[:, -1]
-                else:
-                    h = self.adapter.model(**inputs, logits_to_keep=1).logits[:, -1]
+                h = last_position(self.adapter, inputs, apart)
             if last is None:
                 last = torch.empty(len(rows), h.shape[-1], dtype=h.dtype, device=h.device)
             last[batch] = h
         assert last is not None
-        head = self.adapter.model.get_output_embeddings()
-        out = torch.empty(len(rows), 0)
-        for i in range(0, len(rows), HEAD_ROWS):  # chunks bound the float64 log-softmax's memory
-            with torch.inference_mode():
-                logits = head(last[i:i + HEAD_ROWS]) if split else last[i:i + HEAD_ROWS]
-            logp = torch.log_softmax(logits.to(torch.float64), dim=-1).to(torch.float32).cpu()
-            if not out.numel():
-                out = torch.empty(len(rows), logp.shape[-1], dtype=torch.float32)
-            out[i:i + HEAD_ROWS] = logp
-        return out
-
-    def _head_once(self) -> bool:
-        """Whether the LM head can run apart from the batches: the decoder's last hidden state through the
-        output embedding gives the model's own logits (checked once, on a few rows of the unedited model;
-        a model whose forward rescales or caps its logits keeps the per-batch head)."""
-        if self._split_head is None:
-            model, self._split_head = self.adapter.model, False
-            idx = list(range(min(4, len(self.rows))))
-            try:
-                inputs = self.plan.inputs(idx, self.plan.prefix_kv())
-                with torch.inference_mode():
-                    full = model(**inputs, logits_to_keep=1).logits[:, -1].float()
-                    inputs = self.plan.inputs(idx, self.plan.prefix_kv())
-                    h = model.get_decoder()(**inputs).last_hidden_state[:, -1]
-                    split = model.get_output_embeddings()(h).float()
-                self._split_head = full.shape == split.shape and torch.allclose(full, split, rtol=1e-2, atol=1e-2)
-            except Exception:  # no decoder/output-embedding split this simple: keep the per-batch head
-                self._split_head = False
-        return self._split_head
+        return last_logprobs(self.adapter, last, apart)
 
     def fingerprint(self) -> str:
         """The prompts, plus the token count, the refusal statistic (unless log-odds, the original one) and a
