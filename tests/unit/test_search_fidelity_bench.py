@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,19 @@ _PATH = Path(__file__).resolve().parents[2] / "bench" / "search_fidelity.py"
 _spec = importlib.util.spec_from_file_location("search_fidelity", _PATH)
 sf = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sf)
+
+
+@contextmanager
+def trial_cost_module():
+    """bench/trial_cost.py as a module (it imports search_fidelity from bench/, so bench/ joins the path)."""
+    sys.path.insert(0, str(_PATH.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("trial_cost", _PATH.parent / "trial_cost.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(_PATH.parent))
 
 
 def test_spearman_uses_average_ranks_for_ties():
@@ -55,13 +70,7 @@ def test_pruning_replay_counts_what_the_rule_would_stop():
 
 
 def test_trial_cost_compares_two_dtypes_on_the_same_edits():
-    import sys
-
-    sys.path.insert(0, str(_PATH.parent))
-    try:
-        tc_spec = importlib.util.spec_from_file_location("trial_cost", _PATH.parent / "trial_cost.py")
-        tc = importlib.util.module_from_spec(tc_spec)
-        tc_spec.loader.exec_module(tc)
+    with trial_cost_module() as tc:
         run = lambda dtype, vals, s: {"dtype": dtype, "median": {"staged_s": s},  # noqa: E731
                                       "trials": [{"choice": {"i": i}, "values": v} for i, v in enumerate(vals)]}
         bf = run("bfloat16", [(-1.0, 0.011), (-2.0, 0.031), (-3.0, 0.021)], 10.0)
@@ -72,21 +81,12 @@ def test_trial_cost_compares_two_dtypes_on_the_same_edits():
         assert "median +0.0010" in text
         with pytest.raises(SystemExit, match="other edits"):
             tc.compare_runs(bf, run("float32", [(-1.0, 0.0)] * 3, 25.0) | {"trials": [{"choice": {"i": 9}, "values": (0, 0)}] * 3})
-    finally:
-        sys.path.remove(str(_PATH.parent))
 
 
 def test_trial_cost_profile_splits_matmul_kernels_from_the_rest():
-    import sys
-
     import torch
 
-    sys.path.insert(0, str(_PATH.parent))
-    try:
-        tc_spec = importlib.util.spec_from_file_location("trial_cost", _PATH.parent / "trial_cost.py")
-        tc = importlib.util.module_from_spec(tc_spec)
-        tc_spec.loader.exec_module(tc)
-
+    with trial_cost_module() as tc:
         class Fake:  # three matmuls and a large elementwise op per "trial"
             def score(self, edit):
                 a = torch.randn(256, 256)
@@ -99,5 +99,3 @@ def test_trial_cost_profile_splits_matmul_kernels_from_the_rest():
         assert "aten::exp" in out["top_other"] and not set(out["top_other"]) & set(tc.MATMUL_OPS)
         assert out["matmul_gflops"] == pytest.approx(3 * 2 * 256 ** 3 / out["matmul_s"] / 1e9)
         assert out["profiled_total_s"] == pytest.approx(out["matmul_s"] + out["other_s"])
-    finally:
-        sys.path.remove(str(_PATH.parent))
