@@ -157,7 +157,10 @@ def last_position(adapter: ModelAdapter, inputs: dict, apart: bool) -> torch.Ten
 
 
 def last_logprobs(adapter: ModelAdapter, last: torch.Tensor, apart: bool) -> torch.Tensor:
-    """:func:`last_position` rows of a whole pass → next-token log-probs [N, V] float32 on the CPU."""
+    """:func:`last_position` rows of a whole pass → next-token log-probs [N, V] float32 on the CPU.
+
+    Callers keep hidden states on the model's device and logits (the per-batch head) on the CPU, so a
+    large pass never holds [N, V] logits in accelerator memory."""
     head = adapter.model.get_output_embeddings()
     out = torch.empty(len(last), 0)
     for i in range(0, len(last), HEAD_ROWS):  # chunks bound the float64 log-softmax's memory
@@ -215,7 +218,7 @@ def plan_logprobs(
                 if capture:
                     captured[b] = dict(current)
                 if last is None:
-                    last = torch.empty(len(plan), h.shape[-1], dtype=h.dtype, device=h.device)
+                    last = torch.empty(len(plan), h.shape[-1], dtype=h.dtype, device=h.device if apart else "cpu")
                 last[idx] = h
                 if on_batch is not None:
                     on_batch(len(idx))

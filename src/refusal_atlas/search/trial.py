@@ -181,7 +181,7 @@ class StagedObjective(ValidationObjective):
             with torch.inference_mode():
                 h = last_position(self.adapter, inputs, apart)
             if last is None:
-                last = torch.empty(len(rows), h.shape[-1], dtype=h.dtype, device=h.device)
+                last = torch.empty(len(rows), h.shape[-1], dtype=h.dtype, device=h.device if apart else "cpu")
             last[batch] = h
         assert last is not None
         return last_logprobs(self.adapter, last, apart)
