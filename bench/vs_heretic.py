@@ -433,8 +433,8 @@ def main() -> None:
     ap.add_argument("--our-dtype", default=None, help="dtype our search scores trials in (bfloat16: see docs/search.md); "
                                                      "extract, select and the exports stay float32, as heretic runs")
     ap.add_argument("--our-max-kl", type=float, default=0.1,
-                    help="our search's KL cap (`search --max-kl`; 0: none). 0.1 is our pick rule's default KL bound, "
-                         "fixed before any heretic run: its fronts here all lie below it")
+                    help="our search's KL cap (`search --max-kl`; 0: none). 0.1 is our pick rule's default KL bound "
+                         "(--kl-threshold); heretic's fronts measured here all lie below it")
     ap.add_argument("--batch-size", type=int, default=64, help="heretic's batch size")
     ap.add_argument("--max-exports", type=int, default=12)
     ap.add_argument("--tries", type=int, default=3,
