@@ -128,7 +128,8 @@ def head_apart(adapter: ModelAdapter, plan: PrefixPlan) -> bool:
     """Whether the LM head may run once over a whole pass instead of once per batch (checked once per model).
 
     A batch of 32 rows streams the whole head weight (545 MB in float32 for a 152k vocabulary) for 32
-    matmul rows; on the embedded model that was ~1.7 s of a 13 s bf16 search trial. Apart, the batches keep
+    matmul rows; running it once per pass took a bf16 search trial of the embedded model from 12.98 s to
+    11.59 s (bench/trial_cost.py, docs/search.md). Apart, the batches keep
     each row's last hidden state and one matmul maps them all. Allowed only if the decoder's last hidden
     state through the output embedding gives the model's own logits on a few rows (a model whose forward
     rescales or caps its logits keeps the per-batch head).
