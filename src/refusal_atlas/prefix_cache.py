@@ -140,8 +140,9 @@ def head_apart(adapter: ModelAdapter, plan: PrefixPlan) -> bool:
         verdict, idx = False, list(range(min(4, len(plan))))
         try:
             with torch.inference_mode():
-                full = model(**plan.inputs(idx, plan.prefix_kv()), logits_to_keep=1).logits[:, -1].float()
-                h = model.get_decoder()(**plan.inputs(idx, plan.prefix_kv())).last_hidden_state[:, -1]
+                kv = plan.prefix_kv()  # each inputs() call wraps it in a fresh cache, so both passes share it
+                full = model(**plan.inputs(idx, kv), logits_to_keep=1).logits[:, -1].float()
+                h = model.get_decoder()(**plan.inputs(idx, kv)).last_hidden_state[:, -1]
                 split = model.get_output_embeddings()(h).float()
             verdict = full.shape == split.shape and bool(torch.allclose(full, split, rtol=1e-2, atol=1e-2))
         except Exception:  # no decoder / output-embedding split this simple
