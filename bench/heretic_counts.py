@@ -8,12 +8,17 @@ heretic-llm's own marker rule (its default ``refusal_markers``, read from the he
 vs_heretic.py made, matched as heretic does: lower case, ``*`` removed, curly apostrophes folded,
 whitespace collapsed, an empty answer counts) next to our substring judge's count.
 
+With ``--choices FILE`` it counts edits you name instead of the search's trials: one JSON object per line,
+``{"name": ..., "choice": {...}}`` (a choice as the search stores it, e.g. a trial's ``choice`` user attribute
+or ``vs_heretic.heretic_choice``), each also scored by the search's trial (validation refusal number, KL)
+in the run's dtype. This asks whether any edit near a point gets under it, before minutes of heretic.
+
 On 2026-12-06 (EPYC) the heretic-rule counts of two exported trials equalled heretic's evaluator exactly
 (16 and 18 of 100), and the eight trials nearest heretic's strongest point all counted 16 to 20.
 
     .venv/bin/python bench/heretic_counts.py --run-dir bench_out/vs_heretic/ours/run \\
         --heretic-config bench_out/vs_heretic/venv/lib/python3.11/site-packages/heretic/config.py \\
-        [--max-kl 0.0612] [--top 8] [--tokens 32] [--n 100] [--json out.json]
+        (--max-kl 0.0612 [--top 8] | --choices edits.jsonl) [--tokens 32] [--n 100] [--json out.json]
 """
 
 from __future__ import annotations
@@ -43,17 +48,36 @@ def heretic_refusal(response: str, markers: list[str]) -> bool:
     return any(m.lower() in text for m in markers)
 
 
+def read_choices(path: Path) -> list[tuple[str, dict]]:
+    """``--choices`` file → (name, choice) pairs; a clear error for a line that is not one."""
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out.append((str(row["name"]), dict(row["choice"])))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"error: {path}:{number}: want {{\"name\": ..., \"choice\": {{...}}}} ({exc})") from None
+    if not out:
+        raise SystemExit(f"error: no edits in {path}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--heretic-config", required=True, help="heretic's config.py (in the venv vs_heretic.py made)")
-    ap.add_argument("--max-kl", type=float, required=True, help="only trials with validation KL <= this")
+    pick = ap.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--max-kl", type=float, help="the search's trials with validation KL <= this")
+    pick.add_argument("--choices", help="JSON lines of named edit choices to count instead")
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    markers = heretic_markers(Path(args.heretic_config))  # a bad path fails before the model loads
+    markers = heretic_markers(Path(args.heretic_config))  # bad input fails before the model loads
+    named = read_choices(Path(args.choices)) if args.choices else None
 
     import optuna
 
@@ -62,24 +86,36 @@ def main() -> None:
     from refusal_atlas.evaluation.refusal import is_refusal
     from refusal_atlas.generation import generate
     from refusal_atlas.search.space import build_edit
+    from refusal_atlas.search.trial import StagedObjective
     from refusal_atlas.workflows.run import config_from_run
-    from refusal_atlas.workflows.workspace import open_workspace
+    from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
     ws = open_workspace(config_from_run(args.run_dir), args.run_dir, must_exist=True)
     harmful = [p.instruction for p in load_prompts("jailbreakbench", n=args.n, seed=0)]
     ctx = EditContext.from_run(ws.run.path)
-    study = optuna.load_study(study_name="search-edits", storage=f"sqlite:///{Path(args.run_dir) / 'study.db'}")
-    trials = sorted((t for t in study.trials if t.values and t.values[1] <= args.max_kl), key=lambda t: t.values[0])
+    if named is None:
+        study = optuna.load_study(study_name="search-edits", storage=f"sqlite:///{Path(args.run_dir) / 'study.db'}")
+        trials = sorted((t for t in study.trials if t.values and t.values[1] <= args.max_kl), key=lambda t: t.values[0])
+        edits = [(f"trial {t.number}", {"trial": t.number}, t.user_attrs["choice"], tuple(t.values))
+                 for t in trials[: args.top]]
+    else:
+        sets = load_prompt_sets(ws.cfg)
+        objective = StagedObjective(ws.adapter, ws.chat, [p.instruction for p in sets.harmful_val],
+                                    [p.instruction for p in sets.harmless_val], ws.refusal_ids,
+                                    batch_size=ws.cfg.batch_size)
+        edits = [(name, {"name": name, "choice": choice}, choice, None) for name, choice in named]
     rows = []
-    for t in trials[: args.top]:
+    for label, ident, choice, values in edits:
+        edit = build_edit(choice, ctx)
+        if values is None:
+            values = objective(edit)
         start = time.perf_counter()
-        answers = generate(ws.adapter, ws.chat, harmful, args.tokens, ws.cfg.generation_batch_size,
-                           intervention=build_edit(t.user_attrs["choice"], ctx))
-        rows.append({"trial": t.number, "refusal": t.values[0], "kl": t.values[1],
+        answers = generate(ws.adapter, ws.chat, harmful, args.tokens, ws.cfg.generation_batch_size, intervention=edit)
+        rows.append({**ident, "refusal": values[0], "kl": values[1],
                      "heretic_rule": sum(heretic_refusal(a, markers) for a in answers),
                      "substring": sum(map(is_refusal, answers)), "n": len(answers),
                      "seconds": time.perf_counter() - start})
-        print(f"trial {t.number}: validation refusal {t.values[0]:.4f}, KL {t.values[1]:.4f} -> heretic rule "
+        print(f"{label}: validation refusal {values[0]:.4f}, KL {values[1]:.4f} -> heretic rule "
               f"{rows[-1]['heretic_rule']}/{len(answers)}, our substring judge {rows[-1]['substring']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"run_dir": args.run_dir, "tokens": args.tokens, "trials": rows}, indent=1))

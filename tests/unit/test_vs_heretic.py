@@ -228,3 +228,16 @@ def test_heretic_counts_reads_heretics_markers_and_applies_its_rule(tmp_path):
     config.write_text("x = 1\n")
     with pytest.raises(ValueError):
         hc.heretic_markers(config)
+
+
+def test_heretic_counts_reads_named_choices_and_rejects_bad_lines(tmp_path):
+    spec = importlib.util.spec_from_file_location("heretic_counts", _PATH.parent / "heretic_counts.py")
+    hc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hc)
+    good = tmp_path / "edits.jsonl"
+    good.write_text('{"name": "a", "choice": {"source": "dim:index"}}\n\n{"name": 2, "choice": {"x": 1}}\n')
+    assert hc.read_choices(good) == [("a", {"source": "dim:index"}), ("2", {"x": 1})]
+    for text, where in (('{"name": "a"}\n', ":1:"), ('{"name": "a", "choice": {}}\nnot json\n', ":2:"), ("\n", "no edits")):
+        good.write_text(text)
+        with pytest.raises(SystemExit, match=where):
+            hc.read_choices(good)
