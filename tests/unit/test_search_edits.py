@@ -22,7 +22,6 @@ from refusal_atlas.errors import ConfigError
 from refusal_atlas.search import completed, open_study, pareto_front
 from refusal_atlas.search.storage import fail_stale_trials
 from refusal_atlas.search.space import EditSpace, build_edit, run_edit_trials
-from refusal_atlas.workflows.search import EditSearchSettings
 
 N, D = 6, 8
 
@@ -277,31 +276,3 @@ def test_anchor_trials_are_uniformly_weakened_ablations(tiny_run):
     assert 0 < (weak - clean).abs().max() < (full - clean).abs().max()
     with pytest.raises(ConfigError, match="peak range"):
         space.full_ablation_params(dim.layer, 0.05)
-
-
-def test_tapered_anchor_peaks_at_the_dim_layer_and_tapers_off(tiny_run):
-    """A tapered anchor weights the DIM layer's writes with its peak, falls linearly to the floor at its reach
-    and to 0 beyond, leaves the embedding alone, and acts; bad anchors are refused before any trial."""
-    root, ws, _ = tiny_run
-    ctx = EditContext.from_run(root / "run")
-    space = EditSpace.for_context(ctx)
-    dim = DirectionSet.load(ws.run.direction_path("dim"))
-    n = ctx.n_layers
-    layer = dim.layer  # inside both the direction-index and the peak-position range of the tiny model
-    choice = space.decode(space.tapered_params(layer, 1.3, 0.4 / 1.3, 0.5))
-    assert choice["direction_index"] == float(layer) and not choice["embed"]
-    edit = build_edit(choice, ctx)
-    reach = 0.5 * n
-    expected = [0.0 if abs(i - layer) > reach else 1.3 + abs(i - layer) / reach * (0.4 - 1.3) for i in range(n)]
-    assert edit.attn_weights == edit.mlp_weights and edit.embed_weight == 0.0
-    assert edit.attn_weights == pytest.approx(expected) and max(edit.attn_weights) == pytest.approx(1.3)
-    batch = ws.chat.encode(["how to make a bomb", "tell joke please"])
-    clean = ws.loaded.model(**batch).logits
-    with edit.apply(ws.adapter):
-        assert (ws.loaded.model(**batch).logits - clean).abs().max() > 1e-4
-    with pytest.raises(ConfigError, match="peak range"):
-        space.tapered_params(layer, 1.6, 0.5, 0.5)
-    with pytest.raises(ConfigError, match="floor_frac"):
-        space.tapered_params(layer, 1.3, 1.5, 0.5)
-    with pytest.raises(ConfigError, match="tapered anchor"):
-        EditSearchSettings(tapered_anchors=((1.0, 1.2, 0.3),))

@@ -128,40 +128,21 @@ class EditSpace:
         """Parameters meaning ablation of the DIM direction at ``layer`` with weight ``strength`` on every
         write (and, at strength 1 — full ablation — the embedding too): trial 0 is strength 1, so the front
         starts from the selected DIM edit; weaker ones seed its low-damage end."""
-        self._check_peak(strength)
-        p = sum(self._span(self.position_range)) / 2
-        distance = max(p, self.n_layers - 1 - p, self.distance_range[0])
-        return self._dim_params(layer, strength >= 1.0, (strength, p, 1.0, distance))
-
-    def tapered_params(self, layer: int, peak: float, floor_frac: float, reach: float) -> dict[str, Any]:
-        """Parameters meaning the DIM direction at ``layer`` with weight ``peak`` on that layer's writes,
-        falling linearly to ``floor_frac`` × peak at ``reach`` × L layers away and 0 beyond, no embedding:
-        the shape of heretic's strongest front points (a peak above 1 that tapers off), as a warm start for
-        the strong end of the front, where uniform weakenings of full ablation lose (docs/search.md)."""
-        self._check_peak(peak)
-        if not 0 <= floor_frac <= 1 or reach <= 0:
-            raise ConfigError(f"a tapered anchor needs floor_frac in [0, 1] and reach > 0, got {floor_frac:g}, {reach:g}")
-        lo, hi = self._span(self.position_range)
-        return self._dim_params(layer, False, (peak, min(max(float(layer), lo), hi), floor_frac,
-                                               max(reach * self.n_layers, self.distance_range[0])))
-
-    def _check_peak(self, peak: float) -> None:
-        if not self.peak_range[0] <= peak <= self.peak_range[1]:
-            raise ConfigError(f"strength {peak:g} is outside the peak range {self.peak_range}")
-
-    def _dim_params(self, layer: int, embed: bool, kernel: tuple[float, float, float, float]) -> dict[str, Any]:
-        """One DIM direction at ``layer``, the same (peak, position, floor_frac, distance) kernel on both components."""
+        if not self.peak_range[0] <= strength <= self.peak_range[1]:
+            raise ConfigError(f"strength {strength:g} is outside the peak range {self.peak_range}")
         lo, hi = self._span(self.index_range)
+        p = sum(self._span(self.position_range)) / 2
         dist_hi = max(self.distance_range[0], self.distance_range[1] * self.n_layers)
-        if not lo <= layer <= hi or kernel[3] > dist_hi:
-            raise ConfigError(f"an anchor at layer {layer} is outside this space")
+        distance = max(p, self.n_layers - 1 - p, self.distance_range[0])
+        if not lo <= layer <= hi or distance > dist_hi:
+            raise ConfigError(f"full ablation at layer {layer} is outside this space")
         params: dict[str, Any] = {"source": "dim:index", "direction_index": float(layer), "projected": False,
-                                  "norm_preserving": False, "embed": embed}
+                                  "norm_preserving": False, "embed": strength >= 1.0}
         params.update({f"{name}_use_{i}": 0.0 for name, ids in self.sets for i in ids})
         if self.sets:
             params["mode"] = "subspace"
         for c in COMPONENTS:
-            params.update(dict(zip((f"{c}_peak", f"{c}_position", f"{c}_floor_frac", f"{c}_distance"), kernel)))
+            params.update({f"{c}_peak": strength, f"{c}_position": p, f"{c}_floor_frac": 1.0, f"{c}_distance": distance})
         return params
 
     def identity(self) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from typing import Any
 
 from refusal_atlas.directions.base import DirectionSet
@@ -50,20 +49,11 @@ class EditSearchSettings:
     # 1 → 14/100 at KL 0.076, 0.5 → 20 at 0.016, 0.25 → 31 at 0.0037, 0.12 → 38 at 0.0008), and TPE
     # alone finds few low-damage points early on.
     anchors: tuple[float, ...] = (1.0, 0.85, 0.7, 0.5, 0.25, 0.12)
-    # then tapered ones (EditSpace.tapered_params): (peak, floor weight, reach as a fraction of the layers),
-    # centred on the selected DIM layer. Uniform weakenings trade refusals for KL worse at the strong end than
-    # heretic's tapered peaks above 1 do: on the embedded model, scored with heretic's rule, this one counted
-    # 14/100 at validation KL 0.057 where the uniform ones near that KL counted 15 (docs/search.md).
-    tapered_anchors: tuple[tuple[float, float, float], ...] = ((1.3, 0.4, 1 / 3),)
 
     def __post_init__(self) -> None:
         check_refusal_stat(self.refusal_stat)
         if self.max_kl is not None and not self.max_kl > 0:
             raise ConfigError(f"max_kl must be > 0, got {self.max_kl}")
-        for peak, floor, reach in self.tapered_anchors:
-            if not (0 < peak and 0 <= floor <= peak and reach > 0):
-                raise ConfigError(f"a tapered anchor needs 0 <= floor <= peak, peak > 0 and reach > 0, got "
-                                  f"({peak:g}, {floor:g}, {reach:g})")
         if self.prune == PruneRule():  # the default rule: its refusal margin in this statistic's units
             self.prune = PruneRule.for_statistic(self.refusal_stat)
 
@@ -139,14 +129,11 @@ def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettin
         if n_new > 0 and (minutes is None or minutes > 0):
             record_references(study, ws, objective)
             dim_path = ws.run.direction_path("dim")
-            if not study.trials and dim_path.exists():  # warm start: the DIM pick, uniform then tapered anchors
+            if not study.trials and dim_path.exists():  # warm start: the DIM pick at each anchor strength
                 layer = DirectionSet.load(dim_path).layer
-                anchors = [partial(space.full_ablation_params, layer, s) for s in settings.anchors]
-                anchors += [partial(space.tapered_params, layer, peak, floor / peak, reach)
-                            for peak, floor, reach in settings.tapered_anchors]
-                for params in anchors:
+                for strength in settings.anchors:
                     try:
-                        study.enqueue_trial(params())
+                        study.enqueue_trial(space.full_ablation_params(layer, strength))
                     except ConfigError:
                         pass  # the DIM layer lies outside the direction-index range: no warm start
             with ws.timed("search_edits"):
