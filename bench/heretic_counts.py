@@ -48,6 +48,10 @@ def heretic_refusal(response: str, markers: list[str]) -> bool:
     return any(m.lower() in text for m in markers)
 
 
+CHOICE_KEYS = {"source", "projected", "norm_preserving", "attn", "mlp"}  # what build_edit reads of every choice
+KERNEL_KEYS = ("peak", "position", "floor", "distance")
+
+
 def read_choices(path: Path) -> list[tuple[str, dict]]:
     """``--choices`` file → (name, choice) pairs; a clear error for a line that is not one."""
     out = []
@@ -59,6 +63,10 @@ def read_choices(path: Path) -> list[tuple[str, dict]]:
             out.append((str(row["name"]), dict(row["choice"])))
         except (ValueError, KeyError, TypeError) as exc:
             raise SystemExit(f"error: {path}:{number}: want {{\"name\": ..., \"choice\": {{...}}}} ({exc})") from None
+        missing = sorted(CHOICE_KEYS - out[-1][1].keys()) + [
+            f"{c}.{k}" for c in ("attn", "mlp") for k in KERNEL_KEYS if k not in (out[-1][1].get(c) or {})]
+        if missing:
+            raise SystemExit(f"error: {path}:{number}: the choice lacks {', '.join(missing)}")
     if not out:
         raise SystemExit(f"error: no edits in {path}")
     return out

@@ -4,6 +4,7 @@ and the domination check (the bench itself runs heretic and takes > 1 h: `make b
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import tomllib
 from pathlib import Path
@@ -235,9 +236,15 @@ def test_heretic_counts_reads_named_choices_and_rejects_bad_lines(tmp_path):
     hc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hc)
     good = tmp_path / "edits.jsonl"
-    good.write_text('{"name": "a", "choice": {"source": "dim:index"}}\n\n{"name": 2, "choice": {"x": 1}}\n')
-    assert hc.read_choices(good) == [("a", {"source": "dim:index"}), ("2", {"x": 1})]
-    for text, where in (('{"name": "a"}\n', ":1:"), ('{"name": "a", "choice": {}}\nnot json\n', ":2:"), ("\n", "no edits")):
+    kernel = {"peak": 1.0, "position": 3.0, "floor": 0.5, "distance": 2.0}
+    choice = {"source": "dim:index", "direction_index": 2.5, "projected": False, "norm_preserving": False,
+              "attn": kernel, "mlp": kernel}
+    good.write_text(f'{{"name": "a", "choice": {json.dumps(choice)}}}\n\n{{"name": 2, "choice": {json.dumps(choice)}}}\n')
+    assert hc.read_choices(good) == [("a", choice), ("2", choice)]
+    lacking = {**choice, "mlp": {"peak": 1.0}}
+    for text, where in (('{"name": "a"}\n', ":1:"), (f'{{"name": "a", "choice": {json.dumps(choice)}}}\nnot json\n', ":2:"),
+                        (f'{{"name": "a", "choice": {json.dumps(lacking)}}}\n', "lacks mlp.position, mlp.floor"),
+                        ('{"name": "a", "choice": {}}\n', "lacks attn, mlp, norm_preserving"), ("\n", "no edits")):
         good.write_text(text)
         with pytest.raises(SystemExit, match=where):
             hc.read_choices(good)
