@@ -158,6 +158,15 @@ def last_position(adapter: ModelAdapter, inputs: dict, apart: bool) -> torch.Ten
     return adapter.model(**inputs, logits_to_keep=1).logits[:, -1]
 
 
+def keep_last(last: torch.Tensor | None, n: int, idx, h: torch.Tensor, apart: bool) -> torch.Tensor:
+    """Put one batch's :func:`last_position` rows ``h`` at rows ``idx`` of a pass's [n, ·] buffer, made on first
+    use: on the model's device for hidden states (``apart``), on the CPU for logits."""
+    if last is None:
+        last = torch.empty(n, h.shape[-1], dtype=h.dtype, device=h.device if apart else "cpu")
+    last[idx] = h
+    return last
+
+
 def last_logprobs(adapter: ModelAdapter, last: torch.Tensor, apart: bool) -> torch.Tensor:
     """:func:`last_position` rows of a whole pass → next-token log-probs [N, V] float32 on the CPU.
 
@@ -219,9 +228,7 @@ def plan_logprobs(
                     h = last_position(adapter, inputs, apart)
                 if capture:
                     captured[b] = dict(current)
-                if last is None:
-                    last = torch.empty(len(plan), h.shape[-1], dtype=h.dtype, device=h.device if apart else "cpu")
-                last[idx] = h
+                last = keep_last(last, len(plan), idx, h, apart)
                 if on_batch is not None:
                     on_batch(len(idx))
             assert last is not None

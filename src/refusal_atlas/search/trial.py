@@ -47,8 +47,8 @@ from refusal_atlas.evaluation.objective import ValidationObjective
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.interventions import Intervention
 from refusal_atlas.model.adapter import float32_head_output
-from refusal_atlas.prefix_cache import (PrefixPlan, budget_batches, head_apart, last_logprobs, last_position,
-                                         supports_prefix_reuse)
+from refusal_atlas.prefix_cache import (PrefixPlan, budget_batches, head_apart, keep_last, last_logprobs,
+                                         last_position, supports_prefix_reuse)
 
 REFUSAL_STATS = ("probability", "logodds")
 MAX_KL = "max_kl"  # pruned_by of a trial stopped because its first-stage KL lies clearly above the KL cap
@@ -180,9 +180,7 @@ class StagedObjective(ValidationObjective):
             inputs["use_cache"] = kv is not None
             with torch.inference_mode():
                 h = last_position(self.adapter, inputs, apart)
-            if last is None:
-                last = torch.empty(len(rows), h.shape[-1], dtype=h.dtype, device=h.device if apart else "cpu")
-            last[batch] = h
+            last = keep_last(last, len(rows), batch, h, apart)
         assert last is not None
         return last_logprobs(self.adapter, last, apart)
 
