@@ -18,7 +18,7 @@ import time
 
 from refusal_atlas.data import load_prompts
 from refusal_atlas.evaluation.refusal import next_token_logprobs
-from refusal_atlas.generation import generate
+from refusal_atlas.model.generation import generate
 from refusal_atlas.model import ChatFormatter, ModelAdapter, load_model
 
 

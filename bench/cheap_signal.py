@@ -17,8 +17,8 @@ import torch
 
 from refusal_atlas.data import load_prompts
 from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs, refusal_score
-from refusal_atlas.generation import generate
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.model.generation import generate
+from refusal_atlas.edits.interventions import Intervention
 from refusal_atlas.workflows.run import config_from_run, load_dim_candidates
 from refusal_atlas.workflows.workspace import open_workspace
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from refusal_atlas.activations import extract
+from refusal_atlas.model.activations import extract
 from refusal_atlas.data import load_prompts
 from refusal_atlas.model import ChatFormatter, ModelAdapter, load_model
 

@@ -18,13 +18,13 @@ import argparse
 import json
 import time
 
-from refusal_atlas.activations import extract, load_activation_sets
+from refusal_atlas.model.activations import extract, load_activation_sets
 from refusal_atlas.data import load_prompts
 from refusal_atlas.directions.dim import difference_in_means
 from refusal_atlas.evaluation.damage import greedy_continuations
 from refusal_atlas.evaluation.refusal import is_refusal
 from refusal_atlas.evaluation.stats import rate_record
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.edits.interventions import Intervention
 from refusal_atlas.model import ChatFormatter, ModelAdapter, load_model
 
 

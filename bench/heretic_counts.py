@@ -90,10 +90,10 @@ def main() -> None:
     import optuna
 
     from refusal_atlas.data import load_prompts
-    from refusal_atlas.edits.sources import EditContext
+    from refusal_atlas.search.sources import EditContext
     from refusal_atlas.evaluation.refusal import is_refusal
-    from refusal_atlas.generation import generate
-    from refusal_atlas.search.space import build_edit
+    from refusal_atlas.model.generation import generate
+    from refusal_atlas.search.edit_space import build_edit
     from refusal_atlas.search.trial import StagedObjective
     from refusal_atlas.workflows.run import config_from_run
     from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace

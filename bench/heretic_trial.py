@@ -38,8 +38,8 @@ def main() -> None:
     theirs = trials[args.trial]
     choice = vs.heretic_choice(theirs["params"])
 
-    from refusal_atlas.edits.sources import EditContext
-    from refusal_atlas.search.space import build_edit
+    from refusal_atlas.search.sources import EditContext
+    from refusal_atlas.search.edit_space import build_edit
     from refusal_atlas.search.trial import StagedObjective
     from refusal_atlas.workflows.run import config_from_run
     from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace

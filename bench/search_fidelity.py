@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
-from refusal_atlas.edits.sources import EditContext
+from refusal_atlas.search.sources import EditContext
 from refusal_atlas.evaluation.refusal import is_refusal
-from refusal_atlas.generation import greedy_generate
-from refusal_atlas.io import write_json
+from refusal_atlas.model.generation import greedy_generate
+from refusal_atlas.core.io import write_json
 from refusal_atlas.workflows.run import config_from_run
-from refusal_atlas.search import completed, open_study
-from refusal_atlas.search.space import build_edit
+from refusal_atlas.search.study import completed, open_study
+from refusal_atlas.search.edit_space import build_edit
 from refusal_atlas.search.trial import REFUSAL_STATS, PruneRule
 from refusal_atlas.workflows.search import EditSearchSettings, edit_search_step
 from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace

@@ -30,12 +30,12 @@ def build_run(model: str, root: Path, n_val: int) -> Path:
     from refusal_atlas.config import load_config
     from refusal_atlas.directions.som import SomDirections
     from refusal_atlas.workflows.run import dim_step, extract_step, select_step
-    from refusal_atlas.rundir import RunDir
+    from refusal_atlas.core.rundir import RunDir
     from refusal_atlas.workflows.som import som_step
     from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
     if model == "tiny":
-        from refusal_atlas.model.export import save_model_dir
+        from refusal_atlas.model.saving import save_model_dir
         from tiny import TinyLoaded
 
         t = TinyLoaded("qwen2")

@@ -20,8 +20,8 @@ from refusal_atlas.data import load_prompts
 from refusal_atlas.directions.select import select_direction
 from refusal_atlas.evaluation.completions import refusal_decided
 from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs
-from refusal_atlas.generation import greedy_generate
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.model.generation import greedy_generate
+from refusal_atlas.edits.interventions import Intervention
 from refusal_atlas.workflows.run import config_from_run, load_dim_candidates
 from refusal_atlas.workflows.workspace import open_workspace
 

@@ -34,10 +34,10 @@ import optuna
 import torch
 
 from refusal_atlas.data import load_prompts
-from refusal_atlas.edits.sources import EditContext
+from refusal_atlas.search.sources import EditContext
 from refusal_atlas.evaluation.objective import ValidationObjective
 from refusal_atlas.workflows.run import config_from_run
-from refusal_atlas.search.space import EditSpace, build_edit
+from refusal_atlas.search.edit_space import EditSpace, build_edit
 from refusal_atlas.search.trial import StagedObjective
 from refusal_atlas.workflows.workspace import open_workspace
 

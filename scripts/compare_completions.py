@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from refusal_atlas.evaluation.completions import read_completions
-from refusal_atlas.rundir import RunDir
+from refusal_atlas.core.rundir import RunDir
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.evaluation.exported import ExportedModel, exported_kind, load_exported
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.edits.interventions import Intervention
 from refusal_atlas.workflows.run import config_from_run
 from refusal_atlas.workflows.workspace import open_workspace
 

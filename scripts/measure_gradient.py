@@ -28,7 +28,7 @@ from refusal_atlas.directions.cone import cone_eval_directions, evaluate_cone
 from refusal_atlas.directions.repind import cross_ablation_change
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
 from refusal_atlas.evaluation.refusal import mean_refusal_score
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.edits.interventions import Intervention
 from refusal_atlas.workflows.run import config_from_run
 from refusal_atlas.workflows.workspace import open_workspace
 
@@ -161,7 +161,7 @@ def main() -> None:
     text = json.dumps(out, indent=2, default=float)
     print(text)
     if args.out:
-        from refusal_atlas.io import write_text
+        from refusal_atlas.core.io import write_text
 
         write_text(args.out, text + "\n")
 

@@ -23,7 +23,7 @@ def tiny_parts(tiny):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Qwen2-style model saved as an HF directory (for CLI and pipeline runs by path)."""
-    from refusal_atlas.model.export import save_model_dir
+    from refusal_atlas.model.saving import save_model_dir
 
     path = tmp_path_factory.mktemp("models") / "tiny"
     t = TinyLoaded("qwen2")

@@ -18,7 +18,7 @@ __all__ = ["Activations", "Atlas", "DIM", "DirectionSet", "RDO", "SOM", "Search"
 _LAZY = {"Activations": "refusal_atlas.api", "Atlas": "refusal_atlas.api", "DIM": "refusal_atlas.api",
          "RDO": "refusal_atlas.api", "SOM": "refusal_atlas.api", "Search": "refusal_atlas.api",
          "prompts": "refusal_atlas.api", "DirectionSet": "refusal_atlas.directions.base",
-         "build_report": "refusal_atlas.report"}
+         "build_report": "refusal_atlas.report.html"}
 
 
 def __getattr__(name: str):

@@ -28,15 +28,15 @@ from typing import Any
 
 import torch
 
-from refusal_atlas.activations import ActivationSet, extract
+from refusal_atlas.model.activations import ActivationSet, extract
 from refusal_atlas.data import Prompt, load_prompts
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.dim import DimCandidates, difference_in_means
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score, refusal_token_ids
-from refusal_atlas.generation import generate
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.model.generation import generate
+from refusal_atlas.edits.interventions import Intervention
 from refusal_atlas.model import ChatFormatter, ModelAdapter, load_model
 
 
@@ -260,7 +260,8 @@ class Search:
     def fit(self, atlas: Atlas, directions: DirectionSet, harmful_val: Sequence[str],
             harmless_val: Sequence[str]) -> DirectionSet:
         from refusal_atlas.evaluation.objective import ValidationObjective
-        from refusal_atlas.search import SearchSettings, open_study, run_trials, summarize
+        from refusal_atlas.search.subsets import SearchSettings, run_trials
+        from refusal_atlas.search.study import open_study, summarize
 
         settings = SearchSettings(k=self.k, seed=self.seed, mode=self.mode,  # type: ignore[arg-type]
                                   kl_threshold=self.kl_threshold, n_startup_trials=self.n_startup_trials)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 
 
 class RunConfig(BaseModel):

@@ -25,7 +25,7 @@ from functools import cache
 from pydantic import ValidationError
 
 from refusal_atlas.config import RunConfig
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 
 ENV_PREFIX = "REFUSAL_ATLAS_"
 LOCAL_FILE = "refusal-atlas.toml"

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from refusal_atlas.activations import extract
+from refusal_atlas.model.activations import extract
 from refusal_atlas.data import load_prompts
 from refusal_atlas.directions.dim import difference_in_means
 from refusal_atlas.evaluation.refusal import refusal_token_ids

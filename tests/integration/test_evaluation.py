@@ -13,8 +13,8 @@ from refusal_atlas.config import RunConfig
 from refusal_atlas.evaluation.benchmarks import run_benchmarks
 from refusal_atlas.evaluation.evaluate import EvalPlan, evaluate_run
 from refusal_atlas.evaluation.judges import JudgeOptions, make_judges
-from refusal_atlas.interventions import Intervention
-from refusal_atlas.rundir import RunDir
+from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.core.rundir import RunDir
 from refusal_atlas.workflows.workspace import Workspace
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))

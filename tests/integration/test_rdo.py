@@ -18,7 +18,7 @@ from refusal_atlas.directions.rdo import train_rdo
 from refusal_atlas.directions.targets import build_targets
 from refusal_atlas.directions.training_setup import TrainingSetup
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.edits.interventions import Intervention
 
 DIM_LAYER = 16
 

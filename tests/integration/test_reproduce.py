@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from refusal_atlas.workflows.reproduce import run_reproduce
-from refusal_atlas.workflows.reproduce_budget import QUICK
+from refusal_atlas.workflows.reproduce.job import run_reproduce
+from refusal_atlas.workflows.reproduce.budget import QUICK
 
 
 def test_row_a_on_the_embedded_model(tmp_path):

@@ -8,7 +8,8 @@ import torch
 from refusal_atlas.data import load_prompts
 from refusal_atlas.directions.som import SomDirections
 from refusal_atlas.evaluation.objective import ValidationObjective
-from refusal_atlas.search import SearchSettings, open_study, run_trials, summarize
+from refusal_atlas.search.subsets import SearchSettings, run_trials
+from refusal_atlas.search.study import open_study, summarize
 
 LAYER = 14
 

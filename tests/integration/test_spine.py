@@ -8,8 +8,8 @@ import sys
 from refusal_atlas.data import load_prompts
 from refusal_atlas.directions.dim import difference_in_means
 from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs, refusal_score
-from refusal_atlas.generation import generate
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.model.generation import generate
+from refusal_atlas.edits.interventions import Intervention
 
 
 def _rate(responses):

@@ -13,9 +13,9 @@ import pytest
 
 from refusal_atlas.config import load_config
 from refusal_atlas.data import load_prompts
-from refusal_atlas.errors import ConfigError
-from refusal_atlas.rundir import RunDir
-from refusal_atlas.validate import SELECTION_SETTINGS, check_run_settings
+from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.core.rundir import RunDir
+from refusal_atlas.workflows.validate import SELECTION_SETTINGS, check_run_settings
 from tiny import TinyLoaded
 
 # a tiny model's run: no refusal filter, fixed thresholds that every candidate passes
@@ -104,7 +104,7 @@ def test_resume_refuses_other_settings_and_records_allowed_ones(tmp_path, tiny_m
 
 def test_select_override_reaches_the_manifest(tmp_path, tiny_model_dir):
     from refusal_atlas.workflows.run import run
-    from refusal_atlas.validate import run_config
+    from refusal_atlas.workflows.validate import run_config
     from refusal_atlas.workflows.workspace import open_workspace
 
     r = tmp_path / "r"
@@ -121,7 +121,7 @@ def test_select_override_reaches_the_manifest(tmp_path, tiny_model_dir):
 def never_refusing_model(tmp_path_factory):
     """The tiny model with the refusal-start tokens' unembedding rows pushed far down."""
     from refusal_atlas.evaluation.refusal import refusal_token_ids
-    from refusal_atlas.model.export import save_model_dir
+    from refusal_atlas.model.saving import save_model_dir
 
     t = TinyLoaded("qwen2")
     ids = refusal_token_ids(t.tokenizer)
@@ -165,7 +165,7 @@ def test_low_refusal_allowed_continues_with_a_recorded_warning(tmp_path, tiny_mo
 
 
 def test_ctrl_c_exits_130_with_a_message(monkeypatch, capsys):
-    import refusal_atlas.validate as validate
+    import refusal_atlas.workflows.validate as validate
     from refusal_atlas.cli import main
 
     def interrupt(*a, **k):

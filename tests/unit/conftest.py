@@ -13,9 +13,9 @@ def tiny_run(tmp_path_factory):
 
     from refusal_atlas.config import load_config
     from refusal_atlas.directions.som import SomDirections
-    from refusal_atlas.model.export import save_model_dir
+    from refusal_atlas.model.saving import save_model_dir
     from refusal_atlas.workflows.run import dim_step, extract_step, select_step
-    from refusal_atlas.rundir import RunDir
+    from refusal_atlas.core.rundir import RunDir
     from refusal_atlas.workflows.som import som_step
     from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from refusal_atlas.errors import ConfigError, DataError
+from refusal_atlas.core.errors import ConfigError, DataError
 from refusal_atlas.evaluation.benchmarks import local_task_dir, resolve_tasks, run_benchmarks, yaml_task
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.edits.interventions import Intervention
 from refusal_atlas.model import ModelAdapter
 
 TASK_YAML = """task: tiny_words

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from refusal_atlas.activations import extract
+from refusal_atlas.model.activations import extract
 from refusal_atlas.config import RunConfig
-from refusal_atlas.conversation import Conversation
+from refusal_atlas.model.conversation import Conversation
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.generation import generate
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.model.generation import generate
+from refusal_atlas.edits.interventions import Intervention
 from refusal_atlas.model import ChatFormatter, ModelAdapter, load_model
-from refusal_atlas.rundir import RunDir
+from refusal_atlas.core.rundir import RunDir
 
 TURNS = ["tell joke", "write poem about cats please"]
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from refusal_atlas.activations import extract, load_activation_sets, save_activation_sets
-from refusal_atlas.errors import ArtifactError, ModelError
+from refusal_atlas.model.activations import extract, load_activation_sets, save_activation_sets
+from refusal_atlas.core.errors import ArtifactError, ModelError
 from refusal_atlas.model import ChatFormatter
 from tiny import tiny_tokenizer
 
@@ -39,7 +39,7 @@ def test_extracted_means_match_per_prompt_means(tiny_parts, prompts):
 
 
 def test_shared_prefix_extraction_equals_plain_passes(tiny_parts, prompts, monkeypatch):
-    import refusal_atlas.activations as activations
+    import refusal_atlas.model.activations as activations
 
     _, adapter, chat = tiny_parts
     plan = activations._prefix_plan(adapter, chat, prompts, 4)

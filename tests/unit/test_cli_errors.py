@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from refusal_atlas.model.export import save_model_dir
+from refusal_atlas.model.saving import save_model_dir
 from tiny import TinyLoaded, tiny_tokenizer
 
 CLI = [sys.executable, "-m", "refusal_atlas.cli"]

@@ -12,7 +12,7 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.cone import (_initial_basis, check_cone_dim, evaluate_cone, sample_cone,
                                            sample_orthant, sweep_cones, train_cone)
 from refusal_atlas.directions.optim import TrainConfig, retract
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.evaluation.refusal import refusal_token_ids
 
 

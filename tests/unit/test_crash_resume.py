@@ -23,8 +23,8 @@ import torch
 
 from refusal_atlas.config import load_config
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.io import load_tensors
-from refusal_atlas.search import completed
+from refusal_atlas.core.io import load_tensors
+from refusal_atlas.search.study import completed
 
 
 def killed_cli(*args: str, kill: str, log: Path) -> None:
@@ -69,7 +69,7 @@ def same_tensors(a: Path, b: Path) -> None:
 def base_run(tmp_path_factory, tiny_model_dir):
     """A finished tiny run (DIM fixed at layer 2, batch sizes 2 so every step has several batches)."""
     from refusal_atlas.workflows.run import run
-    from refusal_atlas.rundir import RunDir
+    from refusal_atlas.core.rundir import RunDir
     from refusal_atlas.directions.som import SomDirections
     from refusal_atlas.workflows.som import som_step
 

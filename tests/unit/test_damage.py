@@ -12,8 +12,8 @@ from refusal_atlas.evaluation.damage import (continuation_kl, greedy_continuatio
                                              refusal_metric)
 from refusal_atlas.evaluation.refusal import next_token_logprobs
 from refusal_atlas.evaluation.stats import mean_record
-from refusal_atlas.generation import generate
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.model.generation import generate
+from refusal_atlas.edits.interventions import Intervention
 
 
 class Identity:

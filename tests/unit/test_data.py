@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from refusal_atlas.data import DatasetInfo, Prompt, dataset_info, list_datasets, load_prompts
-from refusal_atlas.errors import DataError
+from refusal_atlas.core.errors import DataError
 
 EXPECTED_COUNTS = {
     "harmful_train": 260, "harmful_val": 39, "harmful_test": 572,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from refusal_atlas.config import load_config
-from refusal_atlas.errors import ConfigError
-from refusal_atlas.io import load_tensors
-from refusal_atlas.seeding import seed_everything
+from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.core.io import load_tensors
+from refusal_atlas.core.seeding import seed_everything
 
 ARTIFACTS = ("activations.safetensors", "directions/dim_candidates.safetensors", "directions/dim.safetensors",
              "directions/som.safetensors", "directions/search_best.safetensors")
@@ -35,7 +35,7 @@ def test_seed_everything_drives_python_numpy_and_torch():
 def _pipeline(model_dir, path, seed: int):
     from refusal_atlas.directions.som import SomDirections
     from refusal_atlas.workflows.run import run
-    from refusal_atlas.search import SearchSettings
+    from refusal_atlas.search.subsets import SearchSettings
     from refusal_atlas.workflows.som import search_step, som_step
     from refusal_atlas.workflows.workspace import load_prompt_sets
 

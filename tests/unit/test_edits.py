@@ -10,11 +10,11 @@ from transformers import AutoModelForCausalLM
 
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.edits import ActAdd, DirectionalAblation, LayerwiseAblation, StrengthKernel, load_edit
-from refusal_atlas.edits.sources import EditContext
-from refusal_atlas.errors import ArtifactError, ConfigError, ModelError
-from refusal_atlas.interventions import ablate
+from refusal_atlas.search.sources import EditContext
+from refusal_atlas.core.errors import ArtifactError, ConfigError, ModelError
+from refusal_atlas.edits.interventions import ablate
 from refusal_atlas.model import ChatFormatter, ModelAdapter
-from refusal_atlas.model.export import save_model_dir
+from refusal_atlas.model.saving import save_model_dir
 from tiny import TinyLoaded
 
 ARCHS = [("qwen2", False), ("llama", True), ("llama", False), ("mistral", False)]

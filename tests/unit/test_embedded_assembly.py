@@ -2,7 +2,7 @@ import hashlib
 
 import pytest
 
-from refusal_atlas.errors import ModelError
+from refusal_atlas.core.errors import ModelError
 from refusal_atlas.model import embedded
 from refusal_atlas.model.embedded import assemble_gguf
 

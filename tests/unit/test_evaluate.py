@@ -12,10 +12,10 @@ from refusal_atlas.cli import main
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.evaluation.evaluate import judged_record
 from refusal_atlas.evaluation.judges import JudgeItem, SubstringJudge
-from refusal_atlas.interventions import Intervention
-from refusal_atlas.io import write_json
-from refusal_atlas.model.export import save_model_dir
-from refusal_atlas.rundir import RunDir
+from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.core.io import write_json
+from refusal_atlas.model.saving import save_model_dir
+from refusal_atlas.core.rundir import RunDir
 from test_endpoint_judge import FakeServer
 from tiny import TinyLoaded
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.io import write_json
-from refusal_atlas.model.export import save_model_dir
-from refusal_atlas.rundir import RunDir
+from refusal_atlas.core.io import write_json
+from refusal_atlas.model.saving import save_model_dir
+from refusal_atlas.core.rundir import RunDir
 from test_evaluate import cli
 from tiny import tiny_bpe_tokenizer, tiny_model
 

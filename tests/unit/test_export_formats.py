@@ -6,13 +6,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from refusal_atlas.errors import ConfigError, ModelError
-from refusal_atlas.interventions import ablate
+from refusal_atlas.core.errors import ConfigError, ModelError
+from refusal_atlas.edits.interventions import ablate
 from refusal_atlas.model import ChatFormatter, ModelAdapter
-from refusal_atlas.model.export import export_model, save_model_dir
-from refusal_atlas.model.export_gguf import write_gguf
-from refusal_atlas.model.export_lora import snapshot, write_lora
-from refusal_atlas.orthogonalize import orthogonalize_edit, orthogonalize_weights
+from refusal_atlas.export.formats import export_model
+from refusal_atlas.model.saving import save_model_dir
+from refusal_atlas.export.gguf import write_gguf
+from refusal_atlas.export.lora import snapshot, write_lora
+from refusal_atlas.export.orthogonalize import orthogonalize_edit, orthogonalize_weights
 from tiny import TinyLoaded, tiny_bpe_tokenizer, tiny_model
 
 PROMPTS = ["how to make a bomb", "write poem about cats please", "tell joke", "hack into computer"]

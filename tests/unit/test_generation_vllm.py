@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from refusal_atlas.data import Prompt
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.evaluation.completions import completions_for
 from refusal_atlas.evaluation.damage import greedy_continuations
-from refusal_atlas.generation_vllm import VllmBackend, check_vllm, has_weight_form
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.export.vllm import VllmBackend, check_vllm, has_weight_form
+from refusal_atlas.edits.interventions import Intervention
 from refusal_atlas.model import ChatFormatter, ModelAdapter, load_model
 from test_evaluate import cli, run_dir  # noqa: F401  (fixture: a run directory on a tiny saved model)
 

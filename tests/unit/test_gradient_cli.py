@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from refusal_atlas.config import load_config
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.workflows.run import run
 
 TRAIN = ["--n-train", "4", "--n-val", "2", "--target-tokens", "3", "--steps", "2", "--batch-size", "2",

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from refusal_atlas.errors import ConfigError, ModelError
-from refusal_atlas.interventions import Intervention, ablate, add_activation
+from refusal_atlas.core.errors import ConfigError, ModelError
+from refusal_atlas.edits.interventions import Intervention, ablate, add_activation
 from refusal_atlas.model import ModelAdapter
 from tiny import TinyLoaded
 

@@ -7,8 +7,8 @@ import pytest
 import os
 import stat
 
-from refusal_atlas.errors import ConfigError
-from refusal_atlas.io import atomic_dir, read_json, write_json
+from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.core.io import atomic_dir, read_json, write_json
 
 
 def test_atomic_dir_replaces_the_directory_only_on_success(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from refusal_atlas.errors import ConfigError, ModelError, RefusalAtlasError
+from refusal_atlas.core.errors import ConfigError, ModelError, RefusalAtlasError
 from refusal_atlas.evaluation.judges import (JudgeError, JudgeItem, JudgeOptions, SubstringJudge, Verdict,
                                              VerdictCache, make_judges)
 from refusal_atlas.evaluation.judges.base import EMPTY_REASON, judge_cached

@@ -20,26 +20,27 @@ PACKAGE = "refusal_atlas"
 # An entry names a module or a package (which then covers every module under it); the longest
 # entry that names a module decides its layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("refusal_atlas", "errors", "io", "crashpoints", "progress", "batching", "seeding", "rundir")),
+    ("core", ("refusal_atlas", "core")),
     ("data", ("data",)),
-    ("model", ("model", "prefix_cache", "generation", "conversation")),
-    ("activations", ("activations", "interventions")),
+    ("model", ("model",)),
+    # the edits: hooks and weight changes over a loaded model; evaluation measures models under them
+    ("edits", ("edits",)),
     # below directions: selection and training score candidates with the refusal score and KL
     ("evaluation", ("evaluation",)),
     ("directions", ("directions",)),
-    # generation_vllm generates from an orthogonalized (weight-edited) copy of the model
-    ("edits", ("edits", "orthogonalize", "export_bundle", "generation_vllm")),
     ("search", ("search",)),
-    ("report", ("analysis", "report", "report_context")),
+    # formats people run, the reproducibility bundle, vLLM generation from an edited copy of the weights
+    ("export", ("export",)),
+    ("report", ("report",)),
     # the jobs and what they share: settings, fail-fast input checks, the notebook API
-    ("workflows", ("workflows", "config", "settings", "validate", "api")),
+    ("workflows", ("workflows", "config", "settings", "api")),
     ("cli", ("cli",)),
 ]
 RANK = {name: rank for rank, (name, _) in enumerate(LAYERS)}
 # Libraries that make a command line: only the cli layer may import them.
 CLI_LIBRARIES = ("typer", "click", "rich")
 # The estimators know nothing of jobs or run directories: they take tensors, a model and prompts.
-NOT_FROM_DIRECTIONS = ("rundir", "workspace", "pipeline", "workflows", "cli", "validate", "settings", "config")
+NOT_FROM_DIRECTIONS = ("core.rundir", "workflows", "cli", "settings", "config", "api")
 
 
 def _module_name(path: Path) -> str:
@@ -113,7 +114,7 @@ def test_layer_lookup():
     assert layer_of("refusal_atlas") == "core"
     assert layer_of("refusal_atlas.directions.select") == "directions"
     assert layer_of("refusal_atlas.workflows.run") == "workflows"
-    assert layer_of("refusal_atlas.report_context") == "report"
+    assert layer_of("refusal_atlas.report.sections") == "report"
     assert layer_of("refusal_atlas.searcher") is None  # a prefix of a name is not the name
     assert layer_of("refusal_atlas.no_such_module") is None
 

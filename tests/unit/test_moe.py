@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from refusal_atlas.errors import ModelError
-from refusal_atlas.interventions import ablate
+from refusal_atlas.core.errors import ModelError
+from refusal_atlas.edits.interventions import ablate
 from refusal_atlas.model import ChatFormatter, ModelAdapter
-from refusal_atlas.orthogonalize import orthogonalize_weights
+from refusal_atlas.export.orthogonalize import orthogonalize_weights
 from tiny import PROMPTS_MOE, tiny_moe_model, tiny_tokenizer
 
 

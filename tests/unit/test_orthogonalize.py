@@ -2,11 +2,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from refusal_atlas.errors import ModelError
-from refusal_atlas.interventions import ablate
+from refusal_atlas.core.errors import ModelError
+from refusal_atlas.edits.interventions import ablate
 from refusal_atlas.model import ChatFormatter, ModelAdapter
-from refusal_atlas.model.export import save_model_dir
-from refusal_atlas.orthogonalize import orthogonalize_weights
+from refusal_atlas.model.saving import save_model_dir
+from refusal_atlas.export.orthogonalize import orthogonalize_weights
 from tiny import TinyLoaded
 
 

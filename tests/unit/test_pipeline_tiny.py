@@ -6,7 +6,7 @@ import pytest
 
 from refusal_atlas.config import load_config
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.workflows.run import run
 
 
@@ -49,7 +49,7 @@ def test_invalid_settings_are_config_errors():
 
 
 def test_config_from_run_keeps_run_values_for_unset_overrides(tmp_path):
-    from refusal_atlas.io import write_json
+    from refusal_atlas.core.io import write_json
     from refusal_atlas.workflows.run import config_from_run
 
     write_json(tmp_path / "manifest.json", {"config": {"n_eval": 7, "max_new_tokens": 5}})

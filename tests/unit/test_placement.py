@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from refusal_atlas.errors import ConfigError, ModelError
-from refusal_atlas.interventions import ablate
+from refusal_atlas.core.errors import ConfigError, ModelError
+from refusal_atlas.edits.interventions import ablate
 from refusal_atlas.model import ChatFormatter, ModelAdapter, load_model
-from refusal_atlas.model.export import save_model_dir
+from refusal_atlas.model.saving import save_model_dir
 from refusal_atlas.model.placement import is_offloaded, parse_device_map, parse_max_memory
-from refusal_atlas.orthogonalize import export_orthogonalized
+from refusal_atlas.export.orthogonalize import export_orthogonalized
 from tiny import TinyLoaded
 
 SPLIT = {"model.embed_tokens": "disk", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
@@ -74,7 +74,7 @@ def test_hand_built_cpu_offload_and_disk_dispatch(prompts, tmp_path):
 
 def test_bf16_weight_edit_and_hooks_remove_the_direction():
     """bf16 model: orthogonalized weights lose the direction up to one bf16 rounding; hooks remove it too."""
-    from refusal_atlas.orthogonalize import orthogonalize_weights
+    from refusal_atlas.export.orthogonalize import orthogonalize_weights
 
     t = TinyLoaded("qwen2")
     t.model.to(torch.bfloat16)

@@ -16,7 +16,7 @@ from refusal_atlas.directions.losses import (LossWeights, addition_ce, ablation_
 from refusal_atlas.directions.optim import TrainConfig, TrainingData, retract, tangent_project, train_directions
 from refusal_atlas.directions.rdo import train_rdo
 from refusal_atlas.directions.targets import Targets, build_targets, first_sentence
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 
 
 def test_first_sentence_cuts_after_the_first_end_mark():

@@ -11,7 +11,7 @@ from refusal_atlas.directions.optim import TrainConfig, retract, tangent_project
 from refusal_atlas.directions.repind import (_Reference, capture_prompt_end, cross_ablation_change,
                                              independence_layers, independence_loss, last_token_reps,
                                              train_repind)
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 
 
 def test_independence_layers_use_the_0_9_cutoff():

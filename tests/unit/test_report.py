@@ -5,13 +5,13 @@ import re
 
 import torch
 
-from refusal_atlas.analysis.geometry import classical_mds, cosine_matrix
+from refusal_atlas.report.geometry import classical_mds, cosine_matrix
 from refusal_atlas.config import load_config
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.io import write_json
+from refusal_atlas.core.io import write_json
 from refusal_atlas.workflows.run import run
-from refusal_atlas.report import build_report
-from refusal_atlas.rundir import RunDir
+from refusal_atlas.report.html import build_report
+from refusal_atlas.core.rundir import RunDir
 
 
 def test_mds_preserves_cosine_geometry():
@@ -139,7 +139,7 @@ def test_report_skips_malformed_artifacts_and_keeps_the_rest(tmp_path, caplog):
               "intervention": "ablate:odd", "direction_under_dim_ablation": [0.1]}
     run.add_metrics([no_samples, ragged])
 
-    with caplog.at_level(logging.WARNING, logger="refusal_atlas.report"):
+    with caplog.at_level(logging.WARNING, logger="refusal_atlas.report.html"):
         page = build_report(run.path).read_text()
     for stem in ("training_rdo", "som_grid_som_broken"):
         assert not (run.path / "plots" / f"{stem}.png").exists()

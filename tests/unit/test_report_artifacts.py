@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from refusal_atlas.analysis import artifacts
-from refusal_atlas.analysis.geometry import direction_rows
-from refusal_atlas.analysis.plots_geometry import som_centers
+from refusal_atlas.report import artifacts
+from refusal_atlas.report.geometry import direction_rows
+from refusal_atlas.report.plots_geometry import som_centers
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.errors import ArtifactError
+from refusal_atlas.core.errors import ArtifactError
 
 
 def test_som_centers_match_minisom_hexagonal_layout():

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from refusal_atlas.analysis import plots
+from refusal_atlas.report import plots
 from refusal_atlas.config import load_config
 from refusal_atlas.workflows.run import run
-from refusal_atlas.report import build_report
-from refusal_atlas.report_context import comparison_section, provenance_section
-from refusal_atlas.rundir import RunDir
+from refusal_atlas.report.html import build_report
+from refusal_atlas.report.sections import comparison_section, provenance_section
+from refusal_atlas.core.rundir import RunDir
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from refusal_atlas.errors import ConfigError, RefusalAtlasError
-from refusal_atlas.workflows.reproduce_budget import ReproduceBudget
+from refusal_atlas.core.errors import ConfigError, RefusalAtlasError
+from refusal_atlas.workflows.reproduce.budget import ReproduceBudget
 
 TINY = dict(name="tiny", harmful_train="harmful_train", harmless_train="harmless_train", n_harmful_train=16,
             n_harmless_train=12, filter_train=False, harmful_val="harmful_val", n_val=4, n_eval=4, n_logit=4,
@@ -16,7 +16,7 @@ TINY = dict(name="tiny", harmful_train="harmful_train", harmless_train="harmless
 
 @pytest.fixture(scope="module")
 def finished(tiny_model_dir, tmp_path_factory, monkeypatch_module):
-    from refusal_atlas.workflows.reproduce import run_reproduce
+    from refusal_atlas.workflows.reproduce.job import run_reproduce
 
     run_dir = tmp_path_factory.mktemp("repro") / "R"
     log = run_dir.parent / "work.log"
@@ -68,7 +68,7 @@ def test_row_b_curve_covers_k_and_picks_on_validation(finished):
 
 
 def test_rerun_skips_finished_rows_and_redoes_a_missing_one(finished, tiny_model_dir):
-    from refusal_atlas.workflows.reproduce import row_path, run_reproduce
+    from refusal_atlas.workflows.reproduce.job import row_path, run_reproduce
 
     run_dir, data, log = finished
     assert log.read_text().count("row\n") == 7
@@ -83,7 +83,7 @@ def test_rerun_skips_finished_rows_and_redoes_a_missing_one(finished, tiny_model
 
 
 def test_changed_budget_is_refused_before_any_model_loads(finished, tiny_model_dir):
-    from refusal_atlas.workflows.reproduce import check_reproduce_dir
+    from refusal_atlas.workflows.reproduce.job import check_reproduce_dir
 
     run_dir = finished[0]
     with pytest.raises(ConfigError, match="n_eval"):
@@ -112,7 +112,7 @@ def test_budget_checks():
 
 
 def test_pick_k_uses_validation_numbers_only():
-    from refusal_atlas.workflows.reproduce_rows import pick_k
+    from refusal_atlas.workflows.reproduce.som_subsets import pick_k
 
     curve = [{"k": 1, "val_refusal": -1.0, "val_kl": 0.05, "heldout_score": {"mean": -9.0}},
              {"k": 2, "val_refusal": -3.0, "val_kl": 0.08, "heldout_score": {"mean": 5.0}},

@@ -22,10 +22,10 @@ from optuna.trial import TrialState, create_trial
 from refusal_atlas.config import load_config
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.som import SomDirections
-from refusal_atlas.errors import ArtifactError, ConfigError
+from refusal_atlas.core.errors import ArtifactError, ConfigError
 from refusal_atlas.evaluation.objective import ValidationObjective
-from refusal_atlas.search import (SearchSettings, SubsetSpace, choose_trial, completed,
-                                  decode_lehmer, encode_lehmer, open_study, pareto_front, run_trials, summarize)
+from refusal_atlas.search.subsets import SearchSettings, SubsetSpace, decode_lehmer, encode_lehmer, run_trials
+from refusal_atlas.search.study import choose_trial, completed, open_study, pareto_front, summarize
 from refusal_atlas.search.storage import fail_stale_trials, study_lock
 
 

@@ -17,11 +17,11 @@ from transformers import AutoModelForCausalLM
 from refusal_atlas.cli.search import parse_budget
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.edits import LayerwiseAblation, load_edit
-from refusal_atlas.edits.sources import EditContext
-from refusal_atlas.errors import ConfigError
-from refusal_atlas.search import completed, open_study, pareto_front
+from refusal_atlas.search.sources import EditContext
+from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.search.study import completed, open_study, pareto_front
 from refusal_atlas.search.storage import fail_stale_trials
-from refusal_atlas.search.space import EditSpace, build_edit, run_edit_trials
+from refusal_atlas.search.edit_space import EditSpace, build_edit, run_edit_trials
 
 N, D = 6, 8
 

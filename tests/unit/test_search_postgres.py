@@ -15,8 +15,9 @@ import pytest
 from optuna.trial import TrialState
 
 from postgres_server import postgres  # noqa: F401  (fixture)
-from refusal_atlas.errors import ConfigError
-from refusal_atlas.search import SearchSettings, open_study, pareto_front
+from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.search.subsets import SearchSettings
+from refusal_atlas.search.study import open_study, pareto_front
 from refusal_atlas.search.storage import check_storage, make_storage
 
 STUDY = "search-som"

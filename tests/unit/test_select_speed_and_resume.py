@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 
-from refusal_atlas.activations import extract
+from refusal_atlas.model.activations import extract
 from refusal_atlas.directions.dim import difference_in_means
 from refusal_atlas.directions.select import select_direction
 from refusal_atlas.directions.select_checkpoint import KILL_ENV

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from refusal_atlas import __version__
 from refusal_atlas.cli import app
-from refusal_atlas.errors import ConfigError
-from refusal_atlas.io import read_json
+from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.core.io import read_json
 from refusal_atlas.settings import resolve_config
 
 

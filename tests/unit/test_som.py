@@ -10,12 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from refusal_atlas.activations import ActivationSet, extract, save_activation_sets
+from refusal_atlas.model.activations import ActivationSet, extract, save_activation_sets
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.dim import difference_in_means
 from refusal_atlas.directions.som import SomDirections, _hit_order, parse_grid
-from refusal_atlas.errors import ArtifactError, ConfigError
-from refusal_atlas.interventions import ablate
+from refusal_atlas.core.errors import ArtifactError, ConfigError
+from refusal_atlas.edits.interventions import ablate
 
 
 def _acts(x64: np.ndarray, layer: int = 5) -> ActivationSet:

@@ -5,10 +5,10 @@ import torch
 
 from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs
 from refusal_atlas.evaluation.completions import refusal_decided
-from refusal_atlas.generation import DECODING, greedy_generate, stop_token_ids
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.model.generation import DECODING, greedy_generate, stop_token_ids
+from refusal_atlas.edits.interventions import Intervention
 from refusal_atlas.model import ChatFormatter, ModelAdapter
-from refusal_atlas.prefix_cache import PrefixPlan, budget_batches, plan_logprobs
+from refusal_atlas.model.prefix_cache import PrefixPlan, budget_batches, plan_logprobs
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import typer
 
 from refusal_atlas.cli import (chat, compare, concept, config, evaluate, export, gradient, prepare, reproduce, run, search,
                               som)
-from refusal_atlas.errors import RefusalAtlasError
+from refusal_atlas.core.errors import RefusalAtlasError
 
 # rich_markup_mode=None: help texts are plain text, so "[k, k_max]" and brackets stay as written
 # the app's help is cli/config.py's global_options docstring (it also explains the settings layers)

@@ -14,7 +14,7 @@ from typing import Annotated, Optional, TextIO
 
 import typer
 
-from refusal_atlas.errors import ArtifactError, ConfigError
+from refusal_atlas.core.errors import ArtifactError, ConfigError
 
 HELP = "commands: /system TEXT, /reset, /quit; anything else is sent to both models"
 
@@ -87,7 +87,7 @@ def chat_cmd(
         raise ConfigError("--edit none would chat with the original model twice; use ablate or actadd")
     if max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be >= 1")
-    from refusal_atlas.conversation import Conversation
+    from refusal_atlas.model.conversation import Conversation
     from refusal_atlas.workflows.run import config_from_run
     from refusal_atlas.workflows.workspace import open_workspace
 

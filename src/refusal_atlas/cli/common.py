@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from refusal_atlas.cli.config import setting_help
-from refusal_atlas.errors import RefusalAtlasError
+from refusal_atlas.core.errors import RefusalAtlasError
 
 RunDirOpt = Annotated[Path, typer.Option("--run-dir", "-r", help="run directory")]
 ModelOpt = Annotated[Optional[str], typer.Option(help=setting_help("model", "HF id, local dir, .gguf file or 'embedded'"))]
@@ -37,7 +37,7 @@ def default_run_dir() -> Path:
 
 def reopen_workspace(run_dir: Path, allowed=(), **overrides):
     """Reopen an existing run (never a new one: a mistyped path must not load a model or make a directory)."""
-    from refusal_atlas.validate import check_run_dir, run_config
+    from refusal_atlas.workflows.validate import check_run_dir, run_config
 
     cfg = run_config(check_run_dir(run_dir), overrides)
     from refusal_atlas.workflows.workspace import open_workspace
@@ -49,6 +49,6 @@ def run_seed(run_dir: Path, seed: int | None) -> int:
     """Default seed: the run's config seed (manifest), else 0."""
     if seed is not None:
         return seed
-    from refusal_atlas.rundir import RunDir
+    from refusal_atlas.core.rundir import RunDir
 
     return int(RunDir(run_dir).manifest().get("config", {}).get("seed", 0))

@@ -14,11 +14,11 @@ def compare(
     out: Annotated[Optional[Path], typer.Option(help="write compare.md and compare.json into this directory")] = None,
 ) -> None:
     """Method, k, refusal with CI, KL, over-refusal and n for every evaluated artifact (Markdown + JSON)."""
-    from refusal_atlas.validate import check_run_dir
+    from refusal_atlas.workflows.validate import check_run_dir
 
     for d in run_dirs:
         check_run_dir(d)  # the same run-directory checks as every verb, before any work
-    from refusal_atlas.io import write_text
+    from refusal_atlas.core.io import write_text
     from refusal_atlas.workflows.compare import collect, to_json, to_markdown
 
     rows = collect(run_dirs)

@@ -38,11 +38,11 @@ def concept_cmd(
                        kl_threshold=kl_threshold, max_new_tokens=max_new_tokens, seed=seed)
     for source in (positive, negative):  # bad prompt files fail here, before the model loads
         split_prompts(source, n_val, n_test, seed)
-    from refusal_atlas.io import check_output_dir  # imports torch: after the cheap checks
+    from refusal_atlas.core.io import check_output_dir  # imports torch: after the cheap checks
 
     check_output_dir(run_dir, force)
     from refusal_atlas.api import Atlas
-    from refusal_atlas.report import build_report
+    from refusal_atlas.report.html import build_report
 
     atlas = Atlas.load(model, device=device, batch_size=batch_size)
     records = run_concept(atlas, spec, run_dir, force=force)

@@ -57,8 +57,8 @@ def config_cmd(
     """Print the effective settings, each with its source (cli, env, ./refusal-atlas.toml, --config, manifest)."""
     base = None
     if run_dir is not None:
-        from refusal_atlas.errors import ArtifactError
-        from refusal_atlas.io import read_json
+        from refusal_atlas.core.errors import ArtifactError
+        from refusal_atlas.core.io import read_json
 
         if not (run_dir / "manifest.json").is_file():
             raise ArtifactError(f"{run_dir} is not a run directory (no manifest.json)")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from refusal_atlas.cli.common import RunDirOpt, parse_names, reopen_workspace
-from refusal_atlas.errors import RefusalAtlasError
+from refusal_atlas.core.errors import RefusalAtlasError
 
 
 def evaluate_cmd(
@@ -34,7 +34,7 @@ def evaluate_cmd(
     backend: Annotated[str, typer.Option(help="generation engine: hf, or vllm (GPU; edits exported as weights)")] = "hf",
 ) -> None:
     """Judge every dataset × intervention × judge, damage (KL) and benchmarks; appends to metrics.json."""
-    from refusal_atlas.validate import check_at_least, check_datasets, check_direction_file, check_run_dir, run_config
+    from refusal_atlas.workflows.validate import check_at_least, check_datasets, check_direction_file, check_run_dir, run_config
 
     manifest = check_run_dir(run_dir)  # milliseconds: before anything heavy is imported
     check_at_least(n=(n, 1), max_new_tokens=(max_new_tokens, 1), kl_tokens=(kl_tokens, 1), limit=(limit, 1),
@@ -67,7 +67,7 @@ def evaluate_cmd(
     dataset_names = parse_names(datasets) or [*cfg.eval_harmful, cfg.eval_harmless, "xstest"]
     check_datasets(dataset_names, n_prompts, cfg.seed)
     if "endpoint" in judge_names:
-        from refusal_atlas.validate import check_endpoint
+        from refusal_atlas.workflows.validate import check_endpoint
 
         check_endpoint(endpoint_url or "", endpoint_model, timeout)
     if model is not None:
@@ -75,7 +75,7 @@ def evaluate_cmd(
 
         exported_kind(model)
     if backend == "vllm":
-        from refusal_atlas.generation_vllm import check_vllm
+        from refusal_atlas.export.vllm import check_vllm
 
         check_vllm()  # before the model loads
     ws = reopen_workspace(run_dir)
@@ -97,7 +97,7 @@ def evaluate_cmd(
 def _generation_backend(ws, name: str):
     if name == "hf":
         return None
-    from refusal_atlas.generation_vllm import VllmBackend
+    from refusal_atlas.export.vllm import VllmBackend
 
     return VllmBackend.for_workspace(ws)
 
@@ -112,10 +112,10 @@ def _check_judge_model(judge_names: list[str], judge_model: str | None) -> None:
 
 def report_cmd(run_dir: RunDirOpt) -> None:
     """Plots and an HTML report of everything in a run directory."""
-    from refusal_atlas.validate import check_run_dir
+    from refusal_atlas.workflows.validate import check_run_dir
 
     check_run_dir(run_dir)
-    from refusal_atlas.report import build_report
+    from refusal_atlas.report.html import build_report
 
     typer.echo(f"wrote {build_report(run_dir)}")
 

@@ -7,13 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from refusal_atlas.errors import RefusalAtlasError
+from refusal_atlas.core.errors import RefusalAtlasError
 
 
 def _chosen_edit(run_dir: Path, manifest: dict, directions: str, edit: str | None):
     """The edit to export, checked against the run's model before anything loads: a saved edit
     (edits/NAME.json) or full ablation of a direction file in the run's ablation mode."""
-    from refusal_atlas.validate import check_direction_file
+    from refusal_atlas.workflows.validate import check_direction_file
 
     if edit is not None:
         from refusal_atlas.edits import load_run_edit
@@ -44,9 +44,9 @@ def export_cmd(
 ) -> None:
     """Write the model with an edit baked into its weights (default: the run's DIM direction
     orthogonalized out; --edit: a saved edit, exactly as it was evaluated), plus reproduce/."""
-    from refusal_atlas.io import check_output_dir
-    from refusal_atlas.model.export import check_export_request
-    from refusal_atlas.validate import check_output_parent, check_run_dir, run_config
+    from refusal_atlas.core.io import check_output_dir
+    from refusal_atlas.export.formats import check_export_request
+    from refusal_atlas.workflows.validate import check_output_parent, check_run_dir, run_config
 
     manifest = check_run_dir(run_dir)  # milliseconds, before anything heavy is imported
     check_export_request(format, quant, dtype)
@@ -55,7 +55,7 @@ def export_cmd(
     check_output_dir(out, force)
     check_output_parent(out)
     chosen, source = _chosen_edit(run_dir, manifest, directions, edit)
-    from refusal_atlas.export_bundle import export_run
+    from refusal_atlas.export.bundle import export_run
     from refusal_atlas.workflows.workspace import open_workspace
 
     ws = open_workspace(run_config(manifest), run_dir, must_exist=True)
@@ -72,7 +72,7 @@ def verify_cmd(
     rerun: Annotated[bool, typer.Option(help="reload the source model, redo the edit and compare byte for byte")] = False,
 ) -> None:
     """Re-check the sha256 of every exported file; with --rerun, recompute the export from the bundle."""
-    from refusal_atlas.export_bundle import check_hashes, rerun as rerun_export
+    from refusal_atlas.export.bundle import check_hashes, rerun as rerun_export
 
     if not path.is_dir():
         raise RefusalAtlasError(f"{path} is not a directory written by `refusal-atlas export`")

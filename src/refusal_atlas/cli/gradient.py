@@ -44,7 +44,7 @@ _TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
 
 def _common(run_dir, *, n_train, n_val, target_tokens, steps, batch_size, micro_batch, lr, eval_every, patience,
             ablation_weight, addition_weight, retain_weight, val_kl_weight, seed):
-    from refusal_atlas.validate import check_run_dir
+    from refusal_atlas.workflows.validate import check_run_dir
 
     check_run_dir(run_dir)  # milliseconds, before torch is imported
     from refusal_atlas.cli.common import reopen_workspace, run_seed

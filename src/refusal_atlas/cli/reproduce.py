@@ -19,9 +19,9 @@ def reproduce(
 ) -> None:
     """Rows (a)–(g) with n, 95% CIs and verdicts → R/reproduce.json, R/reproduce.md, R/plots; rerun to resume."""
     from refusal_atlas.config import load_config
-    from refusal_atlas.validate import check_model_settings
-    from refusal_atlas.workflows.reproduce import check_reproduce_dir, run_reproduce
-    from refusal_atlas.workflows.reproduce_budget import budget_named
+    from refusal_atlas.workflows.validate import check_model_settings
+    from refusal_atlas.workflows.reproduce.job import check_reproduce_dir, run_reproduce
+    from refusal_atlas.workflows.reproduce.budget import budget_named
 
     chosen = budget_named(budget)
     run_dir = run_dir or Path("runs") / f"reproduce-{chosen.name}"

@@ -9,7 +9,7 @@ import typer
 
 from refusal_atlas.cli.common import ModelOpt, RunDirOpt, default_run_dir, parse_ints, parse_names
 from refusal_atlas.cli.config import setting_help
-from refusal_atlas.errors import RefusalAtlasError
+from refusal_atlas.core.errors import RefusalAtlasError
 
 
 def run(
@@ -43,7 +43,7 @@ def run(
 ) -> None:
     """The default end-to-end job: extract → DIM → select → held-out evaluation."""
     from refusal_atlas.settings import resolve_config
-    from refusal_atlas.validate import check_new_run_dir
+    from refusal_atlas.workflows.validate import check_new_run_dir
 
     if method not in ("dim", "som"):
         raise RefusalAtlasError(f"unknown method {method!r} for `run` (available: dim, som)")
@@ -58,7 +58,7 @@ def run(
     base = manifest.get("config", {}) if resume and manifest else None
     cfg = resolve_config(flags, config_file=config, base=base).config
     if cfg.backend == "vllm":
-        from refusal_atlas.generation_vllm import check_vllm
+        from refusal_atlas.export.vllm import check_vllm
 
         check_vllm()  # before any model loads
     if method == "som":
@@ -81,7 +81,7 @@ def extract_cmd(run_dir: RunDirOpt, model: ModelOpt = None,
                 ) -> None:
     """Residual-stream representations of harmful vs harmless train prompts (a new or an existing run)."""
     from refusal_atlas.settings import resolve_config
-    from refusal_atlas.validate import EXTRACTION_SETTINGS, check_new_run_dir, run_config
+    from refusal_atlas.workflows.validate import EXTRACTION_SETTINGS, check_new_run_dir, run_config
 
     overrides = dict(model=model, n_train=n_train, filter_train=filter_train)
     manifest = check_new_run_dir(run_dir)
@@ -98,13 +98,13 @@ def extract_cmd(run_dir: RunDirOpt, model: ModelOpt = None,
 
 def directions_dim(run_dir: RunDirOpt) -> None:
     """Difference-in-means candidates for every (position, layer)."""
-    from refusal_atlas.validate import check_run_dir
+    from refusal_atlas.workflows.validate import check_run_dir
 
     check_run_dir(run_dir, require_manifest=False)
-    from refusal_atlas.activations import load_activation_sets
+    from refusal_atlas.model.activations import load_activation_sets
     from refusal_atlas.directions.dim import difference_in_means
-    from refusal_atlas.io import save_tensors
-    from refusal_atlas.rundir import RunDir
+    from refusal_atlas.core.io import save_tensors
+    from refusal_atlas.core.rundir import RunDir
 
     run = RunDir(run_dir)
     acts = load_activation_sets(run / "activations.safetensors")
@@ -119,7 +119,7 @@ def select_cmd(run_dir: RunDirOpt,
                positions: Annotated[Optional[str], typer.Option(help=setting_help("positions", "e.g. -1,-2"))] = None,
                kl_threshold: Annotated[Optional[float], typer.Option(help=setting_help("kl_threshold", "KL filter bound"))] = None) -> None:
     """Arditi-style selection of one DIM candidate on validation prompts."""
-    from refusal_atlas.validate import SELECTION_SETTINGS, check_run_dir, run_config
+    from refusal_atlas.workflows.validate import SELECTION_SETTINGS, check_run_dir, run_config
 
     overrides = dict(layers=parse_ints(layers), positions=parse_ints(positions), kl_threshold=kl_threshold)
     manifest = check_run_dir(run_dir)

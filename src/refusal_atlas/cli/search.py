@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from refusal_atlas.cli.common import RunDirOpt, run_seed
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 
 
 def parse_budget(text: str | None, trials: int | None) -> tuple[int | None, float | None]:
@@ -67,7 +67,7 @@ def search(
                                                       "CPUs with AVX512-BF16/AMX); export keeps the run's")] = None,
 ) -> None:
     """Seeded, resumable Optuna TPE search on validation prompts; prints the Pareto front, saves the pick."""
-    from refusal_atlas.validate import check_at_least, check_direction_file, check_run_dir, run_config
+    from refusal_atlas.workflows.validate import check_at_least, check_direction_file, check_run_dir, run_config
 
     if storage is not None:
         from refusal_atlas.search.storage import check_storage
@@ -126,7 +126,7 @@ def search(
         typer.echo(f"saved {ws.run / 'search_edits.json'} and {ws.run / 'edits'}/ "
                    "(use `evaluate --edit search_best`, `export --edit search_best`)")
         return
-    from refusal_atlas.search import SearchSettings
+    from refusal_atlas.search.subsets import SearchSettings
     from refusal_atlas.workflows.som import compare_step, format_comparison, format_search, search_step
 
     settings = SearchSettings(k=k, k_max=k_max, seed=run_seed(run_dir, seed), mode=ws.cfg.ablation_mode,

@@ -21,11 +21,11 @@ def directions_som(
     lr_schedule: Annotated[str, typer.Option(help="asymptotic (paper), inverse (1/t), constant")] = "asymptotic",
 ) -> None:
     """SOM directions: neurons of a SOM on harmful representations minus the harmless mean."""
-    from refusal_atlas.validate import check_run_dir
+    from refusal_atlas.workflows.validate import check_run_dir
 
     check_run_dir(run_dir, require_manifest=False)
     from refusal_atlas.directions.som import SomDirections, parse_grid
-    from refusal_atlas.rundir import RunDir
+    from refusal_atlas.core.rundir import RunDir
     from refusal_atlas.workflows.som import som_step
 
     run = RunDir(run_dir)
@@ -42,9 +42,9 @@ def directions_som(
 def run_som_command(cfg, run_dir: Path, resume: bool, trials: int, k: int, allow_low_refusal: bool = False) -> None:
     """`run --method som`: the DIM pipeline, SOM directions at the DIM layer, search, held-out comparison."""
     from refusal_atlas.directions.som import SomDirections
-    from refusal_atlas.errors import ConfigError
-    from refusal_atlas.search import SearchSettings
-    from refusal_atlas.validate import check_at_least
+    from refusal_atlas.core.errors import ConfigError
+    from refusal_atlas.search.subsets import SearchSettings
+    from refusal_atlas.workflows.validate import check_at_least
     from refusal_atlas.workflows.som import format_comparison, format_search, run_som
 
     builder = SomDirections(seed=cfg.seed)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_atlas.data.registry import REGISTRY, registry_hint
-from refusal_atlas.errors import DataError
+from refusal_atlas.core.errors import DataError
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from refusal_atlas.errors import DataError
+from refusal_atlas.core.errors import DataError
 
 Role = Literal["harmful", "harmless", "over_refusal"]
 Split = Literal["train", "val", "test"]

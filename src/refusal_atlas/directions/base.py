@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from refusal_atlas.errors import ArtifactError, ConfigError
-from refusal_atlas.io import load_tensors, save_tensors, vectors_fingerprint
+from refusal_atlas.core.errors import ArtifactError, ConfigError
+from refusal_atlas.core.io import load_tensors, save_tensors, vectors_fingerprint
 
 
 @dataclass

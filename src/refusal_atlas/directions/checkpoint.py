@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from refusal_atlas.errors import ArtifactError
-from refusal_atlas.io import load_tensors, save_tensors
+from refusal_atlas.core.errors import ArtifactError
+from refusal_atlas.core.io import load_tensors, save_tensors
 
 
 @dataclasses.dataclass

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from refusal_atlas.activations import ActivationSet
+from refusal_atlas.model.activations import ActivationSet
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 
 
 @dataclass

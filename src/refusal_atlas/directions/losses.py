@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from refusal_atlas.errors import ConfigError
-from refusal_atlas.interventions import ablate, add_activation
+from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.edits.interventions import ablate, add_activation
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 

@@ -36,17 +36,17 @@ from typing import Any
 
 import torch
 
-from refusal_atlas.crashpoints import crash_point
+from refusal_atlas.core.crashpoints import crash_point
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.checkpoint import checkpoint_key, load_checkpoint, next_checkpoint, save_checkpoint
 from refusal_atlas.directions.losses import StepBatches, collate, tokenize_examples
 from refusal_atlas.directions.targets import Targets
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.evaluation.objective import ValidationObjective
 from refusal_atlas.evaluation.refusal import is_refusal
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
-from refusal_atlas.progress import progress
+from refusal_atlas.core.progress import progress
 
 
 @dataclass

@@ -23,7 +23,7 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import LossWeights, direction_loss
 from refusal_atlas.directions.optim import TrainConfig, initial_direction, start_training, train_directions
 from refusal_atlas.directions.training_setup import TrainingSetup
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.model.adapter import ModelAdapter
 
 

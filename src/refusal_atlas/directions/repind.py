@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-from refusal_atlas.activations import extract
+from refusal_atlas.model.activations import extract
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import LossWeights, direction_loss
 from refusal_atlas.directions.optim import TrainConfig, initial_direction, start_training, train_directions
 from refusal_atlas.directions.training_setup import TrainingSetup
-from refusal_atlas.errors import ConfigError
-from refusal_atlas.interventions import ablate
+from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.edits.interventions import ablate
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 

@@ -34,15 +34,15 @@ from pathlib import Path
 
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.dim import DimCandidates
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.directions.select_checkpoint import SelectionCheckpoint
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
-from refusal_atlas.interventions import Intervention
-from refusal_atlas.prefix_cache import PrefixPlan, plan_logprobs, supports_prefix_reuse
+from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.model.prefix_cache import PrefixPlan, plan_logprobs, supports_prefix_reuse
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
-from refusal_atlas.progress import progress
+from refusal_atlas.core.progress import progress
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from refusal_atlas.io import read_json, write_json
+from refusal_atlas.core.io import read_json, write_json
 
 KILL_ENV = "REFUSAL_ATLAS_TEST_KILL_AFTER"
 

@@ -30,9 +30,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from refusal_atlas.activations import ActivationSet
+from refusal_atlas.model.activations import ActivationSet
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 
 LrSchedule = Literal["asymptotic", "inverse", "constant"]
 Training = Literal["online", "batch"]

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.errors import ArtifactError, ConfigError
-from refusal_atlas.generation import DECODING, generate
-from refusal_atlas.interventions import Intervention
-from refusal_atlas.io import read_json, write_json
+from refusal_atlas.core.errors import ArtifactError, ConfigError
+from refusal_atlas.model.generation import DECODING, generate
+from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.core.io import read_json, write_json
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 

@@ -1,6 +1,6 @@
 """Full directional ablation (Arditi et al.): the directions removed from every residual write.
 
-Hooks: :func:`refusal_atlas.interventions.ablate` (block inputs and attention/MLP writes projected).
+Hooks: :func:`refusal_atlas.edits.interventions.ablate` (block inputs and attention/MLP writes projected).
 Weights: the embedding rows and every block's o_proj/down_proj (and biases) mapped by the write
 map of :mod:`refusal_atlas.edits.writes` (tied embeddings are untied first).
 
@@ -19,8 +19,8 @@ import torch
 
 from refusal_atlas.edits.base import Edit, WeightSnapshot, as_adapter, untie_embeddings
 from refusal_atlas.edits.writes import WriteMode, check_mode, edit_linear, edit_write, map_writes, prepare
-from refusal_atlas.errors import ModelError
-from refusal_atlas.interventions import ablate, as_matrix
+from refusal_atlas.core.errors import ModelError
+from refusal_atlas.edits.interventions import ablate, as_matrix
 from refusal_atlas.model.placement import is_offloaded
 from refusal_atlas.edits.offloaded import orthogonalize_offloaded
 

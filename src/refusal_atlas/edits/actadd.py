@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from refusal_atlas.edits.base import Edit, as_adapter
-from refusal_atlas.interventions import add_activation, as_matrix
+from refusal_atlas.edits.interventions import add_activation, as_matrix
 
 
 class ActAdd(Edit):

@@ -10,7 +10,7 @@ to use one, all on the same object:
 
 ``edit.apply(model)`` is what evaluation uses: the hooks when they are mathematically equal to the
 weight edit, otherwise the weight edit itself, so an exported model is always the evaluated one.
-An Edit also quacks like an :class:`~refusal_atlas.interventions.Intervention` (``kind``, ``label``,
+An Edit also quacks like an :class:`~refusal_atlas.edits.interventions.Intervention` (``kind``, ``label``,
 ``describe``, ``directions``) so every evaluation function accepts it.
 """
 
@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from refusal_atlas.errors import ArtifactError, ConfigError, ModelError
-from refusal_atlas.io import load_tensors, read_json, save_tensors, write_json
+from refusal_atlas.core.errors import ArtifactError, ConfigError, ModelError
+from refusal_atlas.core.io import load_tensors, read_json, save_tensors, write_json
 from refusal_atlas.model.adapter import ModelAdapter
 
 EDIT_TYPES: dict[str, type[Edit]] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

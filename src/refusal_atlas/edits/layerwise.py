@@ -26,8 +26,8 @@ import torch
 from refusal_atlas.edits.base import Edit, WeightSnapshot, as_adapter, untie_embeddings
 from refusal_atlas.edits.kernel import StrengthKernel
 from refusal_atlas.edits.writes import WriteMode, check_mode, column_norm_scale, edit_linear, map_writes, prepare
-from refusal_atlas.errors import ModelError, ConfigError
-from refusal_atlas.interventions import _hooks, _post_hook, _pre_hook
+from refusal_atlas.core.errors import ModelError, ConfigError
+from refusal_atlas.edits.interventions import _hooks, _post_hook, _pre_hook
 
 COMPONENTS = ("attn", "mlp")
 

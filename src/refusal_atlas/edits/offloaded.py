@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from refusal_atlas.errors import ModelError
-from refusal_atlas.interventions import orthonormal_basis
+from refusal_atlas.core.errors import ModelError
+from refusal_atlas.edits.interventions import orthonormal_basis
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.placement import editable_tensor
 

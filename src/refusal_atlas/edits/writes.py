@@ -7,7 +7,7 @@ For unit directions u_1..u_k and a strength w, a write x (any d_model vector) be
 
 Both are linear, so applying the map to a Linear's output equals applying it to the columns of its
 weight (and to its bias): ``W ← T W``, ``b ← T b``. That is why hooks on the out-projections and the
-weight edit agree. Computed in float32 (at least) through :func:`~refusal_atlas.interventions.project_out`
+weight edit agree. Computed in float32 (at least) through :func:`~refusal_atlas.edits.interventions.project_out`
 and rounded once to the model dtype.
 """
 
@@ -17,8 +17,8 @@ from typing import Literal
 
 import torch
 
-from refusal_atlas.errors import ConfigError
-from refusal_atlas.interventions import orthonormal_basis, project_out
+from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.edits.interventions import orthonormal_basis, project_out
 
 WriteMode = Literal["subspace", "sequential"]
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 
-from refusal_atlas.errors import ConfigError, DataError
+from refusal_atlas.core.errors import ConfigError, DataError
 from refusal_atlas.evaluation.stats import mean_record, rate_record
 
 ALIASES = {"smoke": "refusal_atlas_smoke", "truthfulqa": "truthfulqa_mc2", "arc": "arc_challenge",

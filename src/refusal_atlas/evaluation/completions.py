@@ -19,16 +19,16 @@ from pathlib import Path
 
 import torch
 
-from refusal_atlas.batching import length_sorted_batches
-from refusal_atlas.crashpoints import crash_point
+from refusal_atlas.core.batching import length_sorted_batches
+from refusal_atlas.core.crashpoints import crash_point
 from refusal_atlas.data import Prompt
 from refusal_atlas.evaluation.refusal import REFUSAL_SUBSTRINGS, is_refusal, refusal_phrase_in
-from refusal_atlas.generation import DECODING, Generated, greedy_generate, stop_token_ids
-from refusal_atlas.interventions import Intervention, as_matrix
-from refusal_atlas.io import write_text
+from refusal_atlas.model.generation import DECODING, Generated, greedy_generate, stop_token_ids
+from refusal_atlas.edits.interventions import Intervention, as_matrix
+from refusal_atlas.core.io import write_text
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
-from refusal_atlas.prefix_cache import supports_prefix_reuse
+from refusal_atlas.model.prefix_cache import supports_prefix_reuse
 
 
 @dataclass
@@ -94,7 +94,7 @@ def completions_for(
     ``stop_when_decided``: stop a row once a refusal phrase appears (its substring verdict is then
     fixed); such lines are marked ``stop: "decided"`` and are never reused for full-length callers.
     ``backend``: another generation engine with a ``continuations`` method (e.g.
-    :class:`refusal_atlas.generation_vllm.VllmBackend`); None generates with HF and the hooks.
+    :class:`refusal_atlas.export.vllm.VllmBackend`); None generates with HF and the hooks.
     Either way one batch at a time is generated and saved.
     """
     fp = intervention_fingerprint(intervention)

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 
 import torch
 
-from refusal_atlas.batching import length_sorted_batches
+from refusal_atlas.core.batching import length_sorted_batches
 from refusal_atlas.evaluation.stats import mean_record
-from refusal_atlas.generation import greedy_generate
+from refusal_atlas.model.generation import greedy_generate
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
-from refusal_atlas.progress import progress
+from refusal_atlas.core.progress import progress
 
 
 def next_token_kl(base_logprobs: torch.Tensor, new_logprobs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from refusal_atlas.data import Prompt, load_prompts
 from refusal_atlas.data.registry import REGISTRY
-from refusal_atlas.errors import ArtifactError, ConfigError
+from refusal_atlas.core.errors import ArtifactError, ConfigError
 from refusal_atlas.evaluation.completions import completions_for
 from refusal_atlas.evaluation.damage import continuation_kl, kl_records, next_token_kl, refusal_metric
 from refusal_atlas.evaluation.judges import Judge, JudgeItem, SubstringJudge, Verdict
 from refusal_atlas.evaluation.refusal import next_token_logprobs
 from refusal_atlas.evaluation.stats import mean_record, rate_record
-from refusal_atlas.interventions import Intervention
+from refusal_atlas.edits.interventions import Intervention
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 

@@ -15,13 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from refusal_atlas.data import load_prompts
-from refusal_atlas.errors import ConfigError, ModelError
+from refusal_atlas.core.errors import ConfigError, ModelError
 from refusal_atlas.evaluation.completions import completions_for
 from refusal_atlas.evaluation.damage import continuation_kl, kl_records
 from refusal_atlas.evaluation.evaluate import EvalPlan, dataset_role, evaluate_run, judged_record
 from refusal_atlas.evaluation.judges import JudgeItem
-from refusal_atlas.interventions import Intervention
-from refusal_atlas.io import read_json
+from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.core.io import read_json
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.loading import LoadedModel, load_model
 

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.evaluation.refusal import mean_refusal_score, next_token_logprobs
-from refusal_atlas.interventions import AblationMode, Intervention
+from refusal_atlas.edits.interventions import AblationMode, Intervention
 
 
 class ValidationObjective:

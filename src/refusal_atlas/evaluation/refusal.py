@@ -13,12 +13,12 @@ from contextlib import ExitStack
 
 import torch
 
-from refusal_atlas.batching import length_sorted_batches
-from refusal_atlas.errors import ModelError
+from refusal_atlas.core.batching import length_sorted_batches
+from refusal_atlas.core.errors import ModelError
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
-from refusal_atlas.prefix_cache import PrefixPlan, plan_logprobs, supports_prefix_reuse
-from refusal_atlas.progress import progress
+from refusal_atlas.model.prefix_cache import PrefixPlan, plan_logprobs, supports_prefix_reuse
+from refusal_atlas.core.progress import progress
 
 # Arditi et al.'s jailbreak list (case-insensitive, anywhere in the response).
 REFUSAL_SUBSTRINGS: tuple[str, ...] = (

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from refusal_atlas.errors import ModelError
+from refusal_atlas.core.errors import ModelError
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from refusal_atlas.errors import ModelError
+from refusal_atlas.core.errors import ModelError
 
 _MARKER = "\u2063REFUSAL_ATLAS_INSTRUCTION\u2063"
 

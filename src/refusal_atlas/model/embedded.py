@@ -13,8 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from refusal_atlas.errors import ModelError
-from refusal_atlas.io import atomic_dir
+from refusal_atlas.core.errors import ModelError
+from refusal_atlas.core.io import atomic_dir
 
 EMBEDDED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 EMBEDDED_SIZE = 491_400_064
@@ -77,7 +77,7 @@ def ensure_embedded_model(progress: bool = True) -> Path:
     target = embedded_cache_dir()
     if (target / "COMPLETE").is_file():
         return target
-    from refusal_atlas.model.export import save_model_dir
+    from refusal_atlas.model.saving import save_model_dir
     from refusal_atlas.model.gguf import load_gguf
 
     root = cache_root()

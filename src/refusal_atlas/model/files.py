@@ -1,6 +1,6 @@
 """What a model's files say, read without loading weights: config, tokenizer, weight headers.
 
-Used before any model load (``refusal_atlas.validate``), so a directory that is not a model, a
+Used before any model load (``refusal_atlas.workflows.validate``), so a directory that is not a model, a
 truncated safetensors file or a damaged GGUF file costs milliseconds and one clear error instead
 of a traceback from deep inside transformers. Only headers are read, never tensor data.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from refusal_atlas.errors import ModelError
+from refusal_atlas.core.errors import ModelError
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from refusal_atlas.errors import ModelError
+from refusal_atlas.core.errors import ModelError
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):

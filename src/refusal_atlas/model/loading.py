@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from refusal_atlas.errors import ModelError
+from refusal_atlas.core.errors import ModelError
 from refusal_atlas.model.adapter import contiguous_head_input
 from refusal_atlas.model.files import is_local_model
 from refusal_atlas.model.gguf import load_gguf

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from refusal_atlas.errors import ConfigError, ModelError
+from refusal_atlas.core.errors import ConfigError, ModelError
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _MEMORY = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)$", re.IGNORECASE)

@@ -32,7 +32,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 
 HEARTBEAT_S = 5
 GRACE_S = 30

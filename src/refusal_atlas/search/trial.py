@@ -41,14 +41,21 @@ from typing import Any
 
 import torch
 
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.edits.interventions import Intervention
 from refusal_atlas.evaluation.damage import kl_against, kl_base_terms
 from refusal_atlas.evaluation.objective import ValidationObjective
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
-from refusal_atlas.interventions import Intervention
 from refusal_atlas.model.adapter import float32_head_output
-from refusal_atlas.prefix_cache import (PrefixPlan, budget_batches, head_apart, keep_last, last_logprobs,
-                                         last_position, supports_prefix_reuse)
+from refusal_atlas.model.prefix_cache import (
+    PrefixPlan,
+    budget_batches,
+    head_apart,
+    keep_last,
+    last_logprobs,
+    last_position,
+    supports_prefix_reuse,
+)
 
 REFUSAL_STATS = ("probability", "logodds")
 MAX_KL = "max_kl"  # pruned_by of a trial stopped because its first-stage KL lies clearly above the KL cap
@@ -197,7 +204,7 @@ class StagedObjective(ValidationObjective):
         """Harmful ``rows`` decoded for ``score_tokens`` greedy tokens: (next-token log-probs, refusal verdicts)."""
         from refusal_atlas.evaluation.completions import refusal_decided
         from refusal_atlas.evaluation.refusal import is_refusal
-        from refusal_atlas.generation import greedy_generate, greedy_on_plan
+        from refusal_atlas.model.generation import greedy_generate, greedy_on_plan
 
         tok = self.chat.tokenizer
         if self.plan is None:
@@ -297,7 +304,7 @@ def evaluate_staged(study, trial, objective: StagedObjective, edit, rule: PruneR
     trial also records the cap's constraint, so TPE counts it infeasible)."""
     import optuna
 
-    from refusal_atlas.search import KL_CONSTRAINT
+    from refusal_atlas.search.study import KL_CONSTRAINT
 
     front = front_partials(study) if rule is not None else []
 
@@ -322,7 +329,7 @@ def evaluate_staged(study, trial, objective: StagedObjective, edit, rule: PruneR
 
 def front_partials(study) -> list[tuple[int, tuple[float, float]]]:
     """(trial number, first-stage values) of the current Pareto front's trials that recorded them."""
-    from refusal_atlas.search import completed
+    from refusal_atlas.search.study import completed
 
     by_key = {t.user_attrs.get("key"): t.user_attrs["partial"] for t in completed(study) if "partial" in t.user_attrs}
     out = []

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from refusal_atlas.errors import ArtifactError
-from refusal_atlas.rundir import RunDir
+from refusal_atlas.core.errors import ArtifactError
+from refusal_atlas.core.rundir import RunDir
 
 FIRST_TOKEN_KL = "kl_first_token"
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refusal_atlas.errors import ConfigError, DataError
+from refusal_atlas.core.errors import ConfigError, DataError
 
 
 @dataclass
@@ -98,9 +98,9 @@ def run_concept(atlas, spec: ConceptSpec, run_dir: str | Path, *, force: bool = 
     from refusal_atlas.api import Activations
     from refusal_atlas.directions.dim import difference_in_means
     from refusal_atlas.directions.select import select_direction
-    from refusal_atlas.interventions import Intervention
-    from refusal_atlas.io import atomic_dir, save_tensors, write_json, write_text
-    from refusal_atlas.rundir import RunDir
+    from refusal_atlas.edits.interventions import Intervention
+    from refusal_atlas.core.io import atomic_dir, save_tensors, write_json, write_text
+    from refusal_atlas.core.rundir import RunDir
 
     pos = split_prompts(spec.positive, spec.n_val, spec.n_test, spec.seed)
     neg = split_prompts(spec.negative, spec.n_val, spec.n_test, spec.seed)

@@ -25,8 +25,8 @@ from refusal_atlas.directions.rdo import train_rdo
 from refusal_atlas.directions.repind import train_repind
 from refusal_atlas.directions.targets import build_targets, direction_fingerprint
 from refusal_atlas.directions.training_setup import TrainingSetup
-from refusal_atlas.errors import ArtifactError, ConfigError
-from refusal_atlas.rundir import RunDir
+from refusal_atlas.core.errors import ArtifactError, ConfigError
+from refusal_atlas.core.rundir import RunDir
 from refusal_atlas.workflows.run import filter_by_refusal
 
 

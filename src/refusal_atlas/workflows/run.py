@@ -11,18 +11,18 @@ import logging
 import shutil
 from pathlib import Path
 
-from refusal_atlas.activations import ActivationSet, extract_resumable, load_activation_sets, save_activation_sets
+from refusal_atlas.model.activations import ActivationSet, extract_resumable, load_activation_sets, save_activation_sets
 from refusal_atlas.config import RunConfig
 from refusal_atlas.data import Prompt
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.dim import DimCandidates, difference_in_means
 from refusal_atlas.directions.select import select_direction
-from refusal_atlas.errors import ArtifactError, ConfigError
+from refusal_atlas.core.errors import ArtifactError, ConfigError
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
-from refusal_atlas.generation import DECODING
-from refusal_atlas.interventions import Intervention
-from refusal_atlas.io import load_tensors, read_json, save_tensors, write_json
+from refusal_atlas.model.generation import DECODING
+from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.core.io import load_tensors, read_json, save_tensors, write_json
 from refusal_atlas.workflows.workspace import PromptSets, Workspace, load_prompt_sets, open_workspace
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def _backend(ws: Workspace):
     """The run's generation engine (cfg.backend): None for HF with hooks."""
     if ws.cfg.backend == "hf":
         return None
-    from refusal_atlas.generation_vllm import VllmBackend
+    from refusal_atlas.export.vllm import VllmBackend
 
     return VllmBackend.for_workspace(ws)
 
@@ -213,7 +213,7 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     records = evaluate_step(ws, direction, sets)
     ws.run.update_manifest(status="complete", direction={"layer": direction.layer, "position": direction.position,
                                                           "norm": float(direction.norms[0])})
-    from refusal_atlas.report import build_report
+    from refusal_atlas.report.html import build_report
 
     build_report(ws.run.path)
     return ws, records

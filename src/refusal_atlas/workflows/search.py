@@ -2,7 +2,7 @@
 
 Reads the run's DIM candidates and harmless means (and any DirectionSets asked for, building SOM
 directions with default settings if ``som`` is asked for and missing), searches the edit space of
-:mod:`refusal_atlas.search.space` with the seeded, resumable loop of :mod:`refusal_atlas.search`
+:mod:`refusal_atlas.search.edit_space` with the seeded, resumable loop of :mod:`refusal_atlas.search`
 on the validation prompts, and saves what it found as edits: ``edits/search_best`` (the pick rule's
 trial) and ``edits/search_trial_<n>`` for every Pareto trial (trial 0 is full ablation of the run's DIM
 pick and the next ones the same edit ever weaker, down to strength 0.12, so the front starts from
@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.edits.sources import EditContext
-from refusal_atlas.errors import ConfigError
-from refusal_atlas.io import write_json
-from refusal_atlas.search import finished, open_study, summarize
+from refusal_atlas.search.sources import EditContext
+from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.core.io import write_json
+from refusal_atlas.search.study import finished, open_study, summarize
 from refusal_atlas.search.storage import release_stale_trials, study_guard
-from refusal_atlas.search.space import EditSpace, build_edit, context_fingerprint, describe_choice, run_edit_trials
+from refusal_atlas.search.edit_space import EditSpace, build_edit, context_fingerprint, describe_choice, run_edit_trials
 from refusal_atlas.search.trial import PruneRule, StagedObjective, prune_identity, check_refusal_stat
 from refusal_atlas.workflows.som import record_references
 from refusal_atlas.workflows.workspace import PromptSets, Workspace
@@ -61,7 +61,7 @@ class EditSearchSettings:
 def check_sets(run_dir, names: tuple[str, ...], k_max: int | None) -> None:
     """Cheap checks before any model loads: each set exists (``som`` may be built), fits the run's model
     (d_model, layer range) and has at least ``k_max`` directions."""
-    from refusal_atlas.rundir import RunDir
+    from refusal_atlas.core.rundir import RunDir
 
     run = RunDir(run_dir)
     model = run.manifest().get("model", {})

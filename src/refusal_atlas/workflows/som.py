@@ -11,18 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from refusal_atlas.activations import load_activation_sets
+from refusal_atlas.model.activations import load_activation_sets
 from refusal_atlas.config import RunConfig
 from refusal_atlas.data import Prompt
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.som import SomDirections
-from refusal_atlas.errors import ArtifactError, ConfigError
+from refusal_atlas.core.errors import ArtifactError, ConfigError
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
-from refusal_atlas.interventions import Intervention
-from refusal_atlas.io import read_json, write_json
-from refusal_atlas.rundir import RunDir
+from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.core.io import read_json, write_json
+from refusal_atlas.core.rundir import RunDir
 from refusal_atlas.evaluation.objective import ValidationObjective
-from refusal_atlas.search import SearchSettings, completed, open_study, run_trials, summarize
+from refusal_atlas.search.subsets import SearchSettings, run_trials
+from refusal_atlas.search.study import completed, open_study, summarize
 from refusal_atlas.search.storage import release_stale_trials, study_guard
 from refusal_atlas.workflows.workspace import PromptSets, Workspace, load_prompt_sets
 
@@ -229,7 +230,7 @@ def run_som(cfg: RunConfig, run_dir: str | Path, builder: SomDirections, setting
     comparison = compare_step(ws, sets)
     ws.run.update_manifest(status="complete", som={"layer": som.layer, "n_directions": len(som),
                                                    "hits": som.meta.get("hits"), "chosen_ids": summary["chosen"]["ids"]})
-    from refusal_atlas.report import build_report
+    from refusal_atlas.report.html import build_report
 
     build_report(ws.run.path)  # again: the DIM pipeline's report predates the search
     return ws, summary, comparison

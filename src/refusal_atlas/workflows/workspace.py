@@ -15,14 +15,14 @@ from pathlib import Path
 
 from refusal_atlas.config import RunConfig
 from refusal_atlas.data import Prompt, load_prompts
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.evaluation.refusal import refusal_token_ids
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 from refusal_atlas.model.loading import LoadedModel, load_model
-from refusal_atlas.rundir import RunDir
-from refusal_atlas.seeding import seed_everything
-from refusal_atlas.validate import check_model_settings, check_new_run_dir, check_run_dir, check_run_settings
+from refusal_atlas.core.rundir import RunDir
+from refusal_atlas.core.seeding import seed_everything
+from refusal_atlas.workflows.validate import check_model_settings, check_new_run_dir, check_run_dir, check_run_settings
 
 
 @dataclass
@@ -85,7 +85,7 @@ def open_workspace(cfg: RunConfig, run_dir: str | Path, *, must_exist: bool = Fa
     bfloat16 where that is faster); the run's recorded dtype, which export and evaluate use, is kept.
 
     Reopening a run with settings that would make its artifacts stale is an error (see
-    :func:`refusal_atlas.validate.check_run_settings`); the settings in ``allowed`` (those the
+    :func:`refusal_atlas.workflows.validate.check_run_settings`); the settings in ``allowed`` (those the
     calling verb recomputes) may change and are recorded in the manifest.
     """
     run_path = Path(run_dir)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.evaluation.judges.base import (Judge, JudgeError, JudgeItem, Label, Role, Verdict, VerdictCache,
                                                   safe_name)
 from refusal_atlas.evaluation.judges.endpoint import EndpointJudge, chat_completions_url

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
 
-from refusal_atlas.errors import ModelError
-from refusal_atlas.io import append_jsonl
+from refusal_atlas.core.errors import ModelError
+from refusal_atlas.core.io import append_jsonl
 
 Label = Literal["refused", "complied", "unclear"]
 Role = Literal["harmful", "harmless", "over_refusal"]

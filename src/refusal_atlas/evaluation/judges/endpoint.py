@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.evaluation.judges.base import JudgeError, JudgeItem, Role, Verdict, VerdictCache, judge_cached
 from refusal_atlas.evaluation.judges.rubrics import rubric_for
 

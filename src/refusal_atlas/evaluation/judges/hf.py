@@ -19,12 +19,12 @@ from typing import Literal
 
 import torch
 
-from refusal_atlas.batching import length_sorted_batches
-from refusal_atlas.errors import ConfigError
+from refusal_atlas.core.batching import length_sorted_batches
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.evaluation.judges.base import (JudgeError, JudgeItem, Label, Role, Verdict, VerdictCache,
                                                   judge_cached)
 from refusal_atlas.evaluation.judges.rubrics import Rubric, rubric_for
-from refusal_atlas.progress import progress
+from refusal_atlas.core.progress import progress
 
 
 def answer_token_ids(tokenizer, choices: dict[str, Label]) -> dict[str, list[int]]:

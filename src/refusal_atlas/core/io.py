@@ -1,0 +1,176 @@
+"""Atomic artifact writes: a crash never leaves a half-written file behind.
+
+Everything goes to a temporary file in the destination folder and is renamed into place, which is
+atomic on POSIX file systems. Artifacts are JSON or safetensors, never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from refusal_atlas.core.errors import ArtifactError, ConfigError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a temp file/dir ordinary permissions (mkstemp/mkdtemp make them private: 0600/0700)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        readable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse an output path that already holds something, unless ``force`` says to replace it.
+
+    Called before any work, so a mistyped ``--out`` never costs a model load, and never a user's data.
+    """
+    out = Path(path)
+    if out.is_file() or out.is_symlink():
+        raise ConfigError(f"output path {out} is an existing file; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"output directory {out} is not empty; choose another path or pass --force to replace it")
+    return out
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield an empty sibling temp directory that becomes ``path`` only when the block succeeds.
+
+    Readers see the old directory or the complete new one, never a half-written one; on an error
+    the temp directory is removed and ``path`` is left as it was. An existing non-empty ``path`` is
+    an error unless ``force``; then it is replaced only after the new one is complete.
+    """
+    out = check_output_dir(path, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        readable(tmp, directory=True)
+        check_output_dir(out, force)  # it may have appeared while we worked
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
+            fh.write("\n")
+
+    return _atomic(Path(path), write)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text atomically."""
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    return _atomic(Path(path), write)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read JSON, turning a missing or corrupt file into an :class:`ArtifactError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"corrupt JSON in {path}: {exc}") from None
+
+
+def save_tensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Save tensors as safetensors, atomically; ``metadata`` is stored as one JSON string."""
+    meta = {"json": json.dumps(metadata, default=_json_default)} if metadata is not None else None
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return _atomic(Path(path), lambda tmp: save_file(clean, tmp, metadata=meta))
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a safetensors file written by :func:`save_tensors` → (tensors, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"missing file: {path}")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("json")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"corrupt safetensors file {path}: {exc}") from None
+    return tensors, (json.loads(raw) if raw else {})
+
+
+def append_jsonl(path: str | os.PathLike, records: list[Mapping[str, Any]]) -> None:
+    """Append records to a JSONL file, one flushed line each (safe to resume after a crash)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, default=_json_default) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def vectors_fingerprint(vectors: torch.Tensor, ids: list[int], layer: int) -> str:
+    """16 hex chars of sha256 over the float32 vector bytes, ids and layer: which artifact made a result.
+
+    Here, below both, so a DirectionSet and an intervention on a bare tensor hash the same way.
+    """
+    data = vectors.detach().to(torch.float32).cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(data + repr((ids, layer)).encode()).hexdigest()[:16]

@@ -1,0 +1,173 @@
+"""Write an in-memory (already edited) model as one GGUF file that transformers and llama.cpp read.
+
+Tensor names come from the ``gguf`` package's name map for the architecture; Llama-layout models get
+llama.cpp's rotary permutation of the query/key rows (transformers' GGUF reader undoes it). Metadata
+carries the hyper-parameters, the byte-level BPE vocabulary with its merges, the special token ids
+and the chat template. Quantization uses what ``gguf.quants`` implements in Python: F32, F16, BF16,
+Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1. As in llama.cpp, 1-D tensors (norms, biases) stay F32, and a matrix
+whose rows do not split into whole blocks falls back to F16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from refusal_atlas.core.errors import ConfigError, ModelError
+
+# model_type -> (GGUF architecture name, llama.cpp rotary permutation of q/k, llama.cpp pre-tokenizer)
+GGUF_ARCHS: dict[str, tuple[str, bool, str]] = {
+    "qwen2": ("qwen2", False, "qwen2"),
+    "qwen3": ("qwen3", False, "qwen2"),
+    "llama": ("llama", True, "llama-bpe"),
+    # llama.cpp runs Mistral as llama. transformers would read "mistral" in general.name as Mistral but then
+    # fails (gguf-py has no "mistral" architecture), so the name is left alone and it reloads as Llama (same maths)
+    "mistral": ("llama", True, "llama-bpe"),
+}
+
+
+def _quant_table() -> dict[str, tuple]:
+    from gguf import GGMLQuantizationType as Q, LlamaFileType as F
+
+    return {"f32": (Q.F32, F.ALL_F32), "f16": (Q.F16, F.MOSTLY_F16), "bf16": (Q.BF16, F.MOSTLY_BF16),
+            "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0), "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0), "q4_1": (Q.Q4_1, F.MOSTLY_Q4_1),
+            "q5_0": (Q.Q5_0, F.MOSTLY_Q5_0), "q5_1": (Q.Q5_1, F.MOSTLY_Q5_1)}
+
+
+QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+
+
+def check_gguf_request(model_type: str | None, quant: str) -> None:
+    """Cheap checks (no model needed) so a bad ``--quant`` fails before anything loads."""
+    if quant not in QUANT_TYPES:
+        raise ConfigError(f"unknown GGUF quantization {quant!r}; the gguf package writes: {', '.join(QUANT_TYPES)}")
+    if model_type is not None and model_type not in GGUF_ARCHS:
+        raise ConfigError(f"GGUF export supports {', '.join(sorted(GGUF_ARCHS))}; this model is {model_type!r} "
+                          "(export safetensors and convert it with llama.cpp's convert_hf_to_gguf.py)")
+
+
+def _rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's HF→GGUF reordering of the rotary halves of each head's rows."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _rope_theta(cfg) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") not in ("default", None):
+        raise ModelError(f"GGUF export does not write rope scaling {params.get('rope_type')!r} yet; export safetensors")
+    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+
+
+def _add_hparams(w, cfg, name: str, file_type) -> None:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_name(name)
+    w.add_file_type(int(file_type))
+    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_embedding_length(int(cfg.hidden_size))
+    w.add_block_count(int(cfg.num_hidden_layers))
+    w.add_feed_forward_length(int(cfg.intermediate_size))
+    w.add_head_count(int(cfg.num_attention_heads))
+    w.add_head_count_kv(int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads))
+    w.add_key_length(int(head_dim))
+    w.add_value_length(int(head_dim))
+    w.add_rope_dimension_count(int(head_dim))
+    w.add_rope_freq_base(_rope_theta(cfg))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(int(cfg.vocab_size))
+
+
+def _add_tokenizer(w, tokenizer, n_vocab: int, pre: str) -> None:
+    """Byte-level BPE vocabulary padded to the embedding rows, merges, special ids, chat template."""
+    from gguf import SpecialVocab, TokenType
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
+    if spec.get("model", {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise ModelError("GGUF export writes byte-level BPE tokenizers (Qwen2, Llama-3 style); this tokenizer is "
+                         f"{spec.get('model', {}).get('type', type(tokenizer).__name__)}; export safetensors instead")
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
+    if max(by_id) >= n_vocab:
+        raise ModelError(f"tokenizer has ids up to {max(by_id)} but the model only {n_vocab} embedding rows")
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(TokenType.NORMAL if i not in added else
+                         TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    with tempfile.TemporaryDirectory(prefix="gguf-tok.") as tmp:
+        tokenizer.save_pretrained(tmp)
+        special = SpecialVocab(tmp, load_merges=True, n_vocab=n_vocab)
+        if tokenizer.chat_template and not special.chat_template:
+            special.chat_template = tokenizer.chat_template
+        if tokenizer.pad_token_id is not None and "pad" not in special.special_token_ids:
+            special.special_token_ids["pad"] = int(tokenizer.pad_token_id)
+        special.add_to_gguf(w, quiet=True)
+
+
+def _encode(arr: np.ndarray, qtype):
+    """(data, raw_dtype) for GGUFWriter.add_tensor; 1-D tensors and ragged rows are kept wider."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants
+
+    if arr.ndim == 1 or qtype == Q.F32:
+        return arr.astype(np.float32), None
+    if qtype == Q.F16:
+        return arr.astype(np.float16), None
+    block = GGML_QUANT_SIZES[qtype][0]
+    if arr.shape[-1] % block:
+        return arr.astype(np.float16), None
+    return quants.quantize(arr.astype(np.float32), qtype), qtype
+
+
+def write_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, quant: str = "f16",
+               name: str | None = None) -> Path:
+    """Write ``model`` (its current, possibly edited weights) and ``tokenizer`` to the GGUF file ``path``."""
+    from gguf import GGUFWriter, get_tensor_name_map, MODEL_ARCH_NAMES
+
+    cfg = model.config
+    check_gguf_request(cfg.model_type, quant)
+    arch, permute, pre = GGUF_ARCHS[cfg.model_type]
+    qtype, file_type = _quant_table()[quant]
+    arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
+    names = get_tensor_name_map(arch_id, cfg.num_hidden_layers)
+    label = name or getattr(cfg, "_name_or_path", "") or cfg.model_type
+    if cfg.model_type == "mistral":
+        if getattr(cfg, "sliding_window", None) and cfg.sliding_window < cfg.max_position_embeddings:
+            raise ModelError("GGUF export of Mistral with a sliding window is not supported (it reloads as Llama)")
+        label = label.lower().replace("mistral", "m-istral")  # see GGUF_ARCHS
+    path = Path(path)
+    w = GGUFWriter(str(path), arch)
+    _add_hparams(w, cfg, label, file_type)
+    if quant not in ("f32", "f16", "bf16"):
+        w.add_quantization_version(2)
+    _add_tokenizer(w, tokenizer, int(cfg.vocab_size), pre)
+    tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # a GGUF without output.weight is read back as tied
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = names.get_name(base)
+        if gguf_name is None:
+            raise ModelError(f"no GGUF name for tensor {hf_name!r} of {cfg.model_type}; export safetensors instead")
+        arr = tensor.detach().to("cpu", torch.float32).numpy()
+        if permute and base.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+            arr = _rope_permute(arr, n_head if base.endswith("q_proj") else n_kv)
+        data, raw = _encode(arr, qtype)
+        w.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,244 @@
+"""Seeded, resumable two-objective Optuna studies: storage, the ask/tell loop, the Pareto front and the pick.
+
+:func:`run_loop` is shared by the edit search (:mod:`refusal_atlas.search.edit_space`, run-dir step in
+:mod:`refusal_atlas.workflows.search`) and by the SOM paper's subset search (:mod:`refusal_atlas.search.subsets`).
+
+* **Objectives** (both minimised, one forward pass each): a refusal number on harmful *validation*
+  prompts under the edit, and the mean next-token KL on harmless validation prompts against cached
+  unmodified log-probs. Test splits and benchmarks are never touched here.
+* **Reproducible and resumable.** The study lives in SQLite (or PostgreSQL for many workers). Before each
+  trial the TPE sampler is re-seeded from (seed, number of finished = completed or pruned trials), and TPE
+  only learns from those, so a search that was killed and resumed proposes exactly what an uninterrupted
+  one would have. Trials left RUNNING by a crash are marked FAIL when the search reopens (a lock file
+  guarantees no other process owns them).
+* **Result.** The Pareto front of (refusal, KL) plus one chosen trial by a documented rule:
+  the lowest refusal among Pareto trials with KL ≤ ``kl_threshold``; if none qualifies, the
+  lowest KL.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from refusal_atlas.core.crashpoints import crash_point
+from refusal_atlas.core.errors import ArtifactError, ConfigError
+from refusal_atlas.core.progress import progress
+from refusal_atlas.search.storage import coordinator_for, is_server_url, make_storage
+
+KL_CONSTRAINT = "kl_above_max"  # with a KL cap: each trial's Optuna constraint KL − max_kl (feasible when <= 0)
+
+
+RULE = ("min_refusal_under_kl: among Pareto-optimal trials with mean validation KL <= kl_threshold, the "
+        "lowest mean validation refusal score (ties: lower KL, then earlier trial); if none qualifies, "
+        "the Pareto trial with the lowest KL")
+
+
+def open_study(db_path: str | os.PathLike, name: str, identity: dict[str, Any] | None = None,
+               create: bool = True) -> optuna.Study:
+    """Open (or create) the two-objective study ``name`` in the SQLite file or PostgreSQL URL ``db_path``.
+
+    ``identity`` (search space, seed, objective fingerprint) is stored with a new study and must
+    match on reopening; a mismatch is an error rather than a silently mixed study.
+    """
+    db_path = db_path if is_server_url(db_path) else Path(db_path)
+    if not create and isinstance(db_path, Path) and not db_path.is_file():
+        raise ArtifactError(f"no search study at {db_path}; run `refusal-atlas search` first")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = make_storage(db_path)  # SQLite file, or a PostgreSQL server with heartbeats (search/storage.py)
+        names = [s.study_name for s in storage.get_all_studies()]
+        if name not in names and not create:
+            raise ArtifactError(f"{db_path} holds no study named {name!r} (studies: {names})")
+        study = optuna.create_study(storage=storage, study_name=name, directions=["minimize", "minimize"],
+                                    load_if_exists=True)
+    except (ArtifactError, ConfigError):
+        raise
+    except Exception as exc:  # sqlalchemy / optuna storage errors: the file is not a usable study
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ArtifactError(f"corrupt or unreadable study file {db_path}: {msg}") from None
+    if len(study.directions) != 2:
+        raise ArtifactError(f"study {name!r} in {db_path} is not a two-objective (refusal, KL) study")
+    if identity is not None:
+        stored = study.user_attrs.get("identity")
+        if stored is None:
+            study.set_user_attr("identity", identity)
+        else:
+            diff = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+            if diff:
+                raise ConfigError(
+                    f"{db_path} holds a study made with different settings ({', '.join(diff)}: "
+                    f"{ {k: stored.get(k) for k in diff} } vs now { {k: identity.get(k) for k in diff} }); "
+                    "use the same settings to resume, or another run directory")
+    return study
+
+
+def completed(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def finished(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed and pruned trials: what a trial budget counts and what re-seeds the sampler."""
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def _sampler(seed: int, n_complete: int, group: bool, n_startup_trials: int,
+             worker: tuple[int, ...] = ()) -> optuna.samplers.TPESampler:
+    trial_seed = int(np.random.SeedSequence([seed, n_complete, *worker]).generate_state(1)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(multivariate=True, group=group, seed=trial_seed,
+                                          n_startup_trials=n_startup_trials)
+
+
+def run_loop(study: optuna.Study, propose: Callable[[Trial], tuple[str, Callable[[], tuple[float, float]]]],
+             *, seed: int, n_startup_trials: int, group: bool, n_trials: int, deadline: float | None = None,
+             desc: str = "search trials", max_kl: float | None = None) -> list[FrozenTrial]:
+    """The seeded ask/tell loop every search uses; returns the trials this call finished.
+
+    ``propose(trial)`` suggests parameters (and sets user attributes) and returns (key, evaluate);
+    ``evaluate`` may raise ``optuna.TrialPruned`` to record the trial PRUNED (it is not re-used).
+    A key already evaluated in this study is not re-run: its values are copied (objectives are
+    deterministic) and the trial records ``reused_from``; it still goes through ask/tell, so it
+    has its own start and end time. ``deadline`` (a ``time.monotonic()`` value) stops the loop
+    before a trial that would start after it. ``max_kl`` caps the KL objective: every trial records the
+    constraint KL − max_kl, so TPE counts trials above the cap as infeasible and the front leaves them out.
+    """
+    coord = coordinator_for(study)  # several workers on a PostgreSQL study: seeds, heartbeats, claims
+    done: dict[str, FrozenTrial] = {t.user_attrs["key"]: t for t in completed(study) if "key" in t.user_attrs}
+    told: list[FrozenTrial] = []
+    bar = progress(None if deadline is not None and n_trials >= 10**6 else n_trials, desc)  # a time budget: no total
+    try:
+        for _ in range(n_trials):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            coord.before_ask(study)
+            study.sampler = _sampler(seed, len(finished(study)), group, n_startup_trials, coord.seed_parts)
+            trial = study.ask()
+            try:
+                with coord.alive(study, trial):
+                    key, evaluate = propose(trial)
+                    trial.set_user_attr("key", key)
+                    previous = coord.previous(study, trial, key, done)
+                    if previous is not None:
+                        trial.set_user_attr("reused_from", previous.number)
+                        values = tuple(previous.values)
+                    else:
+                        values = evaluate()
+                    if max_kl is not None:
+                        trial.set_constraint(KL_CONSTRAINT, values[1] - max_kl)
+            except optuna.TrialPruned:  # evaluate() stopped early (search.trial): kept, never on the front
+                study.tell(trial, state=TrialState.PRUNED)
+                bar.update(1)
+                crash_point("trial")
+                continue
+            except BaseException:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            frozen = study.tell(trial, list(values))
+            done.setdefault(key, frozen)
+            told.append(frozen)
+            bar.update(1)
+            bar.set_postfix(refusal=f"{values[0]:.2f}", kl=f"{values[1]:.3f}")
+            crash_point("trial")
+    finally:
+        bar.close()
+    return told
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed trials no other completed trial beats on both refusal and KL; under a KL cap, only trials
+    within it (Optuna's feasible trials), unless none is: then all completed trials, so a search whose
+    every trial overshot the cap still reports what it found (summarize says so)."""
+    done = completed(study)
+    if not done:
+        raise ArtifactError(f"the search study {study.study_name!r} has no finished trials yet; "
+                            "run `refusal-atlas search --trials N`")
+    front = study.best_trials or [t for t in done if not any(
+        all(a <= b for a, b in zip(u.values, t.values)) and u.values != t.values for u in done)]
+    return sorted(front, key=lambda t: (t.values[1], t.values[0], t.number))
+
+
+def choose_trial(front: Sequence[FrozenTrial], kl_threshold: float) -> tuple[FrozenTrial, str]:
+    """Apply :data:`RULE` → (trial, which branch of the rule chose it)."""
+    if not front:
+        raise ArtifactError("the Pareto front is empty: no finished trials")
+    ok = [t for t in front if t.values[1] <= kl_threshold]
+    if ok:
+        return min(ok, key=lambda t: (t.values[0], t.values[1], t.number)), f"lowest refusal with KL <= {kl_threshold}"
+    return min(front, key=lambda t: (t.values[1], t.values[0], t.number)), \
+        f"fallback: no Pareto trial has KL <= {kl_threshold}; lowest KL"
+
+
+def trial_record(t: FrozenTrial) -> dict[str, Any]:
+    rec: dict[str, Any] = {"number": t.number, "state": t.state.name, "ids": t.user_attrs.get("ids"),
+                           "params": dict(t.params)}
+    if t.values is not None:
+        rec["refusal"], rec["kl"] = t.values
+    for attr in ("reused_from", "choice", "edit", "partial", "pruned_by"):
+        if attr in t.user_attrs:
+            rec[attr] = t.user_attrs[attr]
+    if t.datetime_start is not None:
+        rec["start"] = t.datetime_start.isoformat()
+    if t.datetime_complete is not None:
+        rec["end"] = t.datetime_complete.isoformat()
+    return rec
+
+
+def subset_key(ids: Sequence[int], mode: str) -> tuple[int, ...]:
+    return tuple(sorted(ids)) if mode == "subspace" else tuple(ids)  # subspace ablation is order-free
+
+
+def trial_key(t: FrozenTrial, mode: str) -> str:
+    """What makes two trials the same edit (stored by :func:`run_loop`; older subset trials: their ids)."""
+    return t.user_attrs.get("key") or repr(subset_key(t.user_attrs.get("ids", []), mode))
+
+
+def _dedupe(trials: Sequence[FrozenTrial], mode: str) -> list[dict[str, Any]]:
+    """One record per distinct subset (re-proposed subsets list their trial numbers as duplicates)."""
+    out: dict[str, dict[str, Any]] = {}
+    for t in trials:
+        key = trial_key(t, mode)
+        if key in out:
+            out[key]["duplicates"].append(t.number)
+        else:
+            out[key] = {**trial_record(t), "duplicates": []}
+    return list(out.values())
+
+
+def summarize(study: optuna.Study, settings) -> dict[str, Any]:
+    """Everything search.json records: all trials, the Pareto front, the rule and the chosen trial.
+
+    ``settings``: any dataclass with ``kl_threshold`` (and ``mode`` for subset searches).
+    """
+    mode = getattr(settings, "mode", "subspace")
+    front = pareto_front(study)
+    chosen, branch = choose_trial(front, settings.kl_threshold)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,
+                                                                         TrialState.FAIL, TrialState.RUNNING,
+                                                                         TrialState.WAITING)}
+    counts["distinct_subsets"] = len({trial_key(t, mode) for t in trials if t.state == TrialState.COMPLETE})
+    counts["above_max_kl"] = sum(t.constraints.get(KL_CONSTRAINT, 0.0) > 0 for t in trials)
+    return {
+        "study": study.study_name, "settings": asdict(settings), "identity": study.user_attrs.get("identity"),
+        "objectives": {"refusal": "mean logit refusal score on harmful validation prompts under the edit "
+                                  "(log-odds of a refusal-start token; lower = less refusal)",
+                       "kl": "mean next-token KL(unmodified || ablated) on harmless validation prompts"},
+        "n_trials": counts, "baseline": study.user_attrs.get("baseline"),
+        "reference": study.user_attrs.get("reference"),
+        "rule": {"name": "min_refusal_under_kl", "kl_threshold": settings.kl_threshold, "description": RULE},
+        "chosen": {**trial_record(chosen), "why": branch},
+        "pareto_front": [t.number for t in front],
+        "pareto": _dedupe(front, mode),
+        "trials": [trial_record(t) for t in trials if t.state != TrialState.WAITING],  # waiting: queued anchors
+    }

@@ -1,0 +1,77 @@
+"""Claim (b): the best SOM-k subset, chosen on validation prompts, beats DIM on held-out refusal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from refusal_atlas.directions.base import DirectionSet
+from refusal_atlas.directions.som import SomDirections
+from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.evaluation.verdicts import lower_is_better
+from refusal_atlas.search.subsets import SearchSettings, run_trials
+from refusal_atlas.search.study import completed, open_study, summarize
+from refusal_atlas.search.storage import study_guard
+from refusal_atlas.workflows.reproduce.shared import ReproduceContext, ablate, row, say
+from refusal_atlas.workflows.som import som_step, validation_objective
+
+
+# --- (b) ----------------------------------------------------------------------------------------------
+def subset_curve(ctx: ReproduceContext, som: DirectionSet, mode: str) -> list[dict[str, Any]]:
+    """Best subset of each size k (validation search), with its held-out logit refusal score."""
+    ws, b = ctx.ws, ctx.budget
+    objective = validation_objective(ws, ctx.sets, mode)
+    out = []
+    for k in range(1, min(b.k_max, len(som)) + 1):
+        settings = SearchSettings(k=k, seed=b.seed, mode=mode, kl_threshold=ws.cfg.kl_threshold,  # type: ignore
+                                  n_startup_trials=max(1, b.subset_trials // 2))
+        db = ws.run / "study.db"
+        with study_guard(db):
+            study = open_study(db, f"reproduce-som-{mode}-k{k}", settings.identity(som, objective.fingerprint()))
+            n_new = max(0, b.subset_trials - len(completed(study)))
+            if n_new:  # no per-study DIM reference: DIM is measured once, on held-out prompts, by the row
+                run_trials(study, som, objective, settings, n_new)
+            summary = summarize(study, settings)
+        chosen = summary["chosen"]
+        spec = ablate(som.select(chosen["ids"]), mode, label=f"ablate:som{chosen['ids']}:{mode}")
+        out.append({"k": k, "ids": chosen["ids"], "val_refusal": chosen["refusal"], "val_kl": chosen["kl"],
+                    "heldout_score": ctx.score_record(spec)})
+    return out
+
+
+def pick_k(curve: list[dict[str, Any]], kl_threshold: float) -> dict[str, Any]:
+    """The search's own rule across k, on validation numbers only: lowest refusal with KL ≤ threshold."""
+    ok = [c for c in curve if c["val_kl"] <= kl_threshold]
+    return min(ok, key=lambda c: (c["val_refusal"], c["k"])) if ok else min(curve, key=lambda c: (c["val_kl"], c["k"]))
+
+
+def row_b(ctx: ReproduceContext, done: dict) -> dict[str, Any]:
+    ws, b = ctx.ws, ctx.budget
+    builder = SomDirections(grid=b.som_grid, iterations=b.som_iterations, seed=b.seed)
+    som = som_step(ws.run, builder, layer=ctx.dim.layer, resume=True)
+    say(f"(b) SOM: {len(som)} live neurons of {b.som_grid[0]}x{b.som_grid[1]} on {som.meta['n_samples']} harmful "
+        "train points")
+    dim_spec = ablate(ctx.dim)
+    dim_rate, dim_kl = ctx.refusal_rate(dim_spec), ctx.kl(dim_spec)
+    base = ctx.refusal_rate(Intervention("none"))
+    numbers: dict[str, Any] = {"baseline_refusal": base, "dim_refusal": dim_rate, "dim_kl": dim_kl,
+                               "dim_heldout_score": ctx.score_record(dim_spec)}
+    parts, curves = {}, {}
+    for mode in ("sequential", "subspace"):
+        curve = subset_curve(ctx, som, mode)
+        best = pick_k(curve, ws.cfg.kl_threshold)
+        spec = ablate(som.select(best["ids"]), mode, label=f"ablate:som{best['ids']}:{mode}")
+        rate, kl = ctx.refusal_rate(spec), ctx.kl(spec)
+        numbers[f"som_{mode}_refusal"], numbers[f"som_{mode}_kl"] = rate, kl
+        numbers[f"som_{mode}_best"] = {"k": best["k"], "ids": best["ids"]}
+        parts[mode] = lower_is_better(rate, dim_rate, "held-out refusal SOM-k vs DIM")
+        curves[mode] = curve
+        say(f"(b) {mode}: best k {best['k']} ids {best['ids']} → refusal {rate['rate']:.2f} (DIM {dim_rate['rate']:.2f})")
+    verdict = parts["sequential"]  # the paper's ablation decides; exact subspace ablation is reported beside it
+    return row("the best SOM-k subset suppresses refusal more than DIM (paper: sequential ablation)",
+               "refusal rate (greedy, substring judge) and next-token KL on held-out prompts; subsets and k chosen "
+               "on validation prompts only; curve = held-out logit refusal score of the best subset of each k",
+               f"{b.eval_harmful} (refusal), {b.eval_harmless} (KL)", dim_rate["n"], numbers, verdict,
+               parts={m: v.to_dict() for m, v in parts.items()}, curves=curves,
+               som={"n_directions": len(som), "hits": som.meta.get("hits"), "n_samples": som.meta.get("n_samples"),
+                    "cos_to_dim": som.meta.get("cos_to_dim"), "layer": som.layer})

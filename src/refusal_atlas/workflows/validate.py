@@ -1,0 +1,274 @@
+"""Input checks that every verb runs before it loads a model or creates a directory.
+
+A research run costs minutes to hours, so a typo must cost milliseconds: run directories, model
+paths (config, tokenizer, weight headers — never the weights), devices, layers, counts, prompt
+files and direction files are checked here from what is on disk. Importing this module pulls in
+neither torch nor transformers; the few checks that need torch import it when called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from refusal_atlas.core.errors import ArtifactError, ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from refusal_atlas.model.files import ModelFacts
+
+# Settings whose change makes a run directory's artifacts stale, with the artifacts they feed.
+# Anything not listed (evaluation sizes, devices, batch sizes) may change on an existing run.
+_ANY_ARTIFACT = ("activations.safetensors", "directions", "completions", "metrics.json", "study.db",
+                 "targets.json", "selection.json")
+STAGE_SETTINGS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("model", "dtype", "system_prompt", "chat_template", "seed"), _ANY_ARTIFACT),
+    (("harmful_train", "harmless_train", "n_train", "filter_train"), ("activations.safetensors",)),
+    (("harmful_val", "harmless_val", "n_val", "layers", "positions", "kl_threshold", "induce_threshold",
+      "prune_layer_frac", "strict_filters", "layer"), ("directions/dim.safetensors",)),
+)
+EXTRACTION_SETTINGS = frozenset(STAGE_SETTINGS[1][0])
+SELECTION_SETTINGS = frozenset(STAGE_SETTINGS[2][0])
+# The embedded Qwen2.5-Coder-0.5B-Instruct, known without converting or loading it.
+EMBEDDED_FACTS = ("qwen2", 24, 896)
+
+
+# --- run directories ----------------------------------------------------------------------------------
+def check_run_dir(path: str | os.PathLike, require_manifest: bool = True) -> dict[str, Any]:
+    """An existing, writable run directory made by refusal-atlas → its manifest.
+
+    Verbs that never load a model (``directions dim|som``) work on artifacts alone and pass
+    ``require_manifest=False``; they get ``{}`` when there is none.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"run directory not found: {path}")
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is a file, not a run directory")
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file() and not require_manifest:
+        _check_writable(path)
+        return {}
+    if not manifest_path.is_file():
+        what = "empty, " if not any(path.iterdir()) else ""
+        raise ConfigError(f"{path} is {what}not a run directory (no manifest.json); run `refusal-atlas run -r {path}` "
+                          "first")
+    manifest = _read_manifest(manifest_path)
+    _check_writable(path)
+    return manifest
+
+
+def check_new_run_dir(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A path a run may create or continue: missing, empty, or a run directory (→ its manifest)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"{path} is a file, not a run directory; choose another --run-dir")
+    if path.is_dir():
+        if (path / "manifest.json").is_file():
+            return check_run_dir(path)
+        if any(path.iterdir()):
+            raise ArtifactError(f"{path} exists, is not empty and is not a run directory (no manifest.json); "
+                                "choose a new --run-dir")
+        _check_writable(path)
+        return None
+    check_output_parent(path, "run directory")
+    return None
+
+
+def check_output_parent(path: str | os.PathLike, what: str = "output directory") -> None:
+    """The nearest existing folder above ``path`` is a writable directory, so ``path`` can be made."""
+    path = Path(path)
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ArtifactError(f"cannot create {what} {path}: {parent} is a file")
+    _check_writable(parent, f"cannot create {what} {path}: {parent} is not writable")
+
+
+def _check_writable(path: Path, message: str | None = None) -> None:
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ArtifactError(message or f"run directory {path} is not writable")
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:  # plain json, not refusal_atlas.core.io: that module imports torch, and this check must take milliseconds
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"corrupt JSON in {path}: {exc}") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise ArtifactError(f"{path} was not written by refusal-atlas (no 'config' object); "
+                            f"{path.parent} is not a run directory")
+    return manifest
+
+
+def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Stage settings that differ between a run's recorded config and a new one → (old, new)."""
+    names = [n for names, _ in STAGE_SETTINGS for n in names]
+    return {n: (old.get(n), new.get(n)) for n in names if n in new and not _same(n, old.get(n), new.get(n))}
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if name in ("model", "chat_template") and isinstance(a, str) and isinstance(b, str):
+        return Path(a).expanduser().exists() and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return False
+
+
+def check_run_settings(run_dir: str | os.PathLike, manifest: Mapping[str, Any] | None, new: Mapping[str, Any],
+                       allowed: Iterable[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """Refuse settings that would make the run directory's artifacts stale or mixed.
+
+    A setting may differ from the run's recorded one only when no artifact it feeds exists yet, or
+    when the verb recomputes that step (``allowed``). Returns the differences that are allowed, which
+    the caller records in the manifest.
+    """
+    if not manifest:
+        return {}
+    from refusal_atlas.config import RunConfig
+
+    run_dir, allowed = Path(run_dir), set(allowed)
+    recorded = {**RunConfig().model_dump(), **manifest.get("config", {})}  # an unrecorded setting had its default
+    diff = changed_settings(recorded, new)
+    stale = {}
+    for names, artifacts in STAGE_SETTINGS:
+        made = [a for a in artifacts if _made(run_dir / a)]
+        for name in names:
+            if name in diff and name not in allowed and made:
+                stale[name] = diff[name]
+    if stale:
+        detail = "; ".join(f"{k}: {old!r} (run) vs {new_!r} (now)" for k, (old, new_) in stale.items())
+        raise ConfigError(f"run directory {run_dir} was made with other settings ({detail}); its artifacts would "
+                          "be reused or mixed. Use a new --run-dir, or the run's own settings (`run --resume` "
+                          "without those flags)")
+    return diff
+
+
+def _made(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+# --- models -----------------------------------------------------------------------------------------
+def check_model(spec: str, chat_template: str | None = None, require_template: bool = True) -> ModelFacts | None:
+    """Check a model spec from its files; None for a Hugging Face id (checked when it loads)."""
+    from refusal_atlas.model.files import ModelFacts, check_gguf, check_model_dir, is_local_model
+
+    if spec == "embedded":
+        return ModelFacts(*EMBEDDED_FACTS, has_chat_template=True)
+    if not is_local_model(spec):
+        return None
+    path = Path(spec).expanduser()
+    if not path.exists():  # the spec as typed (Path drops a leading ./)
+        raise ModelError(f"{'GGUF file' if spec.endswith('.gguf') else 'model directory'} not found: {spec}")
+    facts = check_gguf(path) if spec.endswith(".gguf") else check_model_dir(path)
+    if chat_template is not None:
+        if not Path(chat_template).expanduser().is_file():
+            raise ConfigError(f"chat template file not found: {chat_template}")
+    elif facts.has_chat_template is False and require_template:
+        raise ModelError(f"the tokenizer of {spec} has no chat template; refusal directions are defined relative to "
+                         "the chat format, so pass one: `run --chat-template FILE` (a Jinja template)")
+    _check_architecture(facts.model_type)
+    return facts
+
+
+def _check_architecture(model_type: str | None) -> None:
+    if model_type is None:
+        return
+    from refusal_atlas.model.adapter import FAMILIES
+
+    if model_type not in FAMILIES:
+        raise ModelError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+
+
+def check_layers(layers: Sequence[int | None], facts: ModelFacts | None, what: str = "layer") -> None:
+    n = facts.n_layers if facts else None
+    for layer in layers:
+        if layer is None:
+            continue
+        if layer < 0 or (n is not None and layer >= n):
+            top = f"0..{n - 1}" if n is not None else "0 and up"
+            raise ConfigError(f"{what} {layer} is out of range: this model has layers {top}")
+
+
+def check_device(device: str | None) -> None:
+    if device is not None:
+        from refusal_atlas.model.loading import check_device as check
+
+        check(device)
+
+
+def check_dtype(dtype: str | None) -> None:
+    table = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+    if dtype is not None and dtype not in table:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(table)}")
+
+
+def check_model_settings(cfg) -> ModelFacts | None:
+    """Model, chat template, device, dtype and layers of a RunConfig, before the model loads."""
+    facts = check_model(cfg.model, cfg.chat_template)
+    check_dtype(cfg.dtype)
+    check_device(cfg.device)
+    check_layers(list(cfg.layers or []) + [cfg.layer], facts)
+    return facts
+
+
+# --- counts, datasets, directions, endpoints ---------------------------------------------------------
+def check_at_least(**values: tuple[int | float | None, int | float]) -> None:
+    """``check_at_least(n=(n, 1))``: every given value must be >= its minimum (None: not given)."""
+    for name, (value, minimum) in values.items():
+        if value is not None and value < minimum:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def run_config(manifest: Mapping[str, Any], overrides: Mapping[str, Any] | None = None):
+    """The RunConfig recorded in a run's manifest, under the settings layers (settings.py), with the given
+    (non-None) overrides as CLI flags."""
+    from refusal_atlas.settings import resolve_config
+
+    return resolve_config(overrides, base=manifest.get("config", {})).config
+
+
+def check_datasets(names: Iterable[str], n: int | None = None, seed: int = 0) -> None:
+    """Parse every named set or file now, so a malformed one fails before any work."""
+    from refusal_atlas.data import load_prompts
+
+    for name in names:
+        load_prompts(name, n=n, seed=seed)
+
+
+def check_direction_file(path: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's direction file fits the run's model (width d_model, layer in range) → its header."""
+    if not path.is_file():
+        raise ArtifactError(f"this step needs a direction file, and {path} does not exist; run `refusal-atlas run` "
+                            "or `select` first, or pass --directions NAME of a file under directions/")
+    from refusal_atlas.model.files import safetensors_header
+
+    header = safetensors_header(path, ArtifactError)
+    shape = header.get("vectors", {}).get("shape")
+    try:
+        meta = json.loads(header.get("__metadata__", {}).get("json", "{}"))
+    except ValueError:
+        meta = {}
+    if not isinstance(shape, list) or len(shape) != 2 or "layer" not in meta:
+        raise ArtifactError(f"{path} is not a DirectionSet file")
+    model = manifest.get("model", {})
+    d_model, n_layers = model.get("d_model"), model.get("n_layers")
+    if d_model is not None and shape[1] != d_model:
+        raise ConfigError(f"{path.name} holds directions of width {shape[1]}, but the run's model has "
+                          f"d_model {d_model}")
+    layer = meta["layer"]
+    if n_layers is not None and not (isinstance(layer, int) and 0 <= layer < n_layers):
+        raise ConfigError(f"{path.name} is for layer {layer}, but the run's model has layers 0..{n_layers - 1}")
+    return {"k": shape[0], "d": shape[1], "layer": layer}
+
+
+def check_endpoint(url: str, model: str | None, timeout: float) -> None:
+    """Something listens at the judge endpoint's host:port (a TCP connect, a few seconds at most)."""
+    from refusal_atlas.evaluation.judges.endpoint import EndpointJudge
+
+    EndpointJudge(url, model or "", timeout=min(timeout, 5.0)).check_reachable()
+
