@@ -43,7 +43,7 @@ class ReproduceBudget:
     subset_trials: int = 4  # search trials per k and ablation mode (validation only)
     # gradient methods (c), (d), (e)
     # on the embedded model a step of 8 prompts × 30 target tokens costs ~26 s on 2 cores
-    # (docs/measurements/gradient_embedded.json), so quick trains briefly on small batches
+    # (docs/results/data/gradient_embedded.json), so quick trains briefly on small batches
     grad_n_train: int = 16
     grad_n_val: int = 8
     target_tokens: int = 12
