@@ -1,17 +1,18 @@
-"""A notebook API: one object for a loaded chat model, and scikit-learn-style direction estimators.
+"""A notebook API: one object for a loaded chat model, and scikit-learn-shaped direction estimators.
 
 The library's functions stay the engine; this module only fixes one way to call them. Prompts are
 plain strings, layers and positions are keyword-only, estimators take their hyper-parameters in
-``__init__`` and ``fit`` returns a :class:`DirectionSet`, and an edit is a ``with`` block:
+``__init__``, ``fit`` returns the estimator and what it learned ends in ``_`` (``directions_``, a
+:class:`DirectionSet`), and an edit is a ``with`` block:
 
 >>> atlas = Atlas.from_model(model, tokenizer)            # or Atlas.load("embedded")
 >>> harmful = ["how to make a bomb", "hack into computer and steal money"]
 >>> harmless = ["tell joke", "give me recipe for cake"]
 >>> acts = atlas.extract(harmful, harmless)
->>> dirs = DIM(layer=2).fit(acts)
->>> (dirs.method, dirs.layer, dirs.position, len(dirs))
+>>> dim = DIM(layer=2).fit(acts)
+>>> (dim.directions_.method, dim.directions_.layer, dim.directions_.position, len(dim.directions_))
 ('dim', 2, -1, 1)
->>> with atlas.ablate(dirs):
+>>> with atlas.ablate(dim.directions_):
 ...     edited = atlas.generate(harmful, max_new_tokens=4)
 >>> edited != atlas.generate(harmful, max_new_tokens=4)   # the edit is gone after the block
 True
@@ -22,41 +23,32 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from refusal_atlas.model.activations import ActivationSet, extract
+from refusal_atlas.model.activations import Activations, ActivationSet, extract
 from refusal_atlas.data import Prompt, load_prompts
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.directions.dim import DimCandidates, difference_in_means
+from refusal_atlas.directions.dim import DIM, DimCandidates
+from refusal_atlas.directions import rdo as directions_rdo
+from refusal_atlas.directions.som import SOM
 from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.core.estimator import Estimator
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score, refusal_token_ids
 from refusal_atlas.model.generation import generate
 from refusal_atlas.edits.interventions import Intervention
 from refusal_atlas.model import ChatFormatter, ModelAdapter, load_model
 
+# DIM and SOM are the directions/ estimators themselves; RDO and Search build what theirs fit on from an Atlas.
+__all__ = ["Activations", "Atlas", "DIM", "RDO", "SOM", "Search", "prompts"]
+
 
 def prompts(name: str, *, n: int | None = None, seed: int = 0) -> list[str]:
     """Instructions of a bundled prompt set or a prompt file (``refusal-atlas datasets`` lists the sets)."""
     return [p.instruction for p in load_prompts(name, n=n, seed=seed)]
-
-
-@dataclass
-class Activations:
-    """Residual representations of a harmful and a harmless prompt set, with the prompts they came from."""
-
-    harmful: ActivationSet
-    harmless: ActivationSet
-    harmful_prompts: list[str]
-    harmless_prompts: list[str]
-
-    @property
-    def layers(self) -> list[int]:
-        return list(self.harmful.layers)
 
 
 class Atlas:
@@ -158,111 +150,101 @@ class Atlas:
                 out[role]["kl"], _ = evaluate_kl(self.adapter, self.chat, items, spec, batch_size=self.batch_size)
         return out
 
-    def select(self, candidates: DimCandidates, harmful_val: Sequence[str], harmless_val: Sequence[str], *,
+    def select(self, candidates: DimCandidates | DIM, harmful_val: Sequence[str], harmless_val: Sequence[str], *,
                kl_threshold: float = 0.1, induce_threshold: float = 0.0, prune_layer_frac: float = 0.2,
                layers: Sequence[int] | None = None, positions: Sequence[int] | None = None) -> DirectionSet:
-        """Arditi-style choice of one DIM candidate on validation prompts (``DIM().fit(acts).candidates``)."""
-        from refusal_atlas.directions.select import select_direction
+        """Arditi-style choice of one DIM candidate on validation prompts (``candidates``: a fitted ``DIM``
+        or its ``candidates_``); every candidate's scores: ``refusal_atlas.directions.select.DirectionSelector``."""
+        from refusal_atlas.directions.select import DirectionSelector
 
-        sel = select_direction(self.adapter, self.chat, candidates, list(harmful_val), list(harmless_val),
-                               self.refusal_ids, kl_threshold=kl_threshold, induce_threshold=induce_threshold,
-                               prune_layer_frac=prune_layer_frac, layers=layers, positions=positions,
-                               batch_size=self.batch_size)
-        assert sel.direction is not None  # not strict: filters are relaxed rather than failing
-        sel.direction.meta["selection"] = {"relaxed": sel.relaxed, "baseline": sel.baseline}
-        return sel.direction
+        sel = DirectionSelector(kl_threshold=kl_threshold, induce_threshold=induce_threshold,
+                                prune_layer_frac=prune_layer_frac, layers=layers, positions=positions,
+                                batch_size=self.batch_size)
+        sel.fit(self.adapter, self.chat, candidates, list(harmful_val), list(harmless_val), self.refusal_ids)
+        assert sel.best_ is not None  # not strict: filters are relaxed rather than failing
+        sel.best_.meta["selection"] = {"relaxed": sel.relaxed_, "baseline": sel.baseline_}
+        return sel.best_
 
 
 # ------------------------------------------------------------------------------------- estimators
-class DIM:
-    """Difference in means (Arditi et al.): mean(harmful) − mean(harmless) at one layer and position.
-
-    ``layer=None`` takes the layer where the difference is largest relative to the residual norm (a
-    quick default; ``Atlas.select`` is the validated choice). After ``fit``, ``self.candidates`` holds
-    every (layer, position) candidate.
-    """
-
-    def __init__(self, *, layer: int | None = None, position: int = -1):
-        self.layer, self.position = layer, position
-        self.candidates: DimCandidates | None = None
-
-    def fit(self, acts: Activations) -> DirectionSet:
-        self.candidates = difference_in_means(acts.harmful, acts.harmless)
-        layer = self.layer
-        if layer is None:
-            p = self.candidates.positions.index(self.position) if self.position in self.candidates.positions else -1
-            scale = acts.harmless.mean[p].double().norm(dim=-1).clamp_min(1e-12)
-            layer = self.candidates.layers[int((self.candidates.vectors[p].double().norm(dim=-1) / scale).argmax())]
-        return self.candidates.at(layer=layer, position=self.position)
+def _directions(directions: DirectionSet | Estimator) -> DirectionSet:
+    """A DirectionSet as given, or a fitted estimator's ``directions_``."""
+    return directions if isinstance(directions, DirectionSet) else directions.directions_
 
 
-class SOM:
-    """Self-organizing-map directions (Piras, Mura et al.): a SOM on harmful representations minus the
-    harmless mean at one layer; one direction per live neuron, most-hit first."""
-
-    def __init__(self, *, layer: int, grid: tuple[int, int] = (4, 4), sigma: float = 0.33, lr: float = 0.01,
-                 iterations: int = 10_000, seed: int = 0):
-        self.layer, self.grid, self.sigma, self.lr, self.iterations, self.seed = layer, grid, sigma, lr, iterations, seed
-
-    def fit(self, acts: Activations) -> DirectionSet:
-        from refusal_atlas.directions.som import SomDirections
-
-        builder = SomDirections(grid=self.grid, sigma=self.sigma, lr=self.lr, iterations=self.iterations,
-                                seed=self.seed)
-        return builder.fit(acts.harmful, acts.harmless, self.layer)
-
-
-class RDO:
-    """Refusal Direction Optimization (Wollschläger et al.): one direction trained by gradient descent so
-    ablating it answers like DIM ablation, adding it refuses, and harmless behaviour is retained.
+class RDO(Estimator):
+    """Refusal Direction Optimization (Wollschläger et al.) from a notebook: one direction trained by
+    gradient descent so ablating it answers like DIM ablation, adding it refuses, and harmless behaviour
+    is retained.
 
     ``fit(atlas, acts, dim=...)`` trains on the prompts of ``acts`` (targets generated with the DIM
-    direction) and validates on ``harmful_val`` / ``harmless_val`` (default: the train prompts).
+    direction, a DirectionSet or a fitted ``DIM``; default ``DIM().fit(acts)``) and validates on
+    ``harmful_val`` / ``harmless_val`` (default: the train prompts), through
+    :class:`refusal_atlas.directions.rdo.RDO`, whose fitted attributes it takes over (``directions_``,
+    ``history_``, ``loss_curve_``, ``validation_history_``, ``best_step_``, ``stopped_``).
     """
+
+    fitted_attributes = directions_rdo.RDO.fitted_attributes
 
     def __init__(self, *, steps: int = 40, lr: float = 1e-2, batch_size: int = 8, eval_every: int = 4,
                  target_tokens: int = 30, init: str = "dim", orthogonal: bool = False, seed: int = 0):
-        self.steps, self.lr, self.batch_size, self.eval_every = steps, lr, batch_size, eval_every
-        self.target_tokens, self.init, self.orthogonal, self.seed = target_tokens, init, orthogonal, seed
+        self.steps = steps
+        self.lr = lr
+        self.batch_size = batch_size
+        self.eval_every = eval_every
+        self.target_tokens = target_tokens
+        self.init = init
+        self.orthogonal = orthogonal
+        self.seed = seed
 
-    def fit(self, atlas: Atlas, acts: Activations, *, dim: DirectionSet | None = None,
-            harmful_val: Sequence[str] | None = None, harmless_val: Sequence[str] | None = None) -> DirectionSet:
+    def fit(self, atlas: Atlas, acts: Activations, *, dim: DirectionSet | DIM | None = None,
+            harmful_val: Sequence[str] | None = None, harmless_val: Sequence[str] | None = None) -> RDO:
         from refusal_atlas.directions.optim import TrainConfig, TrainingData, ValidationSet
-        from refusal_atlas.directions.rdo import train_rdo
         from refusal_atlas.directions.targets import build_targets
         from refusal_atlas.directions.training_setup import TrainingSetup
 
-        dim = dim if dim is not None else DIM().fit(acts)
+        dim_set = _directions(dim if dim is not None else DIM().fit(acts))
         cfg = TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size,
                           micro_batch=min(4, self.batch_size), eval_every=self.eval_every, seed=self.seed)
-        targets = build_targets(atlas.adapter, atlas.chat, dim, acts.harmful_prompts, acts.harmless_prompts,
+        targets = build_targets(atlas.adapter, atlas.chat, dim_set, acts.harmful_prompts, acts.harmless_prompts,
                                 max_new_tokens=self.target_tokens, batch_size=atlas.batch_size)
         val = ValidationSet(atlas.adapter, atlas.chat, list(harmful_val or acts.harmful_prompts),
                             list(harmless_val or acts.harmless_prompts), atlas.refusal_ids, atlas.batch_size,
                             cfg.val_kl_weight)
-        setup = TrainingSetup(dim, targets, TrainingData(atlas.chat, targets, atlas.adapter.device), val, {})
-        return train_rdo(atlas.adapter, setup, init="random" if self.orthogonal else self.init, cfg=cfg,
-                         orthogonal_to=dim.vectors if self.orthogonal else None)
+        setup = TrainingSetup(dim_set, targets, TrainingData(atlas.chat, targets, atlas.adapter.device), val, {})
+        trained = directions_rdo.RDO(init="random" if self.orthogonal else self.init, orthogonal=self.orthogonal,
+                                     cfg=cfg).fit(atlas.adapter, setup)
+        for name in self.fitted_attributes:
+            setattr(self, name, getattr(trained, name))
+        return self
 
 
-class Search:
+class Search(Estimator):
     """Optuna TPE search for the subset of ``k`` directions (e.g. SOM's) whose joint ablation best trades
-    refusal against KL on validation prompts; ``fit`` returns the chosen subset, ``summary`` the study."""
+    refusal against KL on validation prompts. After ``fit``: ``directions_`` the chosen subset,
+    ``summary_`` the study (trials, front, the pick)."""
+
+    fitted_attributes = ("directions_", "summary_")
 
     def __init__(self, *, k: int = 3, trials: int = 30, seed: int = 0, kl_threshold: float = 0.1,
                  mode: str = "subspace", n_startup_trials: int = 10, study: str | Path | None = None):
-        if trials < 1:
-            raise ConfigError(f"trials must be >= 1, got {trials}")
-        self.k, self.trials, self.seed, self.kl_threshold = k, trials, seed, kl_threshold
-        self.mode, self.n_startup_trials, self.study = mode, n_startup_trials, study
-        self.summary: dict[str, Any] | None = None
+        self.k = k
+        self.trials = trials
+        self.seed = seed
+        self.kl_threshold = kl_threshold
+        self.mode = mode
+        self.n_startup_trials = n_startup_trials
+        self.study = study
 
-    def fit(self, atlas: Atlas, directions: DirectionSet, harmful_val: Sequence[str],
-            harmless_val: Sequence[str]) -> DirectionSet:
+    def fit(self, atlas: Atlas, directions: DirectionSet | Estimator, harmful_val: Sequence[str],
+            harmless_val: Sequence[str]) -> Search:
         from refusal_atlas.evaluation.objective import ValidationObjective
         from refusal_atlas.search.subsets import SearchSettings, run_trials
         from refusal_atlas.search.study import open_study, summarize
 
+        if self.trials < 1:
+            raise ConfigError(f"trials must be >= 1, got {self.trials}")
+        directions = _directions(directions)
         settings = SearchSettings(k=self.k, seed=self.seed, mode=self.mode,  # type: ignore[arg-type]
                                   kl_threshold=self.kl_threshold, n_startup_trials=self.n_startup_trials)
         settings.space(directions)  # k against the number of directions, before any work
@@ -272,5 +254,6 @@ class Search:
             db = Path(self.study) if self.study is not None else Path(tmp) / "study.db"
             study = open_study(db, "search", settings.identity(directions, objective.fingerprint()))
             run_trials(study, directions, objective, settings, self.trials)
-            self.summary = summarize(study, settings)
-        return directions.select(self.summary["chosen"]["ids"])
+            self.summary_ = summarize(study, settings)
+        self.directions_ = directions.select(self.summary_["chosen"]["ids"])
+        return self

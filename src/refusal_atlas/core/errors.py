@@ -24,3 +24,10 @@ class ConfigError(RefusalAtlasError):
 
 class ArtifactError(RefusalAtlasError):
     """A run-directory artifact is missing or corrupt."""
+
+
+class NotFittedError(RefusalAtlasError, AttributeError):
+    """A fitted attribute (``directions_``, ``scores_``, ...) was read before ``fit``.
+
+    Also an AttributeError, so ``hasattr(estimator, "directions_")`` is False until it is fitted.
+    """

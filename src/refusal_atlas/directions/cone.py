@@ -35,7 +35,8 @@ import torch
 
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import LossWeights, direction_loss
-from refusal_atlas.directions.optim import TrainConfig, orthonormal_rows, start_training, train_directions
+from refusal_atlas.directions.optim import (TrainConfig, TrainedEstimator, orthonormal_rows, start_training,
+                                            train_directions)
 from refusal_atlas.directions.training_setup import TrainingSetup
 from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.evaluation.refusal import mean_refusal_score
@@ -158,6 +159,36 @@ def sweep_cones(
         if on_cone is not None:
             on_cone(cones[-1])
     return cones
+
+
+class RefusalCone(TrainedEstimator):
+    """A refusal cone as an estimator: ``RefusalCone(k=3).fit(adapter, setup)``.
+
+    ``k_min`` < ``k`` sweeps the dimensions k_min..k, each warm-started from the one before
+    (:func:`sweep_cones`); ``cones_`` holds them all, ``directions_`` (and the training record of
+    :class:`TrainedEstimator`) the k-dimensional one. ``warm_start``: [m, d] rows the first basis
+    starts from (its first k_min − 1 rows at most); without it, ``init`` "dim" | "random".
+    """
+
+    fitted_attributes = TrainedEstimator.fitted_attributes + ("cones_",)
+
+    def __init__(self, *, k: int = 2, k_min: int | None = None, init: str = "dim",
+                 warm_start: torch.Tensor | None = None, n_val_samples: int = 4,
+                 weights: LossWeights = LossWeights(), cfg: TrainConfig | None = None):
+        self.k = k
+        self.k_min = k_min
+        self.init = init
+        self.warm_start = warm_start
+        self.n_val_samples = n_val_samples
+        self.weights = weights
+        self.cfg = cfg
+
+    def fit(self, adapter: ModelAdapter, setup: TrainingSetup) -> RefusalCone:
+        self.cones_ = sweep_cones(adapter, setup, self.k, k_min=self.k if self.k_min is None else self.k_min,
+                                  warm_start=self.warm_start, init=self.init, n_val_samples=self.n_val_samples,
+                                  weights=self.weights, cfg=self.cfg)
+        self._set_fitted(self.cones_[-1])
+        return self
 
 
 def cone_eval_directions(basis: torch.Tensor, n_samples: int, n_random: int, seed: int

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from refusal_atlas.model.activations import ActivationSet
+from refusal_atlas.model.activations import Activations, ActivationSet
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.core.estimator import Estimator
 
 
 @dataclass
@@ -38,3 +39,34 @@ def difference_in_means(harmful: ActivationSet, harmless: ActivationSet) -> DimC
     if not torch.isfinite(diff).all():
         raise ConfigError("difference-in-means has NaN/inf entries")
     return DimCandidates(diff, list(harmful.layers), list(harmful.positions))
+
+
+class DIM(Estimator):
+    """Difference in means as an estimator: ``DIM(layer=14, position=-1).fit(acts)``.
+
+    After ``fit``: ``candidates_`` (every (layer, position) candidate, :class:`DimCandidates`),
+    ``layer_`` (the layer used) and ``directions_`` (the candidate at ``layer_``, ``position``).
+    ``layer=None`` takes the layer where the difference is largest relative to the harmless residual
+    norm: a quick default, not a validated choice (that is :class:`~refusal_atlas.directions.select.DirectionSelector`).
+    """
+
+    fitted_attributes = ("candidates_", "layer_", "directions_")
+
+    def __init__(self, *, layer: int | None = None, position: int = -1):
+        self.layer = layer
+        self.position = position
+
+    def fit(self, acts: Activations) -> DIM:
+        self.candidates_ = difference_in_means(acts.harmful, acts.harmless)
+        self.layer_ = self.layer if self.layer is not None else largest_relative_layer(
+            self.candidates_, acts.harmless, self.position)
+        self.directions_ = self.candidates_.at(layer=self.layer_, position=self.position)
+        return self
+
+
+def largest_relative_layer(candidates: DimCandidates, harmless: ActivationSet, position: int = -1) -> int:
+    """The layer whose candidate at ``position`` (the last one if absent) is longest relative to the
+    harmless mean there: the norm of the residual stream grows with depth, so raw norms favour late layers."""
+    p = candidates.positions.index(position) if position in candidates.positions else -1
+    scale = harmless.mean[p].double().norm(dim=-1).clamp_min(1e-12)
+    return candidates.layers[int((candidates.vectors[p].double().norm(dim=-1) / scale).argmax())]

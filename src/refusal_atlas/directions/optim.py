@@ -42,6 +42,7 @@ from refusal_atlas.directions.checkpoint import checkpoint_key, load_checkpoint,
 from refusal_atlas.directions.losses import StepBatches, collate, tokenize_examples
 from refusal_atlas.directions.targets import Targets
 from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.core.estimator import Estimator
 from refusal_atlas.evaluation.objective import ValidationObjective
 from refusal_atlas.evaluation.refusal import is_refusal
 from refusal_atlas.model.adapter import ModelAdapter
@@ -214,6 +215,25 @@ class TrainResult:
     def meta(self) -> dict[str, Any]:
         return {"best_step": self.best_step, "stopped": self.stopped, "history": self.history,
                 "val_history": self.val_history}
+
+
+class TrainedEstimator(Estimator):
+    """What a gradient estimator (RDO, a cone) knows after ``fit``, read off one training run's meta.
+
+    ``directions_`` the trained DirectionSet; ``history_`` per step (``loss``, ``lr``, ``grad_norm``
+    and each loss part), ``loss_curve_`` its training losses, ``validation_history_`` the validation
+    scores (step 0 = the start), ``best_step_`` the validated iterate kept, ``stopped_`` why it stopped.
+    """
+
+    fitted_attributes = ("directions_", "history_", "loss_curve_", "validation_history_", "best_step_", "stopped_")
+
+    def _set_fitted(self, directions: DirectionSet) -> None:
+        self.directions_ = directions
+        self.history_ = directions.meta["history"]
+        self.loss_curve_ = list(self.history_["loss"])
+        self.validation_history_ = directions.meta["val_history"]
+        self.best_step_ = directions.meta["best_step"]
+        self.stopped_ = directions.meta["stopped"]
 
 
 def train_directions(

@@ -21,7 +21,8 @@ import torch
 
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.losses import LossWeights, direction_loss
-from refusal_atlas.directions.optim import TrainConfig, initial_direction, start_training, train_directions
+from refusal_atlas.directions.optim import (TrainConfig, TrainedEstimator, initial_direction, start_training,
+                                            train_directions)
 from refusal_atlas.directions.training_setup import TrainingSetup
 from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.model.adapter import ModelAdapter
@@ -65,3 +66,25 @@ def train_rdo(
         meta["max_abs_cos_with_excluded"] = float((torch.nn.functional.normalize(constraint, dim=1)
                                                    @ result.params[0]).abs().max())
     return DirectionSet(alpha * result.params, layer, method, position=None, meta=meta)
+
+
+class RDO(TrainedEstimator):
+    """RDO as an estimator: ``RDO(cfg=TrainConfig(steps=40)).fit(adapter, setup)``.
+
+    ``orthogonal=True`` trains RDO⊥, kept orthogonal to the setup's DIM direction. ``init``: "dim",
+    "random" or a [d] tensor; None starts from DIM, or at random for RDO⊥ (the DIM direction lies in
+    the span RDO⊥ must avoid). Fitted attributes: see :class:`TrainedEstimator`.
+    """
+
+    def __init__(self, *, init: str | torch.Tensor | None = None, orthogonal: bool = False,
+                 weights: LossWeights = LossWeights(), cfg: TrainConfig | None = None):
+        self.init = init
+        self.orthogonal = orthogonal
+        self.weights = weights
+        self.cfg = cfg
+
+    def fit(self, adapter: ModelAdapter, setup: TrainingSetup) -> RDO:
+        init = self.init if self.init is not None else ("random" if self.orthogonal else "dim")
+        self._set_fitted(train_rdo(adapter, setup, init=init, weights=self.weights, cfg=self.cfg,
+                                   orthogonal_to=setup.dim.vectors if self.orthogonal else None))
+        return self

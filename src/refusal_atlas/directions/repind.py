@@ -35,6 +35,7 @@ from refusal_atlas.directions.losses import LossWeights, direction_loss
 from refusal_atlas.directions.optim import TrainConfig, initial_direction, start_training, train_directions
 from refusal_atlas.directions.training_setup import TrainingSetup
 from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.core.estimator import Estimator
 from refusal_atlas.edits.interventions import ablate
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
@@ -194,3 +195,31 @@ def train_repind(
         "stopped": [r["stopped"] for r in runs], **setup.provenance,
     }
     return DirectionSet(alpha * torch.stack(found), layer, "repind", position=None, meta=meta)
+
+
+class RepInd(Estimator):
+    """RepInd as an estimator: ``RepInd(n_directions=2).fit(adapter, chat, setup)`` (parameters: :func:`train_repind`).
+
+    After ``fit``: ``directions_`` (one row per direction, each independent of DIM and the rows
+    before it), ``runs_`` (one record per direction and restart: seed, validation objective and its
+    training history) and ``best_step_`` (the kept iterate of each direction's winning restart).
+    """
+
+    fitted_attributes = ("directions_", "runs_", "best_step_")
+
+    def __init__(self, *, n_directions: int = 1, restarts: int = 1, independence_weight: float = 200.0,
+                 layer_frac: float = 0.9, init: str | torch.Tensor = "random", orthogonal: bool = False,
+                 weights: LossWeights = LossWeights(), cfg: TrainConfig | None = None):
+        self.n_directions = n_directions
+        self.restarts = restarts
+        self.independence_weight = independence_weight
+        self.layer_frac = layer_frac
+        self.init = init
+        self.orthogonal = orthogonal
+        self.weights = weights
+        self.cfg = cfg
+
+    def fit(self, adapter: ModelAdapter, chat: ChatFormatter, setup: TrainingSetup) -> RepInd:
+        self.directions_ = train_repind(adapter, chat, setup, **self.get_params())
+        self.runs_, self.best_step_ = self.directions_.meta["runs"], self.directions_.meta["best_step"]
+        return self

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.directions.dim import DimCandidates
+from refusal_atlas.directions.dim import DIM, DimCandidates
 from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.core.estimator import Estimator
 from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.directions.select_checkpoint import SelectionCheckpoint
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
@@ -153,6 +154,43 @@ def select_direction(
     direction.meta.update({k: records[chosen][k] for k in ("refusal", "kl", "steering")})
     direction.meta["relaxed_filters"] = relaxed
     return Selection(direction=direction, scores=scores, baseline=baseline, relaxed=relaxed)
+
+
+class DirectionSelector(Estimator):
+    """Arditi-style selection as an estimator (parameters: :func:`select_direction`).
+
+    ``DirectionSelector(kl_threshold=0.1).fit(adapter, chat, candidates, harmful_val, harmless_val,
+    refusal_ids)``; ``candidates`` is a :class:`DimCandidates` or a fitted :class:`DIM`. After ``fit``:
+    ``best_`` (the chosen candidate, a DirectionSet; None only with ``strict=True`` when nothing
+    passed), ``directions_`` (the same), ``scores_`` (one record per candidate), ``baseline_`` (the
+    unedited refusal scores) and ``relaxed_`` (filters dropped because every candidate failed them).
+    """
+
+    fitted_attributes = ("best_", "directions_", "scores_", "baseline_", "relaxed_")
+
+    def __init__(self, *, kl_threshold: float = 0.1, induce_threshold: float = 0.0, prune_layer_frac: float = 0.2,
+                 layers: Sequence[int] | None = None, positions: Sequence[int] | None = None, batch_size: int = 16,
+                 exhaustive: bool = False, strict: bool = False, fast: bool = True,
+                 checkpoint: str | Path | None = None):
+        self.kl_threshold = kl_threshold
+        self.induce_threshold = induce_threshold
+        self.prune_layer_frac = prune_layer_frac
+        self.layers = layers
+        self.positions = positions
+        self.batch_size = batch_size
+        self.exhaustive = exhaustive
+        self.strict = strict
+        self.fast = fast
+        self.checkpoint = checkpoint
+
+    def fit(self, adapter: ModelAdapter, chat: ChatFormatter, candidates: DimCandidates | DIM,
+            harmful_val: Sequence[str], harmless_val: Sequence[str], refusal_ids: Sequence[int]) -> DirectionSelector:
+        if isinstance(candidates, DIM):
+            candidates = candidates.candidates_
+        sel = select_direction(adapter, chat, candidates, harmful_val, harmless_val, refusal_ids, **self.get_params())
+        self.best_ = self.directions_ = sel.direction
+        self.scores_, self.baseline_, self.relaxed_ = sel.scores, sel.baseline, sel.relaxed
+        return self
 
 
 class _Scorer:

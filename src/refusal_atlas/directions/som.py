@@ -30,9 +30,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from refusal_atlas.model.activations import ActivationSet
+from refusal_atlas.model.activations import Activations, ActivationSet
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.core.estimator import Estimator
 
 LrSchedule = Literal["asymptotic", "inverse", "constant"]
 Training = Literal["online", "batch"]
@@ -165,6 +166,37 @@ def _hit_order(winners: np.ndarray, hits: np.ndarray) -> list[int]:
     """Live neurons by descending hits; ties keep the order of first appearance in the data."""
     first_seen = list(dict.fromkeys(int(w) for w in winners))
     return sorted(first_seen, key=lambda j: -hits[j])  # sorted() is stable
+
+
+class SOM(Estimator):
+    """SOM directions as an estimator: ``SOM(layer=14).fit(acts)``, the layer a hyper-parameter.
+
+    Trains :class:`SomDirections` (same defaults, same checks, run at ``fit``) on ``acts.harmful``
+    at ``layer``. After ``fit``: ``directions_`` (one direction per live neuron, most-hit first),
+    ``som_`` (the trained MiniSom), ``hits_`` [x, y] and ``quantization_error_``.
+    """
+
+    fitted_attributes = ("directions_", "som_", "hits_", "quantization_error_")
+
+    def __init__(self, *, layer: int, grid: tuple[int, int] = (4, 4), sigma: float = 0.33, lr: float = 0.01,
+                 iterations: int = 10_000, seed: int = 0, lr_schedule: LrSchedule = "asymptotic",
+                 training: Training = "online"):
+        self.layer = layer
+        self.grid = grid
+        self.sigma = sigma
+        self.lr = lr
+        self.iterations = iterations
+        self.seed = seed
+        self.lr_schedule = lr_schedule
+        self.training = training
+
+    def fit(self, acts: Activations) -> SOM:
+        params = self.get_params()
+        builder = SomDirections(**{k: v for k, v in params.items() if k != "layer"})
+        builder.fit(acts.harmful, acts.harmless, self.layer)
+        self.directions_, self.som_, self.hits_ = builder.directions_, builder.som_, builder.hits_
+        self.quantization_error_ = builder.quantization_error_
+        return self
 
 
 def som_directions(harmful: ActivationSet, harmless: ActivationSet, layer: int, **kwargs: Any) -> DirectionSet:

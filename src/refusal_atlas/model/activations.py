@@ -52,6 +52,24 @@ class ActivationSet:
         return self.last[:, self.layers.index(layer)]
 
 
+@dataclass
+class Activations:
+    """Residual representations of a harmful and a harmless prompt set, with the prompts they came from.
+
+    What the contrastive estimators fit on (``DIM().fit(acts)``, ``SOM(layer=...).fit(acts)``), and
+    what ``Atlas.extract`` returns.
+    """
+
+    harmful: ActivationSet
+    harmless: ActivationSet
+    harmful_prompts: list[str]
+    harmless_prompts: list[str]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.harmful.layers)
+
+
 class _Stop(Exception):
     pass
 
