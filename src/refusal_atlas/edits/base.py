@@ -236,8 +236,8 @@ class NoEdit(Edit):
         return cls()
 
     @property
-    def d_model(self) -> int:
-        return 0  # fits any model: check_model has nothing to check
+    def d_model(self) -> int | None:  # type: ignore[override]
+        return None  # fits any model (check_model, load_run_edit): nothing to check
 
     def fingerprint(self) -> None:  # type: ignore[override]
         return None

@@ -50,7 +50,7 @@ def check_vllm() -> None:
 
 
 def has_weight_form(edit) -> bool:
-    """Whether ``edit`` (None: no edit), as evaluation applies it, equals a weight edit (then vLLM can generate it)."""
+    """Whether ``edit`` (None: no edit), as evaluation applies it, equals a weight edit (then vLLM generates it)."""
     if edit is None or edit.kind == "none":
         return True
     return bool(edit.has_weight_form) and (edit.evaluated_form == "weights" or edit.hooks_equal_weights)
