@@ -18,7 +18,7 @@ import torch
 from refusal_atlas.data import load_prompts
 from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs, refusal_score
 from refusal_atlas.model.generation import generate
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import DirectionalAblation
 from refusal_atlas.workflows.run import config_from_run, load_dim_candidates
 from refusal_atlas.workflows.workspace import open_workspace
 
@@ -43,7 +43,7 @@ def main() -> None:
     cheap, dear, t_cheap, t_dear = [], [], 0.0, 0.0
     layers = [int(x) for x in args.layers.split(",")]
     for layer in layers:
-        spec = Intervention("ablate", cands.at(layer=layer, position=-1))
+        spec = DirectionalAblation.from_directions(cands.at(layer=layer, position=-1))
         t = time.perf_counter()
         lp = next_token_logprobs(ws.adapter, ws.chat, prompts, ws.cfg.batch_size, intervention=spec)
         cheap.append(float(refusal_score(lp, ws.refusal_ids).mean()))

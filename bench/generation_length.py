@@ -24,7 +24,7 @@ from refusal_atlas.directions.dim import difference_in_means
 from refusal_atlas.evaluation.damage import greedy_continuations
 from refusal_atlas.evaluation.refusal import is_refusal
 from refusal_atlas.evaluation.stats import rate_record
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import DirectionalAblation, NoEdit
 from refusal_atlas.model import ChatFormatter, ModelAdapter, load_model
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     direction = dim_direction(adapter, chat, args.layer, args.activations)
     prompts = [p.instruction for p in load_prompts(args.dataset, n=args.n, seed=0)]
     result = {"dataset": args.dataset, "n": len(prompts), "layer": args.layer, "lengths": lengths, "rows": []}
-    for spec in (Intervention("none"), Intervention("ablate", direction)):
+    for spec in (NoEdit(), DirectionalAblation.from_directions(direction)):
         start = time.perf_counter()
         ids = greedy_continuations(adapter, chat, prompts, lengths[-1], args.batch_size, spec,
                                    desc=f"generate [{spec.label}]")

@@ -21,7 +21,7 @@ from refusal_atlas.directions.select import select_direction
 from refusal_atlas.evaluation.completions import refusal_decided
 from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs
 from refusal_atlas.model.generation import greedy_generate
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import DirectionalAblation, NoEdit
 from refusal_atlas.workflows.run import config_from_run, load_dim_candidates
 from refusal_atlas.workflows.workspace import open_workspace
 
@@ -67,7 +67,7 @@ def main() -> None:
     held_out = [p.instruction for p in load_prompts(cfg.eval_harmful[0], n=args.n, seed=cfg.seed)]
     direction = cands.at(layer=layers[-1], position=-1)
     stop = refusal_decided(ws.chat.tokenizer)
-    for spec in (Intervention("none"), Intervention("ablate", direction)):
+    for spec in (NoEdit(), DirectionalAblation.from_directions(direction)):
         def gen(fast: bool):
             return greedy_generate(ws.adapter, ws.chat, held_out, args.tokens, cfg.batch_size, spec,
                                    stop_when=stop if fast else None, fast=fast)

@@ -20,7 +20,7 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.evaluation.exported import ExportedModel, exported_kind, load_exported
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import DirectionalAblation
 from refusal_atlas.workflows.run import config_from_run
 from refusal_atlas.workflows.workspace import open_workspace
 
@@ -48,7 +48,7 @@ def main() -> None:
     rows = {}
     base, base_lp = score(None)
     rows["original"] = {**base, "kl_vs_original": 0.0}
-    hook = Intervention("ablate", DirectionSet.load(ws.run.direction_path("dim")))
+    hook = DirectionalAblation.from_directions(DirectionSet.load(ws.run.direction_path("dim")))
     row, hook_lp = score(hook)
     rows["hook ablation"] = {**row, "kl_vs_original": float(next_token_kl(base_lp, hook_lp).mean()), "kl_vs_hook": 0.0}
     for path in args.exports:

@@ -28,7 +28,7 @@ from refusal_atlas.directions.cone import cone_eval_directions, evaluate_cone
 from refusal_atlas.directions.repind import cross_ablation_change
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
 from refusal_atlas.evaluation.refusal import mean_refusal_score
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import DirectionalAblation
 from refusal_atlas.workflows.run import config_from_run
 from refusal_atlas.workflows.workspace import open_workspace
 
@@ -49,14 +49,14 @@ def measure_rdo(ws, out: dict) -> list[dict]:
     harmless = load_prompts(cfg.eval_harmless, n=cfg.n_eval, seed=cfg.seed)
     records = []
     t = time.perf_counter()
-    rec = gen_record(ws, jbb, "jailbreakbench", Intervention("ablate", rdo))
+    rec = gen_record(ws, jbb, "jailbreakbench", DirectionalAblation.from_directions(rdo))
     rec["train_meta"] = {k: rdo.meta.get(k) for k in ("best_step", "stopped", "init", "cos_with_dim")}
     records.append(rec)
     dim_rec = next((r for r in run.metrics() if r.get("intervention") == "ablate:dim"
                     and r.get("dataset") == "jailbreakbench" and r.get("n") == cfg.n_eval
                     and r.get("max_new_tokens") == cfg.max_new_tokens), None)
     if dim_rec is None:
-        dim_rec = gen_record(ws, jbb, "jailbreakbench", Intervention("ablate", dim))
+        dim_rec = gen_record(ws, jbb, "jailbreakbench", DirectionalAblation.from_directions(dim))
         records.append(dim_rec)
     base = next((r for r in run.metrics() if r.get("intervention") == "none" and r.get("dataset") == "jailbreakbench"),
                 None)
@@ -64,14 +64,14 @@ def measure_rdo(ws, out: dict) -> list[dict]:
     base_lp = None
     kls = {}
     for name, d in (("dim", dim), ("rdo", rdo)):
-        kls[name], base_lp = evaluate_kl(ws.adapter, ws.chat, harmless, Intervention("ablate", d), base_lp,
+        kls[name], base_lp = evaluate_kl(ws.adapter, ws.chat, harmless, DirectionalAblation.from_directions(d), base_lp,
                                          cfg.batch_size)
         records.append({"intervention": f"ablate:{name}", "kind": "ablate", "method": name, "layer": d.layer,
                         "dataset": cfg.eval_harmless, "judge": "none", "metric": "next_token_kl", "n": len(harmless),
                         "kl": kls[name]})
     texts = [p.instruction for p in jbb]
-    scores = {"none": mean_score(ws, texts), "dim": mean_score(ws, texts, Intervention("ablate", dim)),
-              "rdo": mean_score(ws, texts, Intervention("ablate", rdo))}
+    scores = {"none": mean_score(ws, texts), "dim": mean_score(ws, texts, DirectionalAblation.from_directions(dim)),
+              "rdo": mean_score(ws, texts, DirectionalAblation.from_directions(rdo))}
     records.append({"intervention": "logit:jbb", "dataset": "jailbreakbench", "judge": "logit_refusal_score",
                     "metric": "mean_refusal_score", "n": len(texts), "scores": scores})
     out["rdo"] = {"jbb_refusal_rate": {"baseline": base and base["refusal_rate"], "dim": dim_rec["refusal_rate"],
@@ -93,8 +93,9 @@ def measure_cone(ws, out: dict, n_prompts: int, n_samples: int, n_random: int) -
     rand_scores, base = rep["random_scores"], rep["baseline_score"]
     worst = int(max(range(n_samples), key=lambda i: rep["sample_scores"][i]))
     best_rand = int(min(range(n_random), key=lambda i: rand_scores[i]))
-    worst_spec = Intervention("ablate", samples[worst].reshape(1, -1), label=f"ablate:cone[k={len(cone)}]:worst_sample")
-    rand_spec = Intervention("ablate", rand[best_rand].reshape(1, -1), label="ablate:random:best_of_n")
+    worst_spec = DirectionalAblation.from_directions(samples[worst].reshape(1, -1),
+                                                     label=f"ablate:cone[k={len(cone)}]:worst_sample")
+    rand_spec = DirectionalAblation.from_directions(rand[best_rand].reshape(1, -1), label="ablate:random:best_of_n")
     recs = [gen_record(ws, prompts, "jailbreakbench", worst_spec), gen_record(ws, prompts, "jailbreakbench", rand_spec)]
     beat = max(rep["sample_scores"]) < min(rand_scores)
     summary = {"k": len(cone), "n_prompts": n_prompts, "baseline_score": base, "samples": rep,
@@ -121,7 +122,7 @@ def measure_repind(ws, out: dict, n_prompts: int) -> list[dict]:
         d = DirectionSet.load(run.direction_path(name))
         change = cross_ablation_change(ws.adapter, ws.chat, d.unit()[0], dim.unit()[0], texts,
                                        batch_size=cfg.batch_size)
-        score = mean_score(ws, texts, Intervention("ablate", d.select([d.ids[0]])))
+        score = mean_score(ws, texts, DirectionalAblation.from_directions(d.select([d.ids[0]])))
         summary[name] = {"independence_loss": change["loss"], "mean_abs_cos_change": change["mean_abs_change"],
                          "ablation_refusal_score": score, "cos_with_dim": float(d.unit()[0] @ dim.unit()[0]),
                          "dim_under_ablation": change["v_under_r_ablation"],
@@ -131,7 +132,7 @@ def measure_repind(ws, out: dict, n_prompts: int) -> list[dict]:
     summary["baseline_score"] = mean_score(ws, texts)
     rep = DirectionSet.load(run.direction_path("repind"))
     jbb = load_prompts("jailbreakbench", n=cfg.n_eval, seed=cfg.seed)
-    recs.append(gen_record(ws, jbb, "jailbreakbench", Intervention("ablate", rep.select([rep.ids[0]]))))
+    recs.append(gen_record(ws, jbb, "jailbreakbench", DirectionalAblation.from_directions(rep.select([rep.ids[0]]))))
     summary["repind_jbb_refusal_rate"] = recs[-1]["refusal_rate"]
     out["repind"] = summary
     return recs

@@ -39,7 +39,7 @@ from refusal_atlas.core.estimator import Estimator
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score, refusal_token_ids
 from refusal_atlas.model.generation import generate
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import ActAdd, DirectionalAblation, Edit, NoEdit
 from refusal_atlas.model import ChatFormatter, ModelAdapter, load_model
 
 # DIM and SOM are the directions/ estimators themselves; RDO and Search build what theirs fit on from an Atlas.
@@ -64,7 +64,7 @@ class Atlas:
         self.adapter = ModelAdapter(model)
         self.chat = ChatFormatter(tokenizer, system=system, chat_template=chat_template)
         self.refusal_ids = refusal_token_ids(tokenizer)
-        self._edit: Intervention | None = None
+        self._edit: Edit | None = None
 
     @classmethod
     def load(cls, model: str = "embedded", *, device: str | None = None, dtype: str | None = None,
@@ -98,25 +98,25 @@ class Atlas:
 
     # edits -------------------------------------------------------------------------------------
     @contextmanager
-    def edit(self, intervention: Intervention) -> Iterator[Intervention]:
-        """Run the block under ``intervention`` (nested blocks: the innermost applies)."""
-        previous, self._edit = self._edit, intervention
+    def edit(self, edit: Edit) -> Iterator[Edit]:
+        """Run the block under ``edit`` (nested blocks: the innermost applies)."""
+        previous, self._edit = self._edit, edit
         try:
-            yield intervention
+            yield edit
         finally:
             self._edit = previous
 
     def ablate(self, directions: DirectionSet, *, mode: str = "subspace"):
         """Project ``directions`` out of the residual stream everywhere (``mode``: subspace | sequential)."""
-        return self.edit(Intervention("ablate", directions, mode=mode))  # type: ignore[arg-type]
+        return self.edit(DirectionalAblation.from_directions(directions, mode))  # type: ignore[arg-type]
 
     def add(self, directions: DirectionSet, *, coeff: float = 1.0, layer: int | None = None):
         """Add ``coeff`` × the first direction at ``layer`` (default: the set's layer): ActAdd, induces refusal."""
-        return self.edit(Intervention("actadd", directions, coeff=coeff, layer=layer))
+        return self.edit(ActAdd.from_directions(directions, coeff, layer=layer))
 
     @property
-    def active_edit(self) -> Intervention:
-        return self._edit or Intervention("none")
+    def active_edit(self) -> Edit:
+        return self._edit or NoEdit()
 
     # measurements ------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64) -> list[str]:

@@ -13,7 +13,7 @@ from refusal_atlas.config import RunConfig
 from refusal_atlas.evaluation.benchmarks import run_benchmarks
 from refusal_atlas.evaluation.evaluate import EvalPlan, evaluate_run
 from refusal_atlas.evaluation.judges import JudgeOptions, make_judges
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import ActAdd, DirectionalAblation, NoEdit
 from refusal_atlas.core.rundir import RunDir
 from refusal_atlas.workflows.workspace import Workspace
 
@@ -36,8 +36,8 @@ def test_evaluate_run_three_judges(embedded, embedded_dim, server, tmp_path):
     judges = make_judges(["substring", "hf", "endpoint"], opts,
                          reuse={"embedded": (embedded.loaded.model, embedded.loaded.tokenizer, "embedded")})
     plan = EvalPlan(datasets=["jailbreakbench", "xstest", "harmless_test"],
-                    interventions=[Intervention("none"), Intervention("ablate", embedded_dim),
-                                   Intervention("actadd", embedded_dim)],
+                    interventions=[NoEdit(), DirectionalAblation.from_directions(embedded_dim),
+                                   ActAdd.from_directions(embedded_dim)],
                     judges=judges, n=6, max_new_tokens=16, kl_tokens=8, batch_size=16)
     records = evaluate_run(ws, plan)
     rates = {(r["dataset"], r["kind"], r["judge"]): r for r in records if "refusal_rate" in r}
@@ -75,7 +75,7 @@ def test_lm_eval_smoke_with_and_without_ablation(embedded, embedded_dim):
     model, tok = embedded.loaded.model, embedded.loaded.tokenizer
     base = run_benchmarks(model, tok, ["smoke"], limit=20, batch_size=16)[0]
     ablated = run_benchmarks(model, tok, ["smoke"], adapter=embedded.adapter,
-                             intervention=Intervention("ablate", embedded_dim), limit=20, batch_size=16)[0]
+                             intervention=DirectionalAblation.from_directions(embedded_dim), limit=20, batch_size=16)[0]
     print(f"\nsmoke acc: none {base['rate']:.2f} {base['ci95']}, ablate {ablated['rate']:.2f} {ablated['ci95']}; "
           f"gold loglik {base['gold_loglik_mean']:.3f} vs {ablated['gold_loglik_mean']:.3f}")
     assert base["n"] == ablated["n"] == 20

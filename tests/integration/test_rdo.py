@@ -18,7 +18,7 @@ from refusal_atlas.directions.rdo import train_rdo
 from refusal_atlas.directions.targets import build_targets
 from refusal_atlas.directions.training_setup import TrainingSetup
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import DirectionalAblation
 
 DIM_LAYER = 16
 
@@ -67,7 +67,7 @@ def test_a_few_rdo_steps_from_dim_keep_a_working_unit_direction(embedded, embedd
     held_out = _texts("jailbreakbench", 12)
     base = refusal_score(next_token_logprobs(adapter, chat, held_out, 12), ids).mean()
     ablated = refusal_score(next_token_logprobs(adapter, chat, held_out, 12,
-                                                intervention=Intervention("ablate", rdo)), ids).mean()
+                                                intervention=DirectionalAblation.from_directions(rdo)), ids).mean()
     print(f"RDO 3 steps: val refusal {base_val:.2f} -> {trained['refusal']:.2f} (KL {trained['kl']:.3f}); "
           f"JBB refusal score {float(base):.2f} -> {float(ablated):.2f}; cos(DIM) {rdo.meta['cos_with_dim']:.3f}; "
           f"{time.perf_counter() - t0:.0f}s")

@@ -9,7 +9,7 @@ from refusal_atlas.data import load_prompts
 from refusal_atlas.directions.dim import difference_in_means
 from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs, refusal_score
 from refusal_atlas.model.generation import generate
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import ActAdd, DirectionalAblation
 
 
 def _rate(responses):
@@ -21,7 +21,7 @@ def test_dim_ablation_lowers_refusal_on_held_out_jailbreakbench(embedded, embedd
     kw = dict(max_new_tokens=24, batch_size=24)
     base = _rate(generate(embedded.adapter, embedded.chat, prompts, **kw))
     ablated = _rate(generate(embedded.adapter, embedded.chat, prompts,
-                             intervention=Intervention("ablate", embedded_dim), **kw))
+                             intervention=DirectionalAblation.from_directions(embedded_dim), **kw))
     print(f"JBB(24) refusal: baseline {base:.2f}, DIM ablation {ablated:.2f}")
     assert base >= 0.3, "the embedded model should refuse a good share of JailbreakBench"
     assert ablated <= base / 2
@@ -30,8 +30,9 @@ def test_dim_ablation_lowers_refusal_on_held_out_jailbreakbench(embedded, embedd
 def test_ablation_lowers_logit_refusal_score_on_harmful_test(embedded, embedded_dim):
     prompts = [p.instruction for p in load_prompts("harmful_test", n=32, seed=2)]
     base = refusal_score(next_token_logprobs(embedded.adapter, embedded.chat, prompts), embedded.refusal_ids)
-    abl = refusal_score(next_token_logprobs(embedded.adapter, embedded.chat, prompts,
-                                            intervention=Intervention("ablate", embedded_dim)), embedded.refusal_ids)
+    ablation = DirectionalAblation.from_directions(embedded_dim)
+    abl = refusal_score(next_token_logprobs(embedded.adapter, embedded.chat, prompts, intervention=ablation),
+                        embedded.refusal_ids)
     assert abl.mean() < base.mean() - 1.0
 
 
@@ -43,7 +44,7 @@ def test_actadd_induces_refusal_on_harmless_prompts(embedded, embedded_acts):
     kw = dict(max_new_tokens=24, batch_size=16)
     base = _rate(generate(embedded.adapter, embedded.chat, prompts, **kw))
     induced = _rate(generate(embedded.adapter, embedded.chat, prompts,
-                             intervention=Intervention("actadd", direction, coeff=1.0), **kw))
+                             intervention=ActAdd.from_directions(direction, coeff=1.0), **kw))
     print(f"harmless(16) refusal: baseline {base:.2f}, ActAdd {induced:.2f}")
     assert base <= 0.25
     assert induced >= base + 0.25

@@ -9,7 +9,7 @@ import torch
 
 from refusal_atlas.core.errors import ConfigError, DataError
 from refusal_atlas.evaluation.benchmarks import local_task_dir, resolve_tasks, run_benchmarks, yaml_task
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import DirectionalAblation
 from refusal_atlas.model import ModelAdapter
 
 TASK_YAML = """task: tiny_words
@@ -66,7 +66,7 @@ def test_run_with_and_without_ablation(tiny, tiny_task):
     assert rec["count"] == round(rec["rate"] * 4) and rec["judge"] == "lm-eval"
 
     torch.manual_seed(0)
-    spec = Intervention("ablate", torch.randn(1, adapter.d_model) * 3)
+    spec = DirectionalAblation.from_directions(torch.randn(1, adapter.d_model) * 3)
     ablated = run_benchmarks(tiny.model, tiny.tokenizer, [str(tiny_task)], adapter=adapter, intervention=spec,
                              limit=4, batch_size=4)[0]
     again = run_benchmarks(tiny.model, tiny.tokenizer, [str(tiny_task)], limit=4, batch_size=4)[0]

@@ -11,7 +11,7 @@ from refusal_atlas.config import RunConfig
 from refusal_atlas.model.conversation import Conversation
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.model.generation import generate
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import DirectionalAblation
 from refusal_atlas.model import ChatFormatter, ModelAdapter, load_model
 from refusal_atlas.core.rundir import RunDir
 
@@ -40,7 +40,7 @@ def _fresh(loaded, intervention, user, max_new_tokens=8):
 def test_streamed_reply_equals_batched_generation(chat_run):
     _, loaded, direction = chat_run
     adapter, chat = ModelAdapter(loaded.model), ChatFormatter(loaded.tokenizer)
-    for spec in (None, Intervention("ablate", direction)):
+    for spec in (None, DirectionalAblation.from_directions(direction)):
         conv = Conversation(adapter, loaded.tokenizer, spec, None, 8)
         pieces = list(conv.reply(TURNS[0]))
         assert len(pieces) > 1  # streamed, not one block
@@ -68,7 +68,7 @@ def test_two_turns_through_stdin_then_reset(chat_run):
     assert len(original) == len(edited) == 4, proc.stdout
     assert "(history cleared)" in proc.stdout and "(system prompt: 'you are helpful')" in proc.stdout
     assert original != edited  # the edit changes the model's answers
-    ablate = Intervention("ablate", direction)
+    ablate = DirectionalAblation.from_directions(direction)
     # turn 1 and the first turn after /reset are what a fresh conversation answers
     assert original[0] == _fresh(loaded, None, TURNS[0]) and edited[0] == _fresh(loaded, ablate, TURNS[0])
     assert original[2] == _fresh(loaded, None, TURNS[1]) and edited[2] == _fresh(loaded, ablate, TURNS[1])

@@ -13,7 +13,7 @@ from refusal_atlas.evaluation.damage import (continuation_kl, greedy_continuatio
 from refusal_atlas.evaluation.refusal import next_token_logprobs
 from refusal_atlas.evaluation.stats import mean_record
 from refusal_atlas.model.generation import generate
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import DirectionalAblation
 
 
 class Identity:
@@ -50,7 +50,7 @@ def test_continuation_kl_is_zero_without_change_and_matches_first_token_kl(tiny_
     assert torch.isnan(same[1, 2:]).all() and not torch.isnan(same[1, :2]).any()
 
     torch.manual_seed(1)
-    spec = Intervention("ablate", torch.randn(1, adapter.d_model))
+    spec = DirectionalAblation.from_directions(torch.randn(1, adapter.d_model))
     kl = continuation_kl(adapter, chat, prompts, conts, spec, batch_size=4)
     assert (kl[:, 0] > 0).all()
     base = next_token_logprobs(adapter, chat, prompts)
@@ -62,7 +62,7 @@ def test_continuation_kl_reads_the_continuation(tiny_parts, prompts):
     """Teacher forcing on a different continuation changes the later-step KL (it is not ignored)."""
     _, adapter, chat = tiny_parts
     torch.manual_seed(2)
-    spec = Intervention("ablate", torch.randn(1, adapter.d_model))
+    spec = DirectionalAblation.from_directions(torch.randn(1, adapter.d_model))
     a = continuation_kl(adapter, chat, prompts[:2], [[5, 6, 7], [5, 6, 7]], spec)
     b = continuation_kl(adapter, chat, prompts[:2], [[9, 10, 11], [9, 10, 11]], spec)
     assert torch.allclose(a[:, 0], b[:, 0])

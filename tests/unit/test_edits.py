@@ -12,7 +12,7 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.edits import ActAdd, DirectionalAblation, LayerwiseAblation, StrengthKernel, load_edit
 from refusal_atlas.search.sources import EditContext
 from refusal_atlas.core.errors import ArtifactError, ConfigError, ModelError
-from refusal_atlas.edits.interventions import ablate
+from refusal_atlas.edits.ablation import ablate
 from refusal_atlas.model import ChatFormatter, ModelAdapter
 from refusal_atlas.model.saving import save_model_dir
 from tiny import TinyLoaded

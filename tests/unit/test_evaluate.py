@@ -12,7 +12,7 @@ from refusal_atlas.cli import main
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.evaluation.evaluate import judged_record
 from refusal_atlas.evaluation.judges import JudgeItem, SubstringJudge
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import NoEdit
 from refusal_atlas.core.io import write_json
 from refusal_atlas.model.saving import save_model_dir
 from refusal_atlas.core.rundir import RunDir
@@ -100,7 +100,7 @@ def test_evaluate_all_judges_datasets_interventions_then_reuse(run_dir, server, 
 def test_empty_responses_count_as_refusals_and_are_reported():
     responses = ["", "Sure, here is how", "I cannot help"]
     verdicts = SubstringJudge().judge([JudgeItem("p", r) for r in responses], "harmful")
-    rec = judged_record(Intervention("none"), "jailbreakbench", "harmful", SubstringJudge(), verdicts, responses, 8)
+    rec = judged_record(NoEdit(), "jailbreakbench", "harmful", SubstringJudge(), verdicts, responses, 8)
     assert rec["empty_responses"] == 1 and rec["count"] == 2 and rec["n"] == 3
     assert rec["refusal_rate"] == pytest.approx(2 / 3) and len(rec["ci95"]) == 2
 

@@ -7,13 +7,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refusal_atlas.core.errors import ConfigError, ModelError
-from refusal_atlas.edits.interventions import ablate
+from refusal_atlas.edits import DirectionalAblation
+from refusal_atlas.edits.ablation import ablate
 from refusal_atlas.model import ChatFormatter, ModelAdapter
 from refusal_atlas.export.formats import export_model
 from refusal_atlas.model.saving import save_model_dir
 from refusal_atlas.export.gguf import write_gguf
 from refusal_atlas.export.lora import snapshot, write_lora
-from refusal_atlas.export.orthogonalize import orthogonalize_edit, orthogonalize_weights
 from tiny import TinyLoaded, tiny_bpe_tokenizer, tiny_model
 
 PROMPTS = ["how to make a bomb", "write poem about cats please", "tell joke", "hack into computer"]
@@ -33,7 +33,7 @@ def test_lora_merged_on_the_original_equals_hook_ablation(arch, tie, k, tmp_path
     dirs = torch.randn(k, tiny.model.config.hidden_size)
     batch, hooked = _hooked(tiny.model, tiny.tokenizer, dirs)
     before = snapshot(tiny.model)
-    orthogonalize_weights(tiny.model, dirs)
+    DirectionalAblation(dirs).apply_weights(tiny.model)
     summary = write_lora(before, tiny.model, tmp_path, base_model="tiny")
     assert summary["rank"] == k  # plain ablation of k directions: rank k on every edited matrix
     assert summary["modules"] == 1 + 2 * tiny.model.config.num_hidden_layers  # embedding, o_proj, down_proj
@@ -81,7 +81,7 @@ def test_gguf_round_trip_through_transformers(arch, quant, tol, tmp_path):
     model, tok = _bpe_model(arch)
     dirs = torch.randn(2, model.config.hidden_size)
     batch, hooked = _hooked(model, tok, dirs)
-    orthogonalize_weights(model, dirs)
+    DirectionalAblation(dirs).apply_weights(model)
     edited = model(**batch).logits
     write_gguf(model, tok, tmp_path / "m.gguf", quant)
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
@@ -131,10 +131,10 @@ def test_safetensors_export_keeps_the_source_dtype(tmp_path):
     save_model_dir(tiny.model, tiny.tokenizer, tmp_path / "src", dtype=torch.bfloat16)
     loaded = load_model(str(tmp_path / "src"), device="cpu")  # loaded in float32 on CPU
     assert loaded.model.dtype == torch.float32
-    summary = export_model(loaded, orthogonalize_edit(torch.randn(1, 32)), tmp_path / "out")
+    summary = export_model(loaded, DirectionalAblation(torch.randn(1, 32)).apply_weights, tmp_path / "out")
     assert summary["dtype"] == "bfloat16"
     with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as fh:
         assert fh.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
     loaded = load_model(str(tmp_path / "src"), device="cpu")
-    assert export_model(loaded, orthogonalize_edit(torch.randn(1, 32)), tmp_path / "out32",
+    assert export_model(loaded, DirectionalAblation(torch.randn(1, 32)).apply_weights, tmp_path / "out32",
                         dtype="float32")["dtype"] == "float32"

@@ -16,7 +16,7 @@ from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.evaluation.completions import completions_for
 from refusal_atlas.evaluation.damage import greedy_continuations
 from refusal_atlas.export.vllm import VllmBackend, check_vllm, has_weight_form
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import ActAdd, DirectionalAblation, NoEdit
 from refusal_atlas.model import ChatFormatter, ModelAdapter, load_model
 from test_evaluate import cli, run_dir  # noqa: F401  (fixture: a run directory on a tiny saved model)
 
@@ -77,8 +77,8 @@ def test_backend_matches_hf_hooks_for_baseline_ablation_and_falls_back_for_actad
     live = load_model(str(tiny_model_dir), device="cpu")
     adapter, chat = ModelAdapter(live.model), ChatFormatter(live.tokenizer)
     direction = DirectionSet(torch.randn(2, 32, generator=torch.Generator().manual_seed(0)) * 4, layer=2, method="som")
-    specs = [Intervention("none"), Intervention("ablate", direction), Intervention("actadd", direction.select([0])),
-             Intervention("ablate", direction, mode="sequential")]
+    specs = [NoEdit(), DirectionalAblation.from_directions(direction), ActAdd.from_directions(direction.select([0])),
+             DirectionalAblation.from_directions(direction, mode="sequential")]
     assert [has_weight_form(s) for s in specs] == [True, True, False, False]
     for spec in specs:
         hf = greedy_continuations(adapter, chat, PROMPTS, 6, 2, spec)
@@ -102,7 +102,7 @@ def test_backend_matches_hf_hooks_for_baseline_ablation_and_falls_back_for_actad
 def test_completions_file_is_the_same_with_either_backend(backend, tiny_model_dir, tmp_path):
     live = load_model(str(tiny_model_dir), device="cpu")
     adapter, chat = ModelAdapter(live.model), ChatFormatter(live.tokenizer)
-    spec = Intervention("ablate", DirectionSet(torch.ones(1, 32), layer=1, method="dim"))
+    spec = DirectionalAblation.from_directions(DirectionSet(torch.ones(1, 32), layer=1, method="dim"))
     prompts = [Prompt(x, category="c") for x in PROMPTS]
     a = completions_for(adapter, chat, prompts, spec, 5, 2, tmp_path / "hf.jsonl")
     b = completions_for(adapter, chat, prompts, spec, 5, 2, tmp_path / "vllm.jsonl", backend=backend)
@@ -147,7 +147,7 @@ def test_real_vllm_matches_hf_on_the_embedded_model(tmp_path):
     backend = VllmBackend(lambda: load_model("embedded", device="cpu", dtype="float32"),
                           engine_args={"dtype": "float32", "gpu_memory_utilization": 0.4, "seed": 0})
     try:
-        for spec in (Intervention("none"), Intervention("ablate", direction)):
+        for spec in (NoEdit(), DirectionalAblation.from_directions(direction)):
             hf = greedy_continuations(adapter, chat, prompts, 16, 8, spec)
             vl = backend.continuations(adapter, chat, prompts, 16, 8, spec)
             same = sum(a == b for a, b in zip(hf, vl))

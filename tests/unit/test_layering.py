@@ -213,3 +213,28 @@ def test_cli_is_a_package_without_a_cycle_to_its_parent(graph):
     bad = sorted(f"{m} imports {d}" for m in cli_modules for d in graph[m]
                  if d == f"{PACKAGE}.cli" or (d == f"{PACKAGE}.cli.app" and m != f"{PACKAGE}.cli.__main__"))
     assert not bad, "\n".join(bad)
+
+
+# Forward hooks are registered only through model/hooks.py, whose handle removes them together (on error too).
+HOOK_REGISTRATIONS = ("register_forward_hook", "register_forward_pre_hook")
+HOOKS_MODULE = f"{PACKAGE}.model.hooks"
+
+
+def direct_hook_registrations(source: str, filename: str = "<source>") -> list[int]:
+    """Lines of ``source`` that call a module's forward-hook registration directly (``x.register_forward_hook``)."""
+    return sorted(node.lineno for node in ast.walk(ast.parse(source, filename))
+                  if isinstance(node, ast.Attribute) and node.attr in HOOK_REGISTRATIONS)
+
+
+def test_forward_hooks_are_registered_only_through_model_hooks():
+    bad = sorted(f"{m}:{line}" for m, p in _modules().items() if m != HOOKS_MODULE
+                 for line in direct_hook_registrations(p.read_text(), str(p)))
+    assert not bad, "register forward hooks through refusal_atlas.model.hooks (Hooks / hook_inputs / hook_outputs):\n" \
+                    + "\n".join(bad)
+    assert direct_hook_registrations((SRC / PACKAGE / "model" / "hooks.py").read_text())  # the one place that does
+
+
+def test_direct_hook_registration_is_caught():
+    src = ("h = layer.register_forward_pre_hook(fn, with_kwargs=True)\nx = 1\n"
+           "g = getattr(m, 'x').register_forward_hook(f)\n")
+    assert direct_hook_registrations(src) == [1, 3]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import DirectionalAblation, NoEdit
 from refusal_atlas.core.io import write_json
 from refusal_atlas.model.saving import save_model_dir
 from refusal_atlas.core.rundir import RunDir
@@ -65,24 +65,24 @@ def test_a_replaced_direction_file_gets_its_own_row_and_fresh_completions(run_di
     assert len(rows) == 2 and rows[-1]["reused_completions"] == 3
 
 
-def test_label_and_fingerprint_of_an_intervention():
+def test_label_and_fingerprint_of_an_edit_of_a_direction_set():
     d = DirectionSet(torch.ones(1, 8), layer=1, method="dim")
-    assert Intervention("ablate", d).label == "ablate:dim"  # not loaded from a file: the method names it
+    assert DirectionalAblation.from_directions(d).label == "ablate:dim"  # not loaded from a file: the method names it
     d.name = "dim_l1"
-    spec = Intervention("ablate", d)
+    spec = DirectionalAblation.from_directions(d)
     assert spec.label == "ablate:dim_l1" and spec.describe()["fingerprint"] == d.fingerprint()
     moved = DirectionSet(torch.ones(1, 8), layer=2, method="dim")
     assert moved.fingerprint() != d.fingerprint()  # the layer is part of the identity
-    raw = Intervention("ablate", torch.ones(1, 8), layer=1)
-    assert raw.fingerprint == d.fingerprint() and raw.label == "ablate:custom"
-    assert Intervention("none").describe().get("fingerprint") is None
+    raw = DirectionalAblation.from_directions(torch.ones(1, 8), layer=1)
+    assert raw.describe()["fingerprint"] == d.fingerprint() and raw.label == "ablate:custom"
+    assert NoEdit().describe().get("fingerprint") is None and NoEdit().label == "none"
 
 
 def test_heldout_comparison_never_reuses_another_directions_row():
     from refusal_atlas.workflows.som import _existing
 
-    a = Intervention("ablate", DirectionSet(torch.ones(1, 8), layer=1, method="dim"))
-    b = Intervention("ablate", DirectionSet(-torch.ones(1, 8), layer=1, method="dim"))
+    a = DirectionalAblation.from_directions(DirectionSet(torch.ones(1, 8), layer=1, method="dim"))
+    b = DirectionalAblation.from_directions(DirectionSet(-torch.ones(1, 8), layer=1, method="dim"))
     rows = [{**a.describe(), "dataset": "jailbreakbench", "judge": "substring", "n": 4, "max_new_tokens": 2}]
     assert _existing(rows, a, "jailbreakbench", 4, 2, False) is rows[0]
     assert b.label == a.label and _existing(rows, b, "jailbreakbench", 4, 2, False) is None

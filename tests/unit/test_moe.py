@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from refusal_atlas.core.errors import ModelError
-from refusal_atlas.edits.interventions import ablate
+from refusal_atlas.edits import DirectionalAblation
+from refusal_atlas.edits.ablation import ablate
 from refusal_atlas.model import ChatFormatter, ModelAdapter
-from refusal_atlas.export.orthogonalize import orthogonalize_weights
 from tiny import PROMPTS_MOE, tiny_moe_model, tiny_tokenizer
 
 
@@ -17,7 +17,7 @@ def _check_equivalence(model, dirs):
     clean = model(**batch).logits
     with ablate(adapter, dirs):
         hooked = model(**batch).logits
-    report = orthogonalize_weights(model, dirs)
+    report = DirectionalAblation(dirs).apply_weights(model)
     edited = model(**batch).logits
     assert torch.allclose(edited, hooked, atol=1e-4), (edited - hooked).abs().max()
     assert not torch.allclose(edited, clean, atol=1e-3)
@@ -37,7 +37,7 @@ def test_moe_weight_edit_matches_hook_ablation(arch):
 def test_every_expert_is_edited_not_only_the_routed_ones():
     model = tiny_moe_model("mixtral")
     d = torch.randn(model.config.hidden_size)
-    orthogonalize_weights(model, d)
+    DirectionalAblation(d).apply_weights(model)
     u = d / d.norm()
     for layer in model.model.layers:
         w = layer.mlp.experts.down_proj  # [E, d, inter]: every expert's output has no component along d

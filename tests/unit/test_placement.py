@@ -7,15 +7,21 @@ import torch
 from safetensors.torch import load_file
 
 from refusal_atlas.core.errors import ConfigError, ModelError
-from refusal_atlas.edits.interventions import ablate
+from refusal_atlas.edits import DirectionalAblation
+from refusal_atlas.edits.ablation import ablate
 from refusal_atlas.model import ChatFormatter, ModelAdapter, load_model
 from refusal_atlas.model.saving import save_model_dir
 from refusal_atlas.model.placement import is_offloaded, parse_device_map, parse_max_memory
-from refusal_atlas.export.orthogonalize import export_orthogonalized
 from tiny import TinyLoaded
 
 SPLIT = {"model.embed_tokens": "disk", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
          "model.layers.2": "cpu", "model.layers.3": "disk", "model.norm": "cpu", "lm_head": "disk"}
+
+
+def _export(loaded, directions, out) -> None:
+    """The orthogonalized model written as a standalone HF directory."""
+    DirectionalAblation(directions).apply_weights(loaded.model)
+    save_model_dir(loaded.model, loaded.tokenizer, out)
 
 
 def _logits(loaded, prompts, directions=None):
@@ -43,8 +49,8 @@ def test_split_device_map_matches_single_device(tiny_model_dir, prompts, tmp_pat
     assert torch.equal(_logits(split, prompts, dirs), hooked)
     assert not torch.allclose(hooked, base, atol=1e-3)
     # weight export from the split model equals export from the single-device one
-    export_orthogonalized(single, dirs, tmp_path / "single")
-    export_orthogonalized(split, dirs, tmp_path / "split")
+    _export(single, dirs, tmp_path / "single")
+    _export(split, dirs, tmp_path / "split")
     a, b = load_file(tmp_path / "single" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the edit reached the offloaded weights (read at forward time), so the split model now equals hook ablation
@@ -66,16 +72,14 @@ def test_hand_built_cpu_offload_and_disk_dispatch(prompts, tmp_path):
     assert t.model.model.layers[2].mlp.down_proj.weight.device.type == "meta"
     assert torch.equal(_logits(t, prompts), base)
     assert torch.equal(_logits(t, prompts, dirs), hooked)
-    export_orthogonalized(ref, dirs, tmp_path / "ref")
-    export_orthogonalized(t, dirs, tmp_path / "offloaded")
+    _export(ref, dirs, tmp_path / "ref")
+    _export(t, dirs, tmp_path / "offloaded")
     a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "offloaded" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bf16_weight_edit_and_hooks_remove_the_direction():
     """bf16 model: orthogonalized weights lose the direction up to one bf16 rounding; hooks remove it too."""
-    from refusal_atlas.export.orthogonalize import orthogonalize_weights
-
     t = TinyLoaded("qwen2")
     t.model.to(torch.bfloat16)
     adapter = ModelAdapter(t.model)
@@ -95,7 +99,7 @@ def test_bf16_weight_edit_and_hooks_remove_the_direction():
     assert len(seen) == adapter.n_layers
     for x in seen:  # tolerance: bf16 relative precision 2^-8 per element, summed over d in quadrature
         assert (x @ u).abs().max() <= x.abs().max() * 2 ** -8 * adapter.d_model ** 0.5
-    orthogonalize_weights(t.model, u)
+    DirectionalAblation(u).apply_weights(t.model)
     for w, cols in [(adapter.embedding.weight, False), (adapter.attn_out_proj(1).weight, True),
                     (adapter.mlp_out_proj(3).weight, True)]:
         assert w.dtype == torch.bfloat16

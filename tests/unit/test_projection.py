@@ -1,6 +1,6 @@
 import torch
 
-from refusal_atlas.edits.interventions import orthonormal_basis, project_out, project_out_sequential
+from refusal_atlas.edits.projection import orthonormal_basis, project_out, project_out_sequential
 
 
 def test_project_out_removes_span_and_is_idempotent():

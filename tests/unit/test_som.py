@@ -15,7 +15,7 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.dim import difference_in_means
 from refusal_atlas.directions.som import SomDirections, _hit_order, parse_grid
 from refusal_atlas.core.errors import ArtifactError, ConfigError
-from refusal_atlas.edits.interventions import ablate
+from refusal_atlas.edits.ablation import ablate
 
 
 def _acts(x64: np.ndarray, layer: int = 5) -> ActivationSet:

@@ -6,7 +6,7 @@ import torch
 from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs
 from refusal_atlas.evaluation.completions import refusal_decided
 from refusal_atlas.model.generation import DECODING, greedy_generate, stop_token_ids
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import ActAdd, DirectionalAblation, NoEdit
 from refusal_atlas.model import ChatFormatter, ModelAdapter
 from refusal_atlas.model.prefix_cache import PrefixPlan, budget_batches, plan_logprobs
 
@@ -50,13 +50,13 @@ def test_prefix_reuse_matches_the_plain_pass(parts, prompts):
     plan = PrefixPlan(adapter, chat, prompts, 4)
     assert len(plan.prefix) >= 5 and all(plan.suffixes)
     d = torch.randn(adapter.d_model)
-    for spec in (None, Intervention("ablate", d), Intervention("actadd", d, layer=2)):
+    for spec in (None, DirectionalAblation.from_directions(d), ActAdd.from_directions(d, layer=2)):
         fast = next_token_logprobs(adapter, chat, prompts, batch_size=4, intervention=spec)
         plain = next_token_logprobs(adapter, chat, prompts, batch_size=4, intervention=spec, reuse_prefix=False)
         assert (fast - plain).abs().max() < 1e-5
     # steering from the clean block inputs at layer 2 equals running every block
     _, clean = plan_logprobs(plan, capture=[2])
-    spec = Intervention("actadd", 3 * d, layer=2)
+    spec = ActAdd.from_directions(3 * d, layer=2)
     skipped, _ = plan_logprobs(plan, spec, start_layer=2, start_hidden={b: h[2] for b, h in clean.items()})
     full = next_token_logprobs(adapter, chat, prompts, batch_size=4, intervention=spec, reuse_prefix=False)
     assert (skipped - full).abs().max() < 1e-5
@@ -100,18 +100,18 @@ def test_decided_completions_are_not_reused_at_full_length(parts, prompts, tmp_p
     monkeypatch.setattr(completions, "refusal_decided", lambda tok: refusal_decided(tok, markers))
     ps = [Prompt(p) for p in prompts]
     path = tmp_path / "c.jsonl"
-    short = completions.completions_for(adapter, chat, ps, Intervention("none"), 8, 4, path, stop_when_decided=True)
+    short = completions.completions_for(adapter, chat, ps, NoEdit(), 8, 4, path, stop_when_decided=True)
     n_decided = sum('"stop": "decided"' in line for line in path.read_text().splitlines())
     assert n_decided >= 1
-    again = completions.completions_for(adapter, chat, ps, Intervention("none"), 8, 4, path, stop_when_decided=True)
+    again = completions.completions_for(adapter, chat, ps, NoEdit(), 8, 4, path, stop_when_decided=True)
     assert again.reused == len(ps) and again.responses == short.responses
-    full = completions.completions_for(adapter, chat, ps, Intervention("none"), 8, 4, path)
+    full = completions.completions_for(adapter, chat, ps, NoEdit(), 8, 4, path)
     assert full.reused == len(ps) - n_decided and full.responses == [t.strip() for t in texts]
 
 
 def test_generation_first_step_gives_the_next_token_logprobs(parts, prompts):
     _, adapter, chat = parts
-    spec = Intervention("ablate", torch.randn(adapter.d_model))
+    spec = DirectionalAblation.from_directions(torch.randn(adapter.d_model))
     gens = greedy_generate(adapter, chat, prompts, 3, batch_size=4, intervention=spec, keep_first_logprobs=True)
     first = torch.stack([g.first_logprobs for g in gens])
     plain = next_token_logprobs(adapter, chat, prompts, batch_size=4, intervention=spec, reuse_prefix=False)
@@ -147,7 +147,7 @@ def test_evaluate_stops_rows_early_only_when_every_judge_is_the_substring_one(mo
     monkeypatch.setattr(evaluate, "completions_for", fake_completions)
     ws = SimpleNamespace(adapter=None, chat=None, run=SimpleNamespace(completions_path=lambda *a: None,
                                                                       add_metrics=lambda recs: None))
-    plan = evaluate.EvalPlan(datasets=["d"], interventions=[Intervention("none")], judges=[SubstringJudge()],
+    plan = evaluate.EvalPlan(datasets=["d"], interventions=[NoEdit()], judges=[SubstringJudge()],
                              stop_when_decided=True)
     evaluate.evaluate_run(ws, plan)
     plan.judges = [SubstringJudge(), ModelJudge()]

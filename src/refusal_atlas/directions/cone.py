@@ -40,7 +40,7 @@ from refusal_atlas.directions.optim import (TrainConfig, TrainedEstimator, ortho
 from refusal_atlas.directions.training_setup import TrainingSetup
 from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.evaluation.refusal import mean_refusal_score
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import DirectionalAblation
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 
@@ -222,7 +222,8 @@ def evaluate_cone(
     samples, randoms = cone_eval_directions(basis, n_samples, n_random, seed)
 
     def mean_score(direction: torch.Tensor | None) -> float:
-        spec = None if direction is None else Intervention("ablate", direction.reshape(1, -1), label="cone-eval")
+        spec = None if direction is None else DirectionalAblation.from_directions(direction.reshape(1, -1),
+                                                                                  label="cone-eval")
         return mean_refusal_score(adapter, chat, harmful, refusal_ids, spec, batch_size)
 
     scores = [mean_score(s) for s in samples]

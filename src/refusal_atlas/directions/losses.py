@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from refusal_atlas.core.errors import ConfigError
-from refusal_atlas.edits.interventions import ablate, add_activation
+from refusal_atlas.edits.ablation import ablate
+from refusal_atlas.edits.actadd import add_activation
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 

@@ -36,9 +36,10 @@ from refusal_atlas.directions.optim import TrainConfig, initial_direction, start
 from refusal_atlas.directions.training_setup import TrainingSetup
 from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.core.estimator import Estimator
-from refusal_atlas.edits.interventions import ablate
+from refusal_atlas.edits.ablation import ablate
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
+from refusal_atlas.model.hooks import Hooks
 
 
 def independence_layers(n_layers: int, frac: float = 0.9) -> list[int]:
@@ -80,18 +81,15 @@ def capture_prompt_end(adapter: ModelAdapter, layers: Sequence[int], prompt_end:
     rows = torch.arange(prompt_end.shape[0], device=prompt_end.device)
 
     def make(layer: int):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
+        def fn(hidden: torch.Tensor) -> None:
             store[layer] = hidden[rows, prompt_end]
 
-        return hook
+        return fn
 
-    handles = [adapter.layers[l].register_forward_pre_hook(make(l), with_kwargs=True) for l in layers]
-    try:
+    with Hooks() as hooks:
+        for l in layers:
+            hooks.inputs(adapter.layers[l], make(l))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def cross_ablation_change(adapter: ModelAdapter, chat: ChatFormatter, r: torch.Tensor, v: torch.Tensor,

@@ -39,7 +39,7 @@ from refusal_atlas.core.estimator import Estimator
 from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.directions.select_checkpoint import SelectionCheckpoint
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import ActAdd, DirectionalAblation
 from refusal_atlas.model.prefix_cache import PrefixPlan, plan_logprobs, supports_prefix_reuse
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
@@ -110,7 +110,7 @@ def select_direction(
             d = candidates.at(layer=l, position=p)
             rec = ckpt.get("refusal", p, l)
             if rec is None:
-                score = float(refusal_score(scorer.harmful(Intervention("ablate", d)), refusal_ids).mean())
+                score = float(refusal_score(scorer.harmful(DirectionalAblation.from_directions(d)), refusal_ids).mean())
                 rec = ckpt.put("refusal", p, l, {"position": p, "layer": l, "refusal": score, "norm": float(d.norms[0])})
             records[(p, l)] = dict(rec)
             bar.update(1)
@@ -121,8 +121,8 @@ def select_direction(
             rec, d = records[(p, l)], candidates.at(layer=l, position=p)
             filt = ckpt.get("filters", p, l)
             if filt is None:
-                kl = float(next_token_kl(base_harmless, scorer.harmless(Intervention("ablate", d))).mean())
-                steer = scorer.harmless(Intervention("actadd", d, coeff=1.0), start_layer=l)
+                kl = float(next_token_kl(base_harmless, scorer.harmless(DirectionalAblation.from_directions(d))).mean())
+                steer = scorer.harmless(ActAdd.from_directions(d, 1.0), start_layer=l)
                 filt = ckpt.put("filters", p, l, {"kl": kl, "steering": float(refusal_score(steer, refusal_ids).mean())})
             rec.update(filt)
             reason = _filter_reason(rec, kl_threshold, induce_threshold)

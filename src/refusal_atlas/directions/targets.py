@@ -26,7 +26,7 @@ import torch
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.core.errors import ArtifactError, ConfigError
 from refusal_atlas.model.generation import DECODING, generate
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import ActAdd, DirectionalAblation
 from refusal_atlas.core.io import read_json, write_json
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
@@ -118,9 +118,9 @@ def build_targets(
             cached.meta["cached"] = True
             return cached
     alpha = float(dim.norms[0])
-    ablation = Intervention("ablate", dim, label="targets:ablate-dim")
-    addition = Intervention("actadd", DirectionSet(dim.unit() * alpha, dim.layer, "dim", dim.position),
-                            coeff=1.0, label="targets:add-dim")
+    ablation = DirectionalAblation.from_directions(dim, label="targets:ablate-dim")
+    addition = ActAdd.from_directions(DirectionSet(dim.unit() * alpha, dim.layer, "dim", dim.position), 1.0,
+                                      label="targets:add-dim")
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size)
     answer = generate(adapter, chat, list(harmful), intervention=ablation, desc="targets: t_answer", **kw)
     refusal = generate(adapter, chat, list(harmless), intervention=addition, desc="targets: t_refusal", **kw)

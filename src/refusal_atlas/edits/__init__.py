@@ -2,8 +2,9 @@
 
 from refusal_atlas.edits.ablation import DirectionalAblation
 from refusal_atlas.edits.actadd import ActAdd
-from refusal_atlas.edits.base import EDIT_TYPES, Edit, load_edit, load_run_edit
+from refusal_atlas.edits.base import EDIT_TYPES, Edit, NoEdit, load_edit, load_run_edit
 from refusal_atlas.edits.kernel import StrengthKernel
 from refusal_atlas.edits.layerwise import LayerwiseAblation
 
-__all__ = ["ActAdd", "DirectionalAblation", "EDIT_TYPES", "Edit", "LayerwiseAblation", "StrengthKernel", "load_edit", "load_run_edit"]
+__all__ = ["ActAdd", "DirectionalAblation", "EDIT_TYPES", "Edit", "LayerwiseAblation", "NoEdit", "StrengthKernel",
+           "load_edit", "load_run_edit"]

@@ -1,8 +1,9 @@
 """The Edit: one object per model change, usable as hooks, as a reversible weight edit, or exported.
 
-Every edit has a JSON spec and named tensors (saved as ``<name>.json`` + ``<name>.safetensors``) and a
-fingerprint over both, so a run directory can say exactly which edit produced a number. Three ways
-to use one, all on the same object:
+Every model change is an Edit: no change (:class:`NoEdit`, the baseline every measurement is compared
+with), directional ablation, activation addition, the per-layer kernel edits. Each has a JSON spec and
+named tensors (saved as ``<name>.json`` + ``<name>.safetensors``) and a fingerprint over both, so a run
+directory can say exactly which edit produced a number. Three ways to use one, all on the same object:
 
 * ``edit.hooks(model)``: forward hooks, undone on exit (autograd-friendly, no weight copies);
 * ``edit.weights(model)``: the weights edited in place and restored bit for bit on exit;
@@ -10,8 +11,9 @@ to use one, all on the same object:
 
 ``edit.apply(model)`` is what evaluation uses: the hooks when they are mathematically equal to the
 weight edit, otherwise the weight edit itself, so an exported model is always the evaluated one.
-An Edit also quacks like an :class:`~refusal_atlas.edits.interventions.Intervention` (``kind``, ``label``,
-``describe``, ``directions``) so every evaluation function accepts it.
+Evaluation records an edit by ``kind`` (none | ablate | actadd), ``label`` and ``describe()``; an edit
+made from a direction set is named by that set (:mod:`refusal_atlas.edits.identity`), a saved edit by
+its file.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,6 +32,7 @@ from torch import nn
 
 from refusal_atlas.core.errors import ArtifactError, ConfigError, ModelError
 from refusal_atlas.core.io import load_tensors, read_json, save_tensors, write_json
+from refusal_atlas.edits.identity import SetIdentity
 from refusal_atlas.model.adapter import ModelAdapter
 
 EDIT_TYPES: dict[str, type[Edit]] = {}
@@ -83,7 +86,7 @@ class Edit(ABC):
     """Base class; subclasses set ``edit_type`` and implement spec/tensors/hooks/_edit_weights."""
 
     edit_type: ClassVar[str]
-    kind: ClassVar[str] = "ablate"  # the Intervention kind evaluation records use
+    kind: ClassVar[str] = "ablate"  # what evaluation records call it: none | ablate | actadd
     has_weight_form: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw):
@@ -93,6 +96,7 @@ class Edit(ABC):
 
     name: str | None = None
     meta: dict[str, Any]
+    identity: SetIdentity | None = None  # the direction set it was made from, when records name it by that
 
     # --- what it is ---------------------------------------------------------------------------
     @abstractmethod
@@ -116,7 +120,10 @@ class Edit(ABC):
 
     @property
     def directions(self) -> torch.Tensor:
-        """All direction vectors as [k, d] rows (completions are fingerprinted by them)."""
+        """All direction vectors as [k, d] rows (completions are fingerprinted by them): the whole set an
+        edit was made from (as given), else the edit's own."""
+        if self.identity is not None:
+            return self.identity.matrix
         return next(iter(self.tensors().values())).reshape(-1, self.d_model)
 
     def fingerprint(self) -> str:
@@ -181,13 +188,16 @@ class Edit(ABC):
             raise ConfigError(f"{self.edit_type} edits exist as hooks only (no weight form to export); "
                               "evaluate them with hooks")
 
+    @property
+    def evaluated_form(self) -> str:
+        """``"hooks"`` or ``"weights"``: the form :meth:`apply` uses."""
+        return "hooks" if not self.has_weight_form or self.hooks_equal_weights else "weights"
+
     def apply(self, model: nn.Module | ModelAdapter):
         """The form evaluation uses: hooks where they equal the weight edit, else the weight edit."""
         adapter = as_adapter(model)
         self.check_model(adapter)
-        if not self.has_weight_form or self.hooks_equal_weights:
-            return self.hooks(adapter)
-        return self.weights(adapter)
+        return self.hooks(adapter) if self.evaluated_form == "hooks" else self.weights(adapter)
 
     # --- files ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -198,6 +208,60 @@ class Edit(ABC):
         return write_json(stem.with_suffix(".json"), {"edit": self.edit_type, "name": self.name,
                                                       "fingerprint": self.fingerprint(), "spec": self.spec(),
                                                       "tensors": stem.with_suffix(".safetensors").name})
+
+
+class NoEdit(Edit):
+    """The unedited model, as an edit: the baseline every measurement is compared with.
+
+    Hooks and weight edits do nothing; it has no directions and no fingerprint, so its records are
+    ``{"intervention": "none", "kind": "none"}`` and its completions are keyed by those alone.
+    """
+
+    edit_type = "none"
+    kind = "none"
+    label = "none"
+    directions = None  # type: ignore[assignment]
+
+    def __init__(self, *, name: str | None = None, meta: dict[str, Any] | None = None):
+        self.name, self.meta = name, dict(meta or {})
+
+    def spec(self) -> dict[str, Any]:
+        return {}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    @classmethod
+    def from_parts(cls, spec, tensors):
+        return cls()
+
+    @property
+    def d_model(self) -> int | None:  # type: ignore[override]
+        return None  # fits any model (check_model, load_run_edit): nothing to check
+
+    def fingerprint(self) -> None:  # type: ignore[override]
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"intervention": self.label, "kind": self.kind}
+
+    def check_model(self, adapter: ModelAdapter) -> None:
+        pass
+
+    def hooks(self, model):
+        return nullcontext()
+
+    def apply(self, model):
+        return self.hooks(model)
+
+    def weights(self, model):
+        return nullcontext({})
+
+    def apply_weights(self, model) -> dict[str, Any]:
+        return {}
+
+    def _edit_weights(self, adapter, snapshot: WeightSnapshot) -> dict[str, Any]:
+        return {}
 
 
 def load_edit(path: str | os.PathLike) -> Edit:

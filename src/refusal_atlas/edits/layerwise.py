@@ -19,15 +19,19 @@ Hooks sit on the out-projections themselves, so hooks equal weights for every ar
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from refusal_atlas.core.errors import ConfigError, ModelError
 from refusal_atlas.edits.base import Edit, WeightSnapshot, as_adapter, untie_embeddings
 from refusal_atlas.edits.kernel import StrengthKernel
-from refusal_atlas.edits.writes import WriteMode, check_mode, column_norm_scale, edit_linear, map_writes, prepare
-from refusal_atlas.core.errors import ModelError, ConfigError
-from refusal_atlas.edits.interventions import _hooks, _post_hook, _pre_hook
+from refusal_atlas.edits.projection import AblationMode, check_mode
+from refusal_atlas.edits.writes import column_norm_scale, edit_linear, map_writes, prepare
+from refusal_atlas.model.adapter import ModelAdapter
+from refusal_atlas.model.hooks import Hooks
 
 COMPONENTS = ("attn", "mlp")
 
@@ -35,7 +39,7 @@ COMPONENTS = ("attn", "mlp")
 class LayerwiseAblation(Edit):
     edit_type = "layerwise"
 
-    def __init__(self, directions: torch.Tensor, attn_weights, mlp_weights, *, mode: WriteMode = "subspace",
+    def __init__(self, directions: torch.Tensor, attn_weights, mlp_weights, *, mode: AblationMode = "subspace",
                  norm_preserving: bool = False, embed_weight: float = 0.0, name: str | None = None,
                  meta: dict[str, Any] | None = None):
         d = directions.detach().to(torch.float32).cpu()
@@ -99,17 +103,21 @@ class LayerwiseAblation(Edit):
     def hooks(self, model):
         adapter = as_adapter(model)
         self.check_model(adapter)
-        regs = []
-        if self.embed_weight:
-            p0 = prepare(self.per_layer[0], self.mode).to(adapter.device)
-            regs.append((adapter.embedding, "post", _post_hook(lambda y: self._map_embedding(y, p0))))
-        for proj, prepared, weight in self._targets(adapter):
-            p = prepared.to(adapter.device)
-            regs.append((proj, "post", _post_hook(lambda y, p=p, w=weight: map_writes(y, p, w, self.mode))))
-            if self.norm_preserving:
-                scale = column_norm_scale(proj.weight.detach(), p, weight, self.mode)
-                regs.append((proj, "pre", _pre_hook(lambda x, s=scale: x * s.to(x.device, x.dtype))))
-        return _hooks(regs)
+        return self._hooks(adapter)
+
+    @contextmanager
+    def _hooks(self, adapter: ModelAdapter) -> Iterator[None]:
+        with Hooks() as hooks:
+            if self.embed_weight:
+                p0 = prepare(self.per_layer[0], self.mode).to(adapter.device)
+                hooks.outputs(adapter.embedding, lambda y: self._map_embedding(y, p0))
+            for proj, prepared, weight in self._targets(adapter):
+                p = prepared.to(adapter.device)
+                hooks.outputs(proj, lambda y, p=p, w=weight: map_writes(y, p, w, self.mode))
+                if self.norm_preserving:
+                    scale = column_norm_scale(proj.weight.detach(), p, weight, self.mode)
+                    hooks.inputs(proj, lambda x, s=scale: x * s.to(x.device, x.dtype))
+            yield
 
     def _map_embedding(self, rows: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
         """Embedding rows (or looked-up vectors: the same thing) mapped, norms kept if norm-preserving."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from refusal_atlas.core.errors import ModelError
-from refusal_atlas.edits.interventions import orthonormal_basis
+from refusal_atlas.edits.projection import orthonormal_basis
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.placement import editable_tensor
 

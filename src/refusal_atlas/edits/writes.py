@@ -7,29 +7,18 @@ For unit directions u_1..u_k and a strength w, a write x (any d_model vector) be
 
 Both are linear, so applying the map to a Linear's output equals applying it to the columns of its
 weight (and to its bias): ``W ← T W``, ``b ← T b``. That is why hooks on the out-projections and the
-weight edit agree. Computed in float32 (at least) through :func:`~refusal_atlas.edits.interventions.project_out`
+weight edit agree. Computed in float32 (at least) through :func:`~refusal_atlas.edits.projection.project_out`
 and rounded once to the model dtype.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-from refusal_atlas.core.errors import ConfigError
-from refusal_atlas.edits.interventions import orthonormal_basis, project_out
-
-WriteMode = Literal["subspace", "sequential"]
+from refusal_atlas.edits.projection import AblationMode, orthonormal_basis, project_out
 
 
-def check_mode(mode: str) -> WriteMode:
-    if mode not in ("subspace", "sequential"):
-        raise ConfigError(f"unknown ablation mode {mode!r}; choose 'subspace' or 'sequential'")
-    return mode  # type: ignore[return-value]
-
-
-def prepare(directions: torch.Tensor, mode: WriteMode) -> torch.Tensor:
+def prepare(directions: torch.Tensor, mode: AblationMode) -> torch.Tensor:
     """[k, d] directions → what :func:`map_writes` needs: an orthonormal basis, or unit rows in order."""
     d = directions.to(torch.float64)
     if mode == "subspace":
@@ -37,7 +26,7 @@ def prepare(directions: torch.Tensor, mode: WriteMode) -> torch.Tensor:
     return (d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)).to(torch.float32)
 
 
-def map_writes(x: torch.Tensor, prepared: torch.Tensor, weight: float, mode: WriteMode) -> torch.Tensor:
+def map_writes(x: torch.Tensor, prepared: torch.Tensor, weight: float, mode: AblationMode) -> torch.Tensor:
     """Apply the write map (see the module docstring) along the last axis of ``x``; same dtype out."""
     work = torch.promote_types(x.dtype, torch.float32)
     out = x.to(work)
@@ -48,14 +37,15 @@ def map_writes(x: torch.Tensor, prepared: torch.Tensor, weight: float, mode: Wri
     return out.to(x.dtype)
 
 
-def column_norm_scale(weight: torch.Tensor, prepared: torch.Tensor, strength: float, mode: WriteMode) -> torch.Tensor:
+def column_norm_scale(weight: torch.Tensor, prepared: torch.Tensor, strength: float,
+                      mode: AblationMode) -> torch.Tensor:
     """Per input feature: ‖W[:, j]‖ / ‖T W[:, j]‖, which restores each write vector's norm after the map."""
     w = weight.to(torch.float32)
     mapped = map_writes(w.T, prepared, strength, mode)  # rows = write vectors of each input feature
     return (w.norm(dim=0) / mapped.norm(dim=1).clamp_min(1e-12)).to(torch.float32)
 
 
-def edit_write(write, prepared: torch.Tensor, strength: float, mode: WriteMode) -> None:
+def edit_write(write, prepared: torch.Tensor, strength: float, mode: AblationMode) -> None:
     """In place: the write map on one :class:`~refusal_atlas.model.adapter.WriteWeight` (a dense down_proj,
     fused [E, d, inter] / transposed [E, inter, d] experts, a shared expert), along its d_model axis."""
     w = write.weight
@@ -65,7 +55,7 @@ def edit_write(write, prepared: torch.Tensor, strength: float, mode: WriteMode) 
         write.bias.data.copy_(map_writes(write.bias.data, prepared, strength, mode))
 
 
-def edit_linear(linear: torch.nn.Linear, prepared: torch.Tensor, strength: float, mode: WriteMode,
+def edit_linear(linear: torch.nn.Linear, prepared: torch.Tensor, strength: float, mode: AblationMode,
                 norm_preserving: bool = False) -> None:
     """In place: ``W ← T W`` (columns rescaled to their old norms when ``norm_preserving``), ``b ← T b``."""
     w = linear.weight

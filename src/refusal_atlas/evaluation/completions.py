@@ -24,7 +24,8 @@ from refusal_atlas.core.crashpoints import crash_point
 from refusal_atlas.data import Prompt
 from refusal_atlas.evaluation.refusal import REFUSAL_SUBSTRINGS, is_refusal, refusal_phrase_in
 from refusal_atlas.model.generation import DECODING, Generated, greedy_generate, stop_token_ids
-from refusal_atlas.edits.interventions import Intervention, as_matrix
+from refusal_atlas.edits.base import Edit
+from refusal_atlas.edits.projection import as_matrix
 from refusal_atlas.core.io import write_text
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
@@ -39,7 +40,7 @@ class Completions:
     first_logprobs: torch.Tensor | None = None  # [N, V] when asked for and every row was generated now
 
 
-def intervention_fingerprint(intervention: Intervention) -> str:
+def intervention_fingerprint(intervention: Edit) -> str:
     """Short hash of everything that changes generations under ``intervention``."""
     h = hashlib.sha256(json.dumps(intervention.describe(), sort_keys=True, default=str).encode())
     if intervention.kind != "none":
@@ -80,7 +81,7 @@ def completions_for(
     adapter: ModelAdapter,
     chat: ChatFormatter,
     prompts: Sequence[Prompt],
-    intervention: Intervention,
+    intervention: Edit,
     max_new_tokens: int,
     batch_size: int,
     path: Path | None,

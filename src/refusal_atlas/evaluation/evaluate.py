@@ -22,7 +22,7 @@ from refusal_atlas.evaluation.damage import continuation_kl, kl_records, next_to
 from refusal_atlas.evaluation.judges import Judge, JudgeItem, SubstringJudge, Verdict
 from refusal_atlas.evaluation.refusal import next_token_logprobs
 from refusal_atlas.evaluation.stats import mean_record, rate_record
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import ActAdd, DirectionalAblation, Edit, NoEdit
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
 
@@ -33,7 +33,7 @@ def dataset_role(name: str) -> str:
     return info.role if info is not None else "harmful"
 
 
-def judged_record(intervention: Intervention, dataset: str, role: str, judge: Judge,
+def judged_record(intervention: Edit, dataset: str, role: str, judge: Judge,
                   verdicts: Sequence[Verdict], responses: Sequence[str], max_new_tokens: int) -> dict:
     """One metrics record: refusal-type rate over the items the judge decided, with n and a CI."""
     refused = sum(v.label == "refused" for v in verdicts)
@@ -60,7 +60,7 @@ def evaluate_refusal(
     chat: ChatFormatter,
     prompts: Sequence[Prompt],
     dataset: str,
-    intervention: Intervention,
+    intervention: Edit,
     *,
     max_new_tokens: int = 32,
     batch_size: int = 16,
@@ -92,7 +92,7 @@ def evaluate_kl(
     adapter: ModelAdapter,
     chat: ChatFormatter,
     prompts: Sequence[Prompt],
-    intervention: Intervention,
+    intervention: Edit,
     base_logprobs=None,
     batch_size: int = 16,
     new_logprobs=None,
@@ -118,7 +118,7 @@ class EvalPlan:
     """What ``evaluate_run`` does; the CLI builds one from its flags."""
 
     datasets: list[str]
-    interventions: list[Intervention]
+    interventions: list[Edit]
     judges: list[Judge]
     n: int | None = 100
     max_new_tokens: int = 64
@@ -159,7 +159,7 @@ def check_interventions(names: Sequence[str]) -> list[tuple[str, float]]:
     return out
 
 
-def parse_interventions(names: Sequence[str], directions, mode: str = "subspace") -> list[Intervention]:
+def parse_interventions(names: Sequence[str], directions, mode: str = "subspace") -> list[Edit]:
     """``none``, ``ablate``, ``actadd`` (+1 × the direction: induce refusal) or ``actadd:<coeff>``."""
     out = []
     for name, (kind, coeff) in zip(names, check_interventions(names)):
@@ -167,11 +167,11 @@ def parse_interventions(names: Sequence[str], directions, mode: str = "subspace"
             raise ArtifactError(f"intervention {name!r} needs a direction file in the run directory "
                                 "(run `refusal-atlas run` or `select` first)")
         if kind == "none":
-            out.append(Intervention("none"))
+            out.append(NoEdit())
         elif kind == "ablate":
-            out.append(Intervention("ablate", directions, mode=mode))
+            out.append(DirectionalAblation.from_directions(directions, mode))  # type: ignore[arg-type]
         else:
-            out.append(Intervention("actadd", directions, coeff=coeff))
+            out.append(ActAdd.from_directions(directions, coeff))
     return out
 
 
@@ -214,7 +214,7 @@ def _damage(ws, plan: EvalPlan, dataset: str, prompts: list[Prompt]) -> list[dic
     specs = [s for s in plan.interventions if s.kind != "none"]
     if not specs:
         return []
-    clean = Intervention("none")
+    clean = NoEdit()
     length = max(plan.max_new_tokens, plan.kl_tokens)  # reuse the clean completions when long enough
     comp = completions_for(ws.adapter, ws.chat, prompts, clean, length, plan.gen_batch,
                            ws.run.completions_path(dataset, clean.label), desc=f"generate {dataset} [none]",

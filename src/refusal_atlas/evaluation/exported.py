@@ -20,7 +20,7 @@ from refusal_atlas.evaluation.completions import completions_for
 from refusal_atlas.evaluation.damage import continuation_kl, kl_records
 from refusal_atlas.evaluation.evaluate import EvalPlan, dataset_role, evaluate_run, judged_record
 from refusal_atlas.evaluation.judges import JudgeItem
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import NoEdit
 from refusal_atlas.core.io import read_json
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.loading import LoadedModel, load_model
@@ -77,11 +77,17 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha256(stamp.encode()).hexdigest()[:10]
 
 
-class ExportedModel(Intervention):
-    """'Intervention' that runs the forward pass on the exported model instead of the original."""
+class ExportedModel(NoEdit):
+    """Runs the forward pass on the exported model instead of the original.
+
+    No edit of the original (kind ``none``: nothing to hook, no directions to key completions by); the
+    exported weights are the change, named by the label (``model:<format>:<name>@<files hash>``) and
+    recorded as kind ``exported``.
+    """
 
     def __init__(self, model, path: Path, kind: str):
-        super().__init__("none", label=f"model:{kind}:{path.name}@{_fingerprint(path)}")
+        super().__init__()
+        self.label = f"model:{kind}:{path.name}@{_fingerprint(path)}"
         self.model, self.path, self.export_kind = model, path, kind
 
     @contextmanager
@@ -103,7 +109,7 @@ def evaluate_exported(ws, plan: EvalPlan, path: Path, base: str | None = None) -
     path = Path(path)
     exported = load_exported(path, base=base, device=ws.cfg.device, dtype=ws.cfg.dtype)
     spec = ExportedModel(exported.model, path, exported_kind(path))
-    clean, out = Intervention("none"), []
+    clean, out = NoEdit(), []
     ModelAdapter(exported.model)  # the exported architecture must be one we can read
     for name in plan.datasets:
         prompts, role = load_prompts(name, n=plan.n, seed=plan.seed), dataset_role(name)

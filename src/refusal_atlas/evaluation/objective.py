@@ -16,7 +16,8 @@ import torch
 from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.evaluation.refusal import mean_refusal_score, next_token_logprobs
-from refusal_atlas.edits.interventions import AblationMode, Intervention
+from refusal_atlas.edits.ablation import DirectionalAblation
+from refusal_atlas.edits.projection import AblationMode
 
 
 class ValidationObjective:
@@ -54,7 +55,8 @@ class ValidationObjective:
         An :class:`~refusal_atlas.edits.Edit` is applied in the form it is exported in (``Edit.apply``).
         """
         base = self._harmless_base()
-        spec = directions if hasattr(directions, "apply") else Intervention("ablate", directions, mode=self.mode)
+        spec = directions if hasattr(directions, "apply") else DirectionalAblation.from_directions(directions,
+                                                                                                    self.mode)
         refusal = mean_refusal_score(self.adapter, self.chat, self.harmful, self.refusal_ids, spec, self.batch_size)
         new = next_token_logprobs(self.adapter, self.chat, self.harmless, self.batch_size, intervention=spec)
         return refusal, float(next_token_kl(base, new).mean())

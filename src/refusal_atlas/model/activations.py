@@ -25,6 +25,7 @@ from refusal_atlas.core.errors import ArtifactError
 from refusal_atlas.core.io import load_tensors, save_tensors
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
+from refusal_atlas.model.hooks import Hooks
 from refusal_atlas.model.prefix_cache import PrefixPlan, supports_prefix_reuse
 from refusal_atlas.core.progress import progress
 
@@ -98,37 +99,36 @@ def extract(
     pos_index = torch.tensor(positions)
     captured: dict[int, torch.Tensor] = {}
 
-    def make_hook(layer: int):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
+    def capture(layer: int):
+        def fn(hidden: torch.Tensor) -> None:
             captured[layer] = hidden[:, pos_index.to(hidden.device)].detach().to("cpu", torch.float64)
             if layer == layers[-1]:
                 raise _Stop
 
-        return hook
+        return fn
 
     plan = _prefix_plan(adapter, chat, instructions, batch_size)
     kv = plan.prefix_kv() if plan is not None else None  # before the hooks: they must see only prompt tokens
-    handles = [adapter.layers[l].register_forward_pre_hook(make_hook(l), with_kwargs=True) for l in layers]
     bar = progress(len(instructions), desc)
     try:
-        for idx in (plan.batches if plan is not None else
-                    length_sorted_batches(chat.token_lengths(instructions), batch_size)):
-            batch = (plan.inputs(idx, kv) if plan is not None else
-                     chat.encode([instructions[i] for i in idx], device=adapter.device))
-            try:
-                adapter.base(**batch, use_cache=plan is not None)
-            except _Stop:
-                pass
-            stacked = torch.stack([captured[l] for l in layers], dim=2)  # [b, P, L, d]
-            total += stacked.sum(dim=0)
-            if last is not None:
-                last[idx] = stacked[:, positions.index(-1)].to(torch.float32)
-            bar.update(len(idx))
+        with Hooks() as hooks:
+            for l in layers:
+                hooks.inputs(adapter.layers[l], capture(l))
+            for idx in (plan.batches if plan is not None else
+                        length_sorted_batches(chat.token_lengths(instructions), batch_size)):
+                batch = (plan.inputs(idx, kv) if plan is not None else
+                         chat.encode([instructions[i] for i in idx], device=adapter.device))
+                try:
+                    adapter.base(**batch, use_cache=plan is not None)
+                except _Stop:
+                    pass
+                stacked = torch.stack([captured[l] for l in layers], dim=2)  # [b, P, L, d]
+                total += stacked.sum(dim=0)
+                if last is not None:
+                    last[idx] = stacked[:, positions.index(-1)].to(torch.float32)
+                bar.update(len(idx))
     finally:
         bar.close()
-        for h in handles:
-            h.remove()
     return ActivationSet(layers=list(layers), positions=list(positions), mean=total / len(instructions),
                          n=len(instructions), last=last)
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from refusal_atlas.core.errors import ModelError
+from refusal_atlas.model.hooks import hook_inputs
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,8 @@ def _expert_writes(prefix: str, experts: nn.Module, d_model: int) -> list[WriteW
     return [WriteWeight(f"{prefix}.down_proj", weight, d_axis, getattr(experts, "down_proj_bias", None))]
 
 
-def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
-    return (args[0].contiguous(), *args[1:]) if args and isinstance(args[0], torch.Tensor) else args
+def _contiguous(x: torch.Tensor) -> torch.Tensor | None:
+    return x.contiguous() if isinstance(x, torch.Tensor) else None
 
 
 def contiguous_head_input(model: nn.Module) -> None:
@@ -96,7 +97,7 @@ def contiguous_head_input(model: nn.Module) -> None:
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, nn.Module) and not getattr(head, "_refusal_atlas_contiguous", False):
-        head.register_forward_pre_hook(_contiguous_input)
+        hook_inputs(head, _contiguous)  # for the model's lifetime: never removed
         head._refusal_atlas_contiguous = True
 
 

@@ -19,7 +19,7 @@ Only plain full-attention decoders take the fast path (:func:`supports_prefix_re
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.chat import ChatFormatter
+from refusal_atlas.model.hooks import Hooks
 
 _FAST_TYPES = {"qwen2", "qwen3", "llama", "mistral"}  # no embedding scale, no logit soft-cap
 
@@ -205,16 +206,16 @@ def plan_logprobs(
     current: dict[int, torch.Tensor] = {}
 
     def grab(layer):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
+        def fn(hidden: torch.Tensor) -> None:
             current[layer] = hidden.detach().clone()
-        return hook
+        return fn
 
     apart = head_apart(adapter, plan)
-    handles = [adapter.layers[l].register_forward_pre_hook(grab(l), with_kwargs=True) for l in capture]
     last: torch.Tensor | None = None
-    try:
-        with intervention.apply(adapter) if intervention is not None else _nothing():
+    with Hooks() as hooks:
+        for l in capture:
+            hooks.inputs(adapter.layers[l], grab(l))
+        with intervention.apply(adapter) if intervention is not None else nullcontext():
             kv = plan.prefix_kv()
             for b, idx in enumerate(plan.batches):
                 inputs = plan.inputs(idx, kv)
@@ -233,12 +234,4 @@ def plan_logprobs(
                     on_batch(len(idx))
             assert last is not None
             out = last_logprobs(adapter, last, apart)  # inside the intervention: a head edit would apply
-    finally:
-        for h in handles:
-            h.remove()
     return out, captured
-
-
-@contextmanager
-def _nothing():
-    yield

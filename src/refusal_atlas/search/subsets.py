@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial, Trial
 
 from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.edits.interventions import AblationMode
+from refusal_atlas.edits.projection import AblationMode
 from refusal_atlas.search.study import run_loop, subset_key
 
 Objective = Callable[[DirectionSet], tuple[float, float]]

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from refusal_atlas.core.errors import ConfigError
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits.ablation import DirectionalAblation
 from refusal_atlas.evaluation.damage import kl_against, kl_base_terms
 from refusal_atlas.evaluation.objective import ValidationObjective
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
@@ -269,9 +269,9 @@ class StagedObjective(ValidationObjective):
         return refusal, verdicts, kl
 
     def score(self, edit, prune: Callable[[tuple[float, float]], int | None] | None = None) -> TrialScore:
-        """Both stages under ``edit`` (an Edit, DirectionSet or Intervention), stopping after the first if
-        ``prune(partial)`` names a dominating trial."""
-        spec = edit if hasattr(edit, "apply") else Intervention("ablate", edit, mode="subspace")
+        """Both stages under ``edit`` (an Edit, or a DirectionSet to ablate in subspace mode), stopping after
+        the first if ``prune(partial)`` names a dominating trial."""
+        spec = edit if hasattr(edit, "apply") else DirectionalAblation.from_directions(edit, "subspace")
         self._harmless_base()  # clean pass first, outside the edit
         refusal: list[float] = []
         verdicts: list[bool] = []

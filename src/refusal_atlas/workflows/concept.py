@@ -98,7 +98,7 @@ def run_concept(atlas, spec: ConceptSpec, run_dir: str | Path, *, force: bool = 
     from refusal_atlas.api import Activations
     from refusal_atlas.directions.dim import difference_in_means
     from refusal_atlas.directions.select import select_direction
-    from refusal_atlas.edits.interventions import Intervention
+    from refusal_atlas.edits import ActAdd, DirectionalAblation, NoEdit
     from refusal_atlas.core.io import atomic_dir, save_tensors, write_json, write_text
     from refusal_atlas.core.rundir import RunDir
 
@@ -114,11 +114,11 @@ def run_concept(atlas, spec: ConceptSpec, run_dir: str | Path, *, force: bool = 
     direction = sel.direction
     assert direction is not None  # not strict: filters relax rather than fail
     direction.meta.update(concept=spec.name)
-    ablate = Intervention("ablate", direction, label=f"ablate:{spec.name}")
-    add = Intervention("actadd", direction, coeff=1.0, label=f"actadd:{spec.name}@{direction.layer}")
+    ablate = DirectionalAblation.from_directions(direction, label=f"ablate:{spec.name}")
+    add = ActAdd.from_directions(direction, 1.0, label=f"actadd:{spec.name}@{direction.layer}")
     records, completions = [], {}
-    for dataset, prompts, edits in ((f"{spec.name}_positive_test", pos[2], (Intervention("none"), ablate)),
-                                    (f"{spec.name}_negative_test", neg[2], (Intervention("none"), add, ablate))):
+    for dataset, prompts, edits in ((f"{spec.name}_positive_test", pos[2], (NoEdit(), ablate)),
+                                    (f"{spec.name}_negative_test", neg[2], (NoEdit(), add, ablate))):
         for edit in edits:
             rec, rows = _rate(atlas, prompts, spec, edit.label, dataset, edit)
             records.append(rec)

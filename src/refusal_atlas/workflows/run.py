@@ -21,7 +21,7 @@ from refusal_atlas.core.errors import ArtifactError, ConfigError
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.model.generation import DECODING
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import ActAdd, DirectionalAblation, Edit, NoEdit
 from refusal_atlas.core.io import load_tensors, read_json, save_tensors, write_json
 from refusal_atlas.workflows.workspace import PromptSets, Workspace, load_prompt_sets, open_workspace
 
@@ -161,19 +161,19 @@ def _no_survivor_message(cfg: RunConfig, scores: list[dict]) -> str:
 
 
 def evaluate_step(ws: Workspace, direction: DirectionSet, sets: PromptSets,
-                  extra: list[Intervention] | None = None) -> list[dict]:
+                  extra: list[Edit] | None = None) -> list[dict]:
     """Baseline vs ablation on held-out harmful sets; baseline vs ablation vs ActAdd on harmless."""
     cfg, records = ws.cfg, []
-    ablation = Intervention("ablate", direction, mode=cfg.ablation_mode)
-    actadd = Intervention("actadd", direction, coeff=1.0)
-    harmful_specs = [Intervention("none"), ablation, *(extra or [])]
+    ablation = DirectionalAblation.from_directions(direction, cfg.ablation_mode)
+    actadd = ActAdd.from_directions(direction, 1.0)
+    harmful_specs = [NoEdit(), ablation, *(extra or [])]
     ws.run.update_manifest(decoding=DECODING)
     with ws.timed("evaluate"):
         for name, prompts in sets.eval_harmful.items():
             for spec in harmful_specs:
                 records.append(_refusal(ws, prompts, name, spec))
         base_lp = None
-        for spec in (Intervention("none"), ablation, actadd, *(extra or [])):
+        for spec in (NoEdit(), ablation, actadd, *(extra or [])):
             first: list = []  # generation's first-step log-probs: the KL pass comes free
             rec = _refusal(ws, sets.eval_harmless, cfg.eval_harmless, spec, first)
             rec["kl"], base_lp = evaluate_kl(ws.adapter, ws.chat, sets.eval_harmless, spec, base_lp, cfg.batch_size,
@@ -183,7 +183,7 @@ def evaluate_step(ws: Workspace, direction: DirectionSet, sets: PromptSets,
     return records
 
 
-def _refusal(ws: Workspace, prompts: list[Prompt], dataset: str, spec: Intervention, first: list | None = None) -> dict:
+def _refusal(ws: Workspace, prompts: list[Prompt], dataset: str, spec: Edit, first: list | None = None) -> dict:
     return evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=ws.cfg.max_new_tokens,
                             batch_size=ws.cfg.generation_batch_size,
                             completions_path=ws.run.completions_path(dataset, spec.label),

@@ -18,7 +18,7 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.som import SomDirections
 from refusal_atlas.core.errors import ArtifactError, ConfigError
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import DirectionalAblation, Edit, NoEdit
 from refusal_atlas.core.io import read_json, write_json
 from refusal_atlas.core.rundir import RunDir
 from refusal_atlas.evaluation.objective import ValidationObjective
@@ -112,11 +112,11 @@ def search_step(ws: Workspace, sets: PromptSets, settings: SearchSettings, direc
 
 
 # --- held-out comparison ---------------------------------------------------------------------------
-def _existing(records: list[dict], spec: Intervention, dataset: str, n: int, max_new_tokens: int,
+def _existing(records: list[dict], spec: Edit, dataset: str, n: int, max_new_tokens: int,
               need_kl: bool) -> dict | None:
     for r in records:
         if (r.get("intervention"), r.get("fingerprint"), r.get("dataset"), r.get("judge"), r.get("n")) == (
-                spec.label, spec.fingerprint, dataset, "substring", n) \
+                spec.label, spec.describe().get("fingerprint"), dataset, "substring", n) \
                 and r.get("max_new_tokens") == max_new_tokens and (not need_kl or r.get("kl") is not None):
             return r
     return None
@@ -130,12 +130,12 @@ def heldout_comparison(ws: Workspace, sets: PromptSets, chosen: DirectionSet, di
     """
     cfg, existing, new = ws.cfg, ws.run.metrics(), []
     ids = ",".join(str(i) for i in chosen.ids)
-    specs = {"baseline": Intervention("none"), "dim": Intervention("ablate", dim, mode=cfg.ablation_mode),
-             "som": Intervention("ablate", chosen, mode=cfg.ablation_mode,
-                                 label=f"ablate:{chosen.method}[{ids}]")}
+    specs = {"baseline": NoEdit(), "dim": DirectionalAblation.from_directions(dim, cfg.ablation_mode),
+             "som": DirectionalAblation.from_directions(chosen, cfg.ablation_mode,
+                                                        label=f"ablate:{chosen.method}[{ids}]")}
     table: list[dict] = []
 
-    def record(prompts: list[Prompt], dataset: str, spec: Intervention, harmless: bool, base_lp):
+    def record(prompts: list[Prompt], dataset: str, spec: Edit, harmless: bool, base_lp):
         rec = _existing(existing, spec, dataset, len(prompts), cfg.max_new_tokens, harmless)
         if rec is None:
             rec = evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=cfg.max_new_tokens,

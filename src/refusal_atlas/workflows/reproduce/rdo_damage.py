@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import NoEdit
 from refusal_atlas.evaluation.verdicts import lower_is_better
 from refusal_atlas.workflows.gradient import rdo_step
 from refusal_atlas.workflows.reproduce.shared import (
@@ -21,7 +21,7 @@ from refusal_atlas.workflows.reproduce.shared import (
 def row_c(ctx: ReproduceContext, done: dict) -> dict[str, Any]:
     b = ctx.budget
     rdo = load_or_train(ctx, "rdo", lambda: rdo_step(ctx.ws, cfg=train_cfg(ctx, b.rdo_steps), **gradient_kw(ctx)))
-    specs = {"none": Intervention("none"), "dim": ablate(ctx.dim), "rdo": ablate(rdo)}
+    specs = {"none": NoEdit(), "dim": ablate(ctx.dim), "rdo": ablate(rdo)}
     numbers: dict[str, Any] = {}
     for name, spec in specs.items():
         numbers[f"{name}_refusal"] = ctx.refusal_rate(spec)

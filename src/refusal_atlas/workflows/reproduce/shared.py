@@ -15,7 +15,7 @@ from typing import Any
 from refusal_atlas.data import Prompt, load_prompts
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.optim import TrainConfig
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import DirectionalAblation
 from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.evaluation.evaluate import evaluate_refusal
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
@@ -105,8 +105,8 @@ def row(claim: str, measured: str, prompts: str, n: Any, numbers: dict, verdict,
             "verdict": verdict.to_dict(), **extra}
 
 
-def ablate(directions, mode: str = "subspace", label: str | None = None) -> Intervention:
-    return Intervention("ablate", directions, mode=mode, label=label)  # type: ignore[arg-type]
+def ablate(directions, mode: str = "subspace", label: str | None = None) -> DirectionalAblation:
+    return DirectionalAblation.from_directions(directions, mode, label=label)  # type: ignore[arg-type]
 
 
 # --- (c) ----------------------------------------------------------------------------------------------

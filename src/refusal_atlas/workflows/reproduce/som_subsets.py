@@ -7,7 +7,7 @@ from typing import Any
 
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.som import SomDirections
-from refusal_atlas.edits.interventions import Intervention
+from refusal_atlas.edits import NoEdit
 from refusal_atlas.evaluation.verdicts import lower_is_better
 from refusal_atlas.search.subsets import SearchSettings, run_trials
 from refusal_atlas.search.study import completed, open_study, summarize
@@ -53,7 +53,7 @@ def row_b(ctx: ReproduceContext, done: dict) -> dict[str, Any]:
         "train points")
     dim_spec = ablate(ctx.dim)
     dim_rate, dim_kl = ctx.refusal_rate(dim_spec), ctx.kl(dim_spec)
-    base = ctx.refusal_rate(Intervention("none"))
+    base = ctx.refusal_rate(NoEdit())
     numbers: dict[str, Any] = {"baseline_refusal": base, "dim_refusal": dim_rate, "dim_kl": dim_kl,
                                "dim_heldout_score": ctx.score_record(dim_spec)}
     parts, curves = {}, {}

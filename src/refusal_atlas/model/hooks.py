@@ -1,0 +1,89 @@
+"""Forward hooks with one removable handle: the only place that registers them on a model.
+
+Everything that reads or rewrites the residual stream (edits, activation capture, the prefix pass's
+hidden-state capture, RepInd's representation capture) registers hooks here, so each follows the
+same rules: a hook sees the module's *hidden state* (a block's first argument or its
+``hidden_states`` keyword; a module's output, or the first element of an output tuple) and returns
+its replacement, or None to leave it unchanged; and every hook registered through one :class:`Hooks`
+is removed together, by :meth:`Hooks.remove` or on leaving its ``with`` block, also when the block
+raised or a registration failed part-way. A hook left behind would silently edit every later pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+HiddenFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def _input_hook(fn: HiddenFn):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if args:
+            new = fn(args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        if "hidden_states" not in kwargs:
+            return None
+        new = fn(kwargs["hidden_states"])
+        return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+    return hook
+
+
+def _output_hook(fn: HiddenFn):
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, tuple):
+            new = fn(output[0])
+            return None if new is None else (new, *output[1:])
+        return fn(output)
+
+    return hook
+
+
+class Hooks:
+    """A group of forward hooks, removed together.
+
+    ``Hooks().inputs(module, fn).outputs(module, fn)`` registers (in that order: hooks on one module
+    run in registration order); ``remove()`` or leaving ``with Hooks() as hooks: ...`` removes all of
+    them. Registering inside the ``with`` block is what makes a failure part-way safe.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list = []
+
+    def inputs(self, module: nn.Module, fn: HiddenFn) -> Hooks:
+        """Call ``fn`` on the hidden state ``module`` is given, before it runs; its result replaces it."""
+        self._handles.append(module.register_forward_pre_hook(_input_hook(fn), with_kwargs=True))
+        return self
+
+    def outputs(self, module: nn.Module, fn: HiddenFn) -> Hooks:
+        """Call ``fn`` on the hidden state ``module`` returns; its result replaces it."""
+        self._handles.append(module.register_forward_hook(_output_hook(fn)))
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook of this group (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def __enter__(self) -> Hooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def hook_inputs(module: nn.Module, fn: HiddenFn) -> Hooks:
+    """One input hook (see :meth:`Hooks.inputs`), as a handle to remove or a ``with`` block."""
+    return Hooks().inputs(module, fn)
+
+
+def hook_outputs(module: nn.Module, fn: HiddenFn) -> Hooks:
+    """One output hook (see :meth:`Hooks.outputs`), as a handle to remove or a ``with`` block."""
+    return Hooks().outputs(module, fn)
