@@ -63,6 +63,7 @@ def cli(monkeypatch, capsys):
         raise AssertionError("a model was loaded before the input was checked")
 
     monkeypatch.setattr(embedding.SentenceEmbedder, "__init__", trap)
+    monkeypatch.setattr(embedding, "shared_embedder", trap)
     monkeypatch.setattr(hf.HFJudge, "load", trap)
     monkeypatch.setattr(workspace, "open_workspace", trap)
 

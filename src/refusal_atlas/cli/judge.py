@@ -98,6 +98,8 @@ def train(
                f"L2 {hp['l2']:g} by {hp['folds']}-fold cross-validation")
     for rec in info["cross_validation"]:
         typer.echo(f"  l2 {rec['l2']:<8g} log-loss {rec['log_loss']:.4f}  accuracy {rec['accuracy']:.3f}")
+    if hp["chosen_at_grid_edge"] and len(hp["l2_grid"]) > 1:
+        typer.echo("note: the chosen L2 is at the edge of the grid; widen --l2 and train again")
     typer.echo(f"wrote {out or DEFAULT_HEAD} and its .json")
 
 

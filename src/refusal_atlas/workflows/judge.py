@@ -9,7 +9,12 @@
   part by default, so the meaning judge is never scored on rows it learnt from; ``logit`` (first-token
   refusal probability ≥ 0.5 under each row's edit) when given the run that made the set.
 
-Every input problem is found before a model loads and reported as one ``error:`` line.
+Every input problem is found before a model loads and reported as one ``error:`` line. On a labelled set
+made from a run (rows with ``condition`` and ``model``, e.g. by scripts/labelled_set.py)::
+
+    refusal-atlas judge train labelled.jsonl            # → evaluation/judges/meaning_head.safetensors + .json
+    refusal-atlas judge accuracy labelled.jsonl --judge substring,markers,meaning,logit --run-dir runs/demo \
+        --out docs/results/judge_accuracy               # held-out part; judge_accuracy.json + .md
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from refusal_atlas.evaluation.judges import (FOUR_LABELS, Judge, JudgeItem, Judg
 from refusal_atlas.evaluation.labelled import FOLD_RULE, SPLIT_RULE, Row, fold_of, part_of, read_rows
 from refusal_atlas.evaluation.stats import rate_record
 
-DEFAULT_L2 = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+DEFAULT_L2 = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 LOGIT_THRESHOLD = 0.5
 
 
@@ -107,7 +112,7 @@ def score_file(path: Path, names: Sequence[str], opts: JudgeOptions, out: Path |
 def train_meaning(labelled: Path, out: Path, force: bool = False, folds: int = 5,
                   l2_grid: Sequence[float] = DEFAULT_L2) -> dict:
     """Train the meaning head on the training part of ``labelled`` → the JSON written beside it."""
-    from refusal_atlas.evaluation.judges.embedding import SentenceEmbedder, bundled_model_dir
+    from refusal_atlas.evaluation.judges.embedding import bundled_model_dir, shared_embedder
     from refusal_atlas.evaluation.judges.logistic import cross_validate, fit
     from refusal_atlas.evaluation.judges.meaning import features, head_json, save_head
 
@@ -126,7 +131,7 @@ def train_meaning(labelled: Path, out: Path, force: bool = False, folds: int = 5
         raise ConfigError(f"the training part of {labelled} has {len(train)} non-empty rows in {len(classes)} "
                           f"label(s) and {len(fold_ids)} fold(s); training needs at least two of each")
     bundled_model_dir()
-    embedder = SentenceEmbedder()
+    embedder = shared_embedder()
     prompts = list(dict.fromkeys(r.prompt for r in train))
     pe = embedder.encode(prompts)
     index = {p: i for i, p in enumerate(prompts)}
@@ -143,7 +148,9 @@ def train_meaning(labelled: Path, out: Path, force: bool = False, folds: int = 5
                              "train_prompt_ids": sorted({r.prompt_id for r in train})},
             "hyper_parameters": {"l2": best, "l2_grid": list(l2_grid), "folds": folds, "fold_rule": FOLD_RULE,
                                  "selection": "lowest mean held-out log-loss over the folds (ties: stronger L2)",
-                                 "optimizer": "full-batch L-BFGS (strong Wolfe), float64, zero init, max_iter 500",
+                                 "chosen_at_grid_edge": best in (min(l2_grid), max(l2_grid)),
+                                 "optimizer": "full-batch L-BFGS (strong Wolfe), float64, zero init, max_iter 500, "
+                                              "tolerance_grad 1e-7, tolerance_change 1e-10",
                                  "loss": "mean cross-entropy + l2/2 * ||W||^2 (bias unpenalised)"},
             "cross_validation": table, "trained": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     save_head(out, head, info)

@@ -11,6 +11,7 @@ before use: another file under that name would silently change every verdict of 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,3 +75,10 @@ class SentenceEmbedder:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
             out[idx] = torch.nn.functional.normalize(pooled, dim=-1).cpu()
         return out
+
+
+@functools.lru_cache(maxsize=2)
+def shared_embedder(device: str | None = None) -> SentenceEmbedder:
+    """One embedder of the bundled model per process and device: training, judging and measuring in one
+    process then load (and checksum) the weights once."""
+    return SentenceEmbedder(device=device)

@@ -116,10 +116,10 @@ class MeaningJudge:
 
     @classmethod
     def load(cls, head_path: Path | None = None, device: str | None = None) -> MeaningJudge:
-        from refusal_atlas.evaluation.judges.embedding import SentenceEmbedder
+        from refusal_atlas.evaluation.judges.embedding import shared_embedder
 
         head, info = load_head(head_path)
-        return cls(head, info, SentenceEmbedder(device=device))
+        return cls(head, info, shared_embedder(device))
 
     def describe(self, role: Role = "harmful") -> dict:
         return {"judge": self.name, "judge_kind": self.name, "rubric": f"minilm-logistic@{self.info['head_sha256'][:12]}"}
