@@ -129,6 +129,13 @@ def test_accuracy_of_text_judges_on_all_rows(tmp_path, cli):
     assert "four" not in report["results"]["markers"]  # a refusal/compliance judge is not scored on four labels
     harmful = sum(r["role"] == "harmful" for r in rows)
     assert report["results"]["markers"]["complied"]["n"] == harmful
+    by_condition = report["results_by_condition"]
+    assert set(by_condition) == {r["condition"] for r in rows}
+    for name in ("substring", "markers"):  # the breakdown partitions the rows and their agreements
+        parts = [by_condition[c][name]["refusal"] for c in by_condition]
+        assert sum(p["n"] for p in parts) == len(rows)
+        assert sum(p["accuracy"]["count"] for p in parts) == report["results"][name]["refusal"]["accuracy"]["count"]
+    assert report["results_by_role"]["harmless"]["markers"]["refusal"]["n"] == len(rows) - harmful
     assert "### refusal vs the rest" in out and (tmp_path / "acc" / "judge_accuracy.md").read_text().startswith("# ")
     code, _, err = cli("judge", "accuracy", good, "--judge", "markers", "--part", "all", "--out", tmp_path / "acc")
     assert code == 2 and "not empty" in err  # an existing report is kept unless --force

@@ -207,6 +207,13 @@ def measure_accuracy(labelled: Path, names: Sequence[str], opts: JudgeOptions, p
         report["judges"]["logit"] = info
     gold, roles = [r.label for r in chosen], [r.role for r in chosen]
     report["results"] = {name: judge_agreement(gold, roles, pred, four) for name, (pred, four) in predicted.items()}
+    for key, field in (("results_by_role", "role"), ("results_by_condition", "condition")):  # JSON only
+        groups = {str(r.role if field == "role" else r.data.get(field)): [] for r in chosen}
+        for i, r in enumerate(chosen):
+            groups[str(r.role if field == "role" else r.data.get(field))].append(i)
+        report[key] = {g: {name: judge_agreement([gold[i] for i in idx], [roles[i] for i in idx],
+                                                 [pred[i] for i in idx], four)
+                           for name, (pred, four) in predicted.items()} for g, idx in groups.items()}
     report["markdown"] = markdown_tables(report["results"])
     if out_dir is not None:
         with atomic_dir(out_dir, force) as tmp:
