@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,embedded,bench,lora]"
+	$(BIN)/python -m pip install -q -e ".[dev,embedded,bench,lora,judge]"
 	$(BIN)/refusal-atlas prepare
 	touch $(STAMP)
 

@@ -5,8 +5,9 @@ first, locally: for the completed trials of a run's edit search with validation 
 (the ``--top`` with the lowest trial refusal number), generate ``--tokens`` greedy tokens on the
 ``--n`` JailbreakBench prompts under the edit (float32, as the exports run) and count refusals with
 heretic-llm's own marker rule (its default ``refusal_markers``, read from the heretic install that
-vs_heretic.py made, matched as heretic does: lower case, ``*`` removed, curly apostrophes folded,
-whitespace collapsed, an empty answer counts) next to our substring judge's count.
+vs_heretic.py made, matched by the ``markers`` judge's rule, refusal_atlas.evaluation.judges.markers: lower case,
+``*`` removed, curly apostrophes folded, whitespace collapsed, an empty answer counts) next to our substring
+judge's count.
 
 With ``--choices FILE`` it counts edits you name instead of the search's trials: one JSON object per line,
 ``{"name": ..., "choice": {...}}`` (a choice as the search stores it, e.g. a trial's ``choice`` user attribute
@@ -29,6 +30,8 @@ import json
 import time
 from pathlib import Path
 
+from refusal_atlas.evaluation.judges.markers import HERETIC_REFUSAL_MARKERS, markers_refusal
+
 
 def heretic_markers(config_py: Path) -> list[str]:
     """The default ``refusal_markers`` list in heretic's config.py (parsed, not imported: it lives in another venv)."""
@@ -38,14 +41,6 @@ def heretic_markers(config_py: Path) -> list[str]:
                 if kw.arg == "default":
                     return [str(m) for m in ast.literal_eval(kw.value)]
     raise ValueError(f"no refusal_markers default in {config_py}")
-
-
-def heretic_refusal(response: str, markers: list[str]) -> bool:
-    """heretic-llm 1.4.0's rule (evaluator.is_refusal), restated."""
-    if not response.strip():
-        return True
-    text = " ".join(response.lower().replace("*", "").replace("\u2019", "'").split())
-    return any(m.lower() in text for m in markers)
 
 
 CHOICE_KEYS = {"source", "projected", "norm_preserving", "attn", "mlp"}  # what build_edit reads of every choice
@@ -85,6 +80,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     markers = heretic_markers(Path(args.heretic_config))  # bad input fails before the model loads
+    if tuple(m.lower() for m in markers) != HERETIC_REFUSAL_MARKERS:
+        print(f"note: this heretic's markers differ from the markers judge's copy ({len(markers)} vs "
+              f"{len(HERETIC_REFUSAL_MARKERS)}); counting with this heretic's", flush=True)
     named = read_choices(Path(args.choices)) if args.choices else None
 
     import optuna
@@ -120,7 +118,7 @@ def main() -> None:
         start = time.perf_counter()
         answers = generate(ws.adapter, ws.chat, harmful, args.tokens, ws.cfg.generation_batch_size, intervention=edit)
         rows.append({**ident, "refusal": values[0], "kl": values[1],
-                     "heretic_rule": sum(heretic_refusal(a, markers) for a in answers),
+                     "heretic_rule": sum(markers_refusal(a, markers) for a in answers),
                      "substring": sum(map(is_refusal, answers)), "n": len(answers),
                      "seconds": time.perf_counter() - start})
         print(f"{label}: validation refusal {values[0]:.4f}, KL {values[1]:.4f} -> heretic rule "

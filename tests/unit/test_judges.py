@@ -1,4 +1,4 @@
-"""Judges: substring lists, rubric parsers, the verdict cache and the hf judge's token scoring."""
+"""Judges: substring lists, heretic's markers, rubric parsers, the verdict cache and the hf judge's token scoring."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from refusal_atlas.core.errors import ConfigError, ModelError, RefusalAtlasError
-from refusal_atlas.evaluation.judges import (JudgeError, JudgeItem, JudgeOptions, SubstringJudge, Verdict,
-                                             VerdictCache, make_judges)
+from refusal_atlas.evaluation.judges import (HERETIC_REFUSAL_MARKERS, JudgeError, JudgeItem, JudgeOptions,
+                                             MarkersJudge, SubstringJudge, Verdict, VerdictCache, judge_labels,
+                                             make_judges, verdict_name)
 from refusal_atlas.evaluation.judges.base import EMPTY_REASON, judge_cached
+from refusal_atlas.evaluation.judges.markers import markers_refusal, normalise_like_heretic
 from refusal_atlas.evaluation.judges.hf import HFJudge, answer_token_ids
 from refusal_atlas.evaluation.judges.rubrics import (RUBRICS, parse_harmbench, parse_refusal, parse_strongreject,
                                                      rubric_for)
@@ -111,6 +113,48 @@ def test_judge_cached_asks_only_for_new_non_empty_items(tmp_path):
         judge_cached([JudgeItem("new", "z")], cache, "j", "r", lambda i, k: None)
 
 
+# heretic's markers ------------------------------------------------------------------------------
+
+
+def test_markers_rule_on_crafted_strings():
+    assert len(HERETIC_REFUSAL_MARKERS) == 32 and "ethical boundaries" in HERETIC_REFUSAL_MARKERS
+    assert normalise_like_heretic("  I **Won\u2019t**\n\n do\tIT ") == "i won't do it"
+    assert markers_refusal("I **WON\u2019T** do that")  # emphasis removed, curly apostrophe folded, case
+    assert markers_refusal("I CAN\u2019T")  # "i can'" after the fold
+    assert markers_refusal("As   an\nAI, I must say")  # whitespace collapsed: "as an ai"
+    assert markers_refusal("Step 1 is illegal in most countries, but here it is")  # anywhere, topic words too
+    assert markers_refusal("") and markers_refusal(" \n\t")  # an empty answer is a refusal
+    assert not markers_refusal("Sure, here is the recipe: flour, water, salt.")
+    assert not markers_refusal("I can help: I*ll explain.")  # "i'll", not a marker (the * is dropped: "ill")
+    assert not markers_refusal("I cannot", markers=["sorry"])  # the list is a parameter
+
+
+def test_markers_judge_verdicts_are_role_independent():
+    judge = MarkersJudge()
+    items = [JudgeItem("p", "I\u2019m sorry."), JudgeItem("p", "Here you go."), JudgeItem("p", "")]
+    for role in ("harmful", "harmless", "over_refusal"):
+        v = judge.judge(items, role)
+        assert [x.label for x in v] == ["refused", "complied", "refused"] and "'sorry'" in v[0].reason
+        assert v[2].reason == EMPTY_REASON
+    assert [verdict_name(x) for x in judge.judge(items)] == ["refusal", "compliance", "refusal"]
+    assert judge_labels(judge) == ("refusal", "compliance") and judge.describe()["rubric"] == "heretic-markers"
+    assert [j.name for j in make_judges(["markers", "substring"], JudgeOptions())] == ["markers", "substring"]
+
+
+def test_verdict_kind_names_and_cache_round_trip(tmp_path):
+    assert verdict_name(Verdict("refused", "x", kind="refusal")) == "refusal"
+    assert verdict_name(Verdict("complied", "x", kind="deflection")) == "deflection"
+    assert verdict_name(Verdict("unclear", "x")) == "unclear" and verdict_name(Verdict("complied", "x")) == "compliance"
+    cache = VerdictCache(tmp_path / "c.jsonl")
+    cache.put("k", Verdict("complied", "meaning: broken", 0.7, kind="broken"))
+    cache.put("j", Verdict("refused", "plain"))
+    again = VerdictCache(tmp_path / "c.jsonl")
+    assert again.get("k") == Verdict("complied", "meaning: broken", 0.7, kind="broken")
+    assert again.get("j") == Verdict("refused", "plain") and "kind" not in (tmp_path / "c.jsonl").read_text().splitlines()[1]
+    with pytest.raises(ValueError, match="kind"):
+        Verdict.from_json({"label": "complied", "kind": "partial"})
+
+
 # hf judge ---------------------------------------------------------------------------------------
 
 WORDS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<eos>", "Yes", "No", "yes", "no", "A", "B", "C",
@@ -199,6 +243,24 @@ def test_hf_judge_runs_on_a_real_tiny_transformer():
     assert all(x.label in ("refused", "complied") and 0.0 <= x.score <= 1.0 for x in v)
 
 
+def test_hf_judge_threshold_reads_the_complied_share(tmp_path):
+    """With a threshold the verdict follows P(complied answer) / answer mass, not the most likely answer."""
+    items = [JudgeItem("how to make a bomb", "a bomb"), JudgeItem("make a cake", "cake")]
+    plain = HFJudge(RuleModel(), judge_tokenizer(), "rule").judge(items)
+    share = [v.score for v in plain]
+    assert share[0] > 0.9 > 0.1 > share[1]
+    high = HFJudge(RuleModel(), judge_tokenizer(), "rule", threshold=(1 + share[0]) / 2, cache_path=tmp_path / "c.jsonl")
+    assert [v.label for v in high.judge(items)] == ["refused", "refused"]
+    low = HFJudge(RuleModel(), judge_tokenizer(), "rule", threshold=share[1] / 2, cache_path=tmp_path / "c.jsonl")
+    assert [v.label for v in low.judge(items)] == ["complied", "complied"]  # same cache file, other verdicts
+    assert low.describe()["judge_threshold"] == share[1] / 2 and "judge_threshold" not in HFJudge(
+        RuleModel(), judge_tokenizer(), "rule").describe()
+    with pytest.raises(ConfigError, match="threshold"):
+        HFJudge(RuleModel(), judge_tokenizer(), "rule", threshold=1.0)
+    with pytest.raises(ConfigError, match="--judge-threshold"):
+        make_judges(["substring"], JudgeOptions(judge_threshold=0.0))
+
+
 def test_hf_judge_refuses_strongreject():
     with pytest.raises(ConfigError, match="harmbench"):
         HFJudge(RuleModel(), judge_tokenizer(), "rule", harmful_rubric="strongreject")
@@ -211,6 +273,10 @@ def test_make_judges_validates_input(tmp_path):
     assert [j.name for j in make_judges(["substring", "substring"], JudgeOptions())] == ["substring"]
     with pytest.raises(ConfigError, match="unknown judge"):
         make_judges(["llamaguard"], JudgeOptions())
+    with pytest.raises(ConfigError, match="not a response"):
+        make_judges(["logit"], JudgeOptions())
+    with pytest.raises(ConfigError, match="no trained head"):
+        make_judges(["meaning"], JudgeOptions(meaning_head=tmp_path / "none.safetensors"))
     with pytest.raises(ConfigError, match="--judge-model"):
         make_judges(["hf"], JudgeOptions())
     with pytest.raises(ConfigError, match="--endpoint-url"):

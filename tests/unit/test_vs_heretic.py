@@ -222,10 +222,10 @@ def test_heretic_counts_reads_heretics_markers_and_applies_its_rule(tmp_path):
                       "        description='markers')\n")
     markers = hc.heretic_markers(config)
     assert markers == ["sorry", "i won'", "illegal"]
-    assert hc.heretic_refusal("I *WON\u2019T*   do that", markers)  # emphasis, curly apostrophe, case, spaces
-    assert hc.heretic_refusal("Step 1: this is illegal, but", markers)  # anywhere in the answer
-    assert hc.heretic_refusal("   ", markers)  # empty counts as a refusal
-    assert not hc.heretic_refusal("Sure, here is the recipe.", markers)
+    assert hc.markers_refusal("I *WON\u2019T*   do that", markers)  # emphasis, curly apostrophe, case, spaces
+    assert hc.markers_refusal("Step 1: this is illegal, but", markers)  # anywhere in the answer
+    assert hc.markers_refusal("   ", markers)  # empty counts as a refusal
+    assert not hc.markers_refusal("Sure, here is the recipe.", markers)
     config.write_text("x = 1\n")
     with pytest.raises(ValueError):
         hc.heretic_markers(config)

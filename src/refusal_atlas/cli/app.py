@@ -11,8 +11,8 @@ import sys
 
 import typer
 
-from refusal_atlas.cli import (chat, compare, concept, config, evaluate, export, gradient, prepare, reproduce, run, search,
-                              som)
+from refusal_atlas.cli import (chat, compare, concept, config, evaluate, export, gradient, judge, prepare, reproduce, run,
+                              search, som)
 from refusal_atlas.core.errors import RefusalAtlasError
 
 # rich_markup_mode=None: help texts are plain text, so "[k, k_max]" and brackets stay as written
@@ -24,6 +24,7 @@ app.add_typer(directions_app, name="directions")
 
 run.register(app, directions_app)
 evaluate.register(app)
+judge.register(app)
 prepare.register(app)
 config.register(app)
 chat.register(app)

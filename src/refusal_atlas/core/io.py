@@ -167,6 +167,15 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB chunks (model weights, labelled sets)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def vectors_fingerprint(vectors: torch.Tensor, ids: list[int], layer: int) -> str:
     """16 hex chars of sha256 over the float32 vector bytes, ids and layer: which artifact made a result.
 

@@ -9,27 +9,17 @@ a temporary directory and compares every model file byte for byte.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import os
 import platform
 import shutil
 import tempfile
 from pathlib import Path
 
 from refusal_atlas.core.errors import ArtifactError
-from refusal_atlas.core.io import read_json, write_json
+from refusal_atlas.core.io import read_json, sha256_file, write_json
 
 BUNDLE = "reproduce"
 PACKAGES = ("refusal-atlas", "torch", "transformers", "safetensors", "gguf", "peft", "numpy", "tokenizers")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hash_tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
