@@ -13,7 +13,6 @@ import hashlib
 import importlib.metadata
 import os
 import platform
-import shutil
 import tempfile
 from pathlib import Path
 

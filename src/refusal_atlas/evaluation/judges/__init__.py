@@ -32,6 +32,7 @@ class JudgeOptions:
     timeout: float = 60.0
     max_tries: int = 5
     device: str | None = None
+    api_key: str | None = None  # endpoint judge: a bearer token (the CLI reads $OPENAI_API_KEY)
 
 
 def check_judges(names: list[str], opts: JudgeOptions) -> None:
@@ -74,7 +75,7 @@ def make_judges(names: list[str], opts: JudgeOptions, reuse: dict | None = None)
             assert opts.endpoint_url is not None
             judge = EndpointJudge(opts.endpoint_url, opts.endpoint_model or "",
                                   harmful_rubric=opts.endpoint_rubric, concurrency=opts.concurrency,
-                                  timeout=opts.timeout, max_tries=opts.max_tries,
+                                  timeout=opts.timeout, max_tries=opts.max_tries, api_key=opts.api_key,
                                   cache_path=_cache(opts, f"endpoint__{safe_name(opts.endpoint_model or '')}"))
             judge.check_reachable()
             judges.append(judge)
