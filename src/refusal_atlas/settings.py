@@ -44,6 +44,7 @@ from refusal_atlas.core.errors import ConfigError
 
 ENV_PREFIX = "REFUSAL_ATLAS_"
 LOCAL_FILE = "refusal-atlas.toml"
+KILL_AFTER_ENV, WORK_LOG_ENV = f"{ENV_PREFIX}TEST_KILL_AFTER", f"{ENV_PREFIX}TEST_WORK_LOG"  # crash-test hooks
 
 
 class _Section(BaseModel):
@@ -237,16 +238,16 @@ assert len(FLAT) == sum(len(SECTIONS[s].model_fields) for s in FLAT_SECTIONS), "
 RUN_IDENTITY = ("model", "dtype", "chat_template", "system_prompt", "harmful_train", "harmless_train", "n_train",
                 "filter_train", "seed")
 
-Path_ = tuple[str, str]  # (section, field)
+SettingPath = tuple[str, str]  # (section, field)
 
 
-def key_of(path: Path_) -> str:
+def key_of(path: SettingPath) -> str:
     """A setting's name as users write it: flat for the recorded and runtime sections, ``section.field`` else."""
     section, name = path
     return name if section in FLAT_SECTIONS else f"{section}.{name}"
 
 
-def path_of(key: str) -> Path_:
+def path_of(key: str) -> SettingPath:
     """``n_train`` or ``data.n_train`` → ("data", "n_train"); a ConfigError for an unknown name."""
     section, dot, name = key.partition(".")
     if dot and section in SECTIONS and name in SECTIONS[section].model_fields:
@@ -262,16 +263,16 @@ def field_info(key: str):
 
 
 # --- reading the layers ----------------------------------------------------------------------------------
-def nest(values: Mapping[str, Any], where: str, strict: bool = True) -> dict[Path_, Any]:
+def nest(values: Mapping[str, Any], where: str, strict: bool = True) -> dict[SettingPath, Any]:
     """A mapping of settings in any accepted form → {(section, field): value}.
 
     Accepted: flat names (``n_train``), dotted names (``data.n_train``) and section tables
     (``{"data": {"n_train": 64}}``). ``strict``: an unknown name is an error naming ``where`` (else skipped,
     as for an old manifest).
     """
-    out: dict[Path_, Any] = {}
+    out: dict[SettingPath, Any] = {}
 
-    def put(path: Path_, value: Any, written: str) -> None:
+    def put(path: SettingPath, value: Any, written: str) -> None:
         if path in out:
             raise ConfigError(f"setting {key_of(path)} is given twice in {where} (once as {written})")
         out[path] = value
@@ -287,7 +288,7 @@ def nest(values: Mapping[str, Any], where: str, strict: bool = True) -> dict[Pat
                                       "the names)")
             continue
         try:
-            put(path_of(key), value, key)
+            path = path_of(key)
         except ConfigError:
             if not strict:
                 continue
@@ -295,10 +296,11 @@ def nest(values: Mapping[str, Any], where: str, strict: bool = True) -> dict[Pat
             hint = f"; it lives in a section: {' or '.join(f'[{s}] {key}' for s in nested)}" if nested else ""
             raise ConfigError(f"unknown setting {key!r} in {where} (see `refusal-atlas config` for the names)"
                               f"{hint}") from None
+        put(path, value, key)
     return out
 
 
-def read_toml(path: Path, what: str = "config file") -> dict[Path_, Any]:
+def read_toml(path: Path, what: str = "config file") -> dict[SettingPath, Any]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -326,7 +328,7 @@ def _env_classes() -> tuple[type, type]:
     return flat, nested
 
 
-def read_env(environ: Mapping[str, str] | None = None) -> dict[Path_, tuple[Any, str]]:
+def read_env(environ: Mapping[str, str] | None = None) -> dict[SettingPath, tuple[Any, str]]:
     """Settings set as ``REFUSAL_ATLAS_<NAME>`` or ``REFUSAL_ATLAS_<SECTION>__<NAME>`` → (value, variable).
 
     Variables that name no setting (``REFUSAL_ATLAS_TEST_*``, typos of flat names) are ignored, as
@@ -339,7 +341,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> dict[Path_, tuple[Any,
     prefix = ENV_PREFIX.lower()
     ours = {k: v for k, v in env.items() if k.startswith(prefix)}
     flat_cls, nested_cls = _env_classes()
-    out: dict[Path_, tuple[Any, str]] = {}
+    out: dict[SettingPath, tuple[Any, str]] = {}
     try:
         source = EnvSettingsSource(flat_cls, case_sensitive=False, env_prefix=ENV_PREFIX)
         source.env_vars = {k: v for k, v in ours.items() if "__" not in k[len(prefix):]}
@@ -389,9 +391,9 @@ def layers_active() -> bool:
 
 
 def _layers(base: Mapping[str, Any] | None, config_file: str | Path | None, layered: bool,
-            environ: Mapping[str, str] | None, cwd: str | Path | None) -> list[tuple[str, dict[Path_, tuple[Any, str]]]]:
+            environ: Mapping[str, str] | None, cwd: str | Path | None) -> list[tuple[str, dict[SettingPath, tuple[Any, str]]]]:
     """(layer name, {path: (value, source)}), lowest first."""
-    def labelled(values: dict[Path_, Any], label: str) -> dict[Path_, tuple[Any, str]]:
+    def labelled(values: dict[SettingPath, Any], label: str) -> dict[SettingPath, tuple[Any, str]]:
         return {p: (v, label) for p, v in values.items()}
 
     layers = []
@@ -542,8 +544,7 @@ def test_hooks(environ: Mapping[str, str] | None = None) -> dict[str, str | None
     """The crash-test instrumentation (core/crashpoints.py): ``REFUSAL_ATLAS_TEST_KILL_AFTER`` and
     ``REFUSAL_ATLAS_TEST_WORK_LOG``, unset outside tests. Not settings: nothing but a test sets them."""
     env = os.environ if environ is None else environ
-    return {"kill_after": env.get(f"{ENV_PREFIX}TEST_KILL_AFTER") or None,
-            "work_log": env.get(f"{ENV_PREFIX}TEST_WORK_LOG") or None}
+    return {"kill_after": env.get(KILL_AFTER_ENV) or None, "work_log": env.get(WORK_LOG_ENV) or None}
 
 
 test_hooks.__test__ = False  # type: ignore[attr-defined]  # a name pytest would otherwise collect

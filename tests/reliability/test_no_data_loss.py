@@ -117,6 +117,25 @@ def test_select_override_reaches_the_manifest(tmp_path, tiny_model_dir):
     assert json.loads((r / "manifest.json").read_text())["config"]["selection"]["kl_threshold"] == 0.25
 
 
+def test_a_run_with_an_old_flat_manifest_reopens_and_keeps_its_settings(tmp_path, tiny_model_dir):
+    """A manifest written before the settings had sections (a flat ``config``) still guards its run: a stale
+    change is refused, and reopening it rewrites the same values in sections."""
+    from refusal_atlas.settings import run_settings
+    from refusal_atlas.workflows.run import run
+    from refusal_atlas.workflows.workspace import reopen_workspace
+
+    r = tmp_path / "r"
+    ws, _ = run(_tiny_cfg(tiny_model_dir), r)
+    nested = ws.settings.run_config()
+    manifest = json.loads((r / "manifest.json").read_text())
+    (r / "manifest.json").write_text(json.dumps({**manifest, "config": ws.settings.flat()}))
+    with pytest.raises(ConfigError, match=r"seed: 0 \(run\) vs 2 \(now\)"):
+        reopen_workspace(r, {"seed": 2})
+    assert run_settings(json.loads((r / "manifest.json").read_text())) == ws.settings
+    reopen_workspace(r)
+    assert json.loads((r / "manifest.json").read_text())["config"] == nested
+
+
 @pytest.fixture(scope="module")
 def never_refusing_model(tmp_path_factory):
     """The tiny model with the refusal-start tokens' unembedding rows pushed far down."""

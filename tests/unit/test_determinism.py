@@ -35,7 +35,7 @@ def test_seed_everything_drives_python_numpy_and_torch():
 def _pipeline(model_dir, path, seed: int):
     from refusal_atlas.directions.som import SomDirections
     from refusal_atlas.workflows.run import run
-    from refusal_atlas.search.subsets import SearchSettings
+    from refusal_atlas.settings import SearchSettings
     from refusal_atlas.workflows.som import search_step, som_step
     from refusal_atlas.workflows.workspace import load_prompt_sets
 

@@ -10,7 +10,7 @@ import sys
 from refusal_atlas.model.activations import extract
 from refusal_atlas.directions.dim import difference_in_means
 from refusal_atlas.directions.select import select_direction
-from refusal_atlas.directions.select_checkpoint import KILL_ENV
+from refusal_atlas.settings import KILL_AFTER_ENV as KILL_ENV
 from refusal_atlas.evaluation.refusal import refusal_token_ids
 from refusal_atlas.model import ChatFormatter, ModelAdapter
 

@@ -167,6 +167,8 @@ def test_section_names_errors_name_the_setting_and_its_layer(tmp_path):
     (tmp_path / "twice.toml").write_text("n_train = 4\n[data]\nn_train = 5\n")
     with pytest.raises(ConfigError, match="n_train is given twice"):
         resolve_settings(None, tmp_path / "twice.toml", layered=False)
+    with pytest.raises(ConfigError, match="n_train is given twice"):
+        resolve_settings({"data": {"n_train": 4}, "n_train": 5}, layered=False)
     (tmp_path / "flat_search.toml").write_text("score_tokens = 4\n")
     with pytest.raises(ConfigError, match=r"unknown setting 'score_tokens'.*\[search\] score_tokens"):
         resolve_settings(None, tmp_path / "flat_search.toml", layered=False)

@@ -236,3 +236,21 @@ def search_subsets(run_dir: Path, overrides: dict[str, Any], *, trials: int | No
     sets = load_prompt_sets(ws.settings)
     summary = search_step(ws, sets, search, until=until, storage=storage)
     return summary, compare_step(ws, sets) if search.compare else None
+
+
+# --- compare -------------------------------------------------------------------------------------------------
+def compare(run_dirs: list[Path], out: Path | None = None) -> tuple[str, list[Path]]:
+    """`compare`: one Markdown table over the evaluated artifacts of ``run_dirs`` (and, with ``out``,
+    compare.md + compare.json written there) → (the table, the files written)."""
+    for d in run_dirs:
+        check_run_dir(d)  # the same run-directory checks as every verb, before any work
+    from refusal_atlas.core.io import write_text
+    from refusal_atlas.workflows.compare import collect, to_json, to_markdown
+
+    rows = collect(run_dirs)
+    table = to_markdown(rows)
+    if out is None:
+        return table, []
+    write_text(out / "compare.md", table)
+    write_text(out / "compare.json", to_json(rows))
+    return table, [out / "compare.md", out / "compare.json"]
