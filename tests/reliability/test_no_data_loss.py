@@ -184,13 +184,13 @@ def test_low_refusal_allowed_continues_with_a_recorded_warning(tmp_path, tiny_mo
 
 
 def test_ctrl_c_exits_130_with_a_message(monkeypatch, capsys):
-    import refusal_atlas.workflows.validate as validate
+    import refusal_atlas.workflows.verbs as verbs
     from refusal_atlas.cli import main
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(validate, "check_new_run_dir", interrupt)
+    monkeypatch.setattr(verbs, "check_new_run_dir", interrupt)  # the first step of `run`
     monkeypatch.setattr(sys, "argv", ["refusal-atlas", "run", "-r", "x"])
     with pytest.raises(SystemExit) as exc:
         main()

@@ -9,6 +9,7 @@ verbs whose whole job is light (evaluate, export, chat) live in workflows/evalua
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +27,13 @@ if TYPE_CHECKING:
     from refusal_atlas.workflows.workspace import Workspace
 
 
-def run_seed(run_dir: str | Path, seed: int | None) -> int:
+def _run_seed(run_dir: str | Path, seed: int | None) -> int:
     """``seed`` if given, else the run's recorded seed (its manifest; 0 without one)."""
     if seed is not None:
         return seed
     manifest = Path(run_dir) / "manifest.json"
     if not manifest.is_file():
         return 0
-    import json
-
     return int(flat_config(json.loads(manifest.read_text(encoding="utf-8")).get("config", {})).get("seed", 0))
 
 
@@ -125,7 +124,7 @@ def som(run_dir: Path, *, grid: str = "4x4", sigma: float = 0.33, lr: float = 0.
 
     run = RunDir(run_dir)
     builder = SomDirections(grid=parse_grid(grid), sigma=sigma, lr=lr, iterations=iterations,
-                            seed=run_seed(run_dir, seed), lr_schedule=lr_schedule)  # type: ignore[arg-type]
+                            seed=_run_seed(run_dir, seed), lr_schedule=lr_schedule)  # type: ignore[arg-type]
     return som_step(run, builder, layer=layer), run.direction_path("som")
 
 
