@@ -19,8 +19,8 @@ from refusal_atlas.data import load_prompts
 from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs, refusal_score
 from refusal_atlas.model.generation import generate
 from refusal_atlas.edits import DirectionalAblation
-from refusal_atlas.workflows.run import config_from_run, load_dim_candidates
-from refusal_atlas.workflows.workspace import open_workspace
+from refusal_atlas.workflows.run import load_dim_candidates
+from refusal_atlas.workflows.workspace import reopen_workspace
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -37,19 +37,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--layers", default="4,6,8,10,12,13,14,15,16,18")
     args = ap.parse_args()
-    ws = open_workspace(config_from_run(args.run_dir), args.run_dir, must_exist=True)
-    cands = load_dim_candidates(ws)
-    prompts = [p.instruction for p in load_prompts(ws.cfg.harmful_val, n=args.n, seed=ws.cfg.seed)]
+    ws = reopen_workspace(args.run_dir)
+    cands = load_dim_candidates(ws.run)
+    prompts = [p.instruction for p in load_prompts(ws.settings.data.harmful_val, n=args.n, seed=ws.settings.data.seed)]
     cheap, dear, t_cheap, t_dear = [], [], 0.0, 0.0
     layers = [int(x) for x in args.layers.split(",")]
     for layer in layers:
         spec = DirectionalAblation.from_directions(cands.at(layer=layer, position=-1))
         t = time.perf_counter()
-        lp = next_token_logprobs(ws.adapter, ws.chat, prompts, ws.cfg.batch_size, intervention=spec)
+        lp = next_token_logprobs(ws.adapter, ws.chat, prompts, ws.settings.model.batch_size, intervention=spec)
         cheap.append(float(refusal_score(lp, ws.refusal_ids).mean()))
         t_cheap += time.perf_counter() - t
         t = time.perf_counter()
-        out = generate(ws.adapter, ws.chat, prompts, max_new_tokens=args.tokens, batch_size=ws.cfg.batch_size,
+        out = generate(ws.adapter, ws.chat, prompts, max_new_tokens=args.tokens, batch_size=ws.settings.model.batch_size,
                        intervention=spec)
         dear.append(sum(map(is_refusal, out)) / len(out))
         t_dear += time.perf_counter() - t

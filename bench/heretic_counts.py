@@ -93,10 +93,9 @@ def main() -> None:
     from refusal_atlas.model.generation import generate
     from refusal_atlas.search.edit_space import build_edit
     from refusal_atlas.search.trial import StagedObjective
-    from refusal_atlas.workflows.run import config_from_run
-    from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
+    from refusal_atlas.workflows.workspace import load_prompt_sets, reopen_workspace
 
-    ws = open_workspace(config_from_run(args.run_dir), args.run_dir, must_exist=True)
+    ws = reopen_workspace(args.run_dir)
     harmful = [p.instruction for p in load_prompts("jailbreakbench", n=args.n, seed=0)]
     ctx = EditContext.from_run(ws.run.path)
     if named is None:
@@ -105,10 +104,10 @@ def main() -> None:
         edits = [(f"trial {t.number}", {"trial": t.number}, t.user_attrs["choice"], tuple(t.values))
                  for t in trials[: args.top]]
     else:
-        sets = load_prompt_sets(ws.cfg)
+        sets = load_prompt_sets(ws.settings)
         objective = StagedObjective(ws.adapter, ws.chat, [p.instruction for p in sets.harmful_val],
                                     [p.instruction for p in sets.harmless_val], ws.refusal_ids,
-                                    batch_size=ws.cfg.batch_size)
+                                    batch_size=ws.settings.model.batch_size)
         edits = [(name, {"name": name, "choice": choice}, choice, None) for name, choice in named]
     rows = []
     for label, ident, choice, values in edits:
@@ -116,7 +115,7 @@ def main() -> None:
         if values is None:
             values = objective(edit)
         start = time.perf_counter()
-        answers = generate(ws.adapter, ws.chat, harmful, args.tokens, ws.cfg.generation_batch_size, intervention=edit)
+        answers = generate(ws.adapter, ws.chat, harmful, args.tokens, ws.settings.evaluation.generation_batch_size, intervention=edit)
         rows.append({**ident, "refusal": values[0], "kl": values[1],
                      "heretic_rule": sum(markers_refusal(a, markers) for a in answers),
                      "substring": sum(map(is_refusal, answers)), "n": len(answers),

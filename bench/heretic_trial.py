@@ -41,14 +41,13 @@ def main() -> None:
     from refusal_atlas.search.sources import EditContext
     from refusal_atlas.search.edit_space import build_edit
     from refusal_atlas.search.trial import StagedObjective
-    from refusal_atlas.workflows.run import config_from_run
-    from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
+    from refusal_atlas.workflows.workspace import load_prompt_sets, reopen_workspace
 
-    ws = open_workspace(config_from_run(run), run, must_exist=True)
-    sets = load_prompt_sets(ws.cfg)
+    ws = reopen_workspace(run)
+    sets = load_prompt_sets(ws.settings)
     objective = StagedObjective(ws.adapter, ws.chat, [p.instruction for p in sets.harmful_val],
                                 [p.instruction for p in sets.harmless_val], ws.refusal_ids,
-                                batch_size=ws.cfg.batch_size)
+                                batch_size=ws.settings.model.batch_size)
     edit = build_edit(choice, EditContext.from_run(run), name=f"heretic_trial_{args.trial}")
     refusal, kl = objective(edit)
     result = {"heretic_trial": args.trial, "params": theirs["params"], "choice": choice,
@@ -65,7 +64,7 @@ def main() -> None:
         if not out.exists():
             subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "export", "-r", str(run), "--edit",
                             edit.name, "--out", str(out)], check=True)
-        rc, lines = vs.run_logged([str(work / "venv" / "bin" / "heretic"), "--model", ws.cfg.model,
+        rc, lines = vs.run_logged([str(work / "venv" / "bin" / "heretic"), "--model", ws.settings.model.model,
                                    "--evaluate-model", str(out)], work / "heretic",
                                   work / f"evaluate_{edit.name}.log", vs.heretic_env())
         result["rebuilt_scored_by_heretic"] = {**vs.parse_evaluation([line for _, line in lines]), "rc": rc}

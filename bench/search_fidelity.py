@@ -36,12 +36,12 @@ from refusal_atlas.search.sources import EditContext
 from refusal_atlas.evaluation.refusal import is_refusal
 from refusal_atlas.model.generation import greedy_generate
 from refusal_atlas.core.io import write_json
-from refusal_atlas.workflows.run import config_from_run
 from refusal_atlas.search.study import completed, open_study
 from refusal_atlas.search.edit_space import build_edit
 from refusal_atlas.search.trial import REFUSAL_STATS, PruneRule
-from refusal_atlas.workflows.search import EditSearchSettings, edit_search_step
-from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
+from refusal_atlas.settings import SearchSettings
+from refusal_atlas.workflows.search import edit_search_step
+from refusal_atlas.workflows.workspace import load_prompt_sets, reopen_workspace
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -111,11 +111,9 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="search and generate in this dtype (e.g. bfloat16)")
     args = ap.parse_args()
     overrides = {"n_val": args.n_val} if args.n_val else {}
-    ws = open_workspace(config_from_run(args.run_dir, overrides), args.run_dir, must_exist=True,
-                        allowed=tuple(overrides), load_dtype=args.dtype)
-    sets = load_prompt_sets(ws.cfg)
-    settings = EditSearchSettings(seed=args.seed, kl_threshold=ws.cfg.kl_threshold, prune=None,
-                                  refusal_stat=args.refusal_stat)
+    ws = reopen_workspace(args.run_dir, overrides, allowed=tuple(overrides), load_dtype=args.dtype)
+    sets = load_prompt_sets(ws.settings)
+    settings = SearchSettings(seed=args.seed, prune=False, refusal_stat=args.refusal_stat)
     t0 = time.perf_counter()
     summary = edit_search_step(ws, sets, settings, until=args.trials)
     search_s = time.perf_counter() - t0
@@ -134,14 +132,14 @@ def main() -> None:
         edit = build_edit(t.user_attrs["choice"], ctx)
         start = time.perf_counter()
         gens = greedy_generate(ws.adapter, ws.chat, prompts, max_new_tokens=args.tokens,
-                               batch_size=ws.cfg.batch_size, intervention=edit, desc="fidelity generate")
+                               batch_size=ws.settings.model.batch_size, intervention=edit, desc="fidelity generate")
         gen_s = time.perf_counter() - start
         rate = {m: sum(is_refusal(decode(g.token_ids[:m], skip_special_tokens=True)) for g in gens) / len(gens)
                 for m in [*few, args.tokens]}
         if len(rows) < args.time_few:
             for m in few:
                 start = time.perf_counter()
-                greedy_generate(ws.adapter, ws.chat, prompts, max_new_tokens=m, batch_size=ws.cfg.batch_size,
+                greedy_generate(ws.adapter, ws.chat, prompts, max_new_tokens=m, batch_size=ws.settings.model.batch_size,
                                 intervention=edit, desc=f"{m}-token generate")
                 few_s[m].append(time.perf_counter() - start)
         partial = t.user_attrs.get("partial") or {"refusal": float("nan"), "kl": float("nan")}
@@ -185,7 +183,7 @@ def main() -> None:
         cost = result["few_token_generation_s"].get(str(m))
         print(f"  {f'substring after {m} tokens':<28}{rho[f'substring@{m}']:>11.3f}  "
               f"{f'{cost:.1f} (generation, harmful only)' if cost is not None else '-'}")
-        print(f"  {f'  same, ties by logit':<28}{rho[f'substring@{m}+logit']:>11.3f}  (same cost)")
+        print(f"  {'  same, ties by logit':<28}{rho[f'substring@{m}+logit']:>11.3f}  (same cost)")
     print(f"  {f'substring after {args.tokens} (ref.)':<28}{1.0:>11.3f}  {med_gen:.1f} (generation, harmful only)")
     rp = result["pruning_replay"]
     print(f"pruning replay ({rp['rule']}): would prune {len(rp['pruned'])}/{len(rows)} trials {rp['pruned']}; "

@@ -27,12 +27,10 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "unit")]
 
 
 def build_run(model: str, root: Path, n_val: int) -> Path:
-    from refusal_atlas.config import load_config
     from refusal_atlas.directions.som import SomDirections
-    from refusal_atlas.workflows.run import dim_step, extract_step, select_step
-    from refusal_atlas.core.rundir import RunDir
+    from refusal_atlas.settings import load_settings
+    from refusal_atlas.workflows.run import build_direction
     from refusal_atlas.workflows.som import som_step
-    from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
     if model == "tiny":
         from refusal_atlas.model.saving import save_model_dir
@@ -43,12 +41,10 @@ def build_run(model: str, root: Path, n_val: int) -> Path:
         model, layer = str(root / "model"), 2
     else:
         layer = 16
-    cfg = load_config(None, dict(model=model, device="cpu", n_train=16, n_val=n_val, n_eval=4, max_new_tokens=2,
+    cfg = load_settings(None, dict(model=model, device="cpu", n_train=16, n_val=n_val, n_eval=4, max_new_tokens=2,
                                  filter_train=False, layer=layer, batch_size=16))
-    ws = open_workspace(cfg, root / "run")
-    sets = load_prompt_sets(cfg)
-    select_step(ws, dim_step(ws, extract_step(ws, sets)), sets)
-    som_step(RunDir(root / "run"), SomDirections(grid=(3, 3), iterations=2000))
+    ws, _, _ = build_direction(cfg, root / "run")
+    som_step(ws.run, SomDirections(grid=(3, 3), iterations=2000))
     return root / "run"
 
 
@@ -74,7 +70,7 @@ def main() -> None:
                 d = tmp / f"w{n}_{i}"
                 shutil.copytree(run, d, ignore=shutil.ignore_patterns("study.db*", "search.json"))
                 dirs.append(d)
-            cmd = ["search", "--storage", url, "--k", "2", "--trials", str(args.trials), "--seed", "0",
+            cmd = ["search", "subsets", "--storage", url, "--k", "2", "--trials", str(args.trials), "--seed", "0",
                    "--n-startup-trials", "2", "--n-val", str(args.n_val), "--no-evaluate"]
             start = time.perf_counter()
             procs = [subprocess.Popen([sys.executable, "-m", "refusal_atlas.cli", *cmd, "-r", str(d)],

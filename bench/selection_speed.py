@@ -22,8 +22,8 @@ from refusal_atlas.evaluation.completions import refusal_decided
 from refusal_atlas.evaluation.refusal import is_refusal, next_token_logprobs
 from refusal_atlas.model.generation import greedy_generate
 from refusal_atlas.edits import DirectionalAblation, NoEdit
-from refusal_atlas.workflows.run import config_from_run, load_dim_candidates
-from refusal_atlas.workflows.workspace import open_workspace
+from refusal_atlas.workflows.run import load_dim_candidates
+from refusal_atlas.workflows.workspace import reopen_workspace
 
 
 def paired(fast_fn, plain_fn, repeats: int):
@@ -46,17 +46,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    ws = open_workspace(config_from_run(args.run_dir), args.run_dir, must_exist=True)
-    cfg, cands = ws.cfg, load_dim_candidates(ws)
+    ws = reopen_workspace(args.run_dir)
+    data, cands = ws.settings.data, load_dim_candidates(ws.run)
+    batch_size, eval_harmful = ws.settings.model.batch_size, ws.settings.evaluation.eval_harmful
     layers = [int(x) for x in args.layers.split(",")]
-    harmful = [p.instruction for p in load_prompts(cfg.harmful_val, n=args.n, seed=cfg.seed)]
-    harmless = [p.instruction for p in load_prompts(cfg.harmless_val, n=args.n, seed=cfg.seed)]
+    harmful = [p.instruction for p in load_prompts(data.harmful_val, n=args.n, seed=data.seed)]
+    harmless = [p.instruction for p in load_prompts(data.harmless_val, n=args.n, seed=data.seed)]
 
     def select(fast: bool):
         return select_direction(ws.adapter, ws.chat, cands, harmful, harmless, ws.refusal_ids, layers=layers,
-                                positions=[-1], batch_size=cfg.batch_size, exhaustive=True, fast=fast)
+                                positions=[-1], batch_size=batch_size, exhaustive=True, fast=fast)
 
-    next_token_logprobs(ws.adapter, ws.chat, harmful[:2], cfg.batch_size)  # warm-up, untimed
+    next_token_logprobs(ws.adapter, ws.chat, harmful[:2], batch_size)  # warm-up, untimed
     t_fast, fast, t_plain, plain = paired(lambda: select(True), lambda: select(False), args.repeats)
     diff = max(abs(f[k] - p[k]) for f, p in zip(fast.scores, plain.scores) for k in ("refusal", "kl", "steering"))
     same = (fast.direction.layer, fast.direction.position) == (plain.direction.layer, plain.direction.position)
@@ -64,12 +65,12 @@ def main() -> None:
           f"ours {t_fast:.1f} s, plain {t_plain:.1f} s -> {t_plain / t_fast:.2f}x; "
           f"max score difference {diff:.2e}; same winner: {same}", flush=True)
 
-    held_out = [p.instruction for p in load_prompts(cfg.eval_harmful[0], n=args.n, seed=cfg.seed)]
+    held_out = [p.instruction for p in load_prompts(eval_harmful[0], n=args.n, seed=data.seed)]
     direction = cands.at(layer=layers[-1], position=-1)
     stop = refusal_decided(ws.chat.tokenizer)
     for spec in (NoEdit(), DirectionalAblation.from_directions(direction)):
         def gen(fast: bool):
-            return greedy_generate(ws.adapter, ws.chat, held_out, args.tokens, cfg.batch_size, spec,
+            return greedy_generate(ws.adapter, ws.chat, held_out, args.tokens, batch_size, spec,
                                    stop_when=stop if fast else None, fast=fast)
 
         t_fast, ours, t_plain, full = paired(lambda: gen(True), lambda: gen(False), args.repeats)
@@ -77,12 +78,12 @@ def main() -> None:
         agree = sum(is_refusal(dec(a.token_ids, skip_special_tokens=True)) == is_refusal(dec(b.token_ids,
                     skip_special_tokens=True)) for a, b in zip(ours, full))
         stopped = sum(g.stop == "decided" for g in ours)
-        print(f"generation {cfg.eval_harmful[0]} [{spec.label}] ({args.n} prompts x {args.tokens} tokens): "
+        print(f"generation {eval_harmful[0]} [{spec.label}] ({args.n} prompts x {args.tokens} tokens): "
               f"ours {t_fast:.1f} s, plain {t_plain:.1f} s -> {t_plain / t_fast:.2f}x; "
               f"verdicts equal {agree}/{len(ours)}; stopped early {stopped}", flush=True)
         t_fast, lp_fast, t_plain, lp_plain = paired(
-            lambda: next_token_logprobs(ws.adapter, ws.chat, held_out, cfg.batch_size, spec),
-            lambda: next_token_logprobs(ws.adapter, ws.chat, held_out, cfg.batch_size, spec, reuse_prefix=False),
+            lambda: next_token_logprobs(ws.adapter, ws.chat, held_out, batch_size, spec),
+            lambda: next_token_logprobs(ws.adapter, ws.chat, held_out, batch_size, spec, reuse_prefix=False),
             args.repeats)
         print(f"next-token pass [{spec.label}]: ours {t_fast:.2f} s, plain {t_plain:.2f} s -> "
               f"{t_plain / t_fast:.2f}x; max |dlogp| {(lp_fast - lp_plain).abs().max():.2e}", flush=True)

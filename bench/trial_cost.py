@@ -36,10 +36,9 @@ import torch
 from refusal_atlas.data import load_prompts
 from refusal_atlas.search.sources import EditContext
 from refusal_atlas.evaluation.objective import ValidationObjective
-from refusal_atlas.workflows.run import config_from_run
 from refusal_atlas.search.edit_space import EditSpace, build_edit
 from refusal_atlas.search.trial import StagedObjective
-from refusal_atlas.workflows.workspace import open_workspace
+from refusal_atlas.workflows.workspace import reopen_workspace
 
 
 def trial_flops(model, plan) -> float:
@@ -102,7 +101,7 @@ def main() -> None:
     other = json.loads(Path(args.compare).read_text()) if args.compare else None  # a bad path fails before the model loads
     run_dir = args.run_dir
     # --dtype loads the model in that dtype for this process only; the run's manifest is not touched
-    ws = open_workspace(config_from_run(run_dir), run_dir, must_exist=True, load_dtype=args.dtype)
+    ws = reopen_workspace(run_dir, load_dtype=args.dtype)
     harmful = [p.instruction for p in load_prompts("jailbreakbench", n=args.n, seed=0)]
     harmless = [p.instruction for p in load_prompts("harmless_val", n=args.n, seed=0)]
     ctx = EditContext.from_run(ws.run.path)
@@ -110,10 +109,10 @@ def main() -> None:
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(args.seed))
     choices = [space.suggest(study.ask()) for _ in range(args.trials)]
     t = time.perf_counter()
-    staged = StagedObjective(ws.adapter, ws.chat, harmful, harmless, ws.refusal_ids, batch_size=ws.cfg.batch_size)
+    staged = StagedObjective(ws.adapter, ws.chat, harmful, harmless, ws.refusal_ids, batch_size=ws.settings.model.batch_size)
     staged.baseline()
     staged._harmless_base()
-    plain = ValidationObjective(ws.adapter, ws.chat, harmful, harmless, ws.refusal_ids, batch_size=ws.cfg.batch_size)
+    plain = ValidationObjective(ws.adapter, ws.chat, harmful, harmless, ws.refusal_ids, batch_size=ws.settings.model.batch_size)
     plain._harmless_base()
     setup_s = time.perf_counter() - t
     nh = len(harmful)

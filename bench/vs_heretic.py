@@ -275,9 +275,9 @@ def heretic_env() -> dict:
 def our_config(args, model_dir: Path, n_val: int):
     """Our run's config: the same model folder, prompt counts, system prompt and response length as heretic's
     (``n_val``: the validation prompts per side of this step)."""
-    from refusal_atlas.config import load_config
+    from refusal_atlas.settings import load_settings
 
-    return load_config(None, dict(model=str(model_dir), n_train=args.n_dir, n_val=n_val, filter_train=False,
+    return load_settings(None, dict(model=str(model_dir), n_train=args.n_dir, n_val=n_val, filter_train=False,
                                   harmful_val="jailbreakbench", harmless_val="harmless_val", system_prompt=SYSTEM_PROMPT,
                                   max_new_tokens=args.tokens, seed=0))
 
@@ -309,21 +309,17 @@ def search_budget(args, heretic_wall_s: float | None, prep_s: float) -> str:
 def our_side(args, work: Path, model_dir: Path, heretic_wall_s: float | None) -> dict:
     """Extract + select (Python API; selection on the first --n-select validation prompts, as `run` does),
     then `refusal-atlas search` on all --n-eval of them (heretic's sets) within its budget."""
-    from refusal_atlas.workflows.run import dim_step, extract_step, select_step
-    from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
+    from refusal_atlas.workflows.run import build_direction
 
     run = work / "ours" / "run"
-    cfg = our_config(args, model_dir, args.n_select)
     t0 = time.monotonic()
-    ws = open_workspace(cfg, run, must_exist=run.exists())
-    sets = load_prompt_sets(ws.cfg)
-    select_step(ws, dim_step(ws, extract_step(ws, sets, resume=True, allow_low_refusal=True)), sets, resume=True)
+    ws, _, _ = build_direction(our_config(args, model_dir, args.n_select), run, resume=True, allow_low_refusal=True)
     prep_s = time.monotonic() - t0
     del ws
     budget = search_budget(args, heretic_wall_s, prep_s)
     print(f"our extract + select took {prep_s:.0f} s; searching with --budget {budget}", flush=True)
     t1 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run), "--budget", budget,
+    subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "search", "edits", "-r", str(run), "--budget", budget,
                     "--n-val", str(args.n_eval), *(["--dtype", args.our_dtype] if args.our_dtype else []),
                     *(["--max-kl", str(args.our_max_kl)] if args.our_max_kl else [])], check=True)
     search_s = time.monotonic() - t1

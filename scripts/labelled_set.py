@@ -238,7 +238,9 @@ def main(argv=None) -> int:
     selection = read_json(run_dir / "selection.json")
     if manifest.get("status") != "complete":
         print(f"warning: {run_dir} manifest status is {manifest.get('status')!r}", file=sys.stderr)
-    run_cfg, minfo = manifest.get("config", {}), manifest.get("model", {})
+    from refusal_atlas.settings import flat_config
+
+    run_cfg, minfo = flat_config(manifest.get("config", {})), manifest.get("model", {})  # flat names, any manifest
     sha = minfo.get("gguf_sha256") or minfo.get("sha256") or ""
     model_tag = f"{minfo.get('name', run_cfg.get('model'))}@{sha[:12]}" if sha else str(minfo.get("name"))
     out = Path(args.out)

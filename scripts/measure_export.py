@@ -21,8 +21,7 @@ from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.evaluation.exported import ExportedModel, exported_kind, load_exported
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.edits import DirectionalAblation
-from refusal_atlas.workflows.run import config_from_run
-from refusal_atlas.workflows.workspace import open_workspace
+from refusal_atlas.workflows.workspace import reopen_workspace
 
 
 def main() -> None:
@@ -32,10 +31,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    ws = open_workspace(config_from_run(args.run_dir), args.run_dir, must_exist=True)
-    harmful = [p.instruction for p in load_prompts("jailbreakbench", n=args.n, seed=ws.cfg.seed)]
-    harmless = [p.instruction for p in load_prompts("harmless_test", n=args.n, seed=ws.cfg.seed)]
-    bs = ws.cfg.batch_size
+    ws = reopen_workspace(args.run_dir)
+    harmful = [p.instruction for p in load_prompts("jailbreakbench", n=args.n, seed=ws.settings.data.seed)]
+    harmless = [p.instruction for p in load_prompts("harmless_test", n=args.n, seed=ws.settings.data.seed)]
+    bs = ws.settings.model.batch_size
 
     def score(spec) -> tuple[dict, object]:
         start = time.perf_counter()
@@ -52,7 +51,7 @@ def main() -> None:
     row, hook_lp = score(hook)
     rows["hook ablation"] = {**row, "kl_vs_original": float(next_token_kl(base_lp, hook_lp).mean()), "kl_vs_hook": 0.0}
     for path in args.exports:
-        loaded = load_exported(path, device=ws.cfg.device, dtype=ws.cfg.dtype)
+        loaded = load_exported(path, device=ws.settings.model.device, dtype=ws.settings.model.dtype)
         row, lp = score(ExportedModel(loaded.model, path, exported_kind(path)))
         rows[path.name] = {**row, "kl_vs_original": float(next_token_kl(base_lp, lp).mean()),
                            "kl_vs_hook": float(next_token_kl(hook_lp, lp).mean())}

@@ -29,32 +29,31 @@ from refusal_atlas.directions.repind import cross_ablation_change
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
 from refusal_atlas.evaluation.refusal import mean_refusal_score
 from refusal_atlas.edits import DirectionalAblation
-from refusal_atlas.workflows.run import config_from_run
-from refusal_atlas.workflows.workspace import open_workspace
+from refusal_atlas.workflows.workspace import reopen_workspace
 
 
 def mean_score(ws, prompts, spec=None) -> float:
-    return mean_refusal_score(ws.adapter, ws.chat, prompts, ws.refusal_ids, spec, ws.cfg.batch_size)
+    return mean_refusal_score(ws.adapter, ws.chat, prompts, ws.refusal_ids, spec, ws.settings.model.batch_size)
 
 
 def gen_record(ws, prompts, dataset, spec):
-    return evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=ws.cfg.max_new_tokens,
-                            batch_size=ws.cfg.batch_size, completions_path=ws.run.completions_path(dataset, spec.label))
+    return evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=ws.settings.evaluation.max_new_tokens,
+                            batch_size=ws.settings.model.batch_size, completions_path=ws.run.completions_path(dataset, spec.label))
 
 
 def measure_rdo(ws, out: dict) -> list[dict]:
-    cfg, run = ws.cfg, ws.run
+    cfg, run = ws.settings, ws.run
     dim, rdo = DirectionSet.load(run.direction_path("dim")), DirectionSet.load(run.direction_path("rdo"))
-    jbb = load_prompts("jailbreakbench", n=cfg.n_eval, seed=cfg.seed)
-    harmless = load_prompts(cfg.eval_harmless, n=cfg.n_eval, seed=cfg.seed)
+    jbb = load_prompts("jailbreakbench", n=cfg.evaluation.n_eval, seed=cfg.data.seed)
+    harmless = load_prompts(cfg.evaluation.eval_harmless, n=cfg.evaluation.n_eval, seed=cfg.data.seed)
     records = []
     t = time.perf_counter()
     rec = gen_record(ws, jbb, "jailbreakbench", DirectionalAblation.from_directions(rdo))
     rec["train_meta"] = {k: rdo.meta.get(k) for k in ("best_step", "stopped", "init", "cos_with_dim")}
     records.append(rec)
     dim_rec = next((r for r in run.metrics() if r.get("intervention") == "ablate:dim"
-                    and r.get("dataset") == "jailbreakbench" and r.get("n") == cfg.n_eval
-                    and r.get("max_new_tokens") == cfg.max_new_tokens), None)
+                    and r.get("dataset") == "jailbreakbench" and r.get("n") == cfg.evaluation.n_eval
+                    and r.get("max_new_tokens") == cfg.evaluation.max_new_tokens), None)
     if dim_rec is None:
         dim_rec = gen_record(ws, jbb, "jailbreakbench", DirectionalAblation.from_directions(dim))
         records.append(dim_rec)
@@ -65,9 +64,9 @@ def measure_rdo(ws, out: dict) -> list[dict]:
     kls = {}
     for name, d in (("dim", dim), ("rdo", rdo)):
         kls[name], base_lp = evaluate_kl(ws.adapter, ws.chat, harmless, DirectionalAblation.from_directions(d), base_lp,
-                                         cfg.batch_size)
+                                         cfg.model.batch_size)
         records.append({"intervention": f"ablate:{name}", "kind": "ablate", "method": name, "layer": d.layer,
-                        "dataset": cfg.eval_harmless, "judge": "none", "metric": "next_token_kl", "n": len(harmless),
+                        "dataset": cfg.evaluation.eval_harmless, "judge": "none", "metric": "next_token_kl", "n": len(harmless),
                         "kl": kls[name]})
     texts = [p.instruction for p in jbb]
     scores = {"none": mean_score(ws, texts), "dim": mean_score(ws, texts, DirectionalAblation.from_directions(dim)),
@@ -77,18 +76,18 @@ def measure_rdo(ws, out: dict) -> list[dict]:
     out["rdo"] = {"jbb_refusal_rate": {"baseline": base and base["refusal_rate"], "dim": dim_rec["refusal_rate"],
                                        "rdo": rec["refusal_rate"]},
                   "jbb_ci95": {"dim": dim_rec["ci95"], "rdo": rec["ci95"]},
-                  "harmless_test_kl": kls, "jbb_mean_refusal_score": scores, "n": cfg.n_eval,
+                  "harmless_test_kl": kls, "jbb_mean_refusal_score": scores, "n": cfg.evaluation.n_eval,
                   "cos_rdo_dim": float(rdo.unit()[0] @ dim.unit()[0])}
     return records
 
 
 def measure_cone(ws, out: dict, n_prompts: int, n_samples: int, n_random: int) -> list[dict]:
-    cfg, run = ws.cfg, ws.run
+    cfg, run = ws.settings, ws.run
     cone = DirectionSet.load(run.direction_path("cone"))
-    prompts = load_prompts("jailbreakbench", n=n_prompts, seed=cfg.seed)
+    prompts = load_prompts("jailbreakbench", n=n_prompts, seed=cfg.data.seed)
     texts = [p.instruction for p in prompts]
     rep = evaluate_cone(ws.adapter, ws.chat, cone, texts, ws.refusal_ids, n_samples=n_samples, n_random=n_random,
-                        seed=42, batch_size=cfg.batch_size)
+                        seed=42, batch_size=cfg.model.batch_size)
     samples, rand = cone_eval_directions(cone.unit(), n_samples, n_random, seed=42)
     rand_scores, base = rep["random_scores"], rep["baseline_score"]
     worst = int(max(range(n_samples), key=lambda i: rep["sample_scores"][i]))
@@ -112,16 +111,16 @@ def measure_cone(ws, out: dict, n_prompts: int, n_samples: int, n_random: int) -
 
 
 def measure_repind(ws, out: dict, n_prompts: int) -> list[dict]:
-    cfg, run = ws.cfg, ws.run
+    cfg, run = ws.settings, ws.run
     dim = DirectionSet.load(run.direction_path("dim"))
-    texts = [p.instruction for p in load_prompts("jailbreakbench", n=n_prompts, seed=cfg.seed)]
+    texts = [p.instruction for p in load_prompts("jailbreakbench", n=n_prompts, seed=cfg.data.seed)]
     summary, recs = {"n_prompts": n_prompts}, []
     for name in ("repind", "rdo_orth", "rdo"):
         if not run.direction_path(name).exists():
             continue
         d = DirectionSet.load(run.direction_path(name))
         change = cross_ablation_change(ws.adapter, ws.chat, d.unit()[0], dim.unit()[0], texts,
-                                       batch_size=cfg.batch_size)
+                                       batch_size=cfg.model.batch_size)
         score = mean_score(ws, texts, DirectionalAblation.from_directions(d.select([d.ids[0]])))
         summary[name] = {"independence_loss": change["loss"], "mean_abs_cos_change": change["mean_abs_change"],
                          "ablation_refusal_score": score, "cos_with_dim": float(d.unit()[0] @ dim.unit()[0]),
@@ -131,7 +130,7 @@ def measure_repind(ws, out: dict, n_prompts: int) -> list[dict]:
                      "metric": "cross_ablation_with_dim", "n": n_prompts, **summary[name]})
     summary["baseline_score"] = mean_score(ws, texts)
     rep = DirectionSet.load(run.direction_path("repind"))
-    jbb = load_prompts("jailbreakbench", n=cfg.n_eval, seed=cfg.seed)
+    jbb = load_prompts("jailbreakbench", n=cfg.evaluation.n_eval, seed=cfg.data.seed)
     recs.append(gen_record(ws, jbb, "jailbreakbench", DirectionalAblation.from_directions(rep.select([rep.ids[0]]))))
     summary["repind_jbb_refusal_rate"] = recs[-1]["refusal_rate"]
     out["repind"] = summary
@@ -147,7 +146,7 @@ def main() -> None:
     ap.add_argument("--n-random", type=int, default=4)
     ap.add_argument("--out", default=None, help="also write the summary JSON here")
     args = ap.parse_args()
-    ws = open_workspace(config_from_run(args.run_dir), args.run_dir, must_exist=True)
+    ws = reopen_workspace(args.run_dir)
     out: dict = {}
     for what in args.what:
         t = time.perf_counter()

@@ -2,7 +2,11 @@ import os
 
 import pytest
 
-os.environ.setdefault("REFUSAL_ATLAS_QUIET", "1")
+os.environ.setdefault("REFUSAL_ATLAS_QUIET", "1")  # the CLI in subprocesses reads it (refusal_atlas.settings)
+
+from refusal_atlas.core.runtime import configure  # noqa: E402
+
+configure(quiet=True)  # library calls in this process: the library reads no environment
 
 from tiny import TinyLoaded, tiny_model, tiny_tokenizer  # noqa: E402
 

@@ -69,7 +69,13 @@ class Atlas:
     @classmethod
     def load(cls, model: str = "embedded", *, device: str | None = None, dtype: str | None = None,
              **kwargs: Any) -> Atlas:
-        """Load an HF id, a local directory, a ``.gguf`` file or ``"embedded"`` (the shipped 0.5B model)."""
+        """Load an HF id, a local directory, a ``.gguf`` file or ``"embedded"`` (the shipped 0.5B model).
+
+        The first load in a process applies the runtime settings (``REFUSAL_ATLAS_CACHE``, ``_QUIET``, ...),
+        as the CLI does at start."""
+        from refusal_atlas.settings import apply_runtime_once
+
+        apply_runtime_once()
         loaded = load_model(model, device=device, dtype=dtype)
         return cls(loaded.model, loaded.tokenizer, name=loaded.name, **kwargs)
 
@@ -239,21 +245,18 @@ class Search(Estimator):
     def fit(self, atlas: Atlas, directions: DirectionSet | Estimator, harmful_val: Sequence[str],
             harmless_val: Sequence[str]) -> Search:
         from refusal_atlas.evaluation.objective import ValidationObjective
-        from refusal_atlas.search.subsets import SearchSettings, run_trials
+        from refusal_atlas.search.subsets import SubsetSpace, run_trials, subset_identity, subset_settings
         from refusal_atlas.search.study import open_study, summarize
 
-        if self.trials < 1:
-            raise ConfigError(f"trials must be >= 1, got {self.trials}")
-        directions = _directions(directions)
-        settings = SearchSettings(k=self.k, seed=self.seed, mode=self.mode,  # type: ignore[arg-type]
-                                  kl_threshold=self.kl_threshold, n_startup_trials=self.n_startup_trials)
-        settings.space(directions)  # k against the number of directions, before any work
+        space = SubsetSpace.of(directions, self.k)  # k against the number of directions, before any work
+        how = {"seed": self.seed, "mode": self.mode, "n_startup_trials": self.n_startup_trials}
         objective = ValidationObjective(atlas.adapter, atlas.chat, list(harmful_val), list(harmless_val),
                                         atlas.refusal_ids, batch_size=atlas.batch_size, mode=self.mode)  # type: ignore[arg-type]
         with tempfile.TemporaryDirectory() as tmp:
             db = Path(self.study) if self.study is not None else Path(tmp) / "study.db"
-            study = open_study(db, "search", settings.identity(directions, objective.fingerprint()))
-            run_trials(study, directions, objective, settings, self.trials)
-            self.summary_ = summarize(study, settings)
+            study = open_study(db, "search", subset_identity(space, directions, objective.fingerprint(), **how))
+            run_trials(study, directions, objective, space, n_trials=self.trials, **how)
+            self.summary_ = summarize(study, self.kl_threshold,
+                                      subset_settings(self.k, None, kl_threshold=self.kl_threshold, **how), self.mode)
         self.directions_ = directions.select(self.summary_["chosen"]["ids"])
         return self

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from refusal_atlas.config import RunConfig
 from refusal_atlas.evaluation.benchmarks import run_benchmarks
 from refusal_atlas.evaluation.evaluate import EvalPlan, evaluate_run
 from refusal_atlas.evaluation.judges import HFJudge, JudgeItem, JudgeOptions, make_judges
 from refusal_atlas.edits import ActAdd, DirectionalAblation, NoEdit
 from refusal_atlas.core.rundir import RunDir
-from refusal_atlas.workflows.workspace import Workspace
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
 from test_endpoint_judge import FakeServer  # noqa: E402  (a loopback OpenAI-style server)
@@ -29,9 +27,8 @@ def server():
 
 
 def test_evaluate_run_three_judges(embedded, embedded_dim, server, tmp_path):
-    ws = Workspace(RunConfig(), RunDir(tmp_path / "run", create=True), embedded.loaded, embedded.adapter,
-                   embedded.chat, embedded.refusal_ids)
-    opts = JudgeOptions(cache_dir=ws.run / "judgements", judge_model="embedded", endpoint_url=server.url,
+    run = RunDir(tmp_path / "run", create=True)
+    opts = JudgeOptions(cache_dir=run / "judgements", judge_model="embedded", endpoint_url=server.url,
                         endpoint_model="fake-judge")
     judges = make_judges(["substring", "hf", "endpoint"], opts,
                          reuse={"embedded": (embedded.loaded.model, embedded.loaded.tokenizer, "embedded")})
@@ -39,7 +36,7 @@ def test_evaluate_run_three_judges(embedded, embedded_dim, server, tmp_path):
                     interventions=[NoEdit(), DirectionalAblation.from_directions(embedded_dim),
                                    ActAdd.from_directions(embedded_dim)],
                     judges=judges, n=6, max_new_tokens=16, kl_tokens=8, batch_size=16)
-    records = evaluate_run(ws, plan)
+    records = evaluate_run(embedded.adapter, embedded.chat, run, plan, "embedded")
     rates = {(r["dataset"], r["kind"], r["judge"]): r for r in records if "refusal_rate" in r}
     assert len(rates) == 3 * 3 * 3
     for r in rates.values():
@@ -59,17 +56,17 @@ def test_evaluate_run_three_judges(embedded, embedded_dim, server, tmp_path):
     assert set(kl) == {(k, m) for k in ("ablate", "actadd") for m in ("kl_first_token", "kl_first_8_tokens")}
     assert kl[("actadd", "kl_first_token")]["kl"] > kl[("ablate", "kl_first_token")]["kl"] > 0
     assert all(r["n"] == 6 and r["ci95"][0] <= r["kl"] <= r["ci95"][1] for r in kl.values())
-    hf_lines = len((ws.run / "judgements" / "hf__embedded.jsonl").read_text().splitlines())
+    hf_lines = len((run / "judgements" / "hf__embedded.jsonl").read_text().splitlines())
     asked = len(server.requests)
     print("\n" + json.dumps({f"{d}/{k}/{j}": (r["rate"], r["n"], r["unclear"]) for (d, k, j), r in rates.items()}))
 
-    again = evaluate_run(ws, plan)  # rerun: completions and verdicts all come from the run directory
+    again = evaluate_run(embedded.adapter, embedded.chat, run, plan, "embedded")  # rerun: completions and verdicts all come from the run directory
     assert all(r["reused_completions"] == 6 for r in again if "reused_completions" in r)
     assert len(server.requests) == asked
-    assert len((ws.run / "judgements" / "hf__embedded.jsonl").read_text().splitlines()) == hf_lines
+    assert len((run / "judgements" / "hf__embedded.jsonl").read_text().splitlines()) == hf_lines
     assert [r.get("rate") for r in again if "refusal_rate" in r] == [r.get("rate") for r in records
                                                                       if "refusal_rate" in r]
-    assert len(ws.run.metrics()) == len(records)
+    assert len(run.metrics()) == len(records)
 
 
 # Hand-written answers to harmful requests: clear refusals and clear compliances. CALIBRATION chooses the hf judge's

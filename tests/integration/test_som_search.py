@@ -8,7 +8,7 @@ import torch
 from refusal_atlas.data import load_prompts
 from refusal_atlas.directions.som import SomDirections
 from refusal_atlas.evaluation.objective import ValidationObjective
-from refusal_atlas.search.subsets import SearchSettings, run_trials
+from refusal_atlas.search.subsets import SubsetSpace, run_trials, subset_identity
 from refusal_atlas.search.study import open_study, summarize
 
 LAYER = 14
@@ -42,10 +42,10 @@ def test_short_search_lowers_refusal(embedded, embedded_som, tmp_path):
     harmless = [p.instruction for p in load_prompts("harmless_val", n=8, seed=0)]
     objective = ValidationObjective(embedded.adapter, embedded.chat, harmful, harmless, embedded.refusal_ids,
                                     batch_size=8)
-    settings = SearchSettings(k=2, seed=0, n_startup_trials=4)
-    study = open_study(tmp_path / "study.db", "som", settings.identity(embedded_som, objective.fingerprint()))
-    run_trials(study, embedded_som, objective, settings, 4)
-    summary = summarize(study, settings)
+    space, how = SubsetSpace.of(embedded_som, 2), {"seed": 0, "mode": "subspace", "n_startup_trials": 4}
+    study = open_study(tmp_path / "study.db", "som", subset_identity(space, embedded_som, objective.fingerprint(), **how))
+    run_trials(study, embedded_som, objective, space, n_trials=4, **how)
+    summary = summarize(study, 0.1, {"k": 2, **how})
     base = objective.baseline()["refusal"]
     chosen = summary["chosen"]
     assert len(set(chosen["ids"])) == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from refusal_atlas.config import RunConfig
+from refusal_atlas.settings import load_settings
 from refusal_atlas.directions.base import DirectionSet
 
 MAX_SECONDS = 5.0  # validation only; loading even the tiny model and importing nothing new is far below
@@ -85,7 +85,7 @@ def cli(tmp_path, monkeypatch, capsys, no_model_load):
 def write_run(path: Path, model_dir: Path, *, artifacts: bool = True, **config) -> Path:
     """A stub run directory: a manifest as `run` writes it, and (optionally) artifacts on disk."""
     path.mkdir(parents=True)
-    cfg = RunConfig(model=str(model_dir), **config).model_dump()
+    cfg = load_settings(None, {"model": str(model_dir), **config}).run_config()
     manifest = {"refusal_atlas": "0.1.0", "config": cfg, "status": "complete",
                 "model": {"name": "tiny", "n_layers": 4, "d_model": 32, "model_type": "qwen2"}}
     (path / "manifest.json").write_text(json.dumps(manifest))

@@ -223,21 +223,29 @@ def test_som_k_larger_than_the_grid_fails_up_front(cli, tiny_model_dir):
 
 
 def test_search_k_and_trials(cli, run_dir):
-    cli(["search", "-r", run_dir, "--space", "subsets", "--directions", "dim", "--k", "5"], "dim holds only 1 directions")
-    cli(["search", "-r", run_dir, "--space", "subsets", "--directions", "dim", "--k", "1", "--trials", "-1"], "--trials must be >= 1")
-    cli(["search", "-r", run_dir, "--space", "subsets", "--directions", "dim", "--k", "0"], "--k must be >= 1")
+    cli(["search", "subsets", "-r", run_dir, "--directions", "dim", "--k", "5"], "dim holds only 1 directions")
+    cli(["search", "subsets", "-r", run_dir, "--directions", "dim", "--k", "1", "--trials", "-1"], "--trials must be >= 1")
+    cli(["search", "subsets", "-r", run_dir, "--directions", "dim", "--k", "0"], "--k must be >= 1")
+    cli(["search", "subsets", "-r", run_dir, "--directions", "dim", "--k", "1", "--budget", "20m"],
+        "takes a trial budget (--trials N), not a time")
+    cli(["search", "subsets", "-r", run_dir, "--directions", "nope", "--k", "1"], "needs a direction file")
 
 
 def test_search_refusal_statistic(cli, run_dir):
     cli(["search", "-r", run_dir, "--refusal-stat", "median"], ["unknown --refusal-stat 'median'", "probability or logodds"])
-    cli(["search", "-r", run_dir, "--space", "subsets", "--directions", "dim", "--k", "1", "--refusal-stat", "logodds"],
-        "--refusal-stat is for --space edits")
+    cli(["search", "edits", "-r", run_dir, "--refusal-stat", "median"], "unknown --refusal-stat 'median'")
 
 
 def test_search_kl_cap(cli, run_dir):
     cli(["search", "-r", run_dir, "--max-kl", "0"], "--max-kl must be > 0, got 0.0")
-    cli(["search", "-r", run_dir, "--space", "subsets", "--directions", "dim", "--k", "1", "--max-kl", "0.1"],
-        "--max-kl is for --space edits")
+    cli(["search", "edits", "-r", run_dir, "--max-kl", "-1"], "--max-kl must be > 0, got -1.0")
+
+
+def test_search_settings_from_a_file_are_checked_like_flags(cli, tmp_path, run_dir):
+    (tmp_path / "refusal-atlas.toml").write_text("[search]\nmax_kl = 0\n")
+    cli(["search", "-r", run_dir], "--max-kl must be > 0, got 0.0")
+    (tmp_path / "refusal-atlas.toml").write_text("[search]\nk = 0\n")
+    cli(["search", "subsets", "-r", run_dir, "--directions", "dim"], "--k must be >= 1")
 
 
 def test_config_file_errors(cli, tmp_path, tiny_model_dir):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from refusal_atlas.config import load_config
+from refusal_atlas.settings import load_settings
 from refusal_atlas.data import load_prompts
 from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.core.rundir import RunDir
@@ -60,8 +60,8 @@ def test_records_of_another_n_or_length_do_not_replace_each_other(tmp_path):
 def test_run_settings_check(tmp_path):
     run = tmp_path / "run"
     (run / "directions").mkdir(parents=True)
-    old = load_config(None, {"model": "m"}).model_dump()
-    manifest = {"config": old}
+    settings = load_settings(None, {"model": "m"})
+    old, manifest = settings.flat(), {"config": settings.run_config()}
     # nothing made yet: any setting may change
     assert "seed" in check_run_settings(run, manifest, {**old, "seed": 3})
     (run / "activations.safetensors").write_bytes(b"x")
@@ -80,7 +80,7 @@ def test_run_settings_check(tmp_path):
 
 
 def _tiny_cfg(model_dir, **kw):
-    return load_config(None, {"model": str(model_dir), **TINY_RUN, **kw})
+    return load_settings(None, {"model": str(model_dir), **TINY_RUN, **kw})
 
 
 def test_resume_refuses_other_settings_and_records_allowed_ones(tmp_path, tiny_model_dir):
@@ -93,28 +93,47 @@ def test_resume_refuses_other_settings_and_records_allowed_ones(tmp_path, tiny_m
         with pytest.raises(ConfigError, match="other settings"):
             run(_tiny_cfg(tiny_model_dir, **change), r, resume=True)
     assert {p.name: p.read_bytes() for p in (r / "directions").iterdir()} == before
-    assert json.loads((r / "manifest.json").read_text())["config"]["seed"] == 0
+    assert json.loads((r / "manifest.json").read_text())["config"]["data"]["seed"] == 0
     # an evaluation size may change: it reaches the manifest, and both measurements are kept
     run(_tiny_cfg(tiny_model_dir, n_eval=3), r, resume=True)
     manifest = json.loads((r / "manifest.json").read_text())
-    assert manifest["config"]["n_eval"] == 3
+    assert manifest["config"]["evaluation"]["n_eval"] == 3
     rows = [m for m in json.loads((r / "metrics.json").read_text()) if m["intervention"] == "none"]
     assert sorted({m["n"] + m.get("unclear", 0) for m in rows}) == [3, 4]
 
 
 def test_select_override_reaches_the_manifest(tmp_path, tiny_model_dir):
     from refusal_atlas.workflows.run import run
-    from refusal_atlas.workflows.validate import run_config
+    from refusal_atlas.settings import run_settings
     from refusal_atlas.workflows.workspace import open_workspace
 
     r = tmp_path / "r"
     run(_tiny_cfg(tiny_model_dir), r)
     manifest = json.loads((r / "manifest.json").read_text())
-    cfg = run_config(manifest, {"kl_threshold": 0.25})
+    cfg = run_settings(manifest, {"kl_threshold": 0.25})
     with pytest.raises(ConfigError, match="kl_threshold"):
         open_workspace(cfg, r, must_exist=True)
     open_workspace(cfg, r, must_exist=True, allowed=SELECTION_SETTINGS)
-    assert json.loads((r / "manifest.json").read_text())["config"]["kl_threshold"] == 0.25
+    assert json.loads((r / "manifest.json").read_text())["config"]["selection"]["kl_threshold"] == 0.25
+
+
+def test_a_run_with_an_old_flat_manifest_reopens_and_keeps_its_settings(tmp_path, tiny_model_dir):
+    """A manifest written before the settings had sections (a flat ``config``) still guards its run: a stale
+    change is refused, and reopening it rewrites the same values in sections."""
+    from refusal_atlas.settings import run_settings
+    from refusal_atlas.workflows.run import run
+    from refusal_atlas.workflows.workspace import reopen_workspace
+
+    r = tmp_path / "r"
+    ws, _ = run(_tiny_cfg(tiny_model_dir), r)
+    nested = ws.settings.run_config()
+    manifest = json.loads((r / "manifest.json").read_text())
+    (r / "manifest.json").write_text(json.dumps({**manifest, "config": ws.settings.flat()}))
+    with pytest.raises(ConfigError, match=r"seed: 0 \(run\) vs 2 \(now\)"):
+        reopen_workspace(r, {"seed": 2})
+    assert run_settings(json.loads((r / "manifest.json").read_text())) == ws.settings
+    reopen_workspace(r)
+    assert json.loads((r / "manifest.json").read_text())["config"] == nested
 
 
 @pytest.fixture(scope="module")
@@ -165,13 +184,13 @@ def test_low_refusal_allowed_continues_with_a_recorded_warning(tmp_path, tiny_mo
 
 
 def test_ctrl_c_exits_130_with_a_message(monkeypatch, capsys):
-    import refusal_atlas.workflows.validate as validate
+    import refusal_atlas.workflows.verbs as verbs
     from refusal_atlas.cli import main
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(validate, "check_new_run_dir", interrupt)
+    monkeypatch.setattr(verbs, "check_new_run_dir", interrupt)  # the first step of `run`
     monkeypatch.setattr(sys, "argv", ["refusal-atlas", "run", "-r", "x"])
     with pytest.raises(SystemExit) as exc:
         main()

@@ -11,7 +11,7 @@ def tiny_run(tmp_path_factory):
     Module-scoped: each test module gets its own (tests may add studies and edits to it)."""
     from tiny import TinyLoaded
 
-    from refusal_atlas.config import load_config
+    from refusal_atlas.settings import load_settings
     from refusal_atlas.directions.som import SomDirections
     from refusal_atlas.model.saving import save_model_dir
     from refusal_atlas.workflows.run import dim_step, extract_step, select_step
@@ -22,10 +22,10 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_run")
     tiny = TinyLoaded("qwen2")
     save_model_dir(tiny.model, tiny.tokenizer, root / "model")
-    cfg = load_config(None, dict(model=str(root / "model"), device="cpu", n_train=16, n_val=4, n_eval=4,
+    cfg = load_settings(None, dict(model=str(root / "model"), device="cpu", n_train=16, n_val=4, n_eval=4,
                                  max_new_tokens=2, filter_train=False, layer=2))
     ws = open_workspace(cfg, root / "run")
     sets = load_prompt_sets(cfg)
-    select_step(ws, dim_step(ws, extract_step(ws, sets)), sets)  # fixed layer: no selection run
+    select_step(ws, dim_step(ws.run, extract_step(ws, sets)), sets)  # fixed layer: no selection run
     som_step(RunDir(root / "run"), SomDirections(grid=(3, 3), iterations=2000))
     return root, ws, sets

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from refusal_atlas.model.activations import extract
-from refusal_atlas.config import RunConfig
+from refusal_atlas.settings import load_settings
 from refusal_atlas.model.conversation import Conversation
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.model.generation import generate
@@ -27,7 +27,7 @@ def chat_run(tmp_path_factory, tiny_model_dir):
     direction = DirectionSet(acts.mean_at(2, -1).float(), 2, "dim", -1)
     root = tmp_path_factory.mktemp("chat") / "run"
     run = RunDir(root, create=True)
-    run.init_manifest(RunConfig(model=str(tiny_model_dir), device="cpu").model_dump(), {"name": "tiny"})
+    run.init_manifest(load_settings(None, {"model": str(tiny_model_dir), "device": "cpu"}).run_config(), {"name": "tiny"})
     direction.save(run.direction_path("dim"))
     return root, loaded, direction
 
@@ -83,7 +83,8 @@ def test_chat_fails_fast_on_bad_input(chat_run, tmp_path):
     loading first would report that instead."""
     run_dir, _, direction = chat_run
     ghost = RunDir(tmp_path / "ghost", create=True)
-    ghost.init_manifest(RunConfig(model=str(tmp_path / "no-such-model"), device="cpu").model_dump(), {"name": "x"})
+    ghost.init_manifest(load_settings(None, {"model": str(tmp_path / "no-such-model"), "device": "cpu"}).run_config(),
+                        {"name": "x"})
     direction.save(ghost.direction_path("dim"))
     for args, message in ((["-r", str(tmp_path / "nope")], "is not a run directory"),
                           (["-r", str(ghost.path), "--directions", "som"], "no direction file 'som'"),

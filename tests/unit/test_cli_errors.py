@@ -68,3 +68,22 @@ def test_verbs_on_missing_run_dir(tmp_path):
 def test_corrupt_gguf_file(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF but not really")
     _assert_clean_error(_run(["run", "-r", "r", "--model", "m.gguf"], tmp_path), "m.gguf", tmp_path / "r")
+
+
+def test_search_sub_commands_refuse_the_other_searchs_options_and_bad_input(tmp_path):
+    """`search edits` and `search subsets` each take only their own options (what the "is for --space" checks
+    enforced before the split), and `search -r RUN` is `search edits -r RUN`."""
+    run = tmp_path / "run"
+    for args, option in [(["search", "subsets", "-r", "run", "--refusal-stat", "logodds"], "--refusal-stat"),
+                         (["search", "subsets", "-r", "run", "--max-kl", "0.1"], "--max-kl"),
+                         (["search", "subsets", "-r", "run", "--sets", "som"], "--sets"),
+                         (["search", "subsets", "-r", "run", "--dtype", "bfloat16"], "--dtype"),
+                         (["search", "edits", "-r", "run", "--directions", "som"], "--directions"),
+                         (["search", "-r", "run", "--k", "2"], "--k")]:
+        proc = _run(args, tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"No such option: {option}" in proc.stderr, proc.stderr
+    for args, pattern in [(["search", "-r", "run", "--budget", "soon"], "not found"),  # the run dir is checked first
+                          (["search", "edits", "-r", "run"], "run directory not found"),
+                          (["search", "subsets", "-r", "run"], "run directory not found")]:
+        _assert_clean_error(_run(args, tmp_path), pattern, run)

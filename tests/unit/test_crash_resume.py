@@ -21,7 +21,7 @@ import optuna
 import pytest
 import torch
 
-from refusal_atlas.config import load_config
+from refusal_atlas.settings import load_settings
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.core.io import load_tensors
 from refusal_atlas.search.study import completed
@@ -73,7 +73,7 @@ def base_run(tmp_path_factory, tiny_model_dir):
     from refusal_atlas.directions.som import SomDirections
     from refusal_atlas.workflows.som import som_step
 
-    cfg = load_config(None, dict(model=str(tiny_model_dir), n_train=8, n_val=4, n_eval=4, filter_train=False,
+    cfg = load_settings(None, dict(model=str(tiny_model_dir), n_train=8, n_val=4, n_eval=4, filter_train=False,
                                  layer=2, max_new_tokens=2, batch_size=2, generation_batch_size=2, device="cpu"))
     path = tmp_path_factory.mktemp("crash") / "base"
     run(cfg, path)
@@ -144,13 +144,13 @@ def _trials(run: Path) -> dict[int, tuple]:
 def test_search_killed_after_two_trials_resumes_to_the_same_study(base_run, tmp_path):
     straight, crashed = copies(base_run, tmp_path)
     log = tmp_path / "work.log"
-    args = ("--space", "subsets", "--k", "2", "--trials", "4", "--seed", "3", "--n-startup-trials", "2", "--no-evaluate")
-    cli("search", "-r", str(straight), *args)
-    killed_cli("search", "-r", str(crashed), *args, kill="trial:2", log=log)
+    args = ("--k", "2", "--trials", "4", "--seed", "3", "--n-startup-trials", "2", "--no-evaluate")
+    cli("search", "subsets", "-r", str(straight), *args)
+    killed_cli("search", "subsets", "-r", str(crashed), *args, kill="trial:2", log=log)
     before = _trials(crashed)
     assert len(before) == 2
     log.unlink()
-    cli("search", "-r", str(crashed), *args, log=log)
+    cli("search", "subsets", "-r", str(crashed), *args, log=log)
     assert work(log, "trial") == 2  # finished trials were kept, not rerun
     after = _trials(crashed)
     assert all(after[n] == v for n, v in before.items())

@@ -9,7 +9,7 @@ import optuna
 import pytest
 import torch
 
-from refusal_atlas.config import load_config
+from refusal_atlas.settings import load_settings
 from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.core.io import load_tensors
 from refusal_atlas.core.seeding import seed_everything
@@ -35,11 +35,11 @@ def test_seed_everything_drives_python_numpy_and_torch():
 def _pipeline(model_dir, path, seed: int):
     from refusal_atlas.directions.som import SomDirections
     from refusal_atlas.workflows.run import run
-    from refusal_atlas.search.subsets import SearchSettings
+    from refusal_atlas.settings import SearchSettings
     from refusal_atlas.workflows.som import search_step, som_step
     from refusal_atlas.workflows.workspace import load_prompt_sets
 
-    cfg = load_config(None, dict(model=str(model_dir), n_train=8, n_val=4, n_eval=2, filter_train=False,
+    cfg = load_settings(None, dict(model=str(model_dir), n_train=8, n_val=4, n_eval=2, filter_train=False,
                                  layers=[1, 2], positions=[-1], max_new_tokens=2, kl_threshold=1e9,
                                  induce_threshold=-1e9, device="cpu", seed=seed))
     ws, _ = run(cfg, path)

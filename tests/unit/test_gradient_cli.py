@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from refusal_atlas.config import load_config
+from refusal_atlas.settings import load_settings
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.workflows.run import run
@@ -16,7 +16,7 @@ TRAIN = ["--n-train", "4", "--n-val", "2", "--target-tokens", "3", "--steps", "2
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_model_dir):
-    cfg = load_config(None, dict(model=str(tiny_model_dir), n_train=6, n_val=4, n_eval=4, filter_train=False,
+    cfg = load_settings(None, dict(model=str(tiny_model_dir), n_train=6, n_val=4, n_eval=4, filter_train=False,
                                  layers=[0, 1], positions=[-1], max_new_tokens=3, kl_threshold=1e9,
                                  induce_threshold=-1e9, device="cpu"))
     path = tmp_path_factory.mktemp("gradient") / "r"

@@ -45,7 +45,7 @@ def test_logit_probabilities_follow_each_rows_edit(tiny_run, tmp_path):
     dim = DirectionSet.load(run / "directions" / "dim.safetensors")
     assert by["none"] == pytest.approx(_refusal_p(ws, PROMPTS, None), abs=1e-6)
     # full strength is the run's own directional ablation; ActAdd adds the DIM vector at its layer
-    assert by["dim_1.0"] == pytest.approx(_refusal_p(ws, PROMPTS, DirectionalAblation.from_directions(dim, mode=ws.cfg.ablation_mode)),
+    assert by["dim_1.0"] == pytest.approx(_refusal_p(ws, PROMPTS, DirectionalAblation.from_directions(dim, mode=ws.settings.selection.ablation_mode)),
                                           abs=1e-4)
     assert by["actadd"] == pytest.approx(_refusal_p(ws, PROMPTS, ActAdd.from_directions(dim, coeff=1.0)), abs=1e-6)
     assert not torch.allclose(torch.tensor(by["none"]), torch.tensor(by["dim_1.0"]), atol=1e-4)  # the edits matter

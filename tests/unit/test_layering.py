@@ -33,14 +33,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("export", ("export",)),
     ("report", ("report",)),
     # the jobs and what they share: settings, fail-fast input checks, the notebook API
-    ("workflows", ("workflows", "config", "settings", "api")),
+    ("workflows", ("workflows", "settings", "api")),
     ("cli", ("cli",)),
 ]
 RANK = {name: rank for rank, (name, _) in enumerate(LAYERS)}
 # Libraries that make a command line: only the cli layer may import them.
 CLI_LIBRARIES = ("typer", "click", "rich")
 # The estimators know nothing of jobs or run directories: they take tensors, a model and prompts.
-NOT_FROM_DIRECTIONS = ("core.rundir", "workflows", "cli", "settings", "config", "api")
+NOT_FROM_DIRECTIONS = ("core.rundir", "workflows", "cli", "settings", "api")
 
 
 def _module_name(path: Path) -> str:

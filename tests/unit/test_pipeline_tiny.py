@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from refusal_atlas.config import load_config
+from refusal_atlas.settings import load_settings
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.workflows.run import run
@@ -16,7 +16,7 @@ def tiny_dir(tiny_model_dir):
 
 
 def test_run_writes_all_artifacts_and_resumes(tmp_path, tiny_dir):
-    cfg = load_config(None, dict(model=str(tiny_dir), n_train=6, n_val=4, n_eval=4, filter_train=False,
+    cfg = load_settings(None, dict(model=str(tiny_dir), n_train=6, n_val=4, n_eval=4, filter_train=False,
                                  layers=[0, 1], positions=[-1], max_new_tokens=3, kl_threshold=1e9,
                                  induce_threshold=-1e9, device="cpu"))
     ws, records = run(cfg, tmp_path / "r")
@@ -41,17 +41,16 @@ def test_run_writes_all_artifacts_and_resumes(tmp_path, tiny_dir):
 
 def test_invalid_settings_are_config_errors():
     with pytest.raises(ConfigError, match="positions"):
-        load_config(None, {"positions": [0]})
+        load_settings(None, {"positions": [0]})
     with pytest.raises(ConfigError, match="n_train"):
-        load_config(None, {"n_train": 0})
+        load_settings(None, {"n_train": 0})
     with pytest.raises(ConfigError, match="not found"):
-        load_config("/no/such/config.toml")
+        load_settings("/no/such/config.toml")
 
 
-def test_config_from_run_keeps_run_values_for_unset_overrides(tmp_path):
-    from refusal_atlas.core.io import write_json
-    from refusal_atlas.workflows.run import config_from_run
+def test_run_settings_keep_run_values_for_unset_overrides(tmp_path):
+    from refusal_atlas.settings import run_settings
 
-    write_json(tmp_path / "manifest.json", {"config": {"n_eval": 7, "max_new_tokens": 5}})
-    cfg = config_from_run(tmp_path, {"n_eval": None, "max_new_tokens": 9})
-    assert cfg.n_eval == 7 and cfg.max_new_tokens == 9
+    for config in ({"n_eval": 7, "max_new_tokens": 5}, {"evaluation": {"n_eval": 7, "max_new_tokens": 5}}):
+        cfg = run_settings({"config": config}, {"n_eval": None, "max_new_tokens": 9}).evaluation
+        assert cfg.n_eval == 7 and cfg.max_new_tokens == 9

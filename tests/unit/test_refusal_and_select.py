@@ -117,8 +117,8 @@ def test_strict_selection_returns_nothing_and_relaxed_selection_records_relaxati
 
 
 def test_pipeline_reports_scores_when_strict_selection_fails(tmp_path):
-    from refusal_atlas.config import RunConfig
+    from refusal_atlas.settings import SelectionSettings
     from refusal_atlas.workflows.run import _no_survivor_message
 
-    msg = _no_survivor_message(RunConfig(), [{"layer": 3, "kl": 0.2, "steering": -1.0}])
+    msg = _no_survivor_message(SelectionSettings(), [{"layer": 3, "kl": 0.2, "steering": -1.0}])
     assert "lowest KL 0.200 (layer 3)" in msg and "selection.json" in msg

@@ -6,7 +6,7 @@ import re
 import torch
 
 from refusal_atlas.report.geometry import classical_mds, cosine_matrix
-from refusal_atlas.config import load_config
+from refusal_atlas.settings import load_settings
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.core.io import write_json
 from refusal_atlas.workflows.run import run
@@ -27,7 +27,7 @@ def test_mds_preserves_cosine_geometry():
 
 
 def test_report_has_tables_and_real_pngs(tmp_path, tiny_model_dir):
-    cfg = load_config(None, dict(model=str(tiny_model_dir), n_train=4, n_val=3, n_eval=3, filter_train=False,
+    cfg = load_settings(None, dict(model=str(tiny_model_dir), n_train=4, n_val=3, n_eval=3, filter_train=False,
                                  layers=[0, 1, 2], positions=[-2, -1], max_new_tokens=2, device="cpu"))
     run(cfg, tmp_path / "r")
     page = build_report(tmp_path / "r").read_text()

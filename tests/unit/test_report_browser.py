@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from refusal_atlas.report import plots
-from refusal_atlas.config import load_config
+from refusal_atlas.settings import load_settings
 from refusal_atlas.workflows.run import run
 from refusal_atlas.report.html import build_report
 from refusal_atlas.report.sections import comparison_section, provenance_section
@@ -25,7 +25,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("report") / "r"
-    cfg = load_config(None, dict(model=str(tiny_model_dir), n_train=4, n_val=3, n_eval=3, filter_train=False,
+    cfg = load_settings(None, dict(model=str(tiny_model_dir), n_train=4, n_val=3, n_eval=3, filter_train=False,
                                  layers=[0, 1, 2, 3], positions=[-2, -1], max_new_tokens=3, device="cpu",
                                  prune_layer_frac=0.25))
     run(cfg, root)
@@ -65,7 +65,7 @@ def test_provenance_reads_counts_from_the_manifest_and_activations(tiny_run):
     manifest = r.manifest()
     assert manifest["train_counts"] == {"harmful": {"sampled": 4, "kept": 4}, "harmless": {"sampled": 4, "kept": 4}}
     manifest["train_counts"]["harmful"] = {"sampled": 128, "kept": 41}
-    manifest["config"]["filter_train"] = True
+    manifest["config"]["data"]["filter_train"] = True
     text = provenance_section(r, manifest, r.metrics())
     assert "harmful 41 of 128" in text and "kept by the refusal filter" in text
     del manifest["train_counts"]  # older runs: the kept count comes from the activation file's header

@@ -15,21 +15,16 @@ TINY = dict(name="tiny", harmful_train="harmful_train", harmless_train="harmless
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_model_dir, tmp_path_factory, monkeypatch_module):
+def finished(tiny_model_dir, tmp_path_factory):
+    from refusal_atlas.core.runtime import configure, restore
     from refusal_atlas.workflows.reproduce.job import run_reproduce
 
     run_dir = tmp_path_factory.mktemp("repro") / "R"
     log = run_dir.parent / "work.log"
-    monkeypatch_module.setenv("REFUSAL_ATLAS_TEST_WORK_LOG", str(log))
+    previous = configure(work_log=str(log))  # what REFUSAL_ATLAS_TEST_WORK_LOG does for the CLI, for this module
     data = run_reproduce(run_dir, ReproduceBudget(**TINY), str(tiny_model_dir), device="cpu")
-    return run_dir, data, log
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+    yield run_dir, data, log
+    restore(previous)
 
 
 def test_every_row_has_n_ci_and_a_verdict_by_a_stated_rule(finished):

@@ -19,12 +19,13 @@ import torch
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from refusal_atlas.config import load_config
+from refusal_atlas.settings import load_settings
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.som import SomDirections
 from refusal_atlas.core.errors import ArtifactError, ConfigError
 from refusal_atlas.evaluation.objective import ValidationObjective
-from refusal_atlas.search.subsets import SearchSettings, SubsetSpace, decode_lehmer, encode_lehmer, run_trials
+from refusal_atlas.search.subsets import SubsetSpace, decode_lehmer, encode_lehmer, run_trials, subset_identity
+from refusal_atlas.settings import SearchSettings
 from refusal_atlas.search.study import choose_trial, completed, open_study, pareto_front, summarize
 from refusal_atlas.search.storage import fail_stale_trials, study_lock
 
@@ -62,8 +63,20 @@ def _objective(ds: DirectionSet) -> tuple[float, float]:
     return -strength, 0.05 * spread + 0.01 * strength ** 2
 
 
-def _study(path: Path, settings: SearchSettings, directions: DirectionSet):
-    return open_study(path, "s", settings.identity(directions, "synthetic"))
+def _how(k: int = 3, k_max: int | None = None, seed: int = 0, n_startup_trials: int = 10) -> dict:
+    """A subset search: its space arguments and how it samples."""
+    return {"space": (k, k_max), "seed": seed, "n_startup_trials": n_startup_trials}
+
+
+def _run(study, directions: DirectionSet, objective, how: dict, n: int):
+    return run_trials(study, directions, objective, SubsetSpace.of(directions, *how["space"]), seed=how["seed"],
+                      n_startup_trials=how["n_startup_trials"], n_trials=n)
+
+
+def _study(path: Path, how: dict, directions: DirectionSet):
+    identity = subset_identity(SubsetSpace.of(directions, *how["space"]), directions, "synthetic", seed=how["seed"],
+                               mode="subspace", n_startup_trials=how["n_startup_trials"])
+    return open_study(path, "s", identity)
 
 
 def _mem_study():
@@ -79,9 +92,9 @@ def test_same_seed_same_trials_other_seed_other_trials(tmp_path):
     ds = _directions()
     runs = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
-        settings = SearchSettings(k=3, seed=seed, n_startup_trials=4)
+        settings = _how(k=3, seed=seed, n_startup_trials=4)
         study = _mem_study()
-        run_trials(study, ds, _objective, settings, 12)
+        _run(study, ds, _objective, settings, 12)
         runs[name] = [(t.user_attrs["ids"], t.values) for t in completed(study)]
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["c"]
@@ -90,17 +103,17 @@ def test_same_seed_same_trials_other_seed_other_trials(tmp_path):
 
 def test_resumed_search_equals_uninterrupted_one(tmp_path):
     ds = _directions()
-    settings = SearchSettings(k=2, k_max=4, seed=5, n_startup_trials=3)
+    settings = _how(k=2, k_max=4, seed=5, n_startup_trials=3)
     straight = _mem_study()
-    run_trials(straight, ds, _objective, settings, 10)
+    _run(straight, ds, _objective, settings, 10)
 
     study = _study(tmp_path / "crash.db", settings, ds)
-    run_trials(study, ds, _objective, settings, 4)
+    _run(study, ds, _objective, settings, 4)
     study.ask()  # a trial that a killed process never finished
     before = [(t.number, t.values) for t in completed(study)]
     reopened = _study(tmp_path / "crash.db", settings, ds)
     assert fail_stale_trials(reopened) == [4]
-    run_trials(reopened, ds, _objective, settings, 6)
+    _run(reopened, ds, _objective, settings, 6)
     assert [(t.number, t.values) for t in completed(reopened)][:4] == before
     assert len(completed(reopened)) == 10
     assert reopened.trials[4].state == TrialState.FAIL
@@ -110,10 +123,10 @@ def test_resumed_search_equals_uninterrupted_one(tmp_path):
 
 def test_repeated_subsets_reuse_values(tmp_path):
     ds = _directions(n=3)
-    settings = SearchSettings(k=2, seed=0, n_startup_trials=2)
+    settings = _how(k=2, seed=0, n_startup_trials=2)
     study = _mem_study()
     calls = []
-    run_trials(study, ds, lambda d: calls.append(d.ids) or _objective(d), settings, 12)
+    _run(study, ds, lambda d: calls.append(d.ids) or _objective(d), settings, 12)
     keys = [tuple(sorted(ids)) for ids in _ids(study)]
     assert len(calls) == len(set(keys)) <= 3  # only 3 distinct unordered pairs exist
     for t in completed(study):
@@ -141,15 +154,15 @@ def test_choose_rule_lowest_refusal_under_kl_then_fallback():
 
 def test_pareto_front_and_summary(tmp_path):
     ds = _directions()
-    settings = SearchSettings(k=2, seed=0, n_startup_trials=5, kl_threshold=0.2)
+    settings = _how(k=2, seed=0, n_startup_trials=5)
     study = _mem_study()
-    run_trials(study, ds, _objective, settings, 15)
+    _run(study, ds, _objective, settings, 15)
     front = pareto_front(study)
     done = completed(study)
     for t in front:  # nothing dominates a front member
         assert not any(o.values[0] <= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values
                        for o in done)
-    summary = json.loads(json.dumps(summarize(study, settings)))
+    summary = json.loads(json.dumps(summarize(study, 0.2, settings)))
     assert summary["n_trials"]["complete"] == 15 and len(summary["trials"]) == 15
     assert summary["chosen"]["number"] in {t.number for t in front}
     assert summary["pareto_front"] == [t.number for t in front]
@@ -160,12 +173,12 @@ def test_pareto_front_and_summary(tmp_path):
 # --- errors ----------------------------------------------------------------------------------------------------
 def test_empty_study_corrupt_file_mismatch_and_lock(tmp_path):
     ds = _directions()
-    settings = SearchSettings(k=2)
+    settings = _how(k=2)
     study = _study(tmp_path / "s.db", settings, ds)
     with pytest.raises(ArtifactError, match="no finished trials"):
-        summarize(study, settings)
+        summarize(study, 0.1, settings)
     with pytest.raises(ConfigError, match="different settings.*seed"):
-        _study(tmp_path / "s.db", SearchSettings(k=2, seed=9), ds)
+        _study(tmp_path / "s.db", _how(k=2, seed=9), ds)
     with pytest.raises(ArtifactError, match="no search study"):
         open_study(tmp_path / "missing.db", "s", create=False)
     (tmp_path / "bad.db").write_bytes(os.urandom(4096))
@@ -215,7 +228,7 @@ def test_killed_search_subprocess_resumes_without_losing_trials(tiny_run):
     root, ws, sets = tiny_run
     run_dir, db = root / "run", root / "run" / "study.db"
     db.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run_dir), "--space", "subsets", "--k", "2", "--trials", "500",
+    cmd = [sys.executable, "-m", "refusal_atlas.cli", "search", "subsets", "-r", str(run_dir), "--k", "2", "--trials", "500",
            "--seed", "3", "--n-startup-trials", "2", "--no-evaluate"]
     proc = subprocess.Popen(cmd, env={**os.environ, "REFUSAL_ATLAS_QUIET": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -236,7 +249,7 @@ def test_killed_search_subprocess_resumes_without_losing_trials(tiny_run):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
 
-    settings = SearchSettings(k=2, seed=3, n_startup_trials=2, kl_threshold=ws.cfg.kl_threshold)
+    settings = SearchSettings(k=2, seed=3, n_startup_trials=2)
     storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
     killed = optuna.load_study(study_name="search-som", storage=storage)
     before = {t.number: (t.user_attrs["ids"], t.values) for t in completed(killed)}
@@ -256,10 +269,11 @@ def test_run_method_som_end_to_end_and_resume(tiny_run, tmp_path):
     from refusal_atlas.workflows.som import run_som
 
     root, _, _ = tiny_run
-    cfg = load_config(None, dict(model=str(root / "model"), device="cpu", n_train=16, n_val=4, n_eval=4,
-                                 max_new_tokens=2, filter_train=False, layer=2))
-    som, settings = SomDirections(grid=(2, 3), iterations=500), SearchSettings(k=2, n_startup_trials=2)
-    ws, summary, comparison = run_som(cfg, tmp_path / "run", som, settings, trials=3)
+    cfg = load_settings(None, dict(model=str(root / "model"), device="cpu", n_train=16, n_val=4, n_eval=4,
+                                   max_new_tokens=2, filter_train=False, layer=2,
+                                   search={"k": 2, "n_startup_trials": 2}))
+    som = SomDirections(grid=(2, 3), iterations=500)
+    ws, summary, comparison = run_som(cfg, tmp_path / "run", trials=3, builder=som)
     assert summary["n_trials"]["complete"] == 3
     assert ws.run.manifest()["status"] == "complete"
     ids = summary["chosen"]["ids"]
@@ -269,5 +283,5 @@ def test_run_method_som_end_to_end_and_resume(tiny_run, tmp_path):
     assert {"none", "ablate:dim"} <= {r["intervention"] for r in comparison["records"]}
     saved = json.loads((ws.run / "search.json").read_text())["heldout"]
     assert saved["direction_ids"] == ids and set(saved["winner"]) == {"jailbreakbench"}
-    ws, summary, _ = run_som(cfg, tmp_path / "run", som, settings, trials=5, resume=True)
+    ws, summary, _ = run_som(cfg, tmp_path / "run", trials=5, builder=som, resume=True)
     assert summary["n_trials"]["complete"] == 5  # reached the target, did not add 5 more

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from refusal_atlas.cli.search import parse_budget
+from refusal_atlas.workflows.verbs import parse_budget
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.edits import LayerwiseAblation, load_edit
 from refusal_atlas.search.sources import EditContext
@@ -186,12 +186,12 @@ def test_a_bfloat16_search_keeps_the_runs_dtype_and_is_its_own_study(tiny_run, t
 
     root, _, _ = tiny_run
     run = shutil.copytree(root / "run", tmp_path / "run", ignore=shutil.ignore_patterns("edits", "*.db", "search*"))
-    before = json.loads((run / "manifest.json").read_text())["config"]["dtype"]
+    before = json.loads((run / "manifest.json").read_text())["config"]["model"]["dtype"]
     _cli("search", "-r", str(run), "--trials", "2", "--n-startup-trials", "2", "--dtype", "bfloat16")
     summary = json.loads((run / "search_edits.json").read_text())
     assert summary["n_trials"]["complete"] == 2
     assert summary["identity"]["objective"].endswith("+bfloat16")
-    assert json.loads((run / "manifest.json").read_text())["config"]["dtype"] == before
+    assert json.loads((run / "manifest.json").read_text())["config"]["model"]["dtype"] == before
     proc = _cli("search", "-r", str(run), "--trials", "3", "--n-startup-trials", "2", check=False)
     assert proc.returncode == 2 and "objective" in proc.stderr  # float32 values never join the bf16 study
 
@@ -202,7 +202,7 @@ def test_search_bad_input_is_one_error_line(tiny_run, tmp_path):
     DirectionSet(torch.randn(2, ws.adapter.d_model), layer=1, method="rdo").save(run / "directions" / "small.safetensors")
     DirectionSet(torch.randn(2, 5), layer=1, method="rdo").save(run / "directions" / "alien.safetensors")
     for args, match in [(["search", "-r", str(run), "--budget", "soon"], "--budget"),
-                        (["search", "-r", str(run), "--sets", "rdo"], "no direction set 'rdo'"),
+                        (["search", "edits", "-r", str(run), "--sets", "rdo"], "no direction set 'rdo'"),
                         (["search", "-r", str(run), "--k-max", "9"], "--k-max must be in 1..7"),
                         (["search", "-r", str(run), "--sets", "small", "--k-max", "3"], "has only 2 directions"),
                         (["search", "-r", str(run), "--sets", "alien"], "comes from another model"),

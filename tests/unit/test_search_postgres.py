@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from postgres_server import postgres  # noqa: F401  (fixture)
 from refusal_atlas.core.errors import ConfigError
-from refusal_atlas.search.subsets import SearchSettings
+from refusal_atlas.settings import SearchSettings
 from refusal_atlas.search.study import open_study, pareto_front
 from refusal_atlas.search.storage import check_storage, make_storage
 
@@ -25,8 +25,8 @@ ENV = {**os.environ, "REFUSAL_ATLAS_QUIET": "1", "REFUSAL_ATLAS_HEARTBEAT_S": "1
 
 
 def _worker(run_dir, url, trials: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run_dir), "--storage", url,
-           "--space", "subsets", "--directions", "som", "--k", "2",
+    cmd = [sys.executable, "-m", "refusal_atlas.cli", "search", "subsets", "-r", str(run_dir), "--storage", url,
+           "--directions", "som", "--k", "2",
            "--trials", str(trials), "--seed", "3", "--n-startup-trials", "2", "--n-val", "4", "--no-evaluate"]
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -75,17 +75,16 @@ def test_two_workers_one_study_with_a_killed_worker(postgres, tiny_run, tmp_path
 
     # resume on w2's copy once the dead worker's heartbeat is older than the grace period
     time.sleep(4)
-    from refusal_atlas.workflows.run import config_from_run
-    from refusal_atlas.workflows.workspace import open_workspace
+    from refusal_atlas.core.runtime import configure, restore
+    from refusal_atlas.workflows.workspace import reopen_workspace
 
-    ws2 = open_workspace(config_from_run(runs[1], {"n_val": 4}), runs[1], must_exist=True)
-    settings = SearchSettings(k=2, seed=3, n_startup_trials=2, kl_threshold=ws2.cfg.kl_threshold)
-    os.environ.update(REFUSAL_ATLAS_HEARTBEAT_S="1", REFUSAL_ATLAS_GRACE_S="3")
+    ws2 = reopen_workspace(runs[1], {"n_val": 4})
+    settings = SearchSettings(k=2, seed=3, n_startup_trials=2)
+    previous = configure(heartbeat_s=1, grace_s=3)  # as REFUSAL_ATLAS_HEARTBEAT_S / _GRACE_S do for the CLI
     try:
         summary = search_step(ws2, sets, settings, trials=3, storage=url)
     finally:
-        for k in ("REFUSAL_ATLAS_HEARTBEAT_S", "REFUSAL_ATLAS_GRACE_S"):
-            os.environ.pop(k)
+        restore(previous)
 
     trials = _trials(url)
     by_number = {t.number: t for t in trials}

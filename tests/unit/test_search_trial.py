@@ -266,9 +266,8 @@ def test_pruned_trials_never_enter_the_front_and_resume_equals_uninterrupted(tmp
 
 def summarize_counts(study) -> int:
     from refusal_atlas.search.study import summarize
-    from refusal_atlas.workflows.search import EditSearchSettings
 
-    return summarize(study, EditSearchSettings(max_kl=1.0))["n_trials"]["above_max_kl"]
+    return summarize(study, 0.1, {"max_kl": 1.0})["n_trials"]["above_max_kl"]
 
 
 def test_kl_cap_keeps_edits_above_it_off_the_front_and_prunes_clear_overshoots():

@@ -10,7 +10,7 @@ import sys
 from refusal_atlas.model.activations import extract
 from refusal_atlas.directions.dim import difference_in_means
 from refusal_atlas.directions.select import select_direction
-from refusal_atlas.directions.select_checkpoint import KILL_ENV
+from refusal_atlas.settings import KILL_AFTER_ENV as KILL_ENV
 from refusal_atlas.evaluation.refusal import refusal_token_ids
 from refusal_atlas.model import ChatFormatter, ModelAdapter
 
@@ -66,15 +66,15 @@ def _select_cli(run_dir, env_extra=None):
 
 
 def test_sigkilled_select_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_dir):
-    from refusal_atlas.config import load_config
+    from refusal_atlas.settings import load_settings
     from refusal_atlas.workflows.run import dim_step, extract_step
     from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
-    cfg = load_config(None, dict(model=str(tiny_model_dir), n_train=6, n_val=4, n_eval=2, filter_train=False,
+    cfg = load_settings(None, dict(model=str(tiny_model_dir), n_train=6, n_val=4, n_eval=2, filter_train=False,
                                  layers=[0, 1, 2], positions=[-1], kl_threshold=-1.0, device="cpu", batch_size=3,
                                  system_prompt="you are helpful assistant"))
     ws = open_workspace(cfg, tmp_path / "killed")
-    dim_step(ws, extract_step(ws, load_prompt_sets(cfg)))
+    dim_step(ws.run, extract_step(ws, load_prompt_sets(cfg)))
     shutil.copytree(tmp_path / "killed", tmp_path / "whole")
 
     whole = _select_cli(tmp_path / "whole")

@@ -145,13 +145,12 @@ def test_evaluate_stops_rows_early_only_when_every_judge_is_the_substring_one(mo
     monkeypatch.setattr(evaluate, "load_prompts", lambda name, n, seed: [Prompt("x")])
     monkeypatch.setattr(evaluate, "dataset_role", lambda name: "harmful")
     monkeypatch.setattr(evaluate, "completions_for", fake_completions)
-    ws = SimpleNamespace(adapter=None, chat=None, run=SimpleNamespace(completions_path=lambda *a: None,
-                                                                      add_metrics=lambda recs: None))
+    run = SimpleNamespace(completions_path=lambda *a: None, add_metrics=lambda recs: None)
     plan = evaluate.EvalPlan(datasets=["d"], interventions=[NoEdit()], judges=[SubstringJudge()],
                              stop_when_decided=True)
-    evaluate.evaluate_run(ws, plan)
+    evaluate.evaluate_run(None, None, run, plan)
     plan.judges = [SubstringJudge(), ModelJudge()]
-    evaluate.evaluate_run(ws, plan)
+    evaluate.evaluate_run(None, None, run, plan)
     assert seen == [True, False]
     custom = evaluate.EvalPlan(datasets=[], interventions=[], judges=[SubstringJudge(substrings=("nope",))],
                                stop_when_decided=True)

@@ -3,31 +3,18 @@
 Each line you type goes to both models; their answers stream token by token, labelled. Commands:
 ``/system TEXT`` (a new system prompt for both; history kept), ``/reset`` (forget the history),
 ``/quit``. On a terminal it prompts with ``you>``; through a pipe it reads plain lines and writes
-labelled answers, so scripts and tests can drive it.
+labelled answers, so scripts and tests can drive it. The run and its models: workflows/chat.py.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional, TextIO
+from typing import Annotated, TextIO
 
 import typer
 
-from refusal_atlas.core.errors import ArtifactError, ConfigError
-
 HELP = "commands: /system TEXT, /reset, /quit; anything else is sent to both models"
-
-
-def _check_run(run_dir: Path, directions: str) -> Path:
-    """Fail before the model loads: a run directory with the direction file."""
-    if not (run_dir / "manifest.json").is_file():
-        raise ArtifactError(f"{run_dir} is not a run directory (no manifest.json); run `refusal-atlas run` first")
-    path = run_dir / "directions" / f"{directions}.safetensors"
-    if not path.is_file():
-        found = sorted(p.stem for p in (run_dir / "directions").glob("*.safetensors"))
-        raise ArtifactError(f"no direction file {directions!r} in {run_dir} (available: {', '.join(found) or 'none'})")
-    return path
 
 
 def chat_loop(sides: list[tuple[str, object]], lines: TextIO, out: TextIO, interactive: bool) -> None:
@@ -78,28 +65,9 @@ def chat_cmd(
     only_edited: Annotated[bool, typer.Option(help="answer with the edited model only")] = False,
 ) -> None:
     """Chat with the original and the edited (e.g. direction-ablated) model side by side, streamed."""
-    path = _check_run(run_dir, directions)  # before any heavy import: a mistyped -r answers in milliseconds
-    from refusal_atlas.directions.base import DirectionSet
-    from refusal_atlas.evaluation.evaluate import check_interventions, parse_interventions
+    from refusal_atlas.workflows.chat import chat_sides
 
-    check_interventions([edit])
-    if edit == "none":
-        raise ConfigError("--edit none would chat with the original model twice; use ablate or actadd")
-    if max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens must be >= 1")
-    from refusal_atlas.model.conversation import Conversation
-    from refusal_atlas.workflows.run import config_from_run
-    from refusal_atlas.workflows.workspace import open_workspace
-
-    ws = open_workspace(config_from_run(run_dir), run_dir, must_exist=True)
-    spec = parse_interventions([edit], DirectionSet.load(path), mode=ws.cfg.ablation_mode)[0]
-    tok = ws.chat.tokenizer
-
-    def side(intervention):
-        return Conversation(ws.adapter, tok, intervention, ws.cfg.system_prompt, max_new_tokens)
-
-    sides = [] if only_edited else [("original", side(None))]
-    sides.append((f"edited {spec.label}", side(spec)))
+    sides = chat_sides(run_dir, directions, edit, max_new_tokens, only_edited)
     chat_loop(sides, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
 
 

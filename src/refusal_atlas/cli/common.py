@@ -1,4 +1,4 @@
-"""What the verb modules share: option types, list parsing and reopening a run directory.
+"""What the verb modules share: option types and list parsing.
 
 Verb modules import this module, never the package or cli/app.py that registers them.
 """
@@ -33,22 +33,3 @@ def parse_names(text: str | None) -> list[str] | None:
 
 def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-
-
-def reopen_workspace(run_dir: Path, allowed=(), **overrides):
-    """Reopen an existing run (never a new one: a mistyped path must not load a model or make a directory)."""
-    from refusal_atlas.workflows.validate import check_run_dir, run_config
-
-    cfg = run_config(check_run_dir(run_dir), overrides)
-    from refusal_atlas.workflows.workspace import open_workspace
-
-    return open_workspace(cfg, run_dir, must_exist=True, allowed=allowed)
-
-
-def run_seed(run_dir: Path, seed: int | None) -> int:
-    """Default seed: the run's config seed (manifest), else 0."""
-    if seed is not None:
-        return seed
-    from refusal_atlas.core.rundir import RunDir
-
-    return int(RunDir(run_dir).manifest().get("config", {}).get("seed", 0))

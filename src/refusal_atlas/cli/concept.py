@@ -31,23 +31,14 @@ def concept_cmd(
     """Concept direction (DIM of positive − negative prompts), selected on val prompts, ablated and added on
     held-out prompts; the marker rate is the concept's "refusal rate"."""
     from refusal_atlas.cli.common import parse_ints, parse_names
-    from refusal_atlas.workflows.concept import ConceptSpec, concept_summary, read_markers, run_concept, split_prompts
+    from refusal_atlas.workflows.concept import ConceptSpec, concept, concept_summary, read_markers
 
     spec = ConceptSpec(name=name, positive=positive, negative=negative, markers=read_markers(markers),
                        start_words=parse_names(start_words) or [], n_val=n_val, n_test=n_test, layers=parse_ints(layers),
                        kl_threshold=kl_threshold, max_new_tokens=max_new_tokens, seed=seed)
-    for source in (positive, negative):  # bad prompt files fail here, before the model loads
-        split_prompts(source, n_val, n_test, seed)
-    from refusal_atlas.core.io import check_output_dir  # imports torch: after the cheap checks
-
-    check_output_dir(run_dir, force)
-    from refusal_atlas.api import Atlas
-    from refusal_atlas.report.html import build_report
-
-    atlas = Atlas.load(model, device=device, batch_size=batch_size)
-    records = run_concept(atlas, spec, run_dir, force=force)
+    records, report = concept(run_dir, spec, model=model, device=device, batch_size=batch_size, force=force)
     typer.echo(concept_summary(records))
-    typer.echo(f"\nreport: {build_report(run_dir)}")
+    typer.echo(f"\nreport: {report}")
 
 
 def register(app: typer.Typer) -> None:

@@ -12,17 +12,17 @@ from typing import Annotated, Optional
 import typer
 
 from refusal_atlas import settings
-from refusal_atlas.config import RunConfig
 
 ConfigFileOpt = Annotated[Optional[Path], typer.Option(
     "--config", help="TOML file of settings (below ./refusal-atlas.toml, REFUSAL_ATLAS_* and flags)")]
 
 
 def setting_help(name: str, text: str = "") -> str:
-    """Help for a flag that overrides a setting: says which setting and its default, so no flag hides it."""
-    info = RunConfig.model_fields[name]
-    default = info.get_default()
-    what = text or info.description or name.replace("_", " ")
+    """Help for a flag that overrides a setting (``n_train``, ``search.k``): says which setting and its
+    default, so no flag hides it."""
+    info = settings.field_info(name)
+    default = info.get_default(call_default_factory=True)
+    what = text or info.description or name.rpartition(".")[2].replace("_", " ")
     return f"{what} [setting {name}; default: {default!r}]"
 
 
@@ -63,7 +63,7 @@ def config_cmd(
         if not (run_dir / "manifest.json").is_file():
             raise ArtifactError(f"{run_dir} is not a run directory (no manifest.json)")
         base = read_json(run_dir / "manifest.json").get("config", {})
-    resolved = settings.resolve_config(None, config, base=base, layered=True)
+    resolved = settings.resolve_settings(None, config, base=base, layered=True)
     typer.echo(resolved.describe())
 
 

@@ -1,4 +1,5 @@
-"""CLI verbs `export` (safetensors | lora | gguf, with a reproducibility bundle) and `verify`."""
+"""CLI verbs `export` (safetensors | lora | gguf, with a reproducibility bundle; the job is in
+workflows/export.py) and `verify`."""
 
 from __future__ import annotations
 
@@ -8,27 +9,6 @@ from typing import Annotated, Optional
 import typer
 
 from refusal_atlas.core.errors import RefusalAtlasError
-
-
-def _chosen_edit(run_dir: Path, manifest: dict, directions: str, edit: str | None):
-    """The edit to export, checked against the run's model before anything loads: a saved edit
-    (edits/NAME.json) or full ablation of a direction file in the run's ablation mode."""
-    from refusal_atlas.workflows.validate import check_direction_file
-
-    if edit is not None:
-        from refusal_atlas.edits import load_run_edit
-
-        chosen = load_run_edit(run_dir, edit)
-        if not chosen.has_weight_form:
-            raise RefusalAtlasError(f"edit {edit!r} ({chosen.edit_type}) exists as hooks only and cannot be exported")
-        return chosen, f"edits/{edit}"
-    path = run_dir / "directions" / f"{directions}.safetensors"
-    check_direction_file(path, manifest)
-    from refusal_atlas.directions.base import DirectionSet
-    from refusal_atlas.edits import DirectionalAblation
-
-    mode = manifest.get("config", {}).get("ablation_mode", "subspace")
-    return DirectionalAblation(DirectionSet.load(path), mode, name=directions), f"directions/{directions}"
 
 
 def export_cmd(
@@ -44,24 +24,10 @@ def export_cmd(
 ) -> None:
     """Write the model with an edit baked into its weights (default: the run's DIM direction
     orthogonalized out; --edit: a saved edit, exactly as it was evaluated), plus reproduce/."""
-    from refusal_atlas.core.io import check_output_dir
-    from refusal_atlas.export.formats import check_export_request
-    from refusal_atlas.workflows.validate import check_output_parent, check_run_dir, run_config
+    from refusal_atlas.workflows.export import export
 
-    manifest = check_run_dir(run_dir)  # milliseconds, before anything heavy is imported
-    check_export_request(format, quant, dtype)
-    if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
-        raise RefusalAtlasError(f"--out {out} is inside the run directory {run_dir}; export elsewhere")
-    check_output_dir(out, force)
-    check_output_parent(out)
-    chosen, source = _chosen_edit(run_dir, manifest, directions, edit)
-    from refusal_atlas.export.bundle import export_run
-    from refusal_atlas.workflows.workspace import open_workspace
-
-    ws = open_workspace(run_config(manifest), run_dir, must_exist=True)
-    load = {"model": ws.cfg.model, "device": ws.cfg.device, "dtype": ws.cfg.dtype}
-    summary = export_run(ws.loaded, load, manifest, chosen, out, format, edit_source=source, quant=quant,
-                         dtype=dtype, force=force)
+    chosen, summary = export(run_dir, out, format=format, quant=quant, dtype=dtype, directions=directions, edit=edit,
+                             force=force)
     detail = summary.get("quant") or summary.get("dtype") or f"rank {summary['lora']['rank']}"
     typer.echo(f"exported {chosen.label} ({chosen.edit_type}) as {format} ({detail}) to {out}; "
                f"reproduce/ holds the bundle (`refusal-atlas verify {out}`)")

@@ -18,15 +18,11 @@ def reproduce(
                                                          "prompts")] = False,
 ) -> None:
     """Rows (a)–(g) with n, 95% CIs and verdicts → R/reproduce.json, R/reproduce.md, R/plots; rerun to resume."""
-    from refusal_atlas.config import load_config
-    from refusal_atlas.workflows.validate import check_model_settings
-    from refusal_atlas.workflows.reproduce.job import check_reproduce_dir, run_reproduce
     from refusal_atlas.workflows.reproduce.budget import budget_named
+    from refusal_atlas.workflows.reproduce.job import run_reproduce
 
     chosen = budget_named(budget)
     run_dir = run_dir or Path("runs") / f"reproduce-{chosen.name}"
-    check_reproduce_dir(run_dir, chosen, model)
-    check_model_settings(load_config(None, chosen.run_settings(model, device, dtype)))  # before any model loads
     data = run_reproduce(run_dir, chosen, model, device, dtype, allow_low_refusal)
     for rid, row in data["rows"].items():
         typer.echo(f"({rid}) {row['verdict']['verdict']:<14} {row['claim']}")

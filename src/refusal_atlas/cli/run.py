@@ -1,4 +1,4 @@
-"""The spine verbs: `run` (the end-to-end job), `extract`, `directions dim` and `select`."""
+"""The spine verbs: `run` (the end-to-end job), `extract`, `directions dim` and `select` (jobs: workflows/verbs.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import typer
 
 from refusal_atlas.cli.common import ModelOpt, RunDirOpt, default_run_dir, parse_ints, parse_names
 from refusal_atlas.cli.config import setting_help
-from refusal_atlas.core.errors import RefusalAtlasError
 
 
 def run(
@@ -39,39 +38,33 @@ def run(
     allow_low_refusal: Annotated[bool, typer.Option(help="continue (with a warning) when the model refuses < 10% "
                                                          "of the harmful train prompts")] = False,
     trials: Annotated[int, typer.Option(help="--method som: completed search trials to reach")] = 30,
-    k: Annotated[int, typer.Option(help="--method som: directions per searched subset")] = 3,
+    k: Annotated[Optional[int], typer.Option(help=setting_help("search.k", "--method som: directions per searched "
+                                                                           "subset"))] = None,
 ) -> None:
     """The default end-to-end job: extract → DIM → select → held-out evaluation."""
-    from refusal_atlas.settings import resolve_config
-    from refusal_atlas.workflows.validate import check_new_run_dir
+    from refusal_atlas.workflows import verbs
 
-    if method not in ("dim", "som"):
-        raise RefusalAtlasError(f"unknown method {method!r} for `run` (available: dim, som)")
     flags = dict(model=model, layer=layer, layers=parse_ints(layers), positions=parse_ints(positions), n_train=n_train,
                  n_val=n_val, n_eval=n_eval, eval_harmful=parse_names(eval_harmful), max_new_tokens=max_new_tokens,
                  batch_size=batch_size, seed=seed, device=device, system_prompt=system_prompt,
                  chat_template=chat_template and str(chat_template), dtype=dtype, device_map=device_map,
-                 max_memory=max_memory, dtype_fallback=dtype_fallback, backend=backend)
-    run_dir = run_dir or default_run_dir()
-    manifest = check_new_run_dir(run_dir)
-    # --resume: the run's own settings, then what the TOML file and the flags set explicitly
-    base = manifest.get("config", {}) if resume and manifest else None
-    cfg = resolve_config(flags, config_file=config, base=base).config
-    if cfg.backend == "vllm":
-        from refusal_atlas.export.vllm import check_vllm
+                 max_memory=max_memory, dtype_fallback=dtype_fallback, backend=backend, search={"k": k})
+    result = verbs.run(run_dir or default_run_dir(), flags, config_file=config, method=method, resume=resume,
+                       allow_low_refusal=allow_low_refusal, trials=trials)
+    if result.search is not None:
+        from refusal_atlas.workflows.som import format_comparison, format_search
 
-        check_vllm()  # before any model loads
-    if method == "som":
-        from refusal_atlas.cli.som import run_som_command
+        typer.echo(format_search(result.search))
+        typer.echo("\nheld-out comparison (never seen by the search):")
+        typer.echo(format_comparison(result.comparison))
+        typer.echo(f"\nrun directory: {result.ws.run.path}  (metrics.json, search.json, study.db, directions/)")
+        return
+    from refusal_atlas.workflows.run import format_table
 
-        return run_som_command(cfg, run_dir, resume, trials=trials, k=k, allow_low_refusal=allow_low_refusal)
-    from refusal_atlas.workflows.run import format_table, run as run_pipeline
-
-    ws, records = run_pipeline(cfg, run_dir, resume=resume, allow_low_refusal=allow_low_refusal)
-    d = ws.run.manifest().get("direction", {})
+    d = result.ws.run.manifest().get("direction", {})
     typer.echo(f"\nDIM direction: layer {d.get('layer')}, position {d.get('position')}, norm {d.get('norm', 0):.2f}")
-    typer.echo(format_table(records))
-    typer.echo(f"\nrun directory: {ws.run.path}  (metrics.json, manifest.json, completions/)")
+    typer.echo(format_table(result.records))
+    typer.echo(f"\nrun directory: {result.ws.run.path}  (metrics.json, manifest.json, completions/)")
 
 
 def extract_cmd(run_dir: RunDirOpt, model: ModelOpt = None,
@@ -80,38 +73,20 @@ def extract_cmd(run_dir: RunDirOpt, model: ModelOpt = None,
                 allow_low_refusal: Annotated[bool, typer.Option(help="continue when the model refuses < 10%")] = False,
                 ) -> None:
     """Residual-stream representations of harmful vs harmless train prompts (a new or an existing run)."""
-    from refusal_atlas.settings import resolve_config
-    from refusal_atlas.workflows.validate import EXTRACTION_SETTINGS, check_new_run_dir, run_config
+    from refusal_atlas.workflows import verbs
 
-    overrides = dict(model=model, n_train=n_train, filter_train=filter_train)
-    manifest = check_new_run_dir(run_dir)
-    cfg = run_config(manifest, overrides) if manifest else resolve_config(overrides).config
-    from refusal_atlas.workflows.run import extract_step
-    from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
-
-    sets = load_prompt_sets(cfg)  # bad prompt files fail before the model loads
-    ws = open_workspace(cfg, run_dir, must_exist=manifest is not None, allowed=EXTRACTION_SETTINGS)
-    acts = extract_step(ws, sets, allow_low_refusal=allow_low_refusal)
+    ws, acts = verbs.extract(run_dir, dict(model=model, n_train=n_train, filter_train=filter_train),
+                             allow_low_refusal=allow_low_refusal)
     typer.echo(f"saved {acts['harmful'].n} harmful + {acts['harmless'].n} harmless representations "
                f"({len(acts['harmful'].layers)} layers) to {ws.run / 'activations.safetensors'}")
 
 
 def directions_dim(run_dir: RunDirOpt) -> None:
     """Difference-in-means candidates for every (position, layer)."""
-    from refusal_atlas.workflows.validate import check_run_dir
+    from refusal_atlas.workflows import verbs
 
-    check_run_dir(run_dir, require_manifest=False)
-    from refusal_atlas.model.activations import load_activation_sets
-    from refusal_atlas.directions.dim import difference_in_means
-    from refusal_atlas.core.io import save_tensors
-    from refusal_atlas.core.rundir import RunDir
-
-    run = RunDir(run_dir)
-    acts = load_activation_sets(run / "activations.safetensors")
-    cands = difference_in_means(acts["harmful"], acts["harmless"])
-    save_tensors(run.direction_path("dim_candidates"), {"vectors": cands.vectors},
-                 {"layers": cands.layers, "positions": cands.positions})
-    typer.echo(f"saved {len(cands.positions)}×{len(cands.layers)} DIM candidates to {run.direction_path('dim_candidates')}")
+    cands, path = verbs.dim(run_dir)
+    typer.echo(f"saved {len(cands.positions)}×{len(cands.layers)} DIM candidates to {path}")
 
 
 def select_cmd(run_dir: RunDirOpt,
@@ -119,19 +94,10 @@ def select_cmd(run_dir: RunDirOpt,
                positions: Annotated[Optional[str], typer.Option(help=setting_help("positions", "e.g. -1,-2"))] = None,
                kl_threshold: Annotated[Optional[float], typer.Option(help=setting_help("kl_threshold", "KL filter bound"))] = None) -> None:
     """Arditi-style selection of one DIM candidate on validation prompts."""
-    from refusal_atlas.workflows.validate import SELECTION_SETTINGS, check_run_dir, run_config
+    from refusal_atlas.workflows import verbs
 
-    overrides = dict(layers=parse_ints(layers), positions=parse_ints(positions), kl_threshold=kl_threshold)
-    manifest = check_run_dir(run_dir)
-    cfg = run_config(manifest, overrides)
-    if not (run_dir / "directions" / "dim_candidates.safetensors").is_file():
-        raise RefusalAtlasError(f"no DIM candidates in {run_dir}; run `refusal-atlas directions dim` first")
-    from refusal_atlas.workflows.run import load_dim_candidates, select_step
-    from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
-
-    sets = load_prompt_sets(cfg)
-    ws = open_workspace(cfg, run_dir, must_exist=True, allowed=SELECTION_SETTINGS)
-    d = select_step(ws, load_dim_candidates(ws), sets)
+    d = verbs.select(run_dir, dict(layers=parse_ints(layers), positions=parse_ints(positions),
+                                   kl_threshold=kl_threshold))
     typer.echo(f"selected layer {d.layer}, position {d.position}: refusal {d.meta.get('refusal', float('nan')):.3f}, "
                f"KL {d.meta.get('kl', float('nan')):.4f}, steering {d.meta.get('steering', float('nan')):.3f}")
 

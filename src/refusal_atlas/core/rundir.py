@@ -60,6 +60,10 @@ class RunDir:
         }
         write_json(self.manifest_path, manifest)
 
+    def replace_manifest(self, **fields: Any) -> None:
+        """Set top-level manifest entries whole (``update_manifest`` merges dicts one level deep)."""
+        write_json(self.manifest_path, {**self.manifest(), **fields})
+
     def update_manifest(self, **fields: Any) -> None:
         manifest = self.manifest()
         for key, value in fields.items():
@@ -87,6 +91,15 @@ class RunDir:
         new_ids = {_identity(r) for r in records}
         kept = [r for r in self.metrics() if _identity(r) not in new_ids]
         write_json(self.metrics_path, kept + list(records))
+
+
+def recorded_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's recorded settings by name (``n_train``, ``seed``, ...): manifests hold them in sections
+    (``{"model": {...}, "data": {...}, ...}``, see refusal_atlas.settings), older ones flat."""
+    config = manifest.get("config") or {}
+    if isinstance(config.get("model"), dict):  # sections; the flat form's `model` is the model's name
+        return {name: value for table in config.values() if isinstance(table, dict) for name, value in table.items()}
+    return dict(config)
 
 
 def _identity(record: dict[str, Any]) -> tuple:

@@ -3,24 +3,21 @@
 A rerun after a crash (or kill -9) reads back the finished candidates instead of recomputing them.
 The file is keyed by everything the scores depend on (candidate vectors, validation prompts,
 refusal token ids, batch size); a file made from anything else is ignored and replaced.
-``REFUSAL_ATLAS_TEST_KILL_AFTER=N`` SIGKILLs the process right after the Nth save, so tests can
-kill a selection at a known point.
+The crash-test hook ``REFUSAL_ATLAS_TEST_KILL_AFTER=N`` SIGKILLs the process right after the Nth save
+(core/crashpoints.py), so tests can kill a selection at a known point.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from refusal_atlas.core.crashpoints import kill_after_save
 from refusal_atlas.core.io import read_json, write_json
-
-KILL_ENV = "REFUSAL_ATLAS_TEST_KILL_AFTER"
 
 
 def _key(candidates, eligible, harmful, harmless, refusal_ids, batch_size) -> str:
@@ -58,6 +55,5 @@ class SelectionCheckpoint:
         if self.path is not None:
             write_json(self.path, self.data)
             self.saves += 1
-            if os.environ.get(KILL_ENV) == str(self.saves):
-                os.kill(os.getpid(), signal.SIGKILL)
+            kill_after_save(self.saves)
         return record

@@ -17,6 +17,7 @@ from pathlib import Path
 from refusal_atlas.data import Prompt, load_prompts
 from refusal_atlas.data.registry import REGISTRY
 from refusal_atlas.core.errors import ArtifactError, ConfigError
+from refusal_atlas.core.rundir import RunDir
 from refusal_atlas.evaluation.completions import completions_for
 from refusal_atlas.evaluation.damage import continuation_kl, kl_records, next_token_kl, refusal_metric
 from refusal_atlas.evaluation.judges import Judge, JudgeItem, SubstringJudge, Verdict
@@ -126,7 +127,7 @@ class EvalPlan:
     benchmarks: list[str] = field(default_factory=list)
     limit: int | None = None
     batch_size: int = 16
-    generation_batch_size: int | None = None  # rows per generation batch (None: batch_size); see RunConfig
+    generation_batch_size: int | None = None  # rows per generation batch (None: batch_size); see settings.py
     seed: int = 0
     backend: object | None = None  # generation engine (None: HF with hooks; see generation_vllm)
     stop_when_decided: bool = False  # stop a row at its first refusal phrase (see early_stop)
@@ -175,8 +176,10 @@ def parse_interventions(names: Sequence[str], directions, mode: str = "subspace"
     return out
 
 
-def evaluate_run(ws, plan: EvalPlan) -> list[dict]:
-    """Run ``plan`` on a workspace; records are added to metrics.json as each group finishes."""
+def evaluate_run(adapter: ModelAdapter, chat: ChatFormatter, run: RunDir, plan: EvalPlan,
+                 model_name: str = "model") -> list[dict]:
+    """Run ``plan`` with the model of ``adapter``; completions are kept in ``run`` and records are added to
+    its metrics.json as each group finishes (benchmark records name the model ``model_name``)."""
     if plan.kl_tokens < 1 or plan.max_new_tokens < 1:
         raise ConfigError("max_new_tokens and kl_tokens must be >= 1")
     prompt_sets = {name: load_prompts(name, n=plan.n, seed=plan.seed) for name in plan.datasets}  # fail early
@@ -185,8 +188,8 @@ def evaluate_run(ws, plan: EvalPlan) -> list[dict]:
         role = dataset_role(name)
         group = []
         for spec in plan.interventions:
-            comp = completions_for(ws.adapter, ws.chat, prompts, spec, plan.max_new_tokens, plan.gen_batch,
-                                   ws.run.completions_path(name, spec.label), desc=f"generate {name} [{spec.label}]",
+            comp = completions_for(adapter, chat, prompts, spec, plan.max_new_tokens, plan.gen_batch,
+                                   run.completions_path(name, spec.label), desc=f"generate {name} [{spec.label}]",
                                    stop_when_decided=plan.early_stop(role), backend=plan.backend)
             items = [JudgeItem(p.instruction, r) for p, r in zip(prompts, comp.responses)]
             for judge in plan.judges:
@@ -195,34 +198,35 @@ def evaluate_run(ws, plan: EvalPlan) -> list[dict]:
                 rec["reused_completions"] = comp.reused
                 group.append(rec)
         if role == "harmless":
-            group += _damage(ws, plan, name, prompts)
-        ws.run.add_metrics(group)
+            group += _damage(adapter, chat, run, plan, name, prompts)
+        run.add_metrics(group)
         records += group
     for spec in plan.interventions if plan.benchmarks else []:
         from refusal_atlas.evaluation.benchmarks import run_benchmarks
 
-        recs = run_benchmarks(ws.loaded.model, ws.loaded.tokenizer, plan.benchmarks, adapter=ws.adapter,
+        recs = run_benchmarks(adapter.model, chat.tokenizer, plan.benchmarks, adapter=adapter,
                               intervention=spec, limit=plan.limit, batch_size=plan.batch_size)
-        recs = [{**spec.describe(), **r, "model": ws.loaded.name} for r in recs]
-        ws.run.add_metrics(recs)
+        recs = [{**spec.describe(), **r, "model": model_name} for r in recs]
+        run.add_metrics(recs)
         records += recs
     return records
 
 
-def _damage(ws, plan: EvalPlan, dataset: str, prompts: list[Prompt]) -> list[dict]:
+def _damage(adapter: ModelAdapter, chat: ChatFormatter, run: RunDir, plan: EvalPlan, dataset: str,
+            prompts: list[Prompt]) -> list[dict]:
     """First-token and n-token KL(clean ‖ intervened) on a harmless set, per intervention."""
     specs = [s for s in plan.interventions if s.kind != "none"]
     if not specs:
         return []
     clean = NoEdit()
     length = max(plan.max_new_tokens, plan.kl_tokens)  # reuse the clean completions when long enough
-    comp = completions_for(ws.adapter, ws.chat, prompts, clean, length, plan.gen_batch,
-                           ws.run.completions_path(dataset, clean.label), desc=f"generate {dataset} [none]",
+    comp = completions_for(adapter, chat, prompts, clean, length, plan.gen_batch,
+                           run.completions_path(dataset, clean.label), desc=f"generate {dataset} [none]",
                            backend=plan.backend)
     conts = [ids[: plan.kl_tokens] for ids in comp.token_ids]  # greedy: a prefix is the shorter continuation
     out = []
     for spec in specs:
-        kl = continuation_kl(ws.adapter, ws.chat, [p.instruction for p in prompts], conts, spec,
+        kl = continuation_kl(adapter, chat, [p.instruction for p in prompts], conts, spec,
                              batch_size=max(1, plan.batch_size // 2), desc=f"KL {dataset} [{spec.label}]")
         for rec in kl_records(kl, plan.kl_tokens):
             out.append({**spec.describe(), "dataset": dataset, "role": "harmless", "judge": None, **rec})

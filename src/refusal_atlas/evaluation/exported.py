@@ -22,7 +22,9 @@ from refusal_atlas.evaluation.evaluate import EvalPlan, dataset_role, evaluate_r
 from refusal_atlas.evaluation.judges import JudgeItem
 from refusal_atlas.edits import NoEdit
 from refusal_atlas.core.io import read_json
+from refusal_atlas.core.rundir import RunDir
 from refusal_atlas.model.adapter import ModelAdapter
+from refusal_atlas.model.chat import ChatFormatter
 from refusal_atlas.model.loading import LoadedModel, load_model
 
 
@@ -103,30 +105,33 @@ class ExportedModel(NoEdit):
         return {"intervention": self.label, "kind": "exported", "format": self.export_kind, "model": str(self.path)}
 
 
-def evaluate_exported(ws, plan: EvalPlan, path: Path, base: str | None = None) -> list[dict]:
-    """The run's interventions on the original model, then the exported model on the same prompts + KL."""
-    records = evaluate_run(ws, plan)
+def evaluate_exported(adapter: ModelAdapter, chat: ChatFormatter, run: RunDir, plan: EvalPlan, path: Path, *,
+                      base: str | None = None, device: str | None = None, dtype: str | None = None,
+                      model_name: str = "model") -> list[dict]:
+    """The plan's interventions on the original model (``adapter``), then the exported model, loaded on
+    ``device`` in ``dtype``, on the same prompts + KL; records go to ``run``'s metrics.json."""
+    records = evaluate_run(adapter, chat, run, plan, model_name)
     path = Path(path)
-    exported = load_exported(path, base=base, device=ws.cfg.device, dtype=ws.cfg.dtype)
+    exported = load_exported(path, base=base, device=device, dtype=dtype)
     spec = ExportedModel(exported.model, path, exported_kind(path))
     clean, out = NoEdit(), []
     ModelAdapter(exported.model)  # the exported architecture must be one we can read
     for name in plan.datasets:
         prompts, role = load_prompts(name, n=plan.n, seed=plan.seed), dataset_role(name)
-        comp = completions_for(ws.adapter, ws.chat, prompts, spec, plan.max_new_tokens, plan.gen_batch,
-                               ws.run.completions_path(name, spec.label), desc=f"generate {name} [{spec.label}]")
+        comp = completions_for(adapter, chat, prompts, spec, plan.max_new_tokens, plan.gen_batch,
+                               run.completions_path(name, spec.label), desc=f"generate {name} [{spec.label}]")
         items = [JudgeItem(p.instruction, r) for p, r in zip(prompts, comp.responses)]
         group = [judged_record(spec, name, role, judge, judge.judge(items, role), comp.responses, plan.max_new_tokens)
                  for judge in plan.judges]
         if role == "harmless":
             length = max(plan.max_new_tokens, plan.kl_tokens)
-            ref = completions_for(ws.adapter, ws.chat, prompts, clean, length, plan.gen_batch,
-                                  ws.run.completions_path(name, clean.label), desc=f"generate {name} [none]")
-            kl = continuation_kl(ws.adapter, ws.chat, [p.instruction for p in prompts],
+            ref = completions_for(adapter, chat, prompts, clean, length, plan.gen_batch,
+                                  run.completions_path(name, clean.label), desc=f"generate {name} [none]")
+            kl = continuation_kl(adapter, chat, [p.instruction for p in prompts],
                                  [ids[: plan.kl_tokens] for ids in ref.token_ids], spec,
                                  batch_size=max(1, plan.batch_size // 2), desc=f"KL {name} [{spec.label}]")
             group += [{**spec.describe(), "dataset": name, "role": role, "judge": None, **r}
                       for r in kl_records(kl, plan.kl_tokens)]
-        ws.run.add_metrics(group)
+        run.add_metrics(group)
         out += group
     return records + out

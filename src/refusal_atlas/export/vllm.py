@@ -11,9 +11,9 @@ by our chat formatter, so vLLM sees exactly the tokens HF would; completions are
 first end-of-turn token like :func:`refusal_atlas.evaluation.damage.greedy_continuations`, and go
 through the same completions files and judges.
 
-Knobs (environment, so the CLI stays small): ``REFUSAL_ATLAS_VLLM_TP`` (tensor-parallel GPUs,
-default 1) and ``REFUSAL_ATLAS_VLLM_GPU_MEMORY`` (fraction of GPU memory for vLLM, default 0.5,
-since the HF model used for KL and selection stays loaded beside it).
+Knobs (runtime settings ``vllm_tp`` and ``vllm_gpu_memory``, e.g. ``REFUSAL_ATLAS_VLLM_TP``): tensor-
+parallel GPUs (default 1) and the fraction of GPU memory for vLLM (default 0.5, since the HF model used
+for KL and selection stays loaded beside it); the caller passes them to :meth:`VllmBackend.for_model`.
 """
 
 from __future__ import annotations
@@ -83,22 +83,15 @@ class VllmBackend:
         atexit.register(self.close)
 
     @classmethod
-    def for_workspace(cls, ws) -> VllmBackend:
-        """One backend per workspace (made on first use): copies load on CPU in the run's dtype."""
-        cached = getattr(ws, "_vllm_backend", None)
-        if cached is not None:
-            return cached
+    def for_model(cls, model: str, *, dtype: str, seed: int, tensor_parallel: int = 1,
+                  gpu_memory: float = 0.5) -> VllmBackend:
+        """A backend whose copies of ``model`` (a model spec) load on CPU in ``dtype`` (the run's)."""
         check_vllm()
         from refusal_atlas.model.loading import load_model
 
-        cfg, dtype = ws.cfg, ws.loaded.info.get("dtype", "bfloat16")
-        backend = cls(lambda: load_model(cfg.model, device="cpu", dtype=dtype, dtype_fallback=False),
-                      engine_args={"dtype": dtype, "seed": cfg.seed,
-                                   "tensor_parallel_size": int(os.environ.get("REFUSAL_ATLAS_VLLM_TP", "1")),
-                                   "gpu_memory_utilization": float(os.environ.get("REFUSAL_ATLAS_VLLM_GPU_MEMORY",
-                                                                                  "0.5"))})
-        ws._vllm_backend = backend
-        return backend
+        return cls(lambda: load_model(model, device="cpu", dtype=dtype, dtype_fallback=False),
+                   engine_args={"dtype": dtype, "seed": seed, "tensor_parallel_size": tensor_parallel,
+                                "gpu_memory_utilization": gpu_memory})
 
     # --- model directories -------------------------------------------------------------------
     def model_dir(self, intervention) -> Path:

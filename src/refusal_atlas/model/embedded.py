@@ -15,6 +15,7 @@ from pathlib import Path
 
 from refusal_atlas.core.errors import ModelError
 from refusal_atlas.core.io import atomic_dir
+from refusal_atlas.core.runtime import runtime
 
 EMBEDDED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 EMBEDDED_SIZE = 491_400_064
@@ -23,9 +24,9 @@ N_PARTS = 6
 
 
 def cache_root() -> Path:
-    """Where converted models live: ``$REFUSAL_ATLAS_CACHE`` or ``~/.cache/refusal-atlas``."""
-    env = os.environ.get("REFUSAL_ATLAS_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "refusal-atlas"
+    """Where converted models live: the runtime's cache folder (setting ``cache``, ``REFUSAL_ATLAS_CACHE``)
+    or ``~/.cache/refusal-atlas``."""
+    return runtime().cache_root
 
 
 def embedded_cache_dir() -> Path:

@@ -23,7 +23,7 @@ from refusal_atlas.core.errors import ArtifactError, RefusalAtlasError
 from refusal_atlas.core.io import load_tensors, read_json, write_text
 from refusal_atlas.report.sections import (DEFINITIONS, comparison_section, concept_note, examples_section,
                                            provenance_section, table)
-from refusal_atlas.core.rundir import RunDir
+from refusal_atlas.core.rundir import RunDir, recorded_settings
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def build_report(run_dir: str | Path) -> Path:
     sections.append(_guarded("methods compared", lambda: comparison_section(run, metrics)))
     sections.append(_guarded("example completions", lambda: examples_section(run)))
     if (run.path / "selection.json").exists():
-        sections.append(_guarded("direction selection", lambda: _selection_section(run, manifest.get("config", {}),
+        sections.append(_guarded("direction selection", lambda: _selection_section(run, recorded_settings(manifest),
                                                                                     pdir)))
     if run.direction_path("dim_candidates").exists():
         sections.append(_guarded("DIM across layers", lambda: _dim_layers_section(run, pdir)))

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from refusal_atlas.core.rundir import RunDir
+from refusal_atlas.core.rundir import RunDir, recorded_settings
 
 EXAMPLES_PER_DATASET = 3
 EXAMPLE_CHARS = 280
@@ -90,7 +90,7 @@ def _model_line(model: dict) -> str:
 
 def provenance_section(run: RunDir, manifest: dict[str, Any], metrics: list[dict[str, Any]]) -> str:
     """The "how this run was made" block: enough to reproduce or to judge the numbers."""
-    cfg, model = manifest.get("config", {}), manifest.get("model", {})
+    cfg, model = recorded_settings(manifest), manifest.get("model", {})
     eval_n = {}
     for r in metrics:
         if "refusal_rate" in r and r.get("dataset"):

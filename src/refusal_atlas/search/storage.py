@@ -4,10 +4,10 @@
   lock beside the file; under the lock any RUNNING trial was left by a dead process.
 * **PostgreSQL** (``--storage postgresql://user@host/db``): any number of workers on any number of
   machines share one study. A lock file means nothing across hosts, so liveness comes from
-  heartbeats instead: each worker records one every :data:`HEARTBEAT_S` seconds while it owns a
-  trial; a RUNNING trial silent for :data:`GRACE_S` seconds is failed by the next worker that
-  asks for a trial, and re-queued with the same parameters (up to :data:`MAX_RETRY` times).
-  ``REFUSAL_ATLAS_HEARTBEAT_S`` / ``REFUSAL_ATLAS_GRACE_S`` override both (seconds).
+  heartbeats instead: each worker records one every ``heartbeat_s`` seconds while it owns a
+  trial; a RUNNING trial silent for ``grace_s`` seconds is failed by the next worker that
+  asks for a trial, and re-queued with the same parameters (up to :data:`MAX_RETRY` times). Both are
+  runtime settings (core/runtime.py; ``REFUSAL_ATLAS_HEARTBEAT_S`` / ``REFUSAL_ATLAS_GRACE_S``, seconds).
 
 Workers must not evaluate the same edit twice. Each worker folds its own id into the sampler seed
 (so two workers that see the same history propose different subsets), and before evaluating a
@@ -33,9 +33,8 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from refusal_atlas.core.errors import ConfigError
+from refusal_atlas.core.runtime import runtime
 
-HEARTBEAT_S = 5
-GRACE_S = 30
 MAX_RETRY = 2
 POLL_S = 0.5
 SCHEMES = ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
@@ -78,8 +77,7 @@ def make_storage(target: str | os.PathLike) -> optuna.storages.RDBStorage:
             try:
                 return optuna.storages.RDBStorage(
                     checked, engine_kwargs={"pool_pre_ping": True}, **retry,
-                    heartbeat_interval=int(os.environ.get("REFUSAL_ATLAS_HEARTBEAT_S", HEARTBEAT_S)),
-                    grace_period=int(os.environ.get("REFUSAL_ATLAS_GRACE_S", GRACE_S)))
+                    heartbeat_interval=runtime().heartbeat_s, grace_period=runtime().grace_s)
             except Exception as exc:
                 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
@@ -190,7 +188,7 @@ class SharedCoordinator(LocalCoordinator):
         storage, stop = study._storage, threading.Event()
         storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr("worker", worker_name())
-        interval = storage.get_heartbeat_interval() or HEARTBEAT_S
+        interval = storage.get_heartbeat_interval() or runtime().heartbeat_s
 
         def beat() -> None:
             while not stop.wait(interval):

@@ -22,7 +22,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -215,14 +214,15 @@ def _dedupe(trials: Sequence[FrozenTrial], mode: str) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def summarize(study: optuna.Study, settings) -> dict[str, Any]:
+def summarize(study: optuna.Study, kl_threshold: float, settings: dict[str, Any],
+              mode: str = "subspace") -> dict[str, Any]:
     """Everything search.json records: all trials, the Pareto front, the rule and the chosen trial.
 
-    ``settings``: any dataclass with ``kl_threshold`` (and ``mode`` for subset searches).
+    ``kl_threshold``: the pick rule's KL bound; ``settings``: what the search ran with, recorded as is;
+    ``mode``: a subset search's ablation mode (which subsets are the same edit).
     """
-    mode = getattr(settings, "mode", "subspace")
     front = pareto_front(study)
-    chosen, branch = choose_trial(front, settings.kl_threshold)
+    chosen, branch = choose_trial(front, kl_threshold)
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED,
                                                                          TrialState.FAIL, TrialState.RUNNING,
@@ -230,13 +230,13 @@ def summarize(study: optuna.Study, settings) -> dict[str, Any]:
     counts["distinct_subsets"] = len({trial_key(t, mode) for t in trials if t.state == TrialState.COMPLETE})
     counts["above_max_kl"] = sum(t.constraints.get(KL_CONSTRAINT, 0.0) > 0 for t in trials)
     return {
-        "study": study.study_name, "settings": asdict(settings), "identity": study.user_attrs.get("identity"),
+        "study": study.study_name, "settings": settings, "identity": study.user_attrs.get("identity"),
         "objectives": {"refusal": "mean logit refusal score on harmful validation prompts under the edit "
                                   "(log-odds of a refusal-start token; lower = less refusal)",
                        "kl": "mean next-token KL(unmodified || ablated) on harmless validation prompts"},
         "n_trials": counts, "baseline": study.user_attrs.get("baseline"),
         "reference": study.user_attrs.get("reference"),
-        "rule": {"name": "min_refusal_under_kl", "kl_threshold": settings.kl_threshold, "description": RULE},
+        "rule": {"name": "min_refusal_under_kl", "kl_threshold": kl_threshold, "description": RULE},
         "chosen": {**trial_record(chosen), "why": branch},
         "pareto_front": [t.number for t in front],
         "pareto": _dedupe(front, mode),

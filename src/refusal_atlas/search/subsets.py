@@ -67,44 +67,40 @@ class SubsetSpace:
         n = len(self.ids)
         return decode_lehmer([trial.suggest_int(f"pick_{i}", 0, n - 1 - i) for i in range(k)], self.ids)
 
-
-# --- study storage -------------------------------------------------------------------------------
-def fingerprint_directions(directions: DirectionSet) -> str:
-    return directions.fingerprint()
+    @classmethod
+    def of(cls, directions: DirectionSet, k: int, k_max: int | None = None) -> SubsetSpace:
+        """Subsets of ``k`` (up to ``k_max``) of a DirectionSet's directions."""
+        return cls(tuple(directions.ids), k, k if k_max is None else k_max)
 
 
 # --- the search loop ---------------------------------------------------------------------------------
-@dataclass
-class SearchSettings:
-    """What to search (``k``..``k_max`` of the directions), how (seed, TPE start-up) and the pick rule."""
-
-    k: int = 3
-    k_max: int | None = None
-    seed: int = 0
-    mode: AblationMode = "subspace"
-    kl_threshold: float = 0.1
-    n_startup_trials: int = 10
-
-    def space(self, directions: DirectionSet) -> SubsetSpace:
-        return SubsetSpace(tuple(directions.ids), self.k, self.k if self.k_max is None else self.k_max)
-
-    def identity(self, directions: DirectionSet, objective_fingerprint: str) -> dict[str, Any]:
-        space = self.space(directions)
-        return {"ids": list(space.ids), "k_min": space.k_min, "k_max": space.k_max, "seed": self.seed,
-                "mode": self.mode, "n_startup_trials": self.n_startup_trials,
-                "directions": fingerprint_directions(directions), "objective": objective_fingerprint}
+def subset_identity(space: SubsetSpace, directions: DirectionSet, objective_fingerprint: str, *, seed: int,
+                    mode: AblationMode, n_startup_trials: int) -> dict[str, Any]:
+    """What a subset study is bound to (see :func:`refusal_atlas.search.study.open_study`)."""
+    return {"ids": list(space.ids), "k_min": space.k_min, "k_max": space.k_max, "seed": seed, "mode": mode,
+            "n_startup_trials": n_startup_trials, "directions": directions.fingerprint(),
+            "objective": objective_fingerprint}
 
 
-def run_trials(study: optuna.Study, directions: DirectionSet, objective: Objective, settings: SearchSettings,
-               n_trials: int, deadline: float | None = None) -> list[FrozenTrial]:
-    """Run ``n_trials`` more subset trials (see :func:`run_loop`); returns the trials this call finished."""
-    space = settings.space(directions)
+def subset_settings(k: int, k_max: int | None, *, seed: int, mode: AblationMode, kl_threshold: float,
+                    n_startup_trials: int) -> dict[str, Any]:
+    """What search.json records as a subset search's settings (:func:`refusal_atlas.search.study.summarize`)."""
+    return {"k": k, "k_max": k_max, "seed": seed, "mode": mode, "kl_threshold": kl_threshold,
+            "n_startup_trials": n_startup_trials}
 
+
+def run_trials(study: optuna.Study, directions: DirectionSet, objective: Objective, space: SubsetSpace, *,
+               seed: int, mode: AblationMode = "subspace", n_startup_trials: int = 10, n_trials: int,
+               deadline: float | None = None) -> list[FrozenTrial]:
+    """Run ``n_trials`` more subset trials (see :func:`run_loop`); returns the trials this call finished.
+
+    ``mode``: how a subset is ablated (subspace | sequential), which decides when two subsets are the same edit.
+    """
     def propose(trial: Trial):
         ids = space.suggest(trial)
         trial.set_user_attr("ids", ids)
         trial.set_user_attr("k", len(ids))
-        return repr(subset_key(ids, settings.mode)), lambda: objective(directions.select(ids))
+        return repr(subset_key(ids, mode)), lambda: objective(directions.select(ids))
 
-    return run_loop(study, propose, seed=settings.seed, n_startup_trials=settings.n_startup_trials,
-                    group=space.k_min < space.k_max, n_trials=n_trials, deadline=deadline)
+    return run_loop(study, propose, seed=seed, n_startup_trials=n_startup_trials, group=space.k_min < space.k_max,
+                    n_trials=n_trials, deadline=deadline)

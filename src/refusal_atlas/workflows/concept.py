@@ -153,6 +153,23 @@ def run_concept(atlas, spec: ConceptSpec, run_dir: str | Path, *, force: bool = 
     return records
 
 
+def concept(run_dir: Path, spec: ConceptSpec, *, model: str = "embedded", device: str | None = None,
+            batch_size: int = 16, force: bool = False) -> tuple[list[dict], Path]:
+    """The `concept` verb: check the prompt files and the run directory, load ``model``, map the concept,
+    write the report → (records, report path)."""
+    for source in (spec.positive, spec.negative):  # bad prompt files fail here, before the model loads
+        split_prompts(source, spec.n_val, spec.n_test, spec.seed)
+    from refusal_atlas.core.io import check_output_dir  # imports torch: after the cheap checks
+
+    check_output_dir(run_dir, force)
+    from refusal_atlas.api import Atlas
+    from refusal_atlas.report.html import build_report
+
+    atlas = Atlas.load(model, device=device, batch_size=batch_size)
+    records = run_concept(atlas, spec, run_dir, force=force)
+    return records, build_report(run_dir)
+
+
 def concept_summary(records: list[dict[str, Any]]) -> str:
     lines = [f"{'dataset':<28} {'intervention':<26} {'n':>4} {'rate':>6}  {'95% CI':<14} {'KL':>6}"]
     for r in records:

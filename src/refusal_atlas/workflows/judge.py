@@ -256,7 +256,8 @@ CONDITION = re.compile(r"^(none|actadd|dim_(\d+(?:\.\d+)?))$")
 def _logit_plan(run_dir: Path | None, rows: Sequence[Row]) -> dict:
     """Everything the logit judge needs, checked without loading the model: the run, its artifacts and each
     row's condition (``none``, ``dim_<s>`` — the search's uniform-strength DIM warm start — or ``actadd``)."""
-    from refusal_atlas.workflows.validate import check_run_dir, run_config
+    from refusal_atlas.settings import run_settings
+    from refusal_atlas.workflows.validate import check_run_dir
 
     if run_dir is None:
         raise ConfigError("the logit judge needs --run-dir: the run whose model and DIM direction made the set")
@@ -273,7 +274,7 @@ def _logit_plan(run_dir: Path | None, rows: Sequence[Row]) -> dict:
     dim = Path(run_dir) / "directions" / "dim.safetensors"
     if not dim.is_file():
         raise ConfigError(f"{dim} is missing: the logit judge rebuilds the set's edits from the run's DIM direction")
-    return {"run_dir": Path(run_dir), "config": run_config(manifest), "model": tag}
+    return {"run_dir": Path(run_dir), "config": run_settings(manifest), "model": tag}
 
 
 def _model_tag(manifest: dict) -> str:
@@ -322,11 +323,11 @@ def logit_probabilities(plan: dict, rows: Sequence[Row]) -> tuple[list[float], d
     probs = [0.0] * len(rows)
     for cond, edit in edits.items():
         idx = [i for i, c in enumerate(conditions) if c == cond]
-        lp = next_token_logprobs(ws.adapter, ws.chat, [rows[i].prompt for i in idx], batch_size=ws.cfg.batch_size,
+        lp = next_token_logprobs(ws.adapter, ws.chat, [rows[i].prompt for i in idx], batch_size=ws.settings.model.batch_size,
                                  intervention=edit)
         for i, p in zip(idx, lp[:, ws.refusal_ids].double().exp().sum(-1).tolist()):
             probs[i] = float(p)
     info = {"judge": "logit", "run_dir": str(plan["run_dir"]), "model": plan["model"], "threshold": LOGIT_THRESHOLD,
-            "refusal_token_ids": list(ws.refusal_ids), "system_prompt": ws.cfg.system_prompt,
+            "refusal_token_ids": list(ws.refusal_ids), "system_prompt": ws.settings.model.system_prompt,
             "edits": {c: (None if e is None else e.describe()) for c, e in edits.items()}}
     return probs, info

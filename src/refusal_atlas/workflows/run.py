@@ -1,8 +1,9 @@
 """The default end-to-end job: extract → DIM → select → held-out evaluation.
 
 Each step reads and writes run-directory artifacts, so the CLI verbs (extract, directions dim,
-select, evaluate) are these same functions run one at a time, and ``resume=True`` skips any
-step whose artifact already exists.
+select) are these same steps run one at a time (:func:`extract`, :func:`dim`, :func:`select`), and
+``resume=True`` skips any step whose artifact already exists. :func:`build_direction` runs the steps up to
+the selected direction, for jobs that go on from there (``run --method som``, reproduce, benchmarks).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import shutil
 from pathlib import Path
 
 from refusal_atlas.model.activations import ActivationSet, extract_resumable, load_activation_sets, save_activation_sets
-from refusal_atlas.config import RunConfig
 from refusal_atlas.data import Prompt
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.dim import DimCandidates, difference_in_means
@@ -23,6 +23,8 @@ from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.model.generation import DECODING
 from refusal_atlas.edits import ActAdd, DirectionalAblation, Edit, NoEdit
 from refusal_atlas.core.io import load_tensors, read_json, save_tensors, write_json
+from refusal_atlas.core.rundir import RunDir
+from refusal_atlas.settings import SelectionSettings, Settings
 from refusal_atlas.workflows.workspace import PromptSets, Workspace, load_prompt_sets, open_workspace
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ LOW_REFUSAL = 0.10  # below this baseline refusal rate on harmful train prompts 
 
 def train_refusal_scores(ws: Workspace, prompts: list[Prompt]) -> list[float]:
     """The model's own logit refusal score per prompt (> 0: it would start a refusal)."""
-    lp = next_token_logprobs(ws.adapter, ws.chat, [p.instruction for p in prompts], ws.cfg.batch_size,
+    lp = next_token_logprobs(ws.adapter, ws.chat, [p.instruction for p in prompts], ws.settings.model.batch_size,
                              desc="filter: baseline refusal scores")
     return [float(s) for s in refusal_score(lp, ws.refusal_ids)]
 
@@ -86,7 +88,7 @@ def extract_step(ws: Workspace, sets: PromptSets, resume: bool = False,
         return load_activation_sets(path)
     with ws.timed("extract"):
         harmful, harmless = sets.harmful_train, sets.harmless_train
-        if ws.cfg.filter_train:
+        if ws.settings.data.filter_train:
             scores = train_refusal_scores(ws, harmful)
             check_baseline_refusal(ws, scores, allow_low_refusal)
             harmful, harmless = filter_by_refusal(ws, harmful, harmless, scores)
@@ -95,7 +97,7 @@ def extract_step(ws: Workspace, sets: PromptSets, resume: bool = False,
         acts = {  # each set is kept in R/partial/ until both are saved, so a crash loses at most one
             name: extract_resumable(ws.adapter, ws.chat, [p.instruction for p in prompts], ws.run / "partial" /
                                     f"activations.{name}.safetensors", positions=None,
-                                    batch_size=ws.cfg.batch_size, desc=f"extract {name}")
+                                    batch_size=ws.settings.model.batch_size, desc=f"extract {name}")
             for name, prompts in (("harmful", harmful), ("harmless", harmless))
         }
         save_activation_sets(path, acts)
@@ -103,17 +105,18 @@ def extract_step(ws: Workspace, sets: PromptSets, resume: bool = False,
     return acts
 
 
-def dim_step(ws: Workspace, acts: dict[str, ActivationSet]) -> DimCandidates:
+def dim_step(run: RunDir, acts: dict[str, ActivationSet]) -> DimCandidates:
+    """Difference-in-means candidates for every (position, layer) → directions/dim_candidates.safetensors."""
     cands = difference_in_means(acts["harmful"], acts["harmless"])
-    save_tensors(ws.run.direction_path("dim_candidates"), {"vectors": cands.vectors},
+    save_tensors(run.direction_path("dim_candidates"), {"vectors": cands.vectors},
                  {"layers": cands.layers, "positions": cands.positions})
     return cands
 
 
-def load_dim_candidates(ws: Workspace) -> DimCandidates:
-    path = ws.run.direction_path("dim_candidates")
+def load_dim_candidates(run: RunDir) -> DimCandidates:
+    path = run.direction_path("dim_candidates")
     if not path.exists():
-        raise ArtifactError(f"no DIM candidates in {ws.run.path}; run `refusal-atlas directions dim` first")
+        raise ArtifactError(f"no DIM candidates in {run.path}; run `refusal-atlas directions dim` first")
     tensors, meta = load_tensors(path)
     return DimCandidates(tensors["vectors"], meta["layers"], meta["positions"])
 
@@ -122,24 +125,25 @@ def select_step(ws: Workspace, cands: DimCandidates, sets: PromptSets, resume: b
     path = ws.run.direction_path("dim")
     if resume and path.exists():
         return DirectionSet.load(path)
+    selection = ws.settings.selection
     with ws.timed("select"):
-        if ws.cfg.layer is not None:
-            direction = cands.at(layer=ws.cfg.layer, position=(ws.cfg.positions or [-1])[-1])
+        if selection.layer is not None:
+            direction = cands.at(layer=selection.layer, position=(selection.positions or [-1])[-1])
             direction.meta["selection"] = "fixed layer (--layer)"
         else:
             sel = select_direction(
                 ws.adapter, ws.chat, cands, [p.instruction for p in sets.harmful_val],
                 [p.instruction for p in sets.harmless_val], ws.refusal_ids,
-                kl_threshold=ws.cfg.kl_threshold, induce_threshold=ws.cfg.induce_threshold,
-                prune_layer_frac=ws.cfg.prune_layer_frac, layers=ws.candidate_layers(),
-                positions=ws.cfg.positions, batch_size=ws.cfg.batch_size, strict=ws.cfg.strict_filters,
-                checkpoint=ws.run / "selection_progress.json")
+                kl_threshold=selection.kl_threshold, induce_threshold=selection.induce_threshold,
+                prune_layer_frac=selection.prune_layer_frac, layers=ws.candidate_layers(),
+                positions=selection.positions, batch_size=ws.settings.model.batch_size,
+                strict=selection.strict_filters, checkpoint=ws.run / "selection_progress.json")
             chosen = None if sel.direction is None else {"layer": sel.direction.layer,
                                                          "position": sel.direction.position}
             write_json(ws.run / "selection.json", {"chosen": chosen, "relaxed_filters": sel.relaxed,
                                                    "baseline": sel.baseline, "candidates": sel.scores})
             if sel.direction is None:
-                raise ConfigError(_no_survivor_message(ws.cfg, sel.scores))
+                raise ConfigError(_no_survivor_message(selection, sel.scores))
             if sel.relaxed:
                 log.warning("no DIM candidate passed every filter; relaxed: %s (see selection.json)",
                             ", ".join(sel.relaxed))
@@ -148,23 +152,23 @@ def select_step(ws: Workspace, cands: DimCandidates, sets: PromptSets, resume: b
     return direction
 
 
-def _no_survivor_message(cfg: RunConfig, scores: list[dict]) -> str:
+def _no_survivor_message(selection: SelectionSettings, scores: list[dict]) -> str:
     scored = [r for r in scores if "kl" in r]
     best_kl = min(scored, key=lambda r: r["kl"]) if scored else None
     best_steer = max(scored, key=lambda r: r["steering"]) if scored else None
     detail = "" if not scored else (
         f"; lowest KL {best_kl['kl']:.3f} (layer {best_kl['layer']}), highest steering "
         f"{best_steer['steering']:.2f} (layer {best_steer['layer']}); scores are in selection.json")
-    return (f"no DIM candidate passed the filters (KL <= {cfg.kl_threshold}, steering >= "
-            f"{cfg.induce_threshold}){detail}. Allow relaxation (strict_filters=false), change the thresholds, "
+    return (f"no DIM candidate passed the filters (KL <= {selection.kl_threshold}, steering >= "
+            f"{selection.induce_threshold}){detail}. Allow relaxation (strict_filters=false), change the thresholds, "
             "or use more validation prompts")
 
 
 def evaluate_step(ws: Workspace, direction: DirectionSet, sets: PromptSets,
                   extra: list[Edit] | None = None) -> list[dict]:
     """Baseline vs ablation on held-out harmful sets; baseline vs ablation vs ActAdd on harmless."""
-    cfg, records = ws.cfg, []
-    ablation = DirectionalAblation.from_directions(direction, cfg.ablation_mode)
+    ev, records = ws.settings.evaluation, []
+    ablation = DirectionalAblation.from_directions(direction, ws.settings.selection.ablation_mode)
     actadd = ActAdd.from_directions(direction, 1.0)
     harmful_specs = [NoEdit(), ablation, *(extra or [])]
     ws.run.update_manifest(decoding=DECODING)
@@ -175,41 +179,41 @@ def evaluate_step(ws: Workspace, direction: DirectionSet, sets: PromptSets,
         base_lp = None
         for spec in (NoEdit(), ablation, actadd, *(extra or [])):
             first: list = []  # generation's first-step log-probs: the KL pass comes free
-            rec = _refusal(ws, sets.eval_harmless, cfg.eval_harmless, spec, first)
-            rec["kl"], base_lp = evaluate_kl(ws.adapter, ws.chat, sets.eval_harmless, spec, base_lp, cfg.batch_size,
-                                             new_logprobs=first[0])
+            rec = _refusal(ws, sets.eval_harmless, ev.eval_harmless, spec, first)
+            rec["kl"], base_lp = evaluate_kl(ws.adapter, ws.chat, sets.eval_harmless, spec, base_lp,
+                                             ws.settings.model.batch_size, new_logprobs=first[0])
             records.append(rec)
         ws.run.add_metrics(records)
     return records
 
 
 def _refusal(ws: Workspace, prompts: list[Prompt], dataset: str, spec: Edit, first: list | None = None) -> dict:
-    return evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=ws.cfg.max_new_tokens,
-                            batch_size=ws.cfg.generation_batch_size,
+    ev = ws.settings.evaluation
+    return evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=ev.max_new_tokens,
+                            batch_size=ev.generation_batch_size,
                             completions_path=ws.run.completions_path(dataset, spec.label),
-                            stop_when_decided=ws.cfg.stop_when_decided, first_logprobs=first, backend=_backend(ws))
+                            stop_when_decided=ev.stop_when_decided, first_logprobs=first,
+                            backend=ws.generation_backend())
 
 
-def _backend(ws: Workspace):
-    """The run's generation engine (cfg.backend): None for HF with hooks."""
-    if ws.cfg.backend == "hf":
-        return None
-    from refusal_atlas.export.vllm import VllmBackend
+def build_direction(settings: Settings, run_dir: str | Path, *, sets: PromptSets | None = None, resume: bool = False,
+                    allow_low_refusal: bool = False) -> tuple[Workspace, PromptSets, DirectionSet]:
+    """Open (or continue) a run and make its selected DIM direction: extract → DIM → select.
 
-    return VllmBackend.for_workspace(ws)
-
-
-def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
-        allow_low_refusal: bool = False) -> tuple[Workspace, list[dict]]:
-    """The default job. Returns the workspace and the metrics records it wrote.
-
-    An existing run directory is continued only with settings that keep its artifacts valid.
+    ``sets``: the prompt sets (default: the settings' own). An existing run directory is continued only
+    with settings that keep its artifacts valid.
     """
-    sets = load_prompt_sets(cfg)  # bad dataset input fails here, before anything is created
-    ws = open_workspace(cfg, run_dir)
+    sets = sets or load_prompt_sets(settings)  # bad dataset input fails here, before anything is created
+    ws = open_workspace(settings, run_dir)
     acts = extract_step(ws, sets, resume, allow_low_refusal)
-    cands = dim_step(ws, acts)
-    direction = select_step(ws, cands, sets, resume)
+    direction = select_step(ws, dim_step(ws.run, acts), sets, resume)
+    return ws, sets, direction
+
+
+def run(settings: Settings, run_dir: str | Path, resume: bool = False,
+        allow_low_refusal: bool = False) -> tuple[Workspace, list[dict]]:
+    """The default job. Returns the workspace and the metrics records it wrote."""
+    ws, sets, direction = build_direction(settings, run_dir, resume=resume, allow_low_refusal=allow_low_refusal)
     records = evaluate_step(ws, direction, sets)
     ws.run.update_manifest(status="complete", direction={"layer": direction.layer, "position": direction.position,
                                                           "norm": float(direction.norms[0])})
@@ -229,10 +233,3 @@ def format_table(records: list[dict]) -> str:
         lines.append(f"{r['dataset']:<16} {r['intervention']:<26} {r['n']:>4} {r['refusal_rate']:>8.2f}  {ci:<15} {kl:>7}")
     return "\n".join(lines)
 
-
-def config_from_run(run_dir: str | Path, overrides: dict | None = None) -> RunConfig:
-    """The config stored in a run directory's manifest, under the layers of settings.py (flags = overrides)."""
-    from refusal_atlas.settings import resolve_config
-
-    manifest = read_json(Path(run_dir) / "manifest.json")
-    return resolve_config(overrides, base=manifest.get("config", {})).config

@@ -13,7 +13,7 @@ end times, the front, the rule).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from refusal_atlas.directions.base import DirectionSet
@@ -23,39 +23,15 @@ from refusal_atlas.core.io import write_json
 from refusal_atlas.search.study import finished, open_study, summarize
 from refusal_atlas.search.storage import release_stale_trials, study_guard
 from refusal_atlas.search.edit_space import EditSpace, build_edit, context_fingerprint, describe_choice, run_edit_trials
-from refusal_atlas.search.trial import PruneRule, StagedObjective, prune_identity, check_refusal_stat
+from refusal_atlas.search.trial import PruneRule, StagedObjective, check_refusal_stat, prune_identity
+from refusal_atlas.settings import SearchSettings
 from refusal_atlas.workflows.som import record_references
 from refusal_atlas.workflows.workspace import PromptSets, Workspace
 
 
-@dataclass
-class EditSearchSettings:
-    """Seed, TPE start-up, the pick rule's KL bound, which DirectionSets join the DIM sources, and k_max."""
-
-    seed: int = 0
-    kl_threshold: float = 0.1
-    n_startup_trials: int = 10
-    sets: tuple[str, ...] = ()
-    k_max: int | None = None
-    prune: PruneRule | None = field(default_factory=PruneRule)  # None: score every trial on every prompt
-    score_tokens: int = 0  # > 0: refusal = substring rate of that many greedy tokens (search.trial)
-    refusal_stat: str = "probability"  # mean first-token refusal probability, or "logodds" (search.trial)
-    # a KL cap: edits above it are off the front, and TPE learns to avoid them (an Optuna constraint); with
-    # pruning, a trial whose first-stage KL is clearly above it stops there. None: no cap
-    max_kl: float | None = None
-    # trials 0, 1, ...: ablation of the selected DIM direction at these strengths (1 = full ablation, the
-    # run's own edit). Weaker ones lay a first front from end to end: on the embedded model KL grows about
-    # as strength² and refusals fall about linearly (bench/vs_heretic.py, 2026-12-02, heretic's evaluator:
-    # 1 → 14/100 at KL 0.076, 0.5 → 20 at 0.016, 0.25 → 31 at 0.0037, 0.12 → 38 at 0.0008), and TPE
-    # alone finds few low-damage points early on.
-    anchors: tuple[float, ...] = (1.0, 0.85, 0.7, 0.5, 0.25, 0.12)
-
-    def __post_init__(self) -> None:
-        check_refusal_stat(self.refusal_stat)
-        if self.max_kl is not None and not self.max_kl > 0:
-            raise ConfigError(f"max_kl must be > 0, got {self.max_kl}")
-        if self.prune == PruneRule():  # the default rule: its refusal margin in this statistic's units
-            self.prune = PruneRule.for_statistic(self.refusal_stat)
+def prune_rule(search: SearchSettings) -> PruneRule | None:
+    """The edit search's pruning rule (its refusal margin in the search's statistic), None when off."""
+    return PruneRule.for_statistic(check_refusal_stat(search.refusal_stat)) if search.prune else None
 
 
 def check_sets(run_dir, names: tuple[str, ...], k_max: int | None) -> None:
@@ -94,32 +70,38 @@ def ensure_sets(ws: Workspace, names: tuple[str, ...]) -> None:
             continue
         check_sets(ws.run.path, (name,), None)  # raises for anything but a missing SOM
         with ws.timed("som"):
-            som_step(ws.run, SomDirections(seed=ws.cfg.seed))
+            som_step(ws.run, SomDirections(seed=ws.settings.data.seed))
 
 
-def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettings, trials: int | None = None,
+def edit_search_step(ws: Workspace, sets: PromptSets, search: SearchSettings, trials: int | None = None,
                      until: int | None = None, minutes: float | None = None,
                      storage: str | None = None) -> dict[str, Any]:
     """Add ``trials``, or reach ``until`` finished (complete or pruned) trials, or search for ``minutes`` → edits/, search_edits.json.
 
+    What is searched: the DIM sources plus ``search.sets``, scored as ``search`` says (statistic, pruning,
+    KL cap), warm-started at ``search.anchors``, picked by the run's ``kl_threshold``.
     ``storage``: a PostgreSQL URL shared by several workers (see search/storage.py); default ``R/study.db``.
     """
     if sum(x is not None for x in (trials, until, minutes)) != 1:
         raise ConfigError("give exactly one of trials (add N), until (reach N) or minutes")
     if any(x is not None and x < 0 for x in (trials, until, minutes)):
         raise ConfigError("the search budget must be >= 0")
-    ensure_sets(ws, settings.sets)
-    ctx = EditContext.from_run(ws.run.path, list(settings.sets))
-    space = EditSpace.for_context(ctx, settings.k_max)
+    if search.max_kl is not None and not search.max_kl > 0:
+        raise ConfigError(f"max_kl must be > 0, got {search.max_kl}")
+    prune, kl_threshold = prune_rule(search), ws.settings.selection.kl_threshold
+    seed = ws.settings.data.seed if search.seed is None else search.seed
+    ensure_sets(ws, search.sets)
+    ctx = EditContext.from_run(ws.run.path, list(search.sets))
+    space = EditSpace.for_context(ctx, search.k_max)
     objective = StagedObjective(ws.adapter, ws.chat, [p.instruction for p in sets.harmful_val],
                                 [p.instruction for p in sets.harmless_val], ws.refusal_ids,
-                                batch_size=ws.cfg.batch_size, fraction=(settings.prune or PruneRule()).fraction,
-                                score_tokens=settings.score_tokens, refusal_stat=settings.refusal_stat)
-    identity = {**space.identity(), "seed": settings.seed, "n_startup_trials": settings.n_startup_trials,
+                                batch_size=ws.settings.model.batch_size, fraction=(prune or PruneRule()).fraction,
+                                score_tokens=search.score_tokens, refusal_stat=search.refusal_stat)
+    identity = {**space.identity(), "seed": seed, "n_startup_trials": search.n_startup_trials,
                 "directions": context_fingerprint(ctx), "objective": objective.fingerprint(),
-                **prune_identity(settings.prune), **({"max_kl": settings.max_kl} if settings.max_kl is not None else {})}
+                **prune_identity(prune), **({"max_kl": search.max_kl} if search.max_kl is not None else {})}
     db = storage or ws.run / "study.db"
-    name = "search-edits" + "".join(f"+{s}" for s in settings.sets)
+    name = "search-edits" + "".join(f"+{s}" for s in search.sets)
     with study_guard(db):
         study = open_study(db, name, identity)
         stale = release_stale_trials(study, db)
@@ -131,16 +113,20 @@ def edit_search_step(ws: Workspace, sets: PromptSets, settings: EditSearchSettin
             dim_path = ws.run.direction_path("dim")
             if not study.trials and dim_path.exists():  # warm start: the DIM pick at each anchor strength
                 layer = DirectionSet.load(dim_path).layer
-                for strength in settings.anchors:
+                for strength in search.anchors:
                     try:
                         study.enqueue_trial(space.full_ablation_params(layer, strength))
                     except ConfigError:
                         pass  # the DIM layer lies outside the direction-index range: no warm start
             with ws.timed("search_edits"):
-                run_edit_trials(study, space, ctx, objective, settings.seed, settings.n_startup_trials, n_new,
-                                deadline, prune=settings.prune, max_kl=settings.max_kl)
-        summary = summarize(study, settings)
-    summary.update(space=asdict(space), stale_trials_failed=stale, settings=asdict(settings))
+                run_edit_trials(study, space, ctx, objective, seed, search.n_startup_trials, n_new,
+                                deadline, prune=prune, max_kl=search.max_kl)
+        recorded = {"seed": seed, "kl_threshold": kl_threshold, "n_startup_trials": search.n_startup_trials,
+                    "sets": list(search.sets), "k_max": search.k_max, "prune": asdict(prune) if prune else None,
+                    "score_tokens": search.score_tokens, "refusal_stat": search.refusal_stat,
+                    "max_kl": search.max_kl, "anchors": list(search.anchors)}
+        summary = summarize(study, kl_threshold, recorded)
+    summary.update(space=asdict(space), stale_trials_failed=stale)
     for rec in summary["pareto"]:
         edit = build_edit(rec["choice"], ctx, name=f"search_trial_{rec['number']}")
         edit.save(ws.run / "edits" / edit.name)
@@ -178,3 +164,4 @@ def format_edit_search(summary: dict[str, Any]) -> str:
     lines += [f"  {a:<7}{r:>9.3f}{k:>9.4f}  {name:<22}{what}" for a, r, k, name, what in rows]
     lines.append(f"chosen: trial #{chosen['number']} ({chosen['why']}) → edits/search_best.json")
     return "\n".join(lines)
+

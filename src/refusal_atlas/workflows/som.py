@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from refusal_atlas.model.activations import load_activation_sets
-from refusal_atlas.config import RunConfig
 from refusal_atlas.data import Prompt
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.som import SomDirections
@@ -22,9 +21,10 @@ from refusal_atlas.edits import DirectionalAblation, Edit, NoEdit
 from refusal_atlas.core.io import read_json, write_json
 from refusal_atlas.core.rundir import RunDir
 from refusal_atlas.evaluation.objective import ValidationObjective
-from refusal_atlas.search.subsets import SearchSettings, run_trials
+from refusal_atlas.search.subsets import SubsetSpace, run_trials, subset_identity, subset_settings
 from refusal_atlas.search.study import completed, open_study, summarize
 from refusal_atlas.search.storage import release_stale_trials, study_guard
+from refusal_atlas.settings import SearchSettings, Settings
 from refusal_atlas.workflows.workspace import PromptSets, Workspace, load_prompt_sets
 
 
@@ -62,7 +62,7 @@ def som_step(run: RunDir, builder: SomDirections, layer: int | None = None, resu
 def validation_objective(ws: Workspace, sets: PromptSets, mode: str) -> ValidationObjective:
     return ValidationObjective(ws.adapter, ws.chat, [p.instruction for p in sets.harmful_val],
                                [p.instruction for p in sets.harmless_val], ws.refusal_ids,
-                               batch_size=ws.cfg.batch_size, mode=mode)  # type: ignore[arg-type]
+                               batch_size=ws.settings.model.batch_size, mode=mode)  # type: ignore[arg-type]
 
 
 def record_references(study, ws: Workspace, objective: ValidationObjective) -> None:
@@ -76,32 +76,42 @@ def record_references(study, ws: Workspace, objective: ValidationObjective) -> N
                                                   "note": "DIM was selected on these same val prompts"}})
 
 
-def search_step(ws: Workspace, sets: PromptSets, settings: SearchSettings, directions_name: str = "som",
-                trials: int | None = None, until: int | None = None, storage: str | None = None) -> dict[str, Any]:
+def search_step(ws: Workspace, sets: PromptSets, search: SearchSettings, *, trials: int | None = None,
+                until: int | None = None, storage: str | None = None) -> dict[str, Any]:
     """Add ``trials`` trials (or run until ``until`` trials are complete) → study.db, search.json, search_best.
 
+    What is searched: subsets of ``search.k`` (up to ``search.k_max``) of the directions in
+    ``search.directions``, ablated in the run's ablation mode and picked by its ``kl_threshold``.
     ``storage``: a PostgreSQL URL shared by several workers (see search/storage.py); default ``R/study.db``.
 
-    Returns the search summary (see :func:`refusal_atlas.search.summarize`).
+    Returns the search summary (see :func:`refusal_atlas.search.study.summarize`).
     """
     if (trials is None) == (until is None):
         raise ConfigError("give exactly one of trials (add N) or until (reach N completed trials)")
     if (trials if trials is not None else until) < 0:  # type: ignore[operator]
         raise ConfigError("the number of trials must be >= 0")
-    directions = DirectionSet.load(ws.run.direction_path(directions_name))
-    objective = validation_objective(ws, sets, settings.mode)
+    name = search.directions
+    directions = DirectionSet.load(ws.run.direction_path(name))
+    selection = ws.settings.selection
+    seed, mode = ws.settings.data.seed if search.seed is None else search.seed, selection.ablation_mode
+    space = SubsetSpace.of(directions, search.k, search.k_max)  # k against the number of directions, before any work
+    objective = validation_objective(ws, sets, mode)
     db = storage or ws.run / "study.db"
     with study_guard(db):
-        study = open_study(db, f"search-{directions_name}", settings.identity(directions, objective.fingerprint()))
+        identity = subset_identity(space, directions, objective.fingerprint(), seed=seed, mode=mode,
+                                   n_startup_trials=search.n_startup_trials)
+        study = open_study(db, f"search-{name}", identity)
         stale = release_stale_trials(study, db)
         n_new = trials if trials is not None else max(0, until - len(completed(study)))  # type: ignore[operator]
         if n_new > 0:
-            settings.space(directions)  # validates k against the number of directions before any work
             record_references(study, ws, objective)
             with ws.timed("search"):
-                run_trials(study, directions, objective, settings, n_new)
-        summary = summarize(study, settings)
-    summary["directions"] = directions_name
+                run_trials(study, directions, objective, space, seed=seed, mode=mode,
+                           n_startup_trials=search.n_startup_trials, n_trials=n_new)
+        recorded = subset_settings(search.k, search.k_max, seed=seed, mode=mode, kl_threshold=selection.kl_threshold,
+                                   n_startup_trials=search.n_startup_trials)
+        summary = summarize(study, selection.kl_threshold, recorded, mode)
+    summary["directions"] = name
     summary["stale_trials_failed"] = stale
     chosen = directions.select(summary["chosen"]["ids"])
     chosen.meta = {**chosen.meta, "search": {"trial": summary["chosen"]["number"], "refusal": summary["chosen"]["refusal"],
@@ -128,27 +138,27 @@ def heldout_comparison(ws: Workspace, sets: PromptSets, chosen: DirectionSet, di
     Records already in metrics.json for the same dataset, n and max_new_tokens (the DIM pipeline's
     baseline and DIM ablation, same greedy decoding) are reused; new ones are added.
     """
-    cfg, existing, new = ws.cfg, ws.run.metrics(), []
+    ev, mode, existing, new = ws.settings.evaluation, ws.settings.selection.ablation_mode, ws.run.metrics(), []
     ids = ",".join(str(i) for i in chosen.ids)
-    specs = {"baseline": NoEdit(), "dim": DirectionalAblation.from_directions(dim, cfg.ablation_mode),
-             "som": DirectionalAblation.from_directions(chosen, cfg.ablation_mode,
-                                                        label=f"ablate:{chosen.method}[{ids}]")}
+    specs = {"baseline": NoEdit(), "dim": DirectionalAblation.from_directions(dim, mode),
+             "som": DirectionalAblation.from_directions(chosen, mode, label=f"ablate:{chosen.method}[{ids}]")}
     table: list[dict] = []
 
     def record(prompts: list[Prompt], dataset: str, spec: Edit, harmless: bool, base_lp):
-        rec = _existing(existing, spec, dataset, len(prompts), cfg.max_new_tokens, harmless)
+        rec = _existing(existing, spec, dataset, len(prompts), ev.max_new_tokens, harmless)
         if rec is None:
-            rec = evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=cfg.generation_batch_size,
+            rec = evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=ev.max_new_tokens,
+                                   batch_size=ev.generation_batch_size,
                                    completions_path=ws.run.completions_path(dataset, spec.label))
             if harmless:
-                rec["kl"], base_lp = evaluate_kl(ws.adapter, ws.chat, prompts, spec, base_lp, cfg.batch_size)
+                rec["kl"], base_lp = evaluate_kl(ws.adapter, ws.chat, prompts, spec, base_lp,
+                                                 ws.settings.model.batch_size)
             new.append(rec)
         table.append(rec)
         return rec, base_lp
 
     out: dict[str, Any] = {"direction_ids": list(chosen.ids), "k": len(chosen), "layer": chosen.layer,
-                           "mode": cfg.ablation_mode, "datasets": {}}
+                           "mode": mode, "datasets": {}}
     with ws.timed("evaluate_search"):
         for dataset, prompts in sets.eval_harmful.items():
             out["datasets"][dataset] = {name: record(prompts, dataset, spec, False, None)[0]["refusal_rate"]
@@ -156,9 +166,9 @@ def heldout_comparison(ws: Workspace, sets: PromptSets, chosen: DirectionSet, di
             out["datasets"][dataset]["n"] = len(prompts)
         base_lp, harmless = None, {}
         for name, spec in specs.items():
-            rec, base_lp = record(sets.eval_harmless, cfg.eval_harmless, spec, True, base_lp)
+            rec, base_lp = record(sets.eval_harmless, ev.eval_harmless, spec, True, base_lp)
             harmless[name] = {"refusal_rate": rec["refusal_rate"], "kl": rec["kl"]}
-        out["harmless"] = {"dataset": cfg.eval_harmless, **harmless}
+        out["harmless"] = {"dataset": ev.eval_harmless, **harmless}
         ws.run.add_metrics(new)
     out["winner"] = {d: _winner(v) for d, v in out["datasets"].items()}
     out["records"] = table
@@ -213,20 +223,27 @@ def format_comparison(comparison: dict[str, Any]) -> str:
 
 
 # --- end to end ------------------------------------------------------------------------------------
-def run_som(cfg: RunConfig, run_dir: str | Path, builder: SomDirections, settings: SearchSettings,
-            trials: int, resume: bool = False,
-            allow_low_refusal: bool = False) -> tuple[Workspace, dict[str, Any], dict[str, Any]]:
-    """DIM pipeline, then SOM at the DIM layer, search to ``trials`` completed trials, held-out comparison."""
+def run_som(settings: Settings, run_dir: str | Path, trials: int, *, builder: SomDirections | None = None,
+            resume: bool = False, allow_low_refusal: bool = False) -> tuple[Workspace, dict[str, Any], dict[str, Any]]:
+    """`run --method som`: the DIM pipeline, SOM directions (``builder``, default: the paper's map) at the DIM
+    layer, a subset search of ``search.k`` directions to ``trials`` completed trials, the held-out comparison."""
     from refusal_atlas.workflows.run import run as run_dim
+    from refusal_atlas.workflows.validate import check_at_least
 
-    if trials < 1:
-        raise ConfigError("--trials must be >= 1 for `run --method som`")
-    ws, _ = run_dim(cfg, run_dir, resume=resume, allow_low_refusal=allow_low_refusal)
+    k = settings.search.k
+    check_at_least(k=(k, 1), trials=(trials, 1))
+    builder = builder or SomDirections(seed=settings.data.seed)
+    rows, cols = builder.grid
+    if k > rows * cols:  # before the DIM pipeline, not after it
+        raise ConfigError(f"--k {k} is larger than the SOM grid ({rows}x{cols} = {rows * cols} neurons, fewer if "
+                          f"some stay dead); use --k <= {rows * cols}")
+    search = settings.search.model_copy(update={"directions": "som", "k_max": None, "seed": settings.data.seed})
+    ws, _ = run_dim(settings, run_dir, resume=resume, allow_low_refusal=allow_low_refusal)
     ws.run.update_manifest(status="running")
-    sets = load_prompt_sets(cfg)
+    sets = load_prompt_sets(settings)
     with ws.timed("som"):
         som = som_step(ws.run, builder, layer=None, resume=resume)
-    summary = search_step(ws, sets, settings, "som", until=trials)
+    summary = search_step(ws, sets, search, until=trials)
     comparison = compare_step(ws, sets)
     ws.run.update_manifest(status="complete", som={"layer": som.layer, "n_directions": len(som),
                                                    "hits": som.meta.get("hits"), "chosen_ids": summary["chosen"]["ids"]})

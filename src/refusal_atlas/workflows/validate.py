@@ -18,6 +18,7 @@ from refusal_atlas.core.errors import ArtifactError, ConfigError, ModelError
 
 if TYPE_CHECKING:
     from refusal_atlas.model.files import ModelFacts
+    from refusal_atlas.settings import Settings
 
 # Settings whose change makes a run directory's artifacts stale, with the artifacts they feed.
 # Anything not listed (evaluation sizes, devices, batch sizes) may change on an existing run.
@@ -128,10 +129,11 @@ def check_run_settings(run_dir: str | os.PathLike, manifest: Mapping[str, Any] |
     """
     if not manifest:
         return {}
-    from refusal_atlas.config import RunConfig
+    from refusal_atlas.settings import Settings, flat_config
 
     run_dir, allowed = Path(run_dir), set(allowed)
-    recorded = {**RunConfig().model_dump(), **manifest.get("config", {})}  # an unrecorded setting had its default
+    # an unrecorded setting had its default; a manifest from before the sections holds them flat
+    recorded = {**Settings().flat(), **flat_config(manifest.get("config", {}))}
     diff = changed_settings(recorded, new)
     stale = {}
     for names, artifacts in STAGE_SETTINGS:
@@ -206,12 +208,13 @@ def check_dtype(dtype: str | None) -> None:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(table)}")
 
 
-def check_model_settings(cfg) -> ModelFacts | None:
-    """Model, chat template, device, dtype and layers of a RunConfig, before the model loads."""
-    facts = check_model(cfg.model, cfg.chat_template)
-    check_dtype(cfg.dtype)
-    check_device(cfg.device)
-    check_layers(list(cfg.layers or []) + [cfg.layer], facts)
+def check_model_settings(settings: Settings) -> ModelFacts | None:
+    """Model, chat template, device, dtype and candidate layers of the settings, before the model loads."""
+    m, selection = settings.model, settings.selection
+    facts = check_model(m.model, m.chat_template)
+    check_dtype(m.dtype)
+    check_device(m.device)
+    check_layers(list(selection.layers or []) + [selection.layer], facts)
     return facts
 
 
@@ -222,14 +225,6 @@ def check_at_least(**values: tuple[int | float | None, int | float]) -> None:
         if value is not None and value < minimum:
             flag = "--" + name.replace("_", "-")
             raise ConfigError(f"{flag} must be >= {minimum}, got {value}")
-
-
-def run_config(manifest: Mapping[str, Any], overrides: Mapping[str, Any] | None = None):
-    """The RunConfig recorded in a run's manifest, under the settings layers (settings.py), with the given
-    (non-None) overrides as CLI flags."""
-    from refusal_atlas.settings import resolve_config
-
-    return resolve_config(overrides, base=manifest.get("config", {})).config
 
 
 def check_datasets(names: Iterable[str], n: int | None = None, seed: int = 0) -> None:

@@ -46,6 +46,7 @@ class JudgeOptions:
     device: str | None = None
     judge_threshold: float | None = None  # hf judge: complied when P(complied answer) share >= this (None: argmax)
     meaning_head: Path | None = None  # meaning judge: a head other than the shipped one (meaning_head.safetensors)
+    api_key: str | None = None  # endpoint judge: a bearer token (the CLI reads $OPENAI_API_KEY)
 
 
 def check_judges(names: list[str], opts: JudgeOptions) -> None:
@@ -105,7 +106,7 @@ def make_judges(names: list[str], opts: JudgeOptions, reuse: dict | None = None)
             assert opts.endpoint_url is not None
             judge = EndpointJudge(opts.endpoint_url, opts.endpoint_model or "",
                                   harmful_rubric=opts.endpoint_rubric, concurrency=opts.concurrency,
-                                  timeout=opts.timeout, max_tries=opts.max_tries,
+                                  timeout=opts.timeout, max_tries=opts.max_tries, api_key=opts.api_key,
                                   cache_path=_cache(opts, f"endpoint__{safe_name(opts.endpoint_model or '')}"))
             judge.check_reachable()
             judges.append(judge)

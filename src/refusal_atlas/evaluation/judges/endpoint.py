@@ -10,7 +10,6 @@ run directory the moment it arrives, so a crash or a rerun never asks an answere
 from __future__ import annotations
 
 import json
-import os
 import random
 import socket
 import threading
@@ -52,7 +51,7 @@ class EndpointJudge:
     def __init__(self, url: str, model: str, *, harmful_rubric: str = "strongreject",
                  cache_path: str | Path | None = None, concurrency: int = 8, timeout: float = 60.0,
                  max_tries: int = 5, backoff: float = 1.0, max_backoff: float = 30.0,
-                 api_key: str | None = None, api_key_env: str = "OPENAI_API_KEY"):
+                 api_key: str | None = None):
         rubric_for("harmful", harmful_rubric)
         if not model:
             raise ConfigError("the endpoint judge needs a model name (--endpoint-model), as the server serves it")
@@ -61,7 +60,7 @@ class EndpointJudge:
         self.url, self.model = chat_completions_url(url), model
         self.harmful_rubric, self.concurrency, self.timeout = harmful_rubric, concurrency, timeout
         self.max_tries, self.backoff, self.max_backoff = max_tries, backoff, max_backoff
-        self._api_key = api_key if api_key is not None else os.environ.get(api_key_env)
+        self._api_key = api_key  # the CLI passes $OPENAI_API_KEY (settings.endpoint_api_key)
         self.cache = VerdictCache(cache_path)
         self.requests_sent = 0  # for tests and logs: how many HTTP requests this judge made
         self._count_lock = threading.Lock()

@@ -80,7 +80,7 @@ class ReproduceBudget:
         return out
 
     def run_settings(self, model: str, device: str | None, dtype: str | None) -> dict[str, Any]:
-        """The RunConfig fields of the run directory the library steps work in."""
+        """The settings (flat names) of the run directory the library steps work in."""
         return dict(model=model, device=device, dtype=dtype, seed=self.seed, batch_size=self.batch_size,
                     harmful_train=self.harmful_train, harmless_train=self.harmless_train,
                     n_train=max(self.n_harmful_train, self.n_harmless_train), filter_train=self.filter_train,

@@ -12,23 +12,15 @@ from refusal_atlas.directions.cone import cone_eval_directions
 from refusal_atlas.evaluation.stats import mean_record
 from refusal_atlas.evaluation.verdicts import all_of, separated
 from refusal_atlas.workflows.gradient import cone_step, rdo_step
-from refusal_atlas.workflows.reproduce.shared import (
-    ReproduceContext,
-    ablate,
-    gradient_kw,
-    load_or_train,
-    row,
-    train_cfg,
-)
+from refusal_atlas.workflows.reproduce.shared import ReproduceContext, ablate, load_or_train, row, training
 
 
 # --- (d) ----------------------------------------------------------------------------------------------
 def row_d(ctx: ReproduceContext, done: dict) -> dict[str, Any]:
     b, ws = ctx.budget, ctx.ws
-    rdo = load_or_train(ctx, "rdo", lambda: rdo_step(ws, cfg=train_cfg(ctx, b.rdo_steps), **gradient_kw(ctx)))
+    rdo = load_or_train(ctx, "rdo", lambda: rdo_step(ws, training(ctx, b.rdo_steps)))
     if not ws.run.direction_path(f"cone_k{b.cone_k_max}").exists():
-        cone_step(ws, k_min=2, k_max=b.cone_k_max, warm_start="rdo", n_eval_samples=0,
-                  cfg=train_cfg(ctx, b.cone_steps), **gradient_kw(ctx))
+        cone_step(ws, training(ctx, b.cone_steps), k_min=2, k_max=b.cone_k_max, warm_start="rdo", n_eval_samples=0)
     gen = torch.Generator().manual_seed(b.seed + 4242)
     randoms = torch.nn.functional.normalize(torch.randn(b.n_random, ws.adapter.d_model, generator=gen), dim=1)
     random_scores = [mean_record(ctx.scores(ablate(r.reshape(1, -1), label="ablate:random")))["mean"] for r in randoms]

@@ -11,14 +11,7 @@ from refusal_atlas.directions.repind import independence_layers, last_token_reps
 from refusal_atlas.evaluation.stats import mean_record
 from refusal_atlas.evaluation.verdicts import lower_is_better
 from refusal_atlas.workflows.gradient import rdo_step, repind_step
-from refusal_atlas.workflows.reproduce.shared import (
-    ReproduceContext,
-    ablate,
-    gradient_kw,
-    load_or_train,
-    row,
-    train_cfg,
-)
+from refusal_atlas.workflows.reproduce.shared import ReproduceContext, ablate, load_or_train, row, training
 
 
 # --- (e) ----------------------------------------------------------------------------------------------
@@ -39,9 +32,9 @@ def cross_change_per_prompt(ctx: ReproduceContext, r: torch.Tensor, clean, minus
 
 def row_e(ctx: ReproduceContext, done: dict) -> dict[str, Any]:
     b, ws = ctx.budget, ctx.ws
-    kw, cfg = gradient_kw(ctx), train_cfg(ctx, b.repind_steps)
-    dirs = {"repind": load_or_train(ctx, "repind", lambda: repind_step(ws, cfg=cfg, **kw)),
-            "rdo_orth": load_or_train(ctx, "rdo_orth", lambda: rdo_step(ws, orthogonal=True, cfg=cfg, **kw))}
+    t = training(ctx, b.repind_steps)
+    dirs = {"repind": load_or_train(ctx, "repind", lambda: repind_step(ws, t)),
+            "rdo_orth": load_or_train(ctx, "rdo_orth", lambda: rdo_step(ws, t, orthogonal=True))}
     layers = independence_layers(ws.adapter.n_layers)
     texts = [p.instruction for p in ctx.logit_harmful]
     v = ctx.dim.unit()[0]

@@ -78,16 +78,16 @@ def _prompt_sets(b: ReproduceBudget) -> PromptSets:
 def prepare(run_dir: Path, budget: ReproduceBudget, model: str, device: str | None = None,
             dtype: str | None = None, allow_low_refusal: bool = False) -> ReproduceContext:
     """Open (or reopen) R, then extract → DIM → selection on validation prompts (each step resumable)."""
-    from refusal_atlas.config import load_config
+    from refusal_atlas.settings import load_settings
     from refusal_atlas.workflows.run import dim_step, extract_step, select_step
     from refusal_atlas.workflows.workspace import open_workspace
 
-    cfg = load_config(None, budget.run_settings(model, device, dtype))
+    settings = load_settings(None, budget.run_settings(model, device, dtype))
     sets = _prompt_sets(budget)
-    ws = open_workspace(cfg, run_dir)
+    ws = open_workspace(settings, run_dir)
     write_json(Path(run_dir) / SETTINGS_FILE, {"model": model, **budget.to_json()})
     acts = extract_step(ws, sets, resume=True, allow_low_refusal=allow_low_refusal)
-    dim = select_step(ws, dim_step(ws, acts), sets, resume=True)
+    dim = select_step(ws, dim_step(ws.run, acts), sets, resume=True)
     return ReproduceContext(ws, sets, budget, dim)
 
 
@@ -97,10 +97,15 @@ RowFn = Callable[[ReproduceContext, dict[str, dict]], dict[str, Any]]
 def run_reproduce(run_dir: str | Path, budget: ReproduceBudget, model: str = "embedded", device: str | None = None,
                   dtype: str | None = None, allow_low_refusal: bool = False,
                   rows: Sequence[str] = ROW_IDS) -> dict[str, Any]:
-    """Every claim row not yet finished, in order; returns the reproduce.json content."""
-        
+    """Every claim row not yet finished, in order; returns the reproduce.json content.
+
+    The run directory and the model are checked first, before any model loads."""
+    from refusal_atlas.settings import load_settings
+    from refusal_atlas.workflows.validate import check_model_settings
+
     run_dir = Path(run_dir)
     check_reproduce_dir(run_dir, budget, model)
+    check_model_settings(load_settings(None, budget.run_settings(model, device, dtype)))
     start = time.perf_counter()
     done = finished_rows(run_dir)
     todo = [r for r in rows if r not in done]

@@ -8,19 +8,12 @@ from typing import Any
 from refusal_atlas.edits import NoEdit
 from refusal_atlas.evaluation.verdicts import lower_is_better
 from refusal_atlas.workflows.gradient import rdo_step
-from refusal_atlas.workflows.reproduce.shared import (
-    ReproduceContext,
-    ablate,
-    gradient_kw,
-    load_or_train,
-    row,
-    train_cfg,
-)
+from refusal_atlas.workflows.reproduce.shared import ReproduceContext, ablate, load_or_train, row, training
 
 
 def row_c(ctx: ReproduceContext, done: dict) -> dict[str, Any]:
     b = ctx.budget
-    rdo = load_or_train(ctx, "rdo", lambda: rdo_step(ctx.ws, cfg=train_cfg(ctx, b.rdo_steps), **gradient_kw(ctx)))
+    rdo = load_or_train(ctx, "rdo", lambda: rdo_step(ctx.ws, training(ctx, b.rdo_steps)))
     specs = {"none": NoEdit(), "dim": ablate(ctx.dim), "rdo": ablate(rdo)}
     numbers: dict[str, Any] = {}
     for name, spec in specs.items():

@@ -13,12 +13,12 @@ from refusal_atlas.workflows.reproduce.shared import ReproduceContext, ablate, r
 # --- (g) ----------------------------------------------------------------------------------------------
 def row_g(ctx: ReproduceContext, done: dict) -> dict[str, Any]:
     from refusal_atlas.edits import load_run_edit
-    from refusal_atlas.workflows.search import EditSearchSettings, edit_search_step
+    from refusal_atlas.settings import SearchSettings
+    from refusal_atlas.workflows.search import edit_search_step
 
     b, ws = ctx.budget, ctx.ws
-    settings = EditSearchSettings(seed=b.seed, kl_threshold=ws.cfg.kl_threshold, sets=("som",),
-                                  n_startup_trials=max(1, min(10, b.edit_trials // 2)))
-    summary = edit_search_step(ws, ctx.sets, settings, until=b.edit_trials)
+    search = SearchSettings(seed=b.seed, sets=("som",), n_startup_trials=max(1, min(10, b.edit_trials // 2)))
+    summary = edit_search_step(ws, ctx.sets, search, until=b.edit_trials)
     edit = load_run_edit(ws.run.path, "search_best")
     best_b = done["b"]["numbers"]["som_sequential_best"]
     som = DirectionSet.load(ws.run.direction_path("som"))

@@ -14,12 +14,12 @@ from typing import Any
 
 from refusal_atlas.data import Prompt, load_prompts
 from refusal_atlas.directions.base import DirectionSet
-from refusal_atlas.directions.optim import TrainConfig
 from refusal_atlas.edits import DirectionalAblation
 from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.evaluation.evaluate import evaluate_refusal
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.evaluation.stats import mean_record
+from refusal_atlas.settings import TrainingSettings
 from refusal_atlas.workflows.reproduce.budget import ReproduceBudget
 from refusal_atlas.workflows.workspace import PromptSets, Workspace
 
@@ -110,14 +110,12 @@ def ablate(directions, mode: str = "subspace", label: str | None = None) -> Dire
 
 
 # --- (c) ----------------------------------------------------------------------------------------------
-def train_cfg(ctx: ReproduceContext, steps: int) -> TrainConfig:
-    return TrainConfig(steps=steps, seed=ctx.budget.seed, batch_size=ctx.budget.grad_batch,
-                       micro_batch=min(4, ctx.budget.grad_batch), eval_every=max(1, min(4, steps // 2)))
-
-
-def gradient_kw(ctx: ReproduceContext) -> dict[str, int]:
+def training(ctx: ReproduceContext, steps: int) -> TrainingSettings:
+    """The budget's gradient training: its prompts and batch, ``steps`` steps, validated twice or every 4."""
     b = ctx.budget
-    return {"n_train": b.grad_n_train, "n_val": b.grad_n_val, "target_tokens": b.target_tokens}
+    return TrainingSettings(n_train=b.grad_n_train, n_val=b.grad_n_val, target_tokens=b.target_tokens, steps=steps,
+                            seed=b.seed, batch_size=b.grad_batch, micro_batch=min(4, b.grad_batch),
+                            eval_every=max(1, min(4, steps // 2)))
 
 
 def load_or_train(ctx: ReproduceContext, name: str, train) -> DirectionSet:

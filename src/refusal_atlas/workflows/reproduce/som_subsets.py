@@ -9,7 +9,7 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.som import SomDirections
 from refusal_atlas.edits import NoEdit
 from refusal_atlas.evaluation.verdicts import lower_is_better
-from refusal_atlas.search.subsets import SearchSettings, run_trials
+from refusal_atlas.search.subsets import SubsetSpace, run_trials, subset_identity, subset_settings
 from refusal_atlas.search.study import completed, open_study, summarize
 from refusal_atlas.search.storage import study_guard
 from refusal_atlas.workflows.reproduce.shared import ReproduceContext, ablate, row, say
@@ -20,18 +20,23 @@ from refusal_atlas.workflows.som import som_step, validation_objective
 def subset_curve(ctx: ReproduceContext, som: DirectionSet, mode: str) -> list[dict[str, Any]]:
     """Best subset of each size k (validation search), with its held-out logit refusal score."""
     ws, b = ctx.ws, ctx.budget
+    kl_threshold, n_startup = ws.settings.selection.kl_threshold, max(1, b.subset_trials // 2)
     objective = validation_objective(ws, ctx.sets, mode)
     out = []
     for k in range(1, min(b.k_max, len(som)) + 1):
-        settings = SearchSettings(k=k, seed=b.seed, mode=mode, kl_threshold=ws.cfg.kl_threshold,  # type: ignore
-                                  n_startup_trials=max(1, b.subset_trials // 2))
+        space = SubsetSpace.of(som, k)
         db = ws.run / "study.db"
         with study_guard(db):
-            study = open_study(db, f"reproduce-som-{mode}-k{k}", settings.identity(som, objective.fingerprint()))
+            identity = subset_identity(space, som, objective.fingerprint(), seed=b.seed, mode=mode,  # type: ignore
+                                       n_startup_trials=n_startup)
+            study = open_study(db, f"reproduce-som-{mode}-k{k}", identity)
             n_new = max(0, b.subset_trials - len(completed(study)))
             if n_new:  # no per-study DIM reference: DIM is measured once, on held-out prompts, by the row
-                run_trials(study, som, objective, settings, n_new)
-            summary = summarize(study, settings)
+                run_trials(study, som, objective, space, seed=b.seed, mode=mode,  # type: ignore[arg-type]
+                           n_startup_trials=n_startup, n_trials=n_new)
+            recorded = subset_settings(k, None, seed=b.seed, mode=mode, kl_threshold=kl_threshold,  # type: ignore
+                                       n_startup_trials=n_startup)
+            summary = summarize(study, kl_threshold, recorded, mode)
         chosen = summary["chosen"]
         spec = ablate(som.select(chosen["ids"]), mode, label=f"ablate:som{chosen['ids']}:{mode}")
         out.append({"k": k, "ids": chosen["ids"], "val_refusal": chosen["refusal"], "val_kl": chosen["kl"],
@@ -59,7 +64,7 @@ def row_b(ctx: ReproduceContext, done: dict) -> dict[str, Any]:
     parts, curves = {}, {}
     for mode in ("sequential", "subspace"):
         curve = subset_curve(ctx, som, mode)
-        best = pick_k(curve, ws.cfg.kl_threshold)
+        best = pick_k(curve, ws.settings.selection.kl_threshold)
         spec = ablate(som.select(best["ids"]), mode, label=f"ablate:som{best['ids']}:{mode}")
         rate, kl = ctx.refusal_rate(spec), ctx.kl(spec)
         numbers[f"som_{mode}_refusal"], numbers[f"som_{mode}_kl"] = rate, kl
