@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     # prompts and plan
     t0 = time.perf_counter()
     prompts, selection_log = choose_prompts(args, run_cfg)
-    print(f"prompts: " + ", ".join(f"{r} {len(v)}" for r, v in prompts.items())
+    print("prompts: " + ", ".join(f"{r} {len(v)}" for r, v in prompts.items())
           + f" ({Counter(s for v in prompts.values() for s, _ in v)}); chosen in {time.perf_counter() - t0:.1f} s",
           flush=True)
     if meta.get("prompt_ids") and meta["prompt_ids"] != {r: [sha12(t) for _, t in v] for r, v in prompts.items()}:

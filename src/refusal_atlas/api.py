@@ -34,7 +34,6 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.dim import DIM, DimCandidates
 from refusal_atlas.directions import rdo as directions_rdo
 from refusal_atlas.directions.som import SOM
-from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.core.estimator import Estimator
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score, refusal_token_ids

@@ -24,7 +24,6 @@ import torch
 from refusal_atlas.settings import load_settings
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.core.io import load_tensors
-from refusal_atlas.search.study import completed
 
 
 def killed_cli(*args: str, kill: str, log: Path) -> None:

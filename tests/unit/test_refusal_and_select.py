@@ -4,7 +4,7 @@ import torch
 from refusal_atlas.model.activations import extract
 from refusal_atlas.directions.dim import difference_in_means
 from refusal_atlas.directions.select import _filter_reason, select_direction
-from refusal_atlas.core.errors import ConfigError, ModelError
+from refusal_atlas.core.errors import ModelError
 from refusal_atlas.evaluation.damage import next_token_kl
 from refusal_atlas.evaluation.refusal import is_refusal, refusal_score, refusal_token_ids
 from refusal_atlas.evaluation.stats import wilson_interval

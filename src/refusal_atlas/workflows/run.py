@@ -22,7 +22,7 @@ from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score
 from refusal_atlas.model.generation import DECODING
 from refusal_atlas.edits import ActAdd, DirectionalAblation, Edit, NoEdit
-from refusal_atlas.core.io import load_tensors, read_json, save_tensors, write_json
+from refusal_atlas.core.io import load_tensors, save_tensors, write_json
 from refusal_atlas.core.rundir import RunDir
 from refusal_atlas.settings import SelectionSettings, Settings
 from refusal_atlas.workflows.workspace import PromptSets, Workspace, load_prompt_sets, open_workspace
