@@ -34,6 +34,7 @@ from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.dim import DIM, DimCandidates
 from refusal_atlas.directions import rdo as directions_rdo
 from refusal_atlas.directions.som import SOM
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.core.estimator import Estimator
 from refusal_atlas.evaluation.evaluate import evaluate_kl, evaluate_refusal
 from refusal_atlas.evaluation.refusal import next_token_logprobs, refusal_score, refusal_token_ids
@@ -247,6 +248,9 @@ class Search(Estimator):
         from refusal_atlas.search.subsets import SubsetSpace, run_trials, subset_identity, subset_settings
         from refusal_atlas.search.study import open_study, summarize
 
+        if self.trials < 1:
+            raise ConfigError(f"trials must be >= 1, got {self.trials}")
+        directions = _directions(directions)
         space = SubsetSpace.of(directions, self.k)  # k against the number of directions, before any work
         how = {"seed": self.seed, "mode": self.mode, "n_startup_trials": self.n_startup_trials}
         objective = ValidationObjective(atlas.adapter, atlas.chat, list(harmful_val), list(harmless_val),
