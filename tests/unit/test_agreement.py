@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from refusal_atlas.evaluation.agreement import agreement, in_view, judge_agreement, markdown_tables
+from refusal_atlas.evaluation.agreement import (agreement, in_view, judge_agreement, markdown_tables, paired_comparison,
+                                             paired_table)
 
 GOLD = ["refusal", "refusal", "deflection", "compliance", "compliance", "broken"]
 PRED = ["refusal", "compliance", "deflection", "compliance", "deflection", "unclear"]
@@ -59,3 +60,24 @@ def test_view_mapping_and_bad_input():
         agreement(["refusal"], ["maybe"], ("refusal", "other"))
     with pytest.raises(ValueError, match="no rows"):
         agreement([], [], ("refusal", "other"))
+
+
+def test_paired_comparison_counts_only_discordant_rows_and_uses_the_exact_binomial_tail():
+    # judge A is right on all 12 rows, judge B misses the six refusals
+    gold = ["refusal"] * 6 + ["compliance"] * 6
+    first = list(gold)
+    second = ["compliance"] * 6 + ["compliance"] * 6  # wrong on the six refusals only
+    rec = paired_comparison(gold, first, second)
+    assert (rec["first_only"], rec["second_only"]) == (6, 0)
+    assert abs(rec["p_value"] - 2 / 2 ** 6) < 1e-12  # both tails of 6 coin flips all landing one way
+    assert rec["first_better"]
+    # deflection and compliance are both "other" in the refusal view, so they are not discordant
+    assert paired_comparison(["deflection"], ["compliance"], ["deflection"])["first_only"] == 0
+    # 3 against 1 is not evidence: p = 2 * (1 + 4) / 16
+    few = paired_comparison(["refusal"] * 4, ["refusal"] * 3 + ["compliance"], ["compliance"] * 3 + ["refusal"])
+    assert (few["first_only"], few["second_only"]) == (3, 1) and abs(few["p_value"] - 10 / 16) < 1e-12
+    assert not few["first_better"]
+    reverse = paired_comparison(gold, second, first)
+    assert not reverse["first_better"] and reverse["p_value"] == rec["p_value"]
+    table = paired_table({"meaning": rec}, "substring")
+    assert "| meaning | 6 | 0 | 0.031 | yes |" in table

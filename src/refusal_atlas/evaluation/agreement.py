@@ -17,6 +17,7 @@ which would flatter a judge that abstains on the hard rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from refusal_atlas.evaluation.judges.base import FOUR_LABELS
@@ -93,6 +94,27 @@ def judge_agreement(gold: Sequence[str], roles: Sequence[str], predicted: Sequen
     return out
 
 
+def paired_comparison(gold: Sequence[str], first: Sequence[str], second: Sequence[str], view: str = "refusal") -> dict:
+    """Is one judge more accurate than another on the *same* rows? Exact two-sided McNemar test.
+
+    Two accuracies with overlapping Wilson intervals can still differ, because both judges read the same
+    rows: only the rows where exactly one of them is right carry information. ``first_only`` counts rows
+    the first judge gets right and the second wrong, ``second_only`` the reverse; under "equally accurate"
+    each discordant row is a fair coin, so the p-value is the binomial tail of the smaller count, doubled.
+    A default judge is switched only when ``p < 0.05`` *and* the first judge wins the discordant rows.
+    """
+    if not (len(gold) == len(first) == len(second)):
+        raise ValueError("gold and both judges' verdicts must have the same length")
+    right = [[in_view(view, p) == in_view(view, g) for p, g in zip(pred, gold)] for pred in (first, second)]
+    first_only = sum(a and not b for a, b in zip(*right))
+    second_only = sum(b and not a for a, b in zip(*right))
+    n = first_only + second_only
+    tail = sum(math.comb(n, i) for i in range(min(first_only, second_only) + 1)) / 2 ** n if n else 1.0
+    p_value = min(1.0, 2 * tail)
+    return {"view": view, "n": len(gold), "first_only": first_only, "second_only": second_only,
+            "p_value": p_value, "first_better": p_value < 0.05 and first_only > second_only}
+
+
 def _cell(rec: dict | None) -> str:
     if rec is None:
         return "–"
@@ -122,3 +144,13 @@ def markdown_tables(results: dict[str, dict]) -> str:
             lines += [f"| {g} | " + " | ".join(str(rec["confusion"][g][c]) for c in cols) + " |" for g in VIEWS[view]]
             parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def paired_table(paired: dict[str, dict], against: str) -> str:
+    """The paired comparisons of every judge with ``against`` as one markdown table."""
+    lines = [f"### paired with {against} on the same rows (refusal vs the rest; exact McNemar)", "",
+             f"| judge | right where {against} is wrong | wrong where {against} is right | two-sided p | "
+             f"better than {against} at p < 0.05 |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {rec['first_only']} | {rec['second_only']} | {rec['p_value']:.3f} | "
+              f"{'yes' if rec['first_better'] else 'no'} |" for name, rec in paired.items()]
+    return "\n".join(lines) + "\n"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.core.io import atomic_dir, sha256_file, write_json, write_text
-from refusal_atlas.evaluation.agreement import judge_agreement, markdown_tables
+from refusal_atlas.evaluation.agreement import judge_agreement, markdown_tables, paired_comparison, paired_table
 from refusal_atlas.evaluation.judges import (FOUR_LABELS, Judge, JudgeItem, JudgeOptions, Verdict, check_judges,
                                              judge_labels, make_judges, verdict_name)
 from refusal_atlas.evaluation.labelled import FOLD_RULE, SPLIT_RULE, Row, fold_of, part_of, read_rows
@@ -215,6 +215,11 @@ def measure_accuracy(labelled: Path, names: Sequence[str], opts: JudgeOptions, p
                                                  [pred[i] for i in idx], four)
                            for name, (pred, four) in predicted.items()} for g, idx in groups.items()}
     report["markdown"] = markdown_tables(report["results"])
+    if "substring" in predicted and len(predicted) > 1:  # the default judge every other one must beat
+        base = predicted["substring"][0]
+        report["paired_vs_substring"] = {name: paired_comparison(gold, pred, base)
+                                         for name, (pred, _) in predicted.items() if name != "substring"}
+        report["markdown"] += "\n" + paired_table(report["paired_vs_substring"], "substring")
     if out_dir is not None:
         with atomic_dir(out_dir, force) as tmp:
             write_json(tmp / "judge_accuracy.json", report)
