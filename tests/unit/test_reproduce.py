@@ -130,6 +130,21 @@ def test_bad_input_cli(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_cli_prints_each_rows_caveats_under_its_verdict(monkeypatch, capsys, tmp_path):
+    from refusal_atlas.cli.reproduce import reproduce
+    from refusal_atlas.workflows.reproduce import job
+
+    rows = {"b": {"claim": "SOM-k beats DIM", "verdict": {"verdict": "inconclusive"},
+                  "caveats": ["DIM selection relaxed its KL filter: layer 18"]},
+            "c": {"claim": "RDO damages less", "verdict": {"verdict": "supported"}, "caveats": []}}
+    monkeypatch.setattr(job, "run_reproduce", lambda *a, **k: {"rows": rows})
+    reproduce(run_dir=tmp_path / "R")
+    out = capsys.readouterr().out.splitlines()
+    b_line = next(i for i, line in enumerate(out) if line.startswith("(b) inconclusive"))
+    assert out[b_line + 1] == "    caveat: DIM selection relaxed its KL filter: layer 18"
+    assert out[b_line + 2].startswith("(c) supported") and sum("caveat:" in line for line in out) == 1
+
+
 def test_budget_checks():
     with pytest.raises(RefusalAtlasError, match="k_max"):
         ReproduceBudget(k_max=8)

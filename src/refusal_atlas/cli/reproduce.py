@@ -28,6 +28,8 @@ def reproduce(
     data = run_reproduce(run_dir, chosen, model, device, dtype, allow_low_refusal)
     for rid, row in data["rows"].items():
         typer.echo(f"({rid}) {row['verdict']['verdict']:<14} {row['claim']}")
+        for caveat in row.get("caveats", []):  # a verdict is never shown without what qualifies it
+            typer.echo(f"    caveat: {caveat}")
     typer.echo(f"wrote {run_dir / 'reproduce.md'} and {run_dir / 'reproduce.json'}")
 
 
