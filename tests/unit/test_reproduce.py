@@ -268,6 +268,11 @@ def test_matching_caveats_say_when_the_match_did_not_hold():
     assert len(matching_caveats([dim, som])) == 1 and "held-out KL not matched" in matching_caveats([dim, som])[0]
     som["heldout_kl"] = _kl(0.095)
     assert matching_caveats([dim, som]) == []
+    # crossed, but the nearest evaluated strength is still 40% off the target: said, with the numbers
+    coarse = matched_summary("SOM-k", [{"strength": 0.5, "val_kl": 0.06}, {"strength": 1.0, "val_kl": 0.2}], 0.1,
+                             _rate(10), _kl(0.095))
+    text = matching_caveats([coarse])
+    assert len(text) == 1 and "matched strength 0.5 has validation KL 0.06, 40% from the target 0.1" in text[0]
 
 
 def test_scaled_edit_multiplies_every_weight():

@@ -8,13 +8,13 @@ and MLP write (``EditSpace.full_ablation_params(layer, s)`` → decode → ``bui
 subset the same kernel with the subset as the source; for the searched edit its own per-layer weights
 times s). The grid is refined toward the target validation KL (the DIM selection filter's bound, which
 is also the edit search's pick bound) by interpolating KL linearly in s inside the bracketing pair
-(``next_strength``), and the **matched strength** is the
-evaluated one whose validation KL (next-token KL on the harmless validation prompts) is closest to
-the target, the lower KL on a tie. Only there is each method measured on held-out prompts (refusal
+(``next_strength``), and the **matched strength** is the evaluated one whose validation KL (next-token
+KL on the harmless validation prompts) is closest to the target, the lower KL on a tie. Only there is each method measured on held-out prompts (refusal
 rate by generation, KL on harmless_test, both with 95% intervals), and the refusal rates are compared
-by ``lower_is_better``. The row says so when the matching did not hold: when a method's validation KL
-never crosses the target within the grid, or when the held-out KL intervals of the compared methods
-do not overlap.
+by ``lower_is_better`` (inconclusive exactly when the two refusal intervals overlap). The row says so
+when the matching did not hold: when a method's validation KL never crosses the target within the grid,
+when the matched strength is still more than MATCH_TOLERANCE off it, or when the held-out KL intervals of
+the compared methods do not overlap.
 """
 
 from __future__ import annotations
@@ -73,15 +73,22 @@ def matched_summary(method: str, points: Sequence[Mapping[str, Any]], target: fl
             **extra}
 
 
+MATCH_TOLERANCE = 0.25  # a matched validation KL further than this fraction from the target is said in the row
+
+
 def _overlap(a: Sequence[float], b: Sequence[float]) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
 
 
 def matching_caveats(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Where the matched comparison is not matched: a target a method's sweep never crossed, or held-out KL
-    intervals that do not overlap."""
+    """Where the matched comparison is not matched: a target a method's sweep never crossed, a crossed target
+    the refining steps did not get within MATCH_TOLERANCE of, or held-out KL intervals that do not overlap."""
     out = []
     for s in summaries:
+        off = abs(s["val_kl"] - s["target_kl"]) / s["target_kl"] if s["target_kl"] > 0 else 0.0
+        if s["reached_target"] and off > MATCH_TOLERANCE:
+            out.append(f"{s['method']}'s matched strength {s['strength']:.3g} has validation KL {s['val_kl']:.3g}, "
+                       f"{off:.0%} from the target {s['target_kl']:g} (more refining steps would match it closer)")
         if not s["reached_target"]:
             kls = [p["val_kl"] for p in s["sweep"]]
             side = "below" if max(kls) < s["target_kl"] else "above"
