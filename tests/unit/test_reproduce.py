@@ -380,3 +380,26 @@ def test_standard_budget_is_sized_to_decide():
         ReproduceBudget(strength_grid=(1.0, 0.5))
     with pytest.raises(RefusalAtlasError, match="n_logit"):
         ReproduceBudget(n_logit=60, n_eval=50)
+
+
+def test_strength_family_builds_every_grid_strength_of_the_standard_budget(finished):
+    """The standard grid (0.25 … 1.5) on the tiny run: DIM and a SOM subset at each strength are per-layer edits
+    whose largest write weight is the strength (the tiny job itself sweeps only 0.5 and 1.0)."""
+    from types import SimpleNamespace
+
+    from refusal_atlas.directions.base import DirectionSet
+    from refusal_atlas.workflows.reproduce.budget import STANDARD
+    from refusal_atlas.workflows.reproduce.matched_kl import StrengthFamily
+
+    run_dir, data, _ = finished
+    dim = DirectionSet.load(run_dir / "directions" / "dim.safetensors")
+    ctx = SimpleNamespace(ws=SimpleNamespace(run=SimpleNamespace(path=run_dir)), dim=dim)
+    family = StrengthFamily(ctx, ["som"])
+    ids = data["rows"]["b"]["numbers"]["som_sequential_best"]["ids"]
+    labels = set()
+    for s in STANDARD.strength_grid:
+        for edit in (family.dim(s), family.subset("som", ids, "sequential", s)):
+            weights = [*edit.attn_weights, *edit.mlp_weights]
+            assert max(weights) == pytest.approx(s) and min(weights) >= 0, (s, edit.name)
+            labels.add(edit.label)
+    assert len(labels) == 2 * len(STANDARD.strength_grid)  # every strength's completions are kept apart
