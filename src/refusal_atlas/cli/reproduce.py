@@ -10,7 +10,9 @@ import typer
 
 def reproduce(
     model: Annotated[str, typer.Option(help="model id or path (default: the embedded Qwen2.5-Coder-0.5B)")] = "embedded",
-    budget: Annotated[str, typer.Option(help="quick (CPU; sized for ~30 min on the embedded model, an estimate) or full (GPU, paper scale)")] = "quick",
+    budget: Annotated[str, typer.Option(help="quick (CPU, a first look; under an hour on the embedded "
+                                             "model, an estimate), standard (CPU, n = 300; about two hours, an "
+                                             "estimate) or full (GPU, paper scale)")] = "quick",
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-r", help="default: runs/reproduce-<budget>")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, mps (None: best available)")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16")] = None,
@@ -26,6 +28,8 @@ def reproduce(
     data = run_reproduce(run_dir, chosen, model, device, dtype, allow_low_refusal)
     for rid, row in data["rows"].items():
         typer.echo(f"({rid}) {row['verdict']['verdict']:<14} {row['claim']}")
+        for caveat in row.get("caveats", []):  # a verdict is never shown without what qualifies it
+            typer.echo(f"    caveat: {caveat}")
     typer.echo(f"wrote {run_dir / 'reproduce.md'} and {run_dir / 'reproduce.json'}")
 
 

@@ -1,6 +1,9 @@
 """R/reproduce.json and R/reproduce.md (one table of claim rows, then the plots in R/plots).
 
 The budget arrives as its JSON record (``ReproduceBudget.to_json()``): the report shows it and never needs the job.
+A row's ``caveats`` (how the DIM direction was selected, where a matched-KL comparison did not match) are printed
+in its verdict cell, so the verdict is never read without them; the gradient methods' training curves (per-step
+loss, validation objective) get a table and a plot, so a reader sees whether each direction left its start.
 """
 
 from __future__ import annotations
@@ -47,27 +50,66 @@ def numbers_text(numbers: dict[str, Any]) -> str:
     return "<br>".join(parts)
 
 
+def n_text(n: Any) -> str:
+    return ", ".join(f"{k} {v}" for k, v in n.items()) if isinstance(n, dict) else str(n)
+
+
+def verdict_text(r: dict[str, Any]) -> str:
+    v = r["verdict"]
+    text = f"**{v['verdict']}** — {v['detail']}"
+    if r.get("caveats"):
+        text += "<br>" + "<br>".join(f"⚠ caveat: {c}" for c in r["caveats"])
+    return text
+
+
+def training_curves(rows: dict[str, dict]) -> dict[str, dict]:
+    """Every trained direction's curve record, by name (rows (c), (d), (e) hold them)."""
+    return {name: curve for rid in sorted(rows) for name, curve in rows[rid].get("training", {}).items()}
+
+
+def training_table(curves: dict[str, dict]) -> list[str]:
+    lines = ["| direction | steps run | kept step | training loss first → last | validation objective start → kept "
+             "| \\|cos\\| with start | stopped |", "|---|---|---|---|---|---|---|"]
+    for name, c in curves.items():
+        loss = f"{c['loss'][0]:.3g} → {c['loss'][-1]:.3g}" if c["loss"] else "-"
+        start, best = c.get("val_objective_start"), c.get("val_objective_best")
+        val = f"{start:.3g} → {best:.3g}" if start is not None and best is not None else "-"
+        cos = f"{c['cos_with_init']:.3f}" if c.get("cos_with_init") is not None else "-"
+        lines.append(f"| {name} | {c['steps_run']} | {c['best_step']} | {loss} | {val} | {cos} | {c.get('stopped')} |")
+    return lines
+
+
 def to_markdown(budget: dict[str, Any], rows: dict[str, dict], plots: dict[str, str]) -> str:
     lines = [f"# Reproduced claims (budget {budget['name']})", "",
-             "Every number comes from held-out prompts; directions, subsets, k and edits were chosen on train and "
-             "validation prompts only. Rates: greedy decoding, substring judge, Wilson 95% CI; means: bootstrap "
-             "95% CI.", "",
+             "Every number comes from held-out prompts; directions, subsets, k, strengths and edits were chosen on "
+             "train and validation prompts only. Rates: greedy decoding, substring judge, Wilson 95% CI; means: "
+             "bootstrap 95% CI.", "",
              "| row | claim | measured | held-out prompts | n | numbers (95% CI) | verdict | rule |",
              "|---|---|---|---|---|---|---|---|"]
     for rid in sorted(rows):
         r = rows[rid]
-        v = r["verdict"]
-        n = ", ".join(f"{k} {v}" for k, v in r["n"].items()) if isinstance(r["n"], dict) else str(r["n"])
-        cells = [f"({rid}) {TITLES[rid]}", r["claim"], r["measured"], r["prompts"], n,
-                 numbers_text(r["numbers"]), f"**{v['verdict']}** — {v['detail']}", v["rule"]]
+        cells = [f"({rid}) {TITLES[rid]}", r["claim"], r["measured"], r["prompts"], n_text(r["n"]),
+                 numbers_text(r["numbers"]), verdict_text(r), r["verdict"]["rule"]]
         lines.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
     missing = [r for r in TITLES if r not in rows]
     if missing:
         lines += ["", f"Not finished yet: rows {', '.join(missing)} (rerun the same command to continue)."]
-    for rid, path in plots.items():
-        lines += ["", f"## ({rid}) {TITLES[rid]}", "", f"![{TITLES[rid]}]({path})"]
+    curves = training_curves(rows)
+    if curves:
+        lines += ["", "## Training of the gradient methods", "",
+                  "Kept step 0 means the validated iterate is the initialisation itself.", "", *training_table(curves)]
+    for key, path in plots.items():
+        title = PLOT_TITLES.get(key, TITLES.get(key, key))
+        lines += ["", f"## {title}", "", f"![{title}]({path})"]
     lines += ["", "Row times (s): " + ", ".join(f"({k}) {rows[k].get('seconds', '-')}" for k in sorted(rows))]
     return "\n".join(lines) + "\n"
+
+
+PLOT_TITLES = {"b": "(b) held-out refusal score of the best validation subset per k (full strength)",
+               "b_matched": "(b) SOM-k vs DIM at matched KL: validation sweeps and held-out matched points",
+               "g": "(g) searched edit vs DIM vs SOM-k at matched KL", "d": "(d) refusal cones vs random directions",
+               "e": "(e) cross-ablation cosine change with DIM per layer", "f": "(f) SOM geometry vs refusal",
+               "training": "training loss and validation objective of every trained direction"}
 
 
 def make_plots(run_dir: Path, rows: dict[str, dict]) -> dict[str, str]:
@@ -84,9 +126,7 @@ def make_plots(run_dir: Path, rows: dict[str, dict]) -> dict[str, str]:
         try:
             fig, ax = plt.subplots(figsize=(5.5, 3.8))
             draw(ax, rows[rid])
-            n = rows[rid]["n"]
-            n_text = ", ".join(f"{k} {v}" for k, v in n.items()) if isinstance(n, dict) else f"{n} prompts"
-            ax.set_title(f"({rid}) {TITLES[rid]}: held-out, n = {n_text}", fontsize=9)
+            ax.set_title(f"({rid}) {TITLES[rid]}: held-out, n = {n_text(rows[rid]['n'])}", fontsize=9)
             handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]  # twin axes too
             ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
             save_figure(fig, run_dir / "plots" / f"reproduce_{rid}.png")
@@ -123,7 +163,86 @@ def make_plots(run_dir: Path, rows: dict[str, dict]) -> dict[str, str]:
 
     for rid, draw in (("b", curve_b), ("d", cones_d), ("e", layers_e), ("f", geometry_f)):
         plot(rid, draw)
+    b_matched = rows.get("b", {}).get("matched", {})
+    g_matched = rows.get("g", {}).get("matched", {})
+    for key, matched in (("b_matched", b_matched),
+                         ("g", {k: v for k, v in {**g_matched, "dim": b_matched.get("dim"),
+                                                  "som_sequential": b_matched.get("som_sequential")}.items()
+                                if v is not None} if g_matched else None)):
+        if matched:
+            _guarded(out, key, run_dir, lambda path, m=matched: plot_matched(m, path))
+    curves = training_curves(rows)
+    if curves:
+        _guarded(out, "training", run_dir, lambda path: plot_training(curves, path))
     return out
+
+
+def _guarded(out: dict[str, str], key: str, run_dir: Path, draw) -> None:
+    from refusal_atlas.report.plots import close_all
+
+    try:
+        draw(run_dir / "plots" / f"reproduce_{key}.png")
+        out[key] = f"plots/reproduce_{key}.png"
+    except Exception:  # noqa: BLE001 - a broken plot must not lose the table
+        close_all()
+
+
+def plot_matched(matched: dict[str, dict], path: Path) -> None:
+    """Left: each method's validation sweep (validation KL vs validation refusal score, strengths marked), the
+    target KL and the matched strengths. Right: held-out refusal rate vs held-out KL at the matched strengths,
+    both with 95% intervals."""
+    from refusal_atlas.report.plots import save_figure
+
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    target = next(iter(matched.values()))["target_kl"]
+    for name, m in matched.items():
+        pts = [p for p in m["sweep"] if p.get("val_score") is not None]
+        line, = left.plot([p["val_kl"] for p in pts], [p["val_score"] for p in pts], "o-", ms=3, label=m["method"])
+        for p in pts:
+            left.annotate(f"{p['strength']:g}", (p["val_kl"], p["val_score"]), fontsize=6, color=line.get_color())
+        left.axvline(m["val_kl"], color=line.get_color(), lw=0.6, ls=":")
+        kl, rate = m["heldout_kl"], m["heldout_refusal"]
+        right.errorbar([kl["mean"]], [rate["rate"]], xerr=[[kl["mean"] - kl["ci95"][0]], [kl["ci95"][1] - kl["mean"]]],
+                       yerr=[[rate["rate"] - rate["ci95"][0]], [rate["ci95"][1] - rate["rate"]]], fmt="o", capsize=3,
+                       color=line.get_color(), label=f"{m['method']} (s={m['strength']:.3g})")
+    left.axvline(target, color="k", ls="--", lw=0.8, label=f"target KL {target:g}")
+    left.set(xscale="log", xlabel="validation KL (harmless)", ylabel="validation refusal score (log-odds)",
+             title="validation sweeps (labels: strength)")
+    n = next(iter(matched.values()))["heldout_refusal"].get("n")
+    right.set(xlabel="held-out KL (harmless_test)", ylabel="held-out refusal rate",
+              title=f"held-out at the matched strengths (n = {n})")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_training(curves: dict[str, dict], path: Path) -> None:
+    """One panel per trained direction: training loss per step, validation objective at its steps (twin axis),
+    the kept step marked."""
+    from refusal_atlas.report.plots import save_figure
+
+    import matplotlib.pyplot as plt
+
+    n = len(curves)
+    cols = min(3, n)
+    rows_n = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+    for ax, (name, c) in zip(axes.ravel(), curves.items()):
+        ax.plot(range(1, len(c["loss"]) + 1), c["loss"], "-", lw=1, label="training loss")
+        ax.set(title=name, xlabel="step", ylabel="training loss")
+        ax2 = ax.twinx()
+        ax2.plot([v["step"] for v in c["validation"]], [v["objective"] for v in c["validation"]], "s--", color="C1",
+                 ms=3, label="validation objective")
+        ax2.axvline(c["best_step"], color="C2", lw=0.8, ls=":", label=f"kept step {c['best_step']}")
+        ax2.set_ylabel("validation objective")
+        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=6, loc="best")
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def write_report(run_dir: Path, budget: dict[str, Any], rows: dict[str, dict]) -> dict[str, Any]:

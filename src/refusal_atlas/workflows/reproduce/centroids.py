@@ -48,5 +48,5 @@ def row_f(ctx: ReproduceContext, done: dict) -> dict[str, Any]:
                "tracks refusal",
                f"at layer {layer}: ‖harmful − harmless centroid‖ and harmful compactness (mean distance to its "
                f"centroid) as 0..{len(ids)} directions are ablated (sequential), correlated with the refusal score",
-               f"{b.eval_harmful} + {b.eval_harmless}", {"prompts": b.n_logit, "points": len(points)}, numbers,
+               f"{ctx.harmful_pool} + {b.eval_harmless}", {"prompts": b.n_logit, "points": len(points)}, numbers,
                verdict, points=points)

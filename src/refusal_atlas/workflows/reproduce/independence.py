@@ -11,6 +11,7 @@ from refusal_atlas.directions.repind import independence_layers, last_token_reps
 from refusal_atlas.evaluation.stats import mean_record
 from refusal_atlas.evaluation.verdicts import lower_is_better
 from refusal_atlas.workflows.gradient import rdo_step, repind_step
+from refusal_atlas.workflows.reproduce import shared
 from refusal_atlas.workflows.reproduce.shared import ReproduceContext, ablate, load_or_train, row, training
 
 
@@ -51,4 +52,5 @@ def row_e(ctx: ReproduceContext, done: dict) -> dict[str, Any]:
     return row("RepInd is representationally independent of DIM where RDO⊥ (merely orthogonal) is not",
                "cross-ablation cosine change with DIM at the last prompt token of layers < 0.9·L (per prompt, "
                "mean over layers), and each direction's ablation refusal score",
-               b.eval_harmful, b.n_logit, numbers, verdict, per_layer={"layers": layers, **per_layer})
+               ctx.harmful_pool, b.n_logit, numbers, verdict, ctx.caveats, per_layer={"layers": layers, **per_layer},
+               training={name: shared.training_curve(d) for name, d in dirs.items()})

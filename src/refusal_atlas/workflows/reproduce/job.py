@@ -8,8 +8,9 @@ with another budget or model is refused before any model loads. R/reproduce.json
 R/reproduce.md (with plots in R/plots) are rewritten after every row.
 
 Data roles: train prompts build directions, validation prompts choose among them (DIM layer, SOM
-subsets, k, gradient iterates, searched edits); every number in a row comes from held-out prompts
-(JailbreakBench, harmless_test, XSTest) that nothing was fitted or chosen on.
+subsets, k, gradient iterates, searched edits, the strengths compared at matched KL); every number in a
+row comes from held-out prompts (the pooled harmful benchmarks, harmless_test, XSTest) that nothing was
+fitted or chosen on, and that share no prompt with the train and validation splits.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from refusal_atlas.workflows.reproduce.shared import (
     ROW_IDS,
     SETTINGS_FILE,
     ReproduceContext,
+    ablate,
+    held_out_pool,
     say,
+    selection_caveats,
 )
 from refusal_atlas.workflows.reproduce.som_equals_dim import row_a
 from refusal_atlas.workflows.reproduce.som_subsets import row_b
@@ -65,14 +69,31 @@ def check_reproduce_dir(run_dir: Path, budget: ReproduceBudget, model: str) -> N
 
 # --- the job ------------------------------------------------------------------------------------------
 def _prompt_sets(b: ReproduceBudget) -> PromptSets:
+    """Every prompt set of the job; the held-out sets exclude every prompt of the train and validation files
+    (the gradient methods sample their own train prompts from the whole train file)."""
     def get(name: str, n: int) -> list[Prompt]:
         return load_prompts(name, n=n, seed=b.seed)
+
+    def seen(*names: str) -> list[Prompt]:
+        return [p for name in names for p in load_prompts(name)]
 
     return PromptSets(harmful_train=get(b.harmful_train, b.n_harmful_train),
                       harmless_train=get(b.harmless_train, b.n_harmless_train),
                       harmful_val=get(b.harmful_val, b.n_val), harmless_val=get(b.harmless_val, b.n_val),
-                      eval_harmful={b.eval_harmful: get(b.eval_harmful, b.n_eval)},
-                      eval_harmless=get(b.eval_harmless, b.n_eval))
+                      eval_harmful=held_out_pool(b.eval_harmful, b.n_eval, b.seed,
+                                                 exclude=seen(b.harmful_train, b.harmful_val)),
+                      eval_harmless=held_out_pool((b.eval_harmless,), b.n_eval, b.seed,
+                                                  exclude=seen(b.harmless_train, b.harmless_val))[b.eval_harmless])
+
+
+def _caveats(ctx: ReproduceContext) -> list[str]:
+    """The selection's caveats (selection.json); with a fixed layer, DIM's validation KL is measured here."""
+    threshold = ctx.ws.settings.selection.kl_threshold
+    path = ctx.ws.run / "selection.json"
+    if path.is_file():
+        return selection_caveats(read_json(path), threshold)
+    kl = ctx.kl(ablate(ctx.dim), prompts=ctx.sets.harmless_val, dataset=ctx.budget.harmless_val)
+    return selection_caveats(None, threshold, measured_kl=kl["mean"])
 
 
 def prepare(run_dir: Path, budget: ReproduceBudget, model: str, device: str | None = None,
@@ -88,7 +109,11 @@ def prepare(run_dir: Path, budget: ReproduceBudget, model: str, device: str | No
     write_json(Path(run_dir) / SETTINGS_FILE, {"model": model, **budget.to_json()})
     acts = extract_step(ws, sets, resume=True, allow_low_refusal=allow_low_refusal)
     dim = select_step(ws, dim_step(ws.run, acts), sets, resume=True)
-    return ReproduceContext(ws, sets, budget, dim)
+    ctx = ReproduceContext(ws, sets, budget, dim)
+    ctx.caveats = _caveats(ctx)
+    for text in ctx.caveats:
+        say(f"caveat: {text}")
+    return ctx
 
 
 RowFn = Callable[[ReproduceContext, dict[str, dict]], dict[str, Any]]

@@ -8,6 +8,7 @@ from typing import Any
 from refusal_atlas.edits import NoEdit
 from refusal_atlas.evaluation.verdicts import lower_is_better
 from refusal_atlas.workflows.gradient import rdo_step
+from refusal_atlas.workflows.reproduce import shared
 from refusal_atlas.workflows.reproduce.shared import ReproduceContext, ablate, load_or_train, row, training
 
 
@@ -27,7 +28,10 @@ def row_c(ctx: ReproduceContext, done: dict) -> dict[str, Any]:
             "over_refusal": lower_is_better(numbers["rdo_xstest_over_refusal"], numbers["dim_xstest_over_refusal"],
                                             "XSTest over-refusal RDO vs DIM").to_dict()}
     return row("RDO's ablation damages harmless behaviour less than DIM's (lower KL), refusal and over-refusal beside",
-               f"next-token KL on held-out harmless prompts (bootstrap CI); refusal rate; XSTest over-refusal "
+               f"next-token KL on held-out harmless prompts (bootstrap CI), both at full strength; refusal rate "
+               f"({b.max_new_tokens} tokens); XSTest over-refusal "
                f"(RDO trained {rdo.meta.get('train', {}).get('steps')} steps, best step {rdo.meta.get('best_step')})",
-               f"{b.eval_harmless} (KL), {b.eval_harmful} (refusal), xstest (over-refusal)",
-               numbers["dim_kl"]["n"], numbers, verdict, parts=side)
+               f"{b.eval_harmless} (KL), {ctx.harmful_pool} (refusal), xstest (over-refusal)",
+               {"kl": numbers["dim_kl"]["n"], "refusal": numbers["dim_refusal"]["n"],
+                "xstest": numbers["dim_xstest_over_refusal"]["n"]}, numbers, verdict, ctx.caveats, parts=side,
+               training={"rdo": shared.training_curve(rdo, init=ctx.dim.unit()[0])})

@@ -1,4 +1,5 @@
-"""Claim (b): the best SOM-k subset, chosen on validation prompts, beats DIM on held-out refusal.
+"""Claim (b): the best SOM-k subset, chosen on validation prompts, beats DIM on held-out refusal at the
+same damage (both at their matched-KL strengths: matched_kl.py).
 """
 
 from __future__ import annotations
@@ -8,11 +9,17 @@ from typing import Any
 from refusal_atlas.directions.base import DirectionSet
 from refusal_atlas.directions.som import SomDirections
 from refusal_atlas.edits import NoEdit
-from refusal_atlas.evaluation.verdicts import lower_is_better
 from refusal_atlas.search.subsets import SubsetSpace, run_trials, subset_identity, subset_settings
 from refusal_atlas.search.study import completed, open_study, summarize
 from refusal_atlas.search.storage import study_guard
-from refusal_atlas.workflows.reproduce.shared import ReproduceContext, ablate, row, say
+from refusal_atlas.workflows.reproduce.matched_kl import (
+    RULE,
+    StrengthFamily,
+    compare_matched,
+    matching_caveats,
+    measure_matched,
+)
+from refusal_atlas.workflows.reproduce.shared import ReproduceContext, ablate, over_bound_caveat, row, say
 from refusal_atlas.workflows.som import som_step, validation_objective
 
 
@@ -56,27 +63,36 @@ def row_b(ctx: ReproduceContext, done: dict) -> dict[str, Any]:
     som = som_step(ws.run, builder, layer=ctx.dim.layer, resume=True)
     say(f"(b) SOM: {len(som)} live neurons of {b.som_grid[0]}x{b.som_grid[1]} on {som.meta['n_samples']} harmful "
         "train points")
-    dim_spec = ablate(ctx.dim)
-    dim_rate, dim_kl = ctx.refusal_rate(dim_spec), ctx.kl(dim_spec)
-    base = ctx.refusal_rate(NoEdit())
-    numbers: dict[str, Any] = {"baseline_refusal": base, "dim_refusal": dim_rate, "dim_kl": dim_kl,
-                               "dim_heldout_score": ctx.score_record(dim_spec)}
-    parts, curves = {}, {}
+    family = StrengthFamily(ctx, ["som"])
+    dim = measure_matched(ctx, "DIM", family.dim)
+    numbers: dict[str, Any] = {"baseline_refusal": ctx.refusal_rate(NoEdit()), "dim_refusal": dim["heldout_refusal"],
+                               "dim_kl": dim["heldout_kl"], "dim_strength": {"value": dim["strength"], "ci95": None},
+                               "dim_heldout_score": ctx.score_record(ablate(ctx.dim))}  # full: the k curve's line
+    parts, curves, matched, picks = {}, {}, {"dim": dim}, []
     for mode in ("sequential", "subspace"):
         curve = subset_curve(ctx, som, mode)
         best = pick_k(curve, ws.settings.selection.kl_threshold)
-        spec = ablate(som.select(best["ids"]), mode, label=f"ablate:som{best['ids']}:{mode}")
-        rate, kl = ctx.refusal_rate(spec), ctx.kl(spec)
-        numbers[f"som_{mode}_refusal"], numbers[f"som_{mode}_kl"] = rate, kl
+        picks += over_bound_caveat(f"the SOM-k subset ({mode}, k = {best['k']})", best["val_kl"],
+                                   ws.settings.selection.kl_threshold)
+        m = measure_matched(ctx, f"SOM-k {mode}",
+                            lambda s, ids=best["ids"], mode=mode: family.subset("som", ids, mode, s))
+        m["k"], m["ids"] = best["k"], best["ids"]
+        numbers[f"som_{mode}_refusal"], numbers[f"som_{mode}_kl"] = m["heldout_refusal"], m["heldout_kl"]
+        numbers[f"som_{mode}_strength"] = {"value": m["strength"], "ci95": None}
         numbers[f"som_{mode}_best"] = {"k": best["k"], "ids": best["ids"]}
-        parts[mode] = lower_is_better(rate, dim_rate, "held-out refusal SOM-k vs DIM")
-        curves[mode] = curve
-        say(f"(b) {mode}: best k {best['k']} ids {best['ids']} → refusal {rate['rate']:.2f} (DIM {dim_rate['rate']:.2f})")
+        parts[mode] = compare_matched(m, dim, f"held-out refusal SOM-k ({mode}) vs DIM")
+        curves[mode], matched[f"som_{mode}"] = curve, m
+        say(f"(b) {mode}: best k {best['k']} ids {best['ids']} at s={m['strength']:.3g} → refusal "
+            f"{m['heldout_refusal']['rate']:.3f} (DIM {dim['heldout_refusal']['rate']:.3f} at s={dim['strength']:.3g})")
     verdict = parts["sequential"]  # the paper's ablation decides; exact subspace ablation is reported beside it
-    return row("the best SOM-k subset suppresses refusal more than DIM (paper: sequential ablation)",
-               "refusal rate (greedy, substring judge) and next-token KL on held-out prompts; subsets and k chosen "
-               "on validation prompts only; curve = held-out logit refusal score of the best subset of each k",
-               f"{b.eval_harmful} (refusal), {b.eval_harmless} (KL)", dim_rate["n"], numbers, verdict,
-               parts={m: v.to_dict() for m, v in parts.items()}, curves=curves,
+    caveats = [*ctx.caveats, *picks, *matching_caveats(list(matched.values()))]
+    return row("the best SOM-k subset suppresses refusal more than DIM at the same damage (paper: sequential "
+               "ablation)",
+               f"refusal rate (greedy, {b.max_new_tokens} tokens, substring judge) and next-token KL on held-out "
+               f"prompts, each method at its matched strength: {RULE} (target = the selection's KL bound "
+               f"{matched['dim']['target_kl']:g}); subsets and k chosen on validation prompts only; curve = held-out "
+               "logit refusal score of the best subset of each k at full strength",
+               f"{ctx.harmful_pool} (refusal), {b.eval_harmless} (KL)", numbers["dim_refusal"]["n"], numbers, verdict,
+               caveats, parts={m: v.to_dict() for m, v in parts.items()}, curves=curves, matched=matched,
                som={"n_directions": len(som), "hits": som.meta.get("hits"), "n_samples": som.meta.get("n_samples"),
                     "cos_to_dim": som.meta.get("cos_to_dim"), "layer": som.layer})
