@@ -2,12 +2,12 @@
 
 After a ``bench/vs_heretic.py`` run, this reads heretic's search log in WORK and takes trial N's parameters
 (direction index, the two strength kernels). It builds the same edit on our run's DIM candidates in
-WORK/ours/run and scores it with our search's trial on the same 100 + 100 prompts. It prints that next to
-our search's front. With ``--evaluate``, it also exports the edit and scores it with heretic's own
-evaluator. This shows whether a heretic point we miss lies inside our space and only our trial score ranks
-it low.
+WORK/ours/run and scores it with our search's trial on the run's validation prompts (those both searches
+used). It prints that next to our search's front. With ``--evaluate``, it also exports the edit and scores
+it with heretic's own evaluator on the held-out prompts (WORK/heretic/eval/config.toml). This shows
+whether a heretic point we miss lies inside our space and only our trial score ranks it low.
 
-    .venv/bin/python bench/heretic_trial.py --work bench_out/vs_heretic --trial 14 [--evaluate]
+    .venv/bin/python bench/heretic_trial.py --work bench_out/vs_heretic_heldout --trial 14 [--evaluate]
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import vs_heretic as vs
+import heretic_driver as vs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default="bench_out/vs_heretic")
+    ap.add_argument("--work", default="bench_out/vs_heretic_heldout")
     ap.add_argument("--trial", type=int, required=True, help="heretic's trial number (its 'Running trial N')")
     ap.add_argument("--evaluate", action="store_true", help="also export it and score it with heretic's evaluator")
     args = ap.parse_args()
@@ -64,9 +64,9 @@ def main() -> None:
         if not out.exists():
             subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "export", "-r", str(run), "--edit",
                             edit.name, "--out", str(out)], check=True)
-        rc, lines = vs.run_logged([str(work / "venv" / "bin" / "heretic"), "--model", ws.settings.model.model,
-                                   "--evaluate-model", str(out)], work / "heretic",
-                                  work / f"evaluate_{edit.name}.log", vs.heretic_env())
+        rc, lines = vs.drive([str(work / "venv" / "bin" / "heretic"), "--model", ws.settings.model.model,
+                              "--evaluate-model", str(out)], work / "heretic" / "eval",
+                             work / "logs" / f"evaluate_{edit.name}.log", None, vs.heretic_env())
         result["rebuilt_scored_by_heretic"] = {**vs.parse_evaluation([line for _, line in lines]), "rc": rc}
         r = result["rebuilt_scored_by_heretic"]
         print(f"  rebuilt, exported and scored by heretic's evaluator: {r['refusals']} refusals @ KL {r['kl']}")
