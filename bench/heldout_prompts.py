@@ -115,3 +115,28 @@ def subset_mask(prompts: list[dict], subset: str) -> list[bool]:
     if subset == "extra":
         return [p["source"] != "jailbreakbench" for p in prompts]
     raise ValueError(f"unknown subset {subset!r}; choose from {', '.join(SUBSETS)}")
+
+
+def leaks(heldout: dict[str, list[str]], seen: dict[str, list[str]], near: bool = False, **rule) -> list[dict]:
+    """Every prompt of a held-out set (``heldout``: name → texts) that a split a search saw (``seen``: name →
+    texts) also holds: normalised-equal, or with ``near`` a near duplicate by :func:`near_duplicate`.
+
+    The last check before any search runs: the draw in :func:`heldout_set` excludes near duplicates already,
+    so a hit here means the sets were wired wrong (a role fed from another split than the exclusions
+    name), and the bench must stop rather than score a front on prompts it was tuned on. Exact matching is
+    the check for the large harmless splits (tens of thousands of prompts; near matching would take hours).
+    """
+    index: dict[str, str] = {}
+    for name, texts in seen.items():
+        for text in texts:
+            index.setdefault(normalise(text), name)
+    out = []
+    for set_name, texts in heldout.items():
+        for text in texts:
+            hit = index.get(normalise(text))
+            if hit is None and near:
+                match = first_match(text, [(name, t) for name, ts in seen.items() for t in ts], **rule)
+                hit = match["source"] if match else None
+            if hit is not None:
+                out.append({"set": set_name, "text": text, "seen_in": hit})
+    return out

@@ -79,6 +79,7 @@ SEARCH_ROLES = {"bad_prompts": "harmful_train", "good_prompts": "harmless_train"
                 "bad_evaluation_prompts": "harmful_val", "good_evaluation_prompts": "harmless_val"}
 POOL = ("harmbench_test", "strongreject")
 EXCLUDE = ("harmful_train", "harmful_val", "harmbench_val")  # every train / validation prompt (harmful_val ⊂ harmbench_val)
+HARMLESS_SEEN = ("harmless_train", "harmless_val")  # the harmless splits our run and heretic draw from
 JUDGES = ("substring", "markers", "meaning")
 BUDGETS = {"1/3": 1 / 3, "1": 1.0}
 KL_TOKENS = 16
@@ -161,10 +162,31 @@ def prepare_prompts(args, work: Path, model_dir: Path) -> dict:
     heldout = hp.heldout_set(texts("jailbreakbench")[: args.n_jbb], pool, exclude, args.n_extra, seed=0)
     print(f"held-out set: {len(heldout['prompts'])} prompts ({heldout['survivors']} of {heldout['pool']} pool prompts "
           f"survive the near-duplicate check; {time.monotonic() - t:.0f} s)", flush=True)
-    out = {"key": prompt_key(args), "roles": roles, "heldout": heldout,
-           "harmless_test": texts("harmless_test", n=args.n_harmless_test, seed=0),
-           "sources": {"roles": SEARCH_ROLES, "pool": POOL, "exclude": EXCLUDE, "harmless_test": "harmless_test"}}
+    harmless_test = texts("harmless_test", n=args.n_harmless_test, seed=0)
+    check_disjoint(heldout, harmless_test, roles, {name: texts(name) for name in (*EXCLUDE, *HARMLESS_SEEN)})
+    out = {"key": prompt_key(args), "roles": roles, "heldout": heldout, "harmless_test": harmless_test,
+           "sources": {"roles": SEARCH_ROLES, "pool": POOL, "exclude": EXCLUDE, "harmless_seen": HARMLESS_SEEN,
+                       "harmless_test": "harmless_test"}}
     return write_json(path, out) and out
+
+
+def check_disjoint(heldout: dict, harmless_test: list[str], roles: dict[str, list[str]],
+                   splits: dict[str, list[str]]) -> None:
+    """Stop (one ``error:`` line) if a prompt that scores the fronts is one a search saw: the extra harmful
+    prompts must not nearly duplicate any search role's prompt or any prompt of the train / validation splits
+    (``splits``), and no harmless_test prompt may equal one of them. JailbreakBench is kept whole by design;
+    its near duplicates are marked (``near``) and left out of the ``strict`` subset."""
+    extra = [p["text"] for p in heldout["prompts"] if p["source"] != "jailbreakbench"]
+    harmful_seen = {**{r: roles[r] for r in ("bad_prompts", "bad_evaluation_prompts")},
+                    **{name: splits[name] for name in EXCLUDE}}
+    found = hp.leaks({"extra": extra}, harmful_seen, near=True)
+    found += hp.leaks({"harmless_test": harmless_test}, {**roles, **splits})
+    found += [{"set": "jailbreakbench", "text": p["text"], "seen_in": "(unmarked)"} for p in heldout["prompts"]
+              if p["source"] == "jailbreakbench" and p["near"] is None and hp.leaks({"j": [p["text"]]}, harmful_seen)]
+    if found:
+        f = found[0]
+        sys.exit(f"error: {len(found)} held-out prompt(s) were seen by a search, e.g. {f['set']} "
+                 f"{f['text'][:80]!r} in {f['seen_in']}")
 
 
 # --- heretic's search -------------------------------------------------------------------------------------
