@@ -32,10 +32,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "unit")]
 
 
 def build_run(model: str, root: Path, n_val: int) -> Path:
-    from refusal_atlas.directions.som import SomDirections
-    from refusal_atlas.settings import load_settings
-    from refusal_atlas.workflows.run import build_direction
-    from refusal_atlas.workflows.som import som_step
+    from refusal_atlas.workflows import verbs
 
     if model == "tiny":
         from refusal_atlas.model.saving import save_model_dir
@@ -46,11 +43,13 @@ def build_run(model: str, root: Path, n_val: int) -> Path:
         model, layer = str(root / "model"), 2
     else:
         layer = 16
-    cfg = load_settings(None, dict(model=model, device="cpu", n_train=16, n_val=n_val, n_eval=4, max_new_tokens=2,
-                                 filter_train=False, layer=layer, batch_size=16))
-    ws, _, _ = build_direction(cfg, root / "run")
-    som_step(ws.run, SomDirections(grid=(3, 3), iterations=2000))
-    return root / "run"
+    run = root / "run"  # the verbs `extract`, `directions dim`, `select`, `directions som`, as the CLI runs them
+    verbs.extract(run, dict(model=model, device="cpu", n_train=16, n_val=n_val, n_eval=4, max_new_tokens=2,
+                            filter_train=False, layer=layer, batch_size=16))
+    verbs.dim(run)
+    verbs.select(run, {})
+    verbs.som(run, grid="3x3", iterations=2000)
+    return run
 
 
 def main() -> None:

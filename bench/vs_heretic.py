@@ -129,13 +129,18 @@ def heavy(lock: str | None, work: Path, phase: str):
 
 
 # --- prompts ----------------------------------------------------------------------------------------------
+def our_flags(args, model_dir: Path) -> dict:
+    """Our run's settings, as the command line would give them: the same model folder, train / validation
+    prompts, system prompt and length as heretic's."""
+    return dict(model=str(model_dir), n_train=args.n_dir, n_val=args.n_val, filter_train=False,
+                harmful_val="harmful_val", harmless_val="harmless_val", system_prompt=SYSTEM_PROMPT,
+                max_new_tokens=args.tokens, seed=0)
+
+
 def our_settings(args, model_dir: Path):
-    """Our run's settings: the same model folder, train / validation prompts, system prompt and length as heretic's."""
     from refusal_atlas.settings import load_settings
 
-    return load_settings(None, dict(model=str(model_dir), n_train=args.n_dir, n_val=args.n_val, filter_train=False,
-                                    harmful_val="harmful_val", harmless_val="harmless_val",
-                                    system_prompt=SYSTEM_PROMPT, max_new_tokens=args.tokens, seed=0))
+    return load_settings(None, our_flags(args, model_dir))
 
 
 def prompt_key(args) -> dict:
@@ -252,16 +257,21 @@ def our_search(args, work: Path, model_dir: Path, heretic: dict) -> dict:
     path = work / "ours.json"
     if path.exists():
         return read_json(path)
-    from refusal_atlas.workflows.run import build_direction
+    from refusal_atlas.workflows import verbs
 
     run = work / "ours" / "run"
     if (run / "study.db").exists():
         sys.exit(f"error: {run / 'study.db'} holds an interrupted search of ours: its wall budget cannot be kept; "
                  "remove WORK/ours for a fresh one")
-    t0 = time.monotonic()
-    ws, _, _ = build_direction(our_settings(args, model_dir), run, resume=True, allow_low_refusal=True)
-    prep_s = time.monotonic() - t0
+    if run.exists():
+        shutil.rmtree(run)  # a set-up killed half-way: its time must be measured whole, so it starts again
+    t0 = time.monotonic()  # the verbs `extract`, `directions dim`, `select` run, as the CLI runs them
+    ws, _ = verbs.extract(run, our_flags(args, model_dir), allow_low_refusal=True)
     del ws
+    gc.collect()
+    verbs.dim(run)
+    verbs.select(run, {})
+    prep_s = time.monotonic() - t0
     gc.collect()
     wall = heretic["search_s"]
     try:
