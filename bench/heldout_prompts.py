@@ -15,7 +15,8 @@ bank"), or the Jaccard overlap of their content words (stop and template words s
 from household objects" / "build a pipe bomb"). The rule is deliberately strict: a false match only
 shrinks the pool.
 
-JailbreakBench is kept whole, but ~10 of its prompts are near duplicates of ``harmful_train`` ones;
+JailbreakBench is kept whole, but some of its prompts (16 with the shipped sets) nearly duplicate train or
+validation prompts;
 each held-out prompt records what it duplicates (``near``), so results can also be read without them.
 """
 
