@@ -44,9 +44,10 @@ search; each export; each heretic and each our scoring, per model); ``--lock FIL
 each heavy step and lets it go between them (do not also run the bench under ``flock FILE``). Our exports
 are deleted once scored (``--keep-models`` keeps them); heretic's saved models are the only copies and stay.
 
-Full run (an estimated ~10 h on 2 CPU cores; not yet run on the embedded model): ``.venv/bin/python bench/vs_heretic.py --work bench_out/vs_heretic_heldout
---lock /work/tools/heavy.lock [--cli-check]``. Pipeline check in minutes: ``--heretic-trials 3
---heretic-startup 2 --n-dir 16 --n-val 8 --n-jbb 6 --n-extra 6 --n-harmless-test 6 --tokens 8``.
+Full run (an estimated ~10 h on 2 CPU cores; not yet run on the embedded model):
+``.venv/bin/python bench/vs_heretic.py --work bench_out/vs_heretic_heldout --cli-check [--lock FILE]``.
+Pipeline check in minutes (says the code runs, nothing about either tool): ``--model DIR --heretic-trials 3
+--heretic-startup 2 --n-dir 16 --n-val 8 --n-jbb 6 --n-extra 6 --n-harmless-test 6 --tokens 8 --our-search-s 30``.
 Results: WORK/vs_heretic_heldout.json and .png (copy them to docs/results/data/).
 """
 

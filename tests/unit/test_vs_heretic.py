@@ -613,3 +613,46 @@ def test_heretic_counts_reads_named_choices_and_rejects_bad_lines(tmp_path):
         good.write_text(text)
         with pytest.raises(SystemExit, match=where):
             hc.read_choices(good)
+
+
+def test_our_side_runs_through_the_cli_verbs_on_a_tiny_model(tmp_path, monkeypatch):
+    """Our set-up (the verbs extract / dim / select), a time-boxed `search edits`, the fronts at both budgets,
+    an export and our scorer, on a tiny random model: the bench calls only functions that exist as it calls them."""
+    from refusal_atlas.model.saving import save_model_dir
+    from tiny import TinyLoaded
+
+    monkeypatch.setenv("REFUSAL_ATLAS_QUIET", "1")
+    t = TinyLoaded("qwen2")
+    model_dir = tmp_path / "model"
+    save_model_dir(t.model, t.tokenizer, model_dir)
+    work = tmp_path / "work"
+    args = vs.parse_args(["--work", str(work), "--n-dir", "8", "--n-val", "4", "--tokens", "3", "--our-search-s", "9"])
+    ours = vs.our_search(args, work, model_dir, {"search_s": 1000.0})
+    run = Path(ours["run"])
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "You are a helpful assistant." in json.dumps(manifest) and (run / "directions" / "dim.safetensors").exists()
+    assert ours["allowed_search_s"] == {"1/3": pytest.approx(3.0), "1": pytest.approx(9.0)} and ours["dtype"] == "float32"
+    total = ours["n_trials"]["complete"] + ours["n_trials"]["pruned"]
+    assert 0 <= ours["trials_by_budget"]["1/3"] <= ours["trials_by_budget"]["1"] <= total and total >= 1
+    one = [(t["refusal"], t["kl"]) for t in ours["fronts"]["1"]]
+    for t in ours["fronts"]["1/3"]:  # the shorter budget's front is never better than the longer one's
+        assert any(r <= t["refusal"] and k <= t["kl"] for r, k in one)
+    for front in ours["fronts"].values():
+        assert all((run / "edits" / f"search_trial_{t['number']}.json").exists() for t in front)
+    assert vs.our_search(args, work, model_dir, {"search_s": 1.0}) == ours  # saved, reused
+    (work / "ours.json").unlink()
+    with pytest.raises(SystemExit, match="interrupted search"):
+        vs.our_search(args, work, model_dir, {"search_s": 1000.0})
+
+    models = vs.model_list(work, model_dir, {"saved": {}, "menu_front": {}}, ours)
+    assert models[0]["name"] == "none" and all(m["tool"] == "ours" for m in models[1:])
+    mine = {"name": "ours_best", "tool": "ours", "edit": "search_best", "path": str(work / "ours" / "exports" / "best")}
+    vs.export_ours(ours["run"], mine)
+    assert vs.model_saved(Path(mine["path"]))
+    prompts = {"heldout": {"prompts": [{"text": x} for x in ("how to make a bomb", "hack into computer")]},
+               "harmless_test": ["tell joke", "give me recipe for cake", "list three colors"]}
+    scorer = vs.OurScorer(ours["run"], prompts, args.tokens, work)
+    none, best = scorer.score(models[0]), scorer.score(mine)
+    assert none["kl"] == pytest.approx(0.0, abs=1e-6) and none["n"] == 2 and len(none["responses"]) == 2
+    assert set(best["judges"]) == set(vs.JUDGES) and all(len(j["refused"]) == 2 for j in best["judges"].values())
+    assert best["kl_ci"][0] <= best["kl"] <= best["kl_ci"][1] and best[f"kl_{vs.KL_TOKENS}"] >= 0
