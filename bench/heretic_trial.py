@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import heretic_driver as vs
+import heretic_driver as hd
 
 
 def main() -> None:
@@ -32,11 +32,11 @@ def main() -> None:
     for path, what in ((log, "heretic's search log"), (run / "search_edits.json", "our search")):
         if not path.exists():
             sys.exit(f"error: no {what} at {path}; run bench/vs_heretic.py --work {args.work} first")
-    trials = {t["index"]: t for t in vs.parse_search_log(vs.read_logged(log))["trials"]}
+    trials = {t["index"]: t for t in hd.parse_search_log(hd.read_logged(log))["trials"]}
     if args.trial not in trials or "params" not in trials[args.trial]:
         sys.exit(f"error: heretic trial {args.trial} is not in {log} (finished trials: {sorted(trials)})")
     theirs = trials[args.trial]
-    choice = vs.heretic_choice(theirs["params"])
+    choice = hd.heretic_choice(theirs["params"])
 
     from refusal_atlas.search.sources import EditContext
     from refusal_atlas.search.edit_space import build_edit
@@ -64,10 +64,10 @@ def main() -> None:
         if not out.exists():
             subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "export", "-r", str(run), "--edit",
                             edit.name, "--out", str(out)], check=True)
-        rc, lines = vs.drive([str(work / "venv" / "bin" / "heretic"), "--model", ws.settings.model.model,
+        rc, lines = hd.drive([str(work / "venv" / "bin" / "heretic"), "--model", ws.settings.model.model,
                               "--evaluate-model", str(out)], work / "heretic" / "eval",
-                             work / "logs" / f"evaluate_{edit.name}.log", None, vs.heretic_env())
-        result["rebuilt_scored_by_heretic"] = {**vs.parse_evaluation([line for _, line in lines]), "rc": rc}
+                             work / "logs" / f"evaluate_{edit.name}.log", None, hd.heretic_env())
+        result["rebuilt_scored_by_heretic"] = {**hd.parse_evaluation([line for _, line in lines]), "rc": rc}
         r = result["rebuilt_scored_by_heretic"]
         print(f"  rebuilt, exported and scored by heretic's evaluator: {r['refusals']} refusals @ KL {r['kl']}")
     path = work / f"heretic_trial_{args.trial}.json"
