@@ -656,3 +656,25 @@ def test_our_side_runs_through_the_cli_verbs_on_a_tiny_model(tmp_path, monkeypat
     assert none["kl"] == pytest.approx(0.0, abs=1e-6) and none["n"] == 2 and len(none["responses"]) == 2
     assert set(best["judges"]) == set(vs.JUDGES) and all(len(j["refused"]) == 2 for j in best["judges"].values())
     assert best["kl_ci"][0] <= best["kl"] <= best["kl_ci"][1] and best[f"kl_{vs.KL_TOKENS}"] >= 0
+
+
+def test_heretics_scoring_config_points_its_evaluation_roles_at_the_held_out_sets(tmp_path, monkeypatch):
+    written = {}
+
+    def fake_write(roles, root, python):
+        written.update(roles)
+        return {role: root / role for role in roles}
+
+    monkeypatch.setattr(vs, "write_datasets", fake_write)
+    roles = {"bad_prompts": ["t1", "t2"], "good_prompts": ["g1", "g2"], "bad_evaluation_prompts": ["v1"],
+             "good_evaluation_prompts": ["h1", "h2"]}
+    prompts = {"roles": roles, "heldout": {"prompts": [{"text": "x1"}, {"text": "x2"}, {"text": "x3"}]},
+               "harmless_test": ["s1", "s2", "s3", "s4"]}
+    args = vs.parse_args(["--tokens", "64", "--batch-size", "16"])
+    edir = vs.heretic_eval_dir(args, tmp_path, prompts)
+    cfg = tomllib.loads((edir / "config.toml").read_text())
+    assert written["bad_evaluation_prompts"] == ["x1", "x2", "x3"] and written["good_evaluation_prompts"] == prompts["harmless_test"]
+    assert written["bad_prompts"] == roles["bad_prompts"] and written["good_prompts"] == roles["good_prompts"]
+    assert cfg["bad_evaluation_prompts"]["split"] == "train[:3]" and cfg["good_evaluation_prompts"]["split"] == "train[:4]"
+    assert cfg["max_response_length"] == 64 and cfg["dtypes"] == ["float32"] and cfg["system_prompt"] == vs.SYSTEM_PROMPT
+    assert roles["bad_evaluation_prompts"] == ["v1"]  # the search's roles are not changed in place
