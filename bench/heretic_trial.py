@@ -2,12 +2,12 @@
 
 After a ``bench/vs_heretic.py`` run, this reads heretic's search log in WORK and takes trial N's parameters
 (direction index, the two strength kernels). It builds the same edit on our run's DIM candidates in
-WORK/ours/run and scores it with our search's trial on the same 100 + 100 prompts. It prints that next to
-our search's front. With ``--evaluate``, it also exports the edit and scores it with heretic's own
-evaluator. This shows whether a heretic point we miss lies inside our space and only our trial score ranks
-it low.
+WORK/ours/run and scores it with our search's trial on the run's validation prompts (those both searches
+used). It prints that next to our search's front. With ``--evaluate``, it also exports the edit and scores
+it with heretic's own evaluator on the held-out prompts (WORK/heretic/eval/config.toml). This shows
+whether a heretic point we miss lies inside our space and only our trial score ranks it low.
 
-    .venv/bin/python bench/heretic_trial.py --work bench_out/vs_heretic --trial 14 [--evaluate]
+    .venv/bin/python bench/heretic_trial.py --work bench_out/vs_heretic_heldout --trial 14 [--evaluate]
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import vs_heretic as vs
+import heretic_driver as hd
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default="bench_out/vs_heretic")
+    ap.add_argument("--work", default="bench_out/vs_heretic_heldout")
     ap.add_argument("--trial", type=int, required=True, help="heretic's trial number (its 'Running trial N')")
     ap.add_argument("--evaluate", action="store_true", help="also export it and score it with heretic's evaluator")
     args = ap.parse_args()
@@ -32,11 +32,11 @@ def main() -> None:
     for path, what in ((log, "heretic's search log"), (run / "search_edits.json", "our search")):
         if not path.exists():
             sys.exit(f"error: no {what} at {path}; run bench/vs_heretic.py --work {args.work} first")
-    trials = {t["index"]: t for t in vs.parse_search_log(vs.read_logged(log))["trials"]}
+    trials = {t["index"]: t for t in hd.parse_search_log(hd.read_logged(log))["trials"]}
     if args.trial not in trials or "params" not in trials[args.trial]:
         sys.exit(f"error: heretic trial {args.trial} is not in {log} (finished trials: {sorted(trials)})")
     theirs = trials[args.trial]
-    choice = vs.heretic_choice(theirs["params"])
+    choice = hd.heretic_choice(theirs["params"])
 
     from refusal_atlas.search.sources import EditContext
     from refusal_atlas.search.edit_space import build_edit
@@ -64,10 +64,10 @@ def main() -> None:
         if not out.exists():
             subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "export", "-r", str(run), "--edit",
                             edit.name, "--out", str(out)], check=True)
-        rc, lines = vs.run_logged([str(work / "venv" / "bin" / "heretic"), "--model", ws.settings.model.model,
-                                   "--evaluate-model", str(out)], work / "heretic",
-                                  work / f"evaluate_{edit.name}.log", vs.heretic_env())
-        result["rebuilt_scored_by_heretic"] = {**vs.parse_evaluation([line for _, line in lines]), "rc": rc}
+        rc, lines = hd.drive([str(work / "venv" / "bin" / "heretic"), "--model", ws.settings.model.model,
+                              "--evaluate-model", str(out)], work / "heretic" / "eval",
+                             work / "logs" / f"evaluate_{edit.name}.log", None, hd.heretic_env())
+        result["rebuilt_scored_by_heretic"] = {**hd.parse_evaluation([line for _, line in lines]), "rc": rc}
         r = result["rebuilt_scored_by_heretic"]
         print(f"  rebuilt, exported and scored by heretic's evaluator: {r['refusals']} refusals @ KL {r['kl']}")
     path = work / f"heretic_trial_{args.trial}.json"

@@ -1,518 +1,718 @@
-"""Side by side with heretic-llm 1.4.0, scored by heretic's own evaluator (issue 10, item 6).
+"""Held-out side by side with heretic-llm 1.4.0: both searches on validation prompts, every front point scored
+on prompts neither saw, by heretic's evaluator and by ours (issue 28, item 1).
 
-Both tools get the same local copy of the model (the embedded model's converted fp32 folder by default),
-the same prompts (our run's 256 + 256 harmful_train / harmless_train direction prompts; 100 JailbreakBench
-prompts for refusals and 100 harmless_val prompts for KL, which both searches optimise on) and 32-token
-greedy responses. Steps (each can be skipped; results are saved as JSON in --work and reused):
+Design (the reasons are the issue's: the earlier bench scored both fronts on the prompts both searches had
+optimised on, and compared our bf16 trial with heretic's fp32 one):
 
-1. install heretic-llm==1.4.0 into its own venv under --work (torch==2.13.0 first; never our dependency);
-2. write the prompt sets as ``datasets`` save_to_disk folders and heretic's config.toml;
-3. run heretic's search headless (COLAB_GPU=1 makes its menus read stdin; stdin is a pipe we close, so
-   its final menu ends on EOF after the study is saved), timestamping every output line: seconds per
-   trial = from its "Running trial N" line to the next one (or to the end);
-4. our side: extract + select (Python API) and ``refusal-atlas search`` on the same prompts, timed, with
-   ``--budget`` = a third of heretic's wall time less our extract + select (or --our-trials N);
-5. export our Pareto edits, those that could cover a heretic point first (``next_to_score``; at most
-   --max-exports, none with validation KL above ``--kl-cap-factor`` × heretic's largest), and score each with
-   ``heretic --model ORIGINAL --evaluate-model OURS``;
-6. print seconds per trial (median) for both and the ratio, both fronts (refusals/100 @ KL), whether ours
-   dominates heretic's (every heretic point (r, d) has one of ours with <= r and <= d, strictly better in
-   one), and the wall-time ratio.
+1. **Same inputs.** One local model folder (the embedded model's fp32 copy by default). Directions from the
+   same train prompts: our run's ``harmful_train`` / ``harmless_train`` sample (256 + 256, unfiltered) is
+   heretic's ``bad_prompts`` / ``good_prompts``. Both searches score trials on the run's validation prompts
+   only: ``harmful_val`` (all 39) and a 100-prompt ``harmless_val`` sample, which are heretic's
+   ``bad_evaluation_prompts`` / ``good_evaluation_prompts``. Same system prompt, greedy, ``--tokens`` (64)
+   new tokens in heretic's trials and in every scoring; the same dtype (``--dtype``, float32: heretic's
+   ``dtypes`` and our ``search --dtype``).
+2. **Warm starts, a design choice fixed before any scoring**: our search starts, as every search of ours
+   does, with the six fixed anchors of ``[search] anchors`` (full DIM ablation at strengths 1.0, 0.85,
+   0.7, 0.5, 0.25, 0.12); nothing here is chosen from the held-out results. (History, said plainly: 0.85
+   and 0.12 were added on 2026-12-06 after a run that scored on JailbreakBench, which is part of the
+   held-out set here; the ``extra`` subset below — HarmBench test / StrongREJECT — never informed any choice.)
+   heretic runs with its defaults (no warm starts; 8 random start-up trials, then TPE).
+3. **heretic's front is heretic's own saved models**: its menus are driven (heretic_driver.MenuDriver) so
+   that it saves the merged model of every trial on its Pareto front. Ours: each front trial's edit is
+   exported with ``refusal-atlas export`` (safetensors).
+4. **Held-out scoring** of every front point and of the unedited model: JailbreakBench (100) + ``--n-extra``
+   (200) HarmBench-test / StrongREJECT prompts that are not exact or near duplicates of any train or
+   validation prompt (heldout_prompts.py) for refusals; 100 ``harmless_test`` prompts for KL. Twice:
+   - by heretic's own Evaluator (bench/heretic_evaluator.py, in heretic's venv, config pointing its
+     evaluation roles at these sets; ``--cli-check`` compares one model with the real
+     ``heretic --model ORIGINAL --evaluate-model M``): its marker rule, its first-token KL;
+   - by ours: our generation (``--tokens`` greedy tokens) judged by ``substring``, ``markers`` (heretic's
+     rule on our text) and ``meaning`` (the shipped head: refusal, with deflection beside it), and our KL
+     (first token, with a bootstrap interval; 16 teacher-forced tokens beside it).
+   Every rate has its 95% Wilson interval. Fronts are also read on two subsets: ``strict`` (without the 16
+   JailbreakBench prompts that nearly duplicate a train or validation prompt) and ``extra``.
+5. **Budgets are the setting, not a result.** heretic's wall time W (process start to "Optimization
+   finished!": set-up + 24 trials) is measured first; our extract + select + search then runs for 1 × W,
+   and the ⅓ × W front is read off the same search from its trial log (fronts.front_at: a trial counts
+   only if it ended before the cut-off; the seeded sampler's proposals do not depend on the budget).
+   Seconds per trial of both tools, same dtype, same machine, same run.
+6. **Dominance** (fronts.py): which heretic points ours dominates by point estimates, and which with the
+   95% intervals apart; and the same the other way round.
 
-Takes 1–2 h on 2 CPU cores (heretic alone: 28 min for 24 trials on an Intel Xeon, 51 min on an AMD EPYC). Parts:
-    .venv/bin/python bench/vs_heretic.py [--work bench_out/vs_heretic] [--heretic-trials 24] [--our-trials N]
-        [--our-dtype bfloat16] [--our-max-kl 0.1] [--skip-heretic-search] (reuse WORK/heretic_search.json) [--skip-ours]
-        [--max-exports 12] [--tries 3] [--install-only]
-A rerun with --skip-heretic-search --skip-ours reuses every heretic evaluation that finished (its log).
+Every finished step is saved under --work and reused on a rerun (heretic's search and saved models; our
+search; each export; each heretic and each our scoring, per model); ``--lock FILE`` takes that lock around
+each heavy step and lets it go between them (do not also run the bench under ``flock FILE``). Our exports
+are deleted once scored (``--keep-models`` keeps them); heretic's saved models are the only copies and stay.
+
+Full run (an estimated ~10 h on 2 CPU cores; not yet run on the embedded model):
+``.venv/bin/python bench/vs_heretic.py --work bench_out/vs_heretic_heldout --cli-check [--lock FILE]``.
+Pipeline check in minutes (says the code runs, nothing about either tool): ``--model DIR --heretic-trials 3
+--heretic-startup 2 --n-dir 16 --n-val 8 --n-jbb 6 --n-extra 6 --n-harmless-test 6 --tokens 8 --our-search-s 30``.
+Results: WORK/vs_heretic_heldout.json and .png (copy them to docs/results/data/).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import gc
 import json
+import math
 import os
-import re
+import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
-HERETIC = "heretic-llm==1.4.0"
-TORCH = "torch==2.13.0"
+import fronts
+import heldout_prompts as hp
+from heretic_driver import (MenuDriver, drive, heretic_config, heretic_env, install_heretic, parse_evaluation,
+                            parse_search_log, read_logged, write_datasets)
+
+BENCH = Path(__file__).resolve().parent
 SYSTEM_PROMPT = "You are a helpful assistant."  # heretic's default system prompt; ours is set to the same
-ROLES = {"bad_prompts": "harmful_train", "good_prompts": "harmless_train",
-         "bad_evaluation_prompts": "harmful_val", "good_evaluation_prompts": "harmless_val"}
-# how far above a heretic point's KL d our validation KL may be for the edit still to be scored against it
-# (absolute, relative to d): the two KLs of one edit differed by 0.0002 at d = 0.004 and 0.0005 at d = 0.05
-# (2026-12-06: 0.00390 vs 0.0037, 0.0532 vs 0.0527)
-KL_SLACK = (0.0002, 0.01)
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+SEARCH_ROLES = {"bad_prompts": "harmful_train", "good_prompts": "harmless_train",
+                "bad_evaluation_prompts": "harmful_val", "good_evaluation_prompts": "harmless_val"}
+POOL = ("harmbench_test", "strongreject")
+EXCLUDE = ("harmful_train", "harmful_val", "harmbench_val")  # every train / validation prompt (harmful_val ⊂ harmbench_val)
+HARMLESS_SEEN = ("harmless_train", "harmless_val")  # the harmless splits our run and heretic draw from
+JUDGES = ("substring", "markers", "meaning")
+BUDGETS = {"1/3": 1 / 3, "1": 1.0}
+KL_TOKENS = 16
+PHASES = ("prompts", "heretic", "ours", "scores", "report")
 
 
-# --- pure parts (unit-tested) ---------------------------------------------------------------------------
-DATASET_SCRIPT = """
-import json, sys
-from datasets import Dataset
-spec = json.load(open(sys.argv[1]))
-for role, (path, prompts) in spec.items():
-    Dataset.from_dict({"text": prompts}).save_to_disk(path)
-"""
+# --- small helpers ----------------------------------------------------------------------------------------
+def write_json(path: Path, data) -> Path:
+    """Atomic: a killed bench never leaves half a result that a rerun would reuse."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
-def write_datasets(prompts: dict[str, list[str]], root: Path, python: str = sys.executable) -> dict[str, Path]:
-    """One ``datasets`` save_to_disk folder per heretic role (column ``text``), written by ``python``
-    (heretic's venv, so its own ``datasets`` version writes them). Text files would split prompts on newlines."""
-    root.mkdir(parents=True, exist_ok=True)
-    spec = {role: (str(root / role), list(texts)) for role, texts in prompts.items()}
-    for role, (_, texts) in spec.items():
-        if not texts:
-            raise ValueError(f"no prompts for heretic's {role}")
-    (root / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
-    subprocess.run([python, "-c", DATASET_SCRIPT, str(root / "spec.json")], check=True)
-    return {role: Path(path) for role, (path, _) in spec.items()}
+def read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))  # a TOML basic string is a JSON string
+def load_snapshot(work: Path, phase: str) -> dict:
+    """Load average and the busiest processes now, appended to WORK/load.jsonl (what else was running)."""
+    top = subprocess.run(["ps", "aux", "--sort=-%cpu"], capture_output=True, text=True).stdout.splitlines()[:6]
+    rec = {"phase": phase, "time": datetime.now().isoformat(timespec="seconds"), "loadavg": list(os.getloadavg()),
+           "top": [line[:160] for line in top]}
+    with open(work / "load.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(rec) + "\n")
+    print(f"[{phase}] load average {rec['loadavg'][0]:.2f} {rec['loadavg'][1]:.2f} {rec['loadavg'][2]:.2f}", flush=True)
+    return rec
 
 
-def heretic_config(datasets: dict[str, Path], counts: dict[str, int], *, n_trials: int, n_startup_trials: int,
-                   seed: int, max_response_length: int, batch_size: int) -> str:
-    """heretic's config.toml: the settings heretic_baseline.md measured with, every other key at its default."""
-    top = {"dtypes": ["float32"], "batch_size": batch_size, "max_response_length": max_response_length,
-           "n_trials": n_trials, "n_startup_trials": n_startup_trials, "seed": seed, "export_strategy": "merge",
-           "response_prefix": "", "system_prompt": SYSTEM_PROMPT}
-    lines = [f"{k} = {_toml(v)}" for k, v in top.items()]
-    for role in ROLES:
-        lines += ["", f"[{role}]", f"dataset = {_toml(str(datasets[role]))}", f"split = {_toml(f'train[:{counts[role]}]')}",
-                  'column = "text"']
-    return "\n".join(lines) + "\n"
+@contextlib.contextmanager
+def heavy(lock: str | None, work: Path, phase: str):
+    """Hold ``lock`` (flock) for one heavy step, recording the load before and after."""
+    fh = open(lock, "a") if lock else None
+    try:
+        if fh is not None:
+            print(f"[{phase}] waiting for {lock}", flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        load_snapshot(work, f"{phase}:start")
+        yield
+        load_snapshot(work, f"{phase}:end")
+    finally:
+        if fh is not None:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
 
 
-def _clean(line: str) -> str:
-    return ANSI.sub("", line).rstrip("\r\n")
+# --- prompts ----------------------------------------------------------------------------------------------
+def our_flags(args, model_dir: Path) -> dict:
+    """Our run's settings, as the command line would give them: the same model folder, train / validation
+    prompts, system prompt and length as heretic's."""
+    return dict(model=str(model_dir), n_train=args.n_dir, n_val=args.n_val, filter_train=False,
+                harmful_val="harmful_val", harmless_val="harmless_val", system_prompt=SYSTEM_PROMPT,
+                max_new_tokens=args.tokens, seed=0)
 
 
-def parse_search_log(lines: list[tuple[float, str]]) -> dict:
-    """heretic's search output, each line with the time it was read → trials (seconds, KL, refusals), the
-    baseline refusals, set-up seconds and its Pareto front (its own rule: by refusals then KL, KL falling)."""
-    trials: list[dict] = []
-    base = n_bad = None
-    t0 = lines[0][0] if lines else 0.0
-    end = lines[-1][0] if lines else 0.0
-    for t, raw in lines:
-        line = _clean(raw)
-        if m := re.search(r"Running trial (\d+) of (\d+)", line):
-            if trials and trials[-1].get("end") is None:
-                trials[-1]["end"] = t
-            trials.append({"index": int(m.group(1)), "start": t, "end": None})
-        elif m := re.search(r"Initial refusals: (\d+)/(\d+)", line):
-            base, n_bad = int(m.group(1)), int(m.group(2))
-        elif trials and (m := re.search(r"KL divergence: ([0-9.eE+-]+)", line)) and "[Trial" not in line:
-            trials[-1]["kl"] = float(m.group(1))
-        elif trials and trials[-1].get("kl") is None and (m := re.search(r"^\s*\* ([\w.]+) = (.+?)\s*$", line)):
-            trials[-1].setdefault("params", {})[m.group(1)] = m.group(2)  # "* attn.o_proj.max_weight = 1.09"
-        elif trials and (m := re.search(r"^\s*\* Refusals: (\d+)/(\d+)", line)):
-            trials[-1]["refusals"] = int(m.group(1))
-            n_bad = int(m.group(2))
-        elif "Optimization finished!" in line:
-            end = t
-            if trials and trials[-1].get("end") is None:
-                trials[-1]["end"] = t
-    if trials and trials[-1].get("end") is None:
-        trials[-1]["end"] = end
-    done = [tr for tr in trials if "kl" in tr and "refusals" in tr]
-    for tr in done:
-        tr["seconds"] = tr["end"] - tr["start"]
-    front = pareto([(tr["refusals"], tr["kl"]) for tr in done])
-    return {"trials": done, "base_refusals": base, "n_bad": n_bad,
-            "setup_s": (trials[0]["start"] - t0) if trials else None, "search_s": end - t0,
-            "median_trial_s": statistics.median(tr["seconds"] for tr in done) if done else None,
-            "front": [list(p) for p in front]}
+def our_settings(args, model_dir: Path):
+    from refusal_atlas.settings import load_settings
+
+    return load_settings(None, our_flags(args, model_dir))
 
 
-HERETIC_COMPONENTS = {"attn": "attn.o_proj", "mlp": "mlp.down_proj"}
+def prompt_key(args) -> dict:
+    return {k: getattr(args, k) for k in ("n_dir", "n_val", "n_jbb", "n_extra", "n_harmless_test")}
 
 
-def heretic_choice(params: dict[str, str]) -> dict:
-    """heretic's trial parameters (as its log prints them) → the same edit as a choice of our search space.
+def prepare_prompts(args, work: Path, model_dir: Path) -> dict:
+    """Train / validation sets (heretic's four roles, from our run's sets) and the held-out sets → WORK/prompts.json."""
+    path = work / "prompts.json"
+    if path.exists():
+        saved = read_json(path)
+        if saved["key"] != prompt_key(args):
+            sys.exit(f"error: {path} was made with {saved['key']}, not {prompt_key(args)}; use another --work")
+        return saved
+    from refusal_atlas.data import load_prompts
+    from refusal_atlas.workflows.workspace import load_prompt_sets
 
-    Layer numbers are taken as they are: scored by heretic's evaluator, heretic's trial 14 rebuilt this way
-    gave KL 0.0583 where heretic's own edit gave 0.0602 (2026-12-02), one layer later 0.0508.
-    """
-    index = params["direction_index"]
-    choice: dict = {"projected": False, "norm_preserving": False, "embed": False}
-    if index == "per layer":  # each block its own direction
-        choice["source"] = "dim:per_layer"
+    sets = load_prompt_sets(our_settings(args, model_dir))
+    roles = {role: [p.instruction for p in getattr(sets, ours)] for role, ours in SEARCH_ROLES.items()}
+    texts = lambda name, **kw: [p.instruction for p in load_prompts(name, **kw)]  # noqa: E731
+    exclude = [(name, t) for name in EXCLUDE for t in texts(name)]
+    pool = [(name, t) for name in POOL for t in texts(name)]
+    t = time.monotonic()
+    heldout = hp.heldout_set(texts("jailbreakbench")[: args.n_jbb], pool, exclude, args.n_extra, seed=0)
+    print(f"held-out set: {len(heldout['prompts'])} prompts ({heldout['survivors']} of {heldout['pool']} pool prompts "
+          f"survive the near-duplicate check; {time.monotonic() - t:.0f} s)", flush=True)
+    harmless_test = texts("harmless_test", n=args.n_harmless_test, seed=0)
+    check_disjoint(heldout, harmless_test, roles, {name: texts(name) for name in (*EXCLUDE, *HARMLESS_SEEN)})
+    out = {"key": prompt_key(args), "roles": roles, "heldout": heldout, "harmless_test": harmless_test,
+           "sources": {"roles": SEARCH_ROLES, "pool": POOL, "exclude": EXCLUDE, "harmless_seen": HARMLESS_SEEN,
+                       "harmless_test": "harmless_test"}}
+    return write_json(path, out) and out
+
+
+def check_disjoint(heldout: dict, harmless_test: list[str], roles: dict[str, list[str]],
+                   splits: dict[str, list[str]]) -> None:
+    """Stop (one ``error:`` line) if a prompt that scores the fronts is one a search saw: the extra harmful
+    prompts must not nearly duplicate any search role's prompt or any prompt of the train / validation splits
+    (``splits``), and no harmless_test prompt may equal one of them. JailbreakBench is kept whole by design;
+    its near duplicates are marked (``near``) and left out of the ``strict`` subset."""
+    extra = [p["text"] for p in heldout["prompts"] if p["source"] != "jailbreakbench"]
+    harmful_seen = {**{r: roles[r] for r in ("bad_prompts", "bad_evaluation_prompts")},
+                    **{name: splits[name] for name in EXCLUDE}}
+    found = hp.leaks({"extra": extra}, harmful_seen, near=True)
+    found += hp.leaks({"harmless_test": harmless_test}, {**roles, **splits})
+    found += [{"set": "jailbreakbench", "text": p["text"], "seen_in": "(unmarked)"} for p in heldout["prompts"]
+              if p["source"] == "jailbreakbench" and p["near"] is None and hp.leaks({"j": [p["text"]]}, harmful_seen)]
+    if found:
+        f = found[0]
+        sys.exit(f"error: {len(found)} held-out prompt(s) were seen by a search, e.g. {f['set']} "
+                 f"{f['text'][:80]!r} in {f['seen_in']}")
+
+
+# --- heretic's search -------------------------------------------------------------------------------------
+def model_saved(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def heretic_search(args, work: Path, exe: Path, model_dir: Path, prompts: dict) -> dict:
+    """heretic's search on the validation prompts, then its menus driven to save every Pareto trial's merged
+    model → WORK/heretic_search.json. A rerun after the search finished only saves what is missing."""
+    path = work / "heretic_search.json"
+    if path.exists():
+        return read_json(path)
+    root, python = work / "heretic", str(work / "venv" / "bin" / "python")
+    sdir = root / "search"
+    sdir.mkdir(parents=True, exist_ok=True)
+    roles = prompts["roles"]
+    datasets = write_datasets(roles, work / "datasets" / "search", python)
+    config = heretic_config(datasets, {r: len(v) for r, v in roles.items()}, n_trials=args.heretic_trials,
+                            n_startup_trials=args.heretic_startup, seed=42, max_response_length=args.tokens,
+                            batch_size=args.batch_size, dtype=args.dtype, system_prompt=SYSTEM_PROMPT)
+    (sdir / "config.toml").write_text(config)
+    log = work / "heretic_search.log"
+    checkpoints = sdir / "checkpoints"
+    resumed = checkpoints.is_dir() and any(checkpoints.iterdir())
+    if resumed and not (log.exists() and parse_search_log(read_logged(log))["finished"]):
+        sys.exit(f"error: {checkpoints} holds a heretic study whose search did not finish in {log}: its wall time "
+                 "cannot be measured; remove WORK/heretic and WORK/heretic_search.log for a fresh search")
+    driver = MenuDriver(root / "models")
+    for d in (root / "models").glob("trial_*"):
+        index = int(d.name.split("_")[1])
+        if model_saved(d):
+            driver.saved[index] = str(d)
+        else:
+            shutil.rmtree(d)  # a save that was killed half-way
+    cmd = [str(exe), "--model", str(model_dir)]
+    rc, lines = drive(cmd, sdir, work / "heretic_save.log" if resumed else log, driver, heretic_env())
+    parsed = parse_search_log(read_logged(log) if resumed else lines)
+    if not parsed["finished"] or not parsed["trials"]:
+        sys.exit(f"error: heretic's search did not finish (exit {rc}); see {log}")
+    missing = sorted(set(driver.front) - set(driver.saved))
+    if missing or not driver.front:
+        sys.exit(f"error: heretic saved no model for front trials {missing or 'all'} (exit {rc}; failures: "
+                 f"{driver.failed}); see {log}")
+    menu = sorted((v["refusals"], round(v["kl"], 4)) for v in driver.front.values())
+    logged = sorted((r, round(d, 4)) for r, d in parsed["front"])
+    out = {**parsed, "rc": rc, "resumed_to_save": resumed, "config": config, "command": cmd,
+           "menu_front": {str(k): v for k, v in sorted(driver.front.items())},
+           "menu_front_matches_log": menu == logged, "saved": {str(k): v for k, v in sorted(driver.saved.items())},
+           "n_good": len(roles["good_evaluation_prompts"]), "dtype": args.dtype, "max_response_length": args.tokens}
+    return write_json(path, out) and out
+
+
+# --- our search -------------------------------------------------------------------------------------------
+def trial_seconds(trials: list[dict]) -> list[tuple[str, float]]:
+    return [(t["state"], (datetime.fromisoformat(t["end"]) - datetime.fromisoformat(t["start"])).total_seconds())
+            for t in trials if t.get("state") in ("COMPLETE", "PRUNED") and t.get("start") and t.get("end")]
+
+
+def our_search(args, work: Path, model_dir: Path, heretic: dict) -> dict:
+    """Extract + select (Python API), then ``refusal-atlas search edits`` for 1 × heretic's wall time less
+    that; the front at each budget read off its trial log → WORK/ours.json."""
+    path = work / "ours.json"
+    if path.exists():
+        return read_json(path)
+    from refusal_atlas.workflows import verbs
+
+    run = work / "ours" / "run"
+    if (run / "study.db").exists():
+        sys.exit(f"error: {run / 'study.db'} holds an interrupted search of ours: its wall budget cannot be kept; "
+                 "remove WORK/ours for a fresh one")
+    if run.exists():
+        shutil.rmtree(run)  # a set-up killed half-way: its time must be measured whole, so it starts again
+    t0 = time.monotonic()  # the verbs `extract`, `directions dim`, `select` run, as the CLI runs them
+    ws, _ = verbs.extract(run, our_flags(args, model_dir), allow_low_refusal=True)
+    del ws
+    gc.collect()
+    verbs.dim(run)
+    verbs.select(run, {})
+    prep_s = time.monotonic() - t0
+    gc.collect()
+    wall = heretic["search_s"]
+    try:
+        allowed = {label: (f * args.our_search_s if args.our_search_s else fronts.search_seconds(wall, prep_s, f))
+                   for label, f in BUDGETS.items()}
+    except ValueError as exc:
+        sys.exit(f"error: {exc}; give heretic more trials (or --our-search-s for a pipeline check)")
+    budget = max(allowed.values())
+    print(f"our extract + select took {prep_s:.0f} s; heretic's wall time {wall:.0f} s → searching for {budget:.0f} s",
+          flush=True)
+    cmd = [sys.executable, "-m", "refusal_atlas.cli", "search", "edits", "-r", str(run), "--budget",
+           f"{math.ceil(budget)}s", "--n-val", str(args.n_val), "--dtype", args.dtype,
+           *(["--max-kl", str(args.our_max_kl)] if args.our_max_kl else [])]
+    launch, t1 = datetime.now(), time.monotonic()
+    subprocess.run(cmd, check=True)
+    search_s = time.monotonic() - t1
+    summary = read_json(run / "search_edits.json")
+    trials = summary["trials"]
+    at = {label: fronts.front_at(trials, launch, s, args.our_max_kl or None) for label, s in allowed.items()}
+    secs = trial_seconds(trials)
+    complete = [s for state, s in secs if state == "COMPLETE"]
+    out = {"run": str(run), "prep_s": prep_s, "search_s": search_s, "launch": launch.isoformat(),
+           "command": cmd, "heretic_wall_s": wall, "allowed_search_s": allowed,
+           "budget_override_s": args.our_search_s, "dtype": args.dtype, "max_kl": args.our_max_kl or None,
+           "anchors": summary["settings"].get("anchors"), "n_trials": summary["n_trials"],
+           "trials_by_budget": {label: fronts.trials_by(trials, launch, s) for label, s in allowed.items()},
+           "median_trial_s": statistics.median(s for _, s in secs) if secs else None,
+           "median_complete_trial_s": statistics.median(complete) if complete else None,
+           "trial_s": [s for _, s in secs], "n_pruned": sum(state == "PRUNED" for state, _ in secs),
+           "fronts": {label: [{"number": t["number"], "refusal": t["refusal"], "kl": t["kl"], "choice": t["choice"]}
+                              for t in front] for label, front in at.items()}}
+    save_front_edits(run, out)
+    return write_json(path, out) and out
+
+
+def save_front_edits(run: Path, ours: dict) -> None:
+    """edits/search_trial_N for every trial on any budget's front (the search saves only its final front's)."""
+    from refusal_atlas.search.edit_space import build_edit
+    from refusal_atlas.search.sources import EditContext
+
+    ctx = None
+    for front in ours["fronts"].values():
+        for t in front:
+            name = f"search_trial_{t['number']}"
+            if not (run / "edits" / f"{name}.json").exists():
+                ctx = ctx or EditContext.from_run(run)
+                build_edit(t["choice"], ctx, name=name).save(run / "edits" / name)
+
+
+# --- the models to score ----------------------------------------------------------------------------------
+def model_list(work: Path, model_dir: Path, heretic: dict, ours: dict) -> list[dict]:
+    """The unedited model, heretic's front (its saved models) and the union of our budgets' fronts."""
+    models = [{"name": "none", "tool": "none", "path": str(model_dir)}]
+    for index, path in heretic["saved"].items():
+        v = heretic["menu_front"][index]
+        models.append({"name": f"heretic_trial_{index}", "tool": "heretic", "trial": int(index), "path": path,
+                       "val": {"refusals": v["refusals"], "n": v["n"], "kl": v["kl"]}})
+    mine: dict[int, dict] = {}
+    for label, front in ours["fronts"].items():
+        for t in front:
+            m = mine.setdefault(t["number"], {
+                "name": f"ours_trial_{t['number']}", "tool": "ours", "trial": t["number"], "budgets": [],
+                "edit": f"search_trial_{t['number']}", "path": str(work / "ours" / "exports" / f"search_trial_{t['number']}"),
+                "val": {"refusal_score": t["refusal"], "kl": t["kl"]}})
+            m["budgets"].append(label)
+    return models + [mine[n] for n in sorted(mine)]
+
+
+def scored(work: Path, name: str, who: str) -> Path:
+    return work / "scores" / f"{name}.{who}.json"
+
+
+def export_ours(run: str, m: dict) -> None:
+    out = Path(m["path"])
+    if model_saved(out):
+        return
+    if out.exists():
+        shutil.rmtree(out)
+    subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "export", "-r", run, "--edit", m["edit"], "--out",
+                    str(out)], check=True)
+
+
+def heretic_eval_dir(args, work: Path, prompts: dict) -> Path:
+    """heretic's config for scoring: its evaluation roles = the held-out harmful prompts and harmless_test."""
+    edir = work / "heretic" / "eval"
+    if (edir / "config.toml").exists():
+        return edir
+    python = str(work / "venv" / "bin" / "python")
+    roles = dict(prompts["roles"])
+    roles["bad_evaluation_prompts"] = [p["text"] for p in prompts["heldout"]["prompts"]]
+    roles["good_evaluation_prompts"] = prompts["harmless_test"]
+    datasets = write_datasets(roles, work / "datasets" / "heldout", python)
+    config = heretic_config(datasets, {r: len(v) for r, v in roles.items()}, n_trials=1, n_startup_trials=1, seed=42,
+                            max_response_length=args.tokens, batch_size=args.batch_size, dtype="float32",
+                            system_prompt=SYSTEM_PROMPT)
+    edir.mkdir(parents=True, exist_ok=True)
+    (edir / "config.toml").write_text(config)
+    return edir
+
+
+class OurScorer:
+    """Our generation + judges on the held-out harmful prompts, our KL on harmless_test, for any model folder
+    (or the unedited model), against the run's original model and chat format."""
+
+    def __init__(self, run: str, prompts: dict, tokens: int, work: Path):
+        from refusal_atlas.data.loaders import Prompt
+        from refusal_atlas.edits import NoEdit
+        from refusal_atlas.evaluation.completions import completions_for
+        from refusal_atlas.evaluation.judges import JudgeOptions, make_judges
+        from refusal_atlas.workflows.workspace import reopen_workspace
+
+        self.ws = reopen_workspace(run)
+        self.tokens, self.sdir = tokens, work / "scores"
+        self.harmful = [Prompt(p["text"]) for p in prompts["heldout"]["prompts"]]
+        self.harmless = [Prompt(t) for t in prompts["harmless_test"]]
+        self.judges = make_judges(list(JUDGES), JudgeOptions())
+        self.batch = self.ws.settings.evaluation.generation_batch_size
+        ref = completions_for(self.ws.adapter, self.ws.chat, self.harmless, NoEdit(), KL_TOKENS, self.batch,
+                              self.sdir / "harmless_reference.jsonl", desc="reference continuations")
+        self.reference = [ids[:KL_TOKENS] for ids in ref.token_ids]
+
+    def score(self, m: dict) -> dict:
+        from refusal_atlas.edits import NoEdit
+        from refusal_atlas.evaluation.completions import completions_for
+        from refusal_atlas.evaluation.damage import continuation_kl
+        from refusal_atlas.evaluation.exported import ExportedModel, exported_kind, load_exported
+        from refusal_atlas.evaluation.judges import JudgeItem, verdict_name
+        from refusal_atlas.evaluation.stats import mean_record
+        import torch
+
+        ws, t0 = self.ws, time.monotonic()
+        if m["tool"] == "none":
+            spec, loaded = NoEdit(), None
+        else:
+            path = Path(m["path"])
+            loaded = load_exported(path, dtype="float32")
+            spec = ExportedModel(loaded.model, path, exported_kind(path))
+        comp = completions_for(ws.adapter, ws.chat, self.harmful, spec, self.tokens, self.batch,
+                               self.sdir / f"{m['name']}.completions.jsonl", desc=f"generate [{m['name']}]")
+        gen_s = time.monotonic() - t0
+        items = [JudgeItem(p.instruction, r) for p, r in zip(self.harmful, comp.responses)]
+        judged = {}
+        for judge in self.judges:
+            verdicts = judge.judge(items, "harmful")
+            judged[judge.name] = {"refused": [v.refused for v in verdicts], "labels": [verdict_name(v) for v in verdicts]}
+        kl = continuation_kl(ws.adapter, ws.chat, [p.instruction for p in self.harmless], self.reference, spec,
+                             batch_size=max(1, ws.settings.model.batch_size // 2))
+        first = mean_record(kl[:, 0].tolist())
+        multi = mean_record(torch.nanmean(kl[:, :KL_TOKENS], dim=1).tolist())
+        del spec, loaded
+        gc.collect()
+        return {"name": m["name"], "n": len(items), "tokens": self.tokens, "judges": judged,
+                "kl": first["mean"], "kl_ci": first["ci95"], f"kl_{KL_TOKENS}": multi["mean"],
+                f"kl_{KL_TOKENS}_ci": multi["ci95"], "responses": comp.responses, "generation_s": gen_s,
+                "seconds": time.monotonic() - t0}
+
+
+def score_all(args, work: Path, exe: Path, model_dir: Path, prompts: dict, ours: dict, models: list[dict]) -> None:
+    """Each model scored by heretic's evaluator and by ours, ``--chunk`` models per heavy step."""
+    todo = [m for m in models if not (scored(work, m["name"], "heretic").exists() and scored(work, m["name"], "ours").exists())]
+    edir = heretic_eval_dir(args, work, prompts)
+    for start in range(0, len(todo), args.chunk):
+        chunk = todo[start: start + args.chunk]
+        with heavy(args.lock, work, f"scores {chunk[0]['name']}..{chunk[-1]['name']}"):
+            for m in chunk:
+                if m["tool"] == "ours":
+                    export_ours(ours["run"], m)
+            jobs = [{"name": m["name"], "path": m["path"], "out": str(scored(work, m["name"], "heretic"))}
+                    for m in chunk if not scored(work, m["name"], "heretic").exists()]
+            if jobs:
+                jobs_path = write_json(work / "scores" / "heretic_jobs.json", jobs)
+                rc, _ = drive([str(work / "venv" / "bin" / "python"), str(BENCH / "heretic_evaluator.py"), "--model",
+                               str(model_dir), str(jobs_path)], edir,
+                              work / "logs" / f"heretic_eval_{chunk[0]['name']}.log", None, heretic_env())
+                left = [j["name"] for j in jobs if not Path(j["out"]).exists()]
+                if rc or left:
+                    sys.exit(f"error: heretic's evaluator stopped (exit {rc}) before scoring {left}; see WORK/logs")
+            mine = [m for m in chunk if not scored(work, m["name"], "ours").exists()]
+            if mine:
+                scorer = OurScorer(ours["run"], prompts, args.tokens, work)
+                for m in mine:
+                    write_json(scored(work, m["name"], "ours"), scorer.score(m))
+                    print(f"our scoring of {m['name']} saved", flush=True)
+                del scorer
+                gc.collect()
+            for m in chunk:
+                if m["tool"] == "ours" and not args.keep_models and Path(m["path"]).exists():
+                    shutil.rmtree(m["path"])
+
+
+def cli_check(args, work: Path, exe: Path, model_dir: Path, models: list[dict]) -> dict:
+    """The real ``heretic --model ORIGINAL --evaluate-model M`` on one saved heretic model, against the loop's numbers."""
+    path = work / "cli_check.json"
+    if path.exists():
+        return read_json(path)
+    m = next(m for m in models if m["tool"] == "heretic")
+    with heavy(args.lock, work, "cli check"):
+        rc, lines = drive([str(exe), "--model", str(model_dir), "--evaluate-model", m["path"]],
+                          work / "heretic" / "eval", work / "logs" / "heretic_cli_check.log", None, heretic_env())
+    cli = parse_evaluation([line for _, line in lines])
+    loop = read_json(scored(work, m["name"], "heretic"))
+    out = {"model": m["name"], "rc": rc, "cli": cli, "loop": {k: loop[k] for k in ("refusals", "n", "kl", "base_refusals")},
+           "equal": cli["refusals"] == loop["refusals"] and abs(cli["kl"] - loop["kl"]) < 5e-5
+           and cli.get("base_refusals") == loop["base_refusals"]}
+    return write_json(path, out) and out
+
+
+# --- the report -------------------------------------------------------------------------------------------
+def point(m: dict, h: dict, o: dict, judge: str, mask: list[bool]) -> dict:
+    """One model's held-out point under ``judge`` ("heretic": heretic's evaluator and KL; else our judge and
+    our first-token KL with its interval) on the prompts ``mask`` keeps."""
+    if judge == "heretic":
+        refused, kl, kl_ci = h["verdicts"], h["kl"], None
     else:
-        choice.update(source="dim:index", direction_index=float(index))
-    for ours, theirs in HERETIC_COMPONENTS.items():
-        choice[ours] = {"peak": float(params[f"{theirs}.max_weight"]),
-                        "position": float(params[f"{theirs}.max_weight_position"]),
-                        "floor": float(params[f"{theirs}.min_weight"]),
-                        "distance": float(params[f"{theirs}.min_weight_distance"])}
-    return choice
+        refused, kl, kl_ci = o["judges"][judge]["refused"], o["kl"], o["kl_ci"]
+    count = sum(r for r, keep in zip(refused, mask) if keep)
+    n = sum(mask)
+    lo, hi = fronts.wilson(count, n)
+    return {"name": m["name"], "refusals": count, "n": n, "rate": count / n, "ci95": [round(lo, 4), round(hi, 4)],
+            "kl": kl, "kl_ci": kl_ci}
 
 
-def read_logged(log: Path) -> list[tuple[float, str]]:
-    """A log written by :func:`run_logged` → its (time, line) pairs."""
-    out = []
-    for raw in log.read_text(encoding="utf-8").splitlines():
-        t, _, line = raw.partition(" ")
-        out.append((float(t), line))
-    return out
+def report(args, work: Path, prompts: dict, heretic: dict, ours: dict, models: list[dict]) -> dict:
+    """Both fronts on the held-out prompts by every judge, the dominance verdicts, seconds per trial, budgets."""
+    plist = prompts["heldout"]["prompts"]
+    masks = {s: hp.subset_mask(plist, s) for s in hp.SUBSETS}
+    table = []
+    for m in models:
+        h, o = read_json(scored(work, m["name"], "heretic")), read_json(scored(work, m["name"], "ours"))
+        if h["prompts"] != [p["text"] for p in plist]:
+            sys.exit(f"error: heretic scored {m['name']} on other prompts than WORK/prompts.json holds")
+        row = {**{k: v for k, v in m.items() if k != "path"}, "heretic_kl": h["kl"], "our_kl": o["kl"],
+               "our_kl_ci": o["kl_ci"], f"our_kl_{KL_TOKENS}": o[f"kl_{KL_TOKENS}"],
+               "heretic_base_refusals": h["base_refusals"], "points": {}}
+        for subset, mask in masks.items():
+            if any(mask):
+                row["points"][subset] = {j: point(m, h, o, j, mask) for j in ("heretic", *JUDGES)}
+        labels = o["judges"]["meaning"]["labels"]
+        row["meaning_deflection"] = fronts.wilson(labels.count("deflection"), len(labels))
+        row["meaning_deflections"] = labels.count("deflection")
+        table.append(row)
+    by = {r["name"]: r for r in table}
+    theirs = [r for r in table if r["tool"] == "heretic"]
+    verdicts = {}
+    for subset in [s for s in hp.SUBSETS if any(masks[s])]:
+        for judge in ("heretic", *JUDGES):
+            for label in BUDGETS:
+                mine = [r for r in table if r["tool"] == "ours" and label in r["budgets"]]
+                verdicts[f"{subset}/{judge}/{label}"] = fronts.verdict([r["points"][subset][judge] for r in mine],
+                                                                      [r["points"][subset][judge] for r in theirs])
+    ours_s = ours["median_complete_trial_s"] or ours["median_trial_s"]
+    result = {
+        "date": datetime.now().date().isoformat(), "command": sys.argv, "machine": machine(),
+        "settings": {**prompt_key(args), "tokens": args.tokens, "dtype": args.dtype, "heretic_trials": args.heretic_trials,
+                     "heretic_startup": args.heretic_startup, "batch_size": args.batch_size, "our_max_kl": args.our_max_kl,
+                     "kl_tokens": KL_TOKENS, "judges": JUDGES},
+        "prompts": {"heldout_n": len(plist), "by_source": {s: sum(p["source"] == s for p in plist)
+                                                          for s in {p["source"] for p in plist}},
+                    "jbb_near_train_val": sum(p["near"] is not None for p in plist),
+                    "pool": prompts["heldout"]["pool"], "survivors": prompts["heldout"]["survivors"],
+                    "dropped": prompts["heldout"]["dropped"], "rule": prompts["heldout"]["rule"],
+                    "jbb_near": [{"text": p["text"], "near": p["near"]} for p in plist if p["near"]],
+                    "harmless_test_n": len(prompts["harmless_test"]), "sources": prompts["sources"]},
+        "heretic": {k: heretic[k] for k in ("trials", "base_refusals", "n_bad", "n_good", "setup_s", "search_s",
+                                            "median_trial_s", "front", "menu_front", "menu_front_matches_log", "dtype",
+                                            "max_response_length", "config")},
+        "ours": {k: v for k, v in ours.items() if k != "fronts"},
+        "seconds_per_trial": {"heretic": heretic["median_trial_s"], "ours": ours["median_trial_s"],
+                              "ours_complete": ours["median_complete_trial_s"], "dtype": args.dtype,
+                              "ratio": heretic["median_trial_s"] / ours_s if ours_s else None},
+        "budgets": {"heretic_wall_s": heretic["search_s"], "our_prep_s": ours["prep_s"],
+                    "our_search_s_allowed": ours["allowed_search_s"], "our_search_process_s": ours["search_s"],
+                    "trials_by_budget": ours["trials_by_budget"], "note": "the budget is the setting, not a result"},
+        "models": table, "verdicts": verdicts, "baseline": by["none"]["points"],
+        "cli_check": read_json(work / "cli_check.json") if (work / "cli_check.json").exists() else None,
+        "load": [json.loads(line) for line in (work / "load.jsonl").read_text().splitlines()]
+        if (work / "load.jsonl").exists() else [],
+    }
+    write_json(work / "vs_heretic_heldout.json", result)
+    plot(result, work / "vs_heretic_heldout.png")
+    print(format_report(result))
+    return result
 
 
-def parse_evaluation(lines: list[str]) -> dict:
-    """``heretic --model A --evaluate-model B`` output → refusals, prompts, KL and A's baseline refusals."""
-    out: dict = {}
-    for raw in lines:
-        line = _clean(raw)
-        if m := re.search(r"Initial refusals: (\d+)/(\d+)", line):
-            out["base_refusals"] = int(m.group(1))
-        elif m := re.search(r"^\s*\* KL divergence: ([0-9.eE+-]+)", line):
-            out["kl"] = float(m.group(1))
-        elif m := re.search(r"^\s*\* Refusals: (\d+)/(\d+)", line):
-            out["refusals"], out["n"] = int(m.group(1)), int(m.group(2))
-    if "kl" not in out or "refusals" not in out:
-        raise ValueError("heretic's evaluation printed no 'KL divergence' / 'Refusals' line")
-    return out
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
-def pareto(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """heretic's front rule: sort by (refusals, KL) and keep each point whose KL is below all before it."""
-    front, best = [], float("inf")
-    for r, d in sorted(points):
-        if d < best:
-            front.append((r, d))
-            best = d
-    return front
+def _pt(p: dict) -> str:
+    return f"{p['refusals']:>3}/{p['n']} [{p['ci95'][0]:.2f},{p['ci95'][1]:.2f}]"
 
 
-def dominance(ours: list[tuple[int, float]], theirs: list[tuple[int, float]]) -> dict:
-    """Does our front dominate theirs: for every heretic point (r, d) one of ours with <= r and <= d, strictly
-    better in at least one? Returns the verdict and, per heretic point, the first of ours that does it."""
-    cover = []
-    for r, d in theirs:
-        hit = next((list(o) for o in sorted(ours) if o[0] <= r and o[1] <= d and (o[0] < r or o[1] < d)), None)
-        cover.append({"heretic": [r, d], "ours": hit})
-    return {"dominates": bool(theirs) and all(c["ours"] is not None for c in cover), "cover": cover}
+def format_report(r: dict, subset: str = "all") -> str:
+    """The printed table: each model's validation numbers and held-out refusals by every judge, KL, budgets."""
+    lines = [f"held-out: {r['prompts']['heldout_n']} harmful prompts {r['prompts']['by_source']}, "
+             f"{r['prompts']['harmless_test_n']} harmless_test; {r['settings']['tokens']} new tokens; subset {subset}",
+             f"{'model':<18}{'budgets':<9}{'validation':<17}{'heretic evaluator':<24}{'KL(h)':>8}  "
+             f"{'substring':<21}{'markers':<21}{'meaning':<21}{'KL(ours) [95%]':<24}{'KL16':>7}"]
+    for m in r["models"]:
+        p = m["points"][subset]
+        val = ("-" if m["tool"] == "none" else f"{m['val']['refusals']}/{m['val']['n']}@{m['val']['kl']:.4f}"
+               if m["tool"] == "heretic" else f"{m['val']['refusal_score']:.3f}@{m['val']['kl']:.4f}")
+        lines.append(f"{m['name']:<18}{','.join(m.get('budgets', [])) or '-':<9}{val:<17}{_pt(p['heretic']):<24}"
+                     f"{m['heretic_kl']:>8.4f}  {_pt(p['substring']):<21}{_pt(p['markers']):<21}{_pt(p['meaning']):<21}"
+                     f"{m['our_kl']:.4f} [{m['our_kl_ci'][0]:.4f},{m['our_kl_ci'][1]:.4f}]  {m[f'our_kl_{KL_TOKENS}']:>7.4f}")
+    lines.append("")
+    for key, v in r["verdicts"].items():
+        if key.startswith(f"{subset}/") or key.startswith("strict/"):
+            lines.append(f"{key:<26} ours dominates {v['heretic_dominated']}/{v['n_heretic']} heretic points by point "
+                         f"estimates, {v['heretic_dominated_apart']} with intervals apart; heretic dominates "
+                         f"{v['ours_dominated']}/{v['n_ours']} of ours ({v['ours_dominated_apart']} apart)")
+    s, b = r["seconds_per_trial"], r["budgets"]
+    ratio = f"{s['ratio']:.2f}" if s["ratio"] else "-"
+    lines.append(f"\nseconds per trial (median, {s['dtype']}, same run): heretic {s['heretic']:.1f}, ours {s['ours']:.1f} "
+                 f"(complete trials {s['ours_complete'] or float('nan'):.1f}) → ratio {ratio}")
+    lines.append(f"wall budgets (the setting, not a result): heretic {b['heretic_wall_s']:.0f} s (set-up + search); ours "
+                 f"extract + select {b['our_prep_s']:.0f} s + search "
+                 + ", ".join(f"{k}: {v:.0f} s ({b['trials_by_budget'][k]} trials)" for k, v in b["our_search_s_allowed"].items()))
+    if r.get("cli_check"):
+        c = r["cli_check"]
+        lines.append(f"heretic --evaluate-model on {c['model']}: {c['cli']['refusals']} refusals @ KL {c['cli']['kl']:.4f}; "
+                     f"the evaluator loop: {c['loop']['refusals']} @ {c['loop']['kl']:.4f} → {'equal' if c['equal'] else 'DIFFERENT'}")
+    return "\n".join(lines)
 
 
-def plot_fronts(result: dict, path: Path) -> Path:
-    """Both tools' trials and fronts in heretic's own units (refusals/100 vs KL, log scale), with the
-    unedited model's refusals: where one front lies below and left of the other, it does better."""
+def plot(r: dict, path: Path, subset: str = "all") -> Path:
+    """One panel per judge: refusal rate (95% Wilson bars) against KL (log), heretic's front and our two
+    budgets' fronts, and the unedited model's rate: lower-left is better."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    heretic, n = result["heretic"], result["heretic"].get("n_bad") or 100
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    tr = [t for t in heretic["trials"] if t["kl"] > 0]
-    ax.scatter([t["kl"] for t in tr], [t["refusals"] for t in tr], s=14, color="tab:orange", alpha=0.35,
-               label=f"heretic trials ({len(heretic['trials'])})")
-    for pts, color, label in ((heretic["front"], "tab:orange", "heretic front"),
-                              (result["our_front"], "tab:blue", "our front (exported, scored by heretic)")):
-        pts = sorted(pts, key=lambda p: p[1])
-        ax.step([p[1] for p in pts], [p[0] for p in pts], where="post", color=color, marker="o", label=label)
-    sc = [s for s in result["ours_scored"] if s["kl"] > 0]
-    ax.scatter([s["kl"] for s in sc], [s["refusals"] for s in sc], s=14, color="tab:blue", alpha=0.35)
-    if heretic.get("base_refusals") is not None:
-        ax.axhline(heretic["base_refusals"], color="grey", ls=":", label="unedited model")
-    ax.set_xscale("log")
-    ax.set_xlabel("KL divergence of the first token on 100 harmless prompts (heretic's evaluator, log scale)")
-    ax.set_ylabel(f"refusals / {n} JailbreakBench prompts")
-    verdict = "dominates" if result["dominance"]["dominates"] else "does not dominate"
-    ax.set_title(f"ours vs heretic-llm 1.4.0 (lower-left is better): ours {verdict}", fontsize=10)
-    ax.legend(fontsize=8)
+    judges = ("heretic", *JUDGES)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey=True)
+    style = {"heretic": ("tab:orange", "o", "heretic front"), "1/3": ("tab:cyan", "s", "ours, ⅓ budget"),
+             "1": ("tab:blue", "^", "ours, 1× budget")}
+    for ax, judge in zip(axes.ravel(), judges):
+        groups = {"heretic": [m for m in r["models"] if m["tool"] == "heretic"]}
+        groups.update({b: [m for m in r["models"] if b in m.get("budgets", [])] for b in BUDGETS})
+        for key, ms in groups.items():
+            color, marker, label = style[key]
+            pts = sorted((m["points"][subset][judge] for m in ms), key=lambda p: p["kl"])
+            pts = [p for p in pts if p["kl"] > 0]
+            if not pts:
+                continue
+            ax.errorbar([p["kl"] for p in pts], [p["rate"] for p in pts],
+                        yerr=[[p["rate"] - p["ci95"][0] for p in pts], [p["ci95"][1] - p["rate"] for p in pts]],
+                        fmt=marker, color=color, ms=5, capsize=2, alpha=0.8, label=label,
+                        mfc="none" if key == "1/3" else color)
+        base = r["baseline"][subset][judge]
+        ax.axhline(base["rate"], color="grey", ls=":", label=f"unedited ({base['refusals']}/{base['n']})")
+        ax.set_xscale("log")
+        who = "heretic's evaluator (its markers, its KL)" if judge == "heretic" else f"our generation, {judge} judge"
+        ax.set_title(who, fontsize=9)
+        ax.set_xlabel("first-token KL on harmless_test" + (" (heretic's)" if judge == "heretic" else " (ours)"), fontsize=8)
+        ax.set_ylabel(f"refusal rate, {base['n']} held-out harmful prompts", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"ours vs heretic-llm 1.4.0 on held-out prompts ({r['settings']['tokens']} tokens, lower-left is better)",
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-# --- the runs ---------------------------------------------------------------------------------------------
-def run_logged(cmd: list[str], cwd: Path, log: Path, env: dict | None = None) -> tuple[int, list[tuple[float, str]]]:
-    """Run ``cmd`` with stdin a closed pipe, echo and keep every output line with the time it arrived."""
-    lines: list[tuple[float, str]] = []
-    with open(log, "w", encoding="utf-8") as fh:
-        proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.close()  # heretic's menus read stdin: EOF at the final menu ends it after the study is saved
-        for line in proc.stdout:
-            t = time.monotonic()
-            lines.append((t, line))
-            fh.write(f"{t:.3f} {line}")
-            sys.stdout.write(line)
-        return proc.wait(), lines
-
-
-def install_heretic(venv: Path) -> Path:
-    """heretic in its own venv (torch==2.13.0 first, then heretic with torch pinned) → its console script."""
-    exe = venv / "bin" / "heretic"
-    if exe.exists():
-        return exe
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, TORCH], check=True)
-    subprocess.run([*pip, HERETIC, TORCH], check=True)
-    return exe
-
-
-def heretic_env() -> dict:
-    return {"COLAB_GPU": "1", "PYTHONUNBUFFERED": "1", "TERM": "dumb", "NO_COLOR": "1"}
-
-
-def our_config(args, model_dir: Path, n_val: int):
-    """Our run's config: the same model folder, prompt counts, system prompt and response length as heretic's
-    (``n_val``: the validation prompts per side of this step)."""
-    from refusal_atlas.settings import load_settings
-
-    return load_settings(None, dict(model=str(model_dir), n_train=args.n_dir, n_val=n_val, filter_train=False,
-                                  harmful_val="jailbreakbench", harmless_val="harmless_val", system_prompt=SYSTEM_PROMPT,
-                                  max_new_tokens=args.tokens, seed=0))
-
-
-def our_prompts(args, model_dir: Path) -> dict[str, list[str]]:
-    """heretic's four prompt roles, taken from our run's prompt sets (no model is loaded)."""
-    from refusal_atlas.workflows.workspace import load_prompt_sets
-
-    sets = load_prompt_sets(our_config(args, model_dir, args.n_eval))
-    return {role: [p.instruction for p in getattr(sets, ours)] for role, ours in ROLES.items()}
-
-
-def search_budget(args, heretic_wall_s: float | None, prep_s: float) -> str:
-    """`refusal-atlas search --budget`: --our-trials if given, else a third of heretic's wall time minus our
-    extract + select time and one trial's worth of margin (the loop starts no trial after its deadline, but
-    the last one runs to its end)."""
-    if args.our_trials:
-        return str(args.our_trials)
-    if heretic_wall_s is None:
-        raise SystemExit("error: without heretic's wall time (--skip-heretic-search needs WORK/heretic_search.json) "
-                         "pass --our-trials")
-    seconds = heretic_wall_s / 3 - prep_s - args.trial_margin_s
-    if seconds < 60:
-        raise SystemExit(f"error: a third of heretic's wall time ({heretic_wall_s / 3:.0f} s) leaves {seconds:.0f} s "
-                         f"after our extract + select ({prep_s:.0f} s); pass --our-trials")
-    return f"{int(seconds)}s"
-
-
-def our_side(args, work: Path, model_dir: Path, heretic_wall_s: float | None) -> dict:
-    """Extract + select (Python API; selection on the first --n-select validation prompts, as `run` does),
-    then `refusal-atlas search` on all --n-eval of them (heretic's sets) within its budget."""
-    from refusal_atlas.workflows.run import build_direction
-
-    run = work / "ours" / "run"
-    t0 = time.monotonic()
-    ws, _, _ = build_direction(our_config(args, model_dir, args.n_select), run, resume=True, allow_low_refusal=True)
-    prep_s = time.monotonic() - t0
-    del ws
-    budget = search_budget(args, heretic_wall_s, prep_s)
-    print(f"our extract + select took {prep_s:.0f} s; searching with --budget {budget}", flush=True)
-    t1 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "search", "edits", "-r", str(run), "--budget", budget,
-                    "--n-val", str(args.n_eval), *(["--dtype", args.our_dtype] if args.our_dtype else []),
-                    *(["--max-kl", str(args.our_max_kl)] if args.our_max_kl else [])], check=True)
-    search_s = time.monotonic() - t1
-    summary = json.loads((run / "search_edits.json").read_text())
-    trials = [t for t in summary["trials"] if t["state"] in ("COMPLETE", "PRUNED") and t.get("end")]
-    from datetime import datetime
-
-    secs = [(datetime.fromisoformat(t["end"]) - datetime.fromisoformat(t["start"])).total_seconds() for t in trials]
-    complete = [s for s, t in zip(secs, trials) if t["state"] == "COMPLETE"]
-    return {"prep_s": prep_s, "search_s": search_s, "budget": budget, "search_dtype": args.our_dtype or "float32",
-            "max_kl": args.our_max_kl or None,
-            "median_trial_s": statistics.median(secs),
-            "median_complete_trial_s": statistics.median(complete) if complete else None,
-            "n_pruned": sum(t["state"] == "PRUNED" for t in trials), "trial_s": secs,
-            "pareto": [{"edit": p["edit_name"], "refusal": p["refusal"], "kl": p["kl"]} for p in summary["pareto"]],
-            "run": str(run)}
-
-
-def next_to_score(front: list[dict], theirs: list[tuple[int, float]], scored: list[dict], tries: int = 2,
-                  max_exports: int = 12, kl_slack: tuple[float, float] = KL_SLACK) -> dict | None:
-    """The next of our Pareto edits (sorted by validation KL) to score with heretic's evaluator, or None.
-
-    Each scoring costs minutes, so the edits that decide the verdict go first: for the first heretic point
-    (r, d) that no scored edit covers yet, our strongest unscored edit among the ``tries`` strongest with
-    validation KL <= d + ``kl_slack`` (absolute + relative × d). Our validation KL is heretic's KL on the same
-    prompts up to a few 1e-4, so an edit just above d may still score <= d; the verdict is heretic's number
-    either way. At the strong end the trial's refusal score cannot resolve a few refusals, hence more than one
-    try. When no uncovered point has a candidate left, the rest of the front, spread evenly over KL, until
-    ``max_exports`` are scored.
-    """
-    if len(scored) >= max_exports:
-        return None
-    done = {s["edit"] for s in scored}
-    points = [(s["refusals"], s["kl"]) for s in scored if s.get("refusals") is not None]
-    for r, d in theirs:
-        if dominance(points, [(r, d)])["dominates"]:
-            continue
-        reach = d + kl_slack[0] + kl_slack[1] * d
-        left = [p for p in [p for p in front if p["kl"] <= reach][-tries:] if p["edit"] not in done]
-        if left:
-            return left[-1]
-    rest = [p for p in front if p["edit"] not in done]
-    if not rest:
-        return None
-    # spread: the unscored edit farthest (in KL rank) from every scored one
-    ranks = {p["edit"]: i for i, p in enumerate(front)}
-    taken = [ranks[e] for e in done if e in ranks]
-    return max(rest, key=lambda p: min((abs(ranks[p["edit"]] - t) for t in taken), default=len(front) - ranks[p["edit"]]))
-
-
-def finished_evaluation(log: Path, export: Path) -> dict | None:
-    """A scoring that an earlier (killed) bench run finished: heretic's evaluation log of this export, if it
-    is newer than the export and holds both result lines; else None (score it again)."""
-    if not log.is_file() or not export.exists() or log.stat().st_mtime < export.stat().st_mtime:
-        return None
-    try:
-        return {**parse_evaluation([line for _, line in read_logged(log)]), "rc": None, "reused_log": log.name}
-    except ValueError:
-        return None
-
-
-def score_ours(args, work: Path, model_dir: Path, exe: Path, ours: dict, kl_cap: float | None = None,
-               theirs: list[tuple[int, float]] | None = None) -> list[dict]:
-    """Export our Pareto edits in ``next_to_score``'s order (at most --max-exports) and score each with
-    heretic's evaluator.
-
-    ``kl_cap``: edits whose validation KL is above it are not scored. Our validation KL is heretic's KL on the
-    same prompts (2026-12-02: within 0.0002 in 11 of 12 pairs, the 12th, at KL 0.28, within 1 %), so an edit
-    far above heretic's largest front KL cannot cover any heretic point, and each scoring costs minutes.
-    """
-    front = sorted((p for p in ours["pareto"] if kl_cap is None or p["kl"] <= kl_cap), key=lambda p: p["kl"])
-    scored: list[dict] = []
-    while (p := next_to_score(front, theirs or [], scored, tries=args.tries, max_exports=args.max_exports)) is not None:
-        out = work / "ours" / "exports" / p["edit"]
-        log = work / f"evaluate_{p['edit']}.log"
-        evaluation = finished_evaluation(log, out)
-        if evaluation is None:
-            if not out.exists():
-                subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "export", "-r", ours["run"], "--edit",
-                                p["edit"], "--out", str(out)], check=True)
-            rc, lines = run_logged([str(exe), "--model", str(model_dir), "--evaluate-model", str(out)],
-                                   work / "heretic", log, heretic_env())
-            evaluation = {**parse_evaluation([line for _, line in lines]), "rc": rc}
-        ours_values = {"our_refusal_score": p["refusal"], "our_kl": p["kl"]}  # heretic's own values take the plain keys
-        scored.append({**p, **ours_values, **evaluation})
-        print(f"scored {p['edit']} (validation KL {p['kl']:.4f}): {scored[-1].get('refusals')} refusals @ KL "
-              f"{scored[-1].get('kl')}", flush=True)
-        (work / "ours_scored.json").write_text(json.dumps(scored, indent=1))
-    return scored
-
-
-def main() -> None:
+# --- main -------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default="bench_out/vs_heretic")
+    ap.add_argument("--work", default="bench_out/vs_heretic_heldout")
     ap.add_argument("--model", default=None, help="local model folder (default: the embedded model's)")
     ap.add_argument("--heretic-trials", type=int, default=24)
     ap.add_argument("--heretic-startup", type=int, default=8)
-    ap.add_argument("--our-trials", type=int, default=None,
-                    help="our trials (default: search for a third of heretic's wall time, less our extract + select)")
-    ap.add_argument("--trial-margin-s", type=float, default=60.0,
-                    help="seconds kept back from our time budget for the last trial, which runs to its end")
-    ap.add_argument("--n-dir", type=int, default=256, help="direction prompts per side")
-    ap.add_argument("--n-eval", type=int, default=100, help="refusal (JailbreakBench) and KL (harmless_val) prompts")
-    ap.add_argument("--n-select", type=int, default=32,
-                    help="our DIM selection's validation prompts per side (the run default; the search uses --n-eval)")
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--our-dtype", default=None, help="dtype our search scores trials in (bfloat16: see docs/search.md); "
-                                                     "extract, select and the exports stay float32, as heretic runs")
-    ap.add_argument("--our-max-kl", type=float, default=0.1,
-                    help="our search's KL cap (`search --max-kl`; 0: none). 0.1 is our pick rule's default KL bound "
-                         "(--kl-threshold); heretic's fronts measured here all lie below it")
+    ap.add_argument("--n-dir", type=int, default=256, help="direction (train) prompts per side")
+    ap.add_argument("--n-val", type=int, default=100, help="validation prompts per side (harmful_val has 39)")
+    ap.add_argument("--n-jbb", type=int, default=100, help="JailbreakBench prompts in the held-out set")
+    ap.add_argument("--n-extra", type=int, default=200, help="held-out HarmBench test / StrongREJECT prompts")
+    ap.add_argument("--n-harmless-test", type=int, default=100, help="harmless_test prompts for KL")
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens in heretic's trials and in every scoring")
+    ap.add_argument("--dtype", default="float32", help="both searches' dtype (heretic's dtypes, our search --dtype)")
     ap.add_argument("--batch-size", type=int, default=64, help="heretic's batch size")
-    ap.add_argument("--max-exports", type=int, default=12)
-    ap.add_argument("--tries", type=int, default=3,
-                    help="per uncovered heretic point (r, d), how many of our strongest edits with validation KL <= d "
-                         "to score before moving on (at the strong end the trial score cannot resolve a few refusals)")
-    ap.add_argument("--kl-cap-factor", type=float, default=1.5,
-                    help="score only our edits with validation KL <= this × heretic's largest front KL (0: all)")
-    ap.add_argument("--skip-heretic-search", action="store_true", help="reuse WORK/heretic_search.json")
-    ap.add_argument("--skip-ours", action="store_true", help="reuse WORK/ours.json")
-    ap.add_argument("--install-only", action="store_true")
-    args = ap.parse_args()
-    if args.max_exports < 2:
-        ap.error("--max-exports must be >= 2")
-    if args.tries < 1:
-        ap.error("--tries must be >= 1")
+    ap.add_argument("--our-max-kl", type=float, default=0.0, help="our search's KL cap (0: none, the default)")
+    ap.add_argument("--our-search-s", type=float, default=0.0,
+                    help="pipeline checks only: our 1× search seconds instead of heretic's wall time less our set-up")
+    ap.add_argument("--chunk", type=int, default=6, help="models scored per heavy step")
+    ap.add_argument("--lock", default=None, help="flock this file around each heavy step")
+    ap.add_argument("--keep-models", action="store_true", help="keep our exports once scored")
+    ap.add_argument("--cli-check", action="store_true",
+                    help="also score one heretic model with the real `heretic --evaluate-model` and compare")
+    ap.add_argument("--until", choices=PHASES, default="report", help="stop after this phase")
+    args = ap.parse_args(argv)
+    for name in ("heretic_trials", "heretic_startup", "n_dir", "n_val", "n_jbb", "n_harmless_test", "tokens",
+                 "batch_size", "chunk"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.n_extra < 0 or args.our_max_kl < 0 or args.our_search_s < 0:
+        ap.error("--n-extra, --our-max-kl and --our-search-s must be >= 0")
+    if args.dtype not in ("float32", "bfloat16", "float16"):
+        ap.error("--dtype must be float32, bfloat16 or float16")
+    if args.lock and not Path(args.lock).exists():
+        ap.error(f"--lock {args.lock} does not exist")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     work = Path(args.work).resolve()
-    checkpoints = work / "heretic" / "checkpoints"
-    if not args.skip_heretic_search and not args.install_only and checkpoints.is_dir() and any(checkpoints.iterdir()):
-        sys.exit(f"error: {checkpoints} holds an earlier heretic study (heretic would ask whether to reuse it); "
-                 "pass --skip-heretic-search to reuse its result, or remove that folder for a fresh search")
-    (work / "heretic").mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
+    work.mkdir(parents=True, exist_ok=True)
     exe = install_heretic(work / "venv")
-    print(f"heretic venv ready in {time.monotonic() - t0:.0f} s: {exe}")
-    if args.install_only:
-        return
     if args.model:
         model_dir = Path(args.model).resolve()
     else:
         from refusal_atlas.model.embedded import ensure_embedded_model
 
         model_dir = ensure_embedded_model()
-
-    search_path = work / "heretic_search.json"
-    if args.skip_heretic_search:
-        heretic = json.loads(search_path.read_text())
-    else:
-        counts = {"bad_prompts": args.n_dir, "good_prompts": args.n_dir, "bad_evaluation_prompts": args.n_eval,
-                  "good_evaluation_prompts": args.n_eval}
-        datasets = write_datasets(our_prompts(args, model_dir), work / "datasets", str(work / "venv" / "bin" / "python"))
-        (work / "heretic" / "config.toml").write_text(heretic_config(
-            datasets, counts, n_trials=args.heretic_trials, n_startup_trials=args.heretic_startup, seed=42,
-            max_response_length=args.tokens, batch_size=args.batch_size))
-        rc, lines = run_logged([str(exe), "--model", str(model_dir)], work / "heretic", work / "heretic_search.log",
-                               heretic_env())
-        heretic = {**parse_search_log(lines), "rc": rc}
-        if not heretic["trials"]:
-            sys.exit(f"error: heretic's search finished no trial (exit {rc}); see {work / 'heretic_search.log'}")
-        search_path.write_text(json.dumps(heretic, indent=1))
-
-    ours_path = work / "ours.json"
-    ours = json.loads(ours_path.read_text()) if args.skip_ours else our_side(args, work, model_dir, heretic["search_s"])
-    ours_path.write_text(json.dumps(ours, indent=1))
-
-    theirs = [tuple(p) for p in heretic["front"]]
-    kl_cap = args.kl_cap_factor * max(d for _, d in theirs) if args.kl_cap_factor else None
-    scored = score_ours(args, work, model_dir, exe, ours, kl_cap, theirs)
-    our_front = pareto([(s["refusals"], s["kl"]) for s in scored])
-    verdict = dominance(our_front, theirs)
-    ratio = heretic["median_trial_s"] / ours["median_trial_s"]
-    full_ratio = heretic["median_trial_s"] / (ours.get("median_complete_trial_s") or ours["median_trial_s"])
-    our_wall = ours["prep_s"] + ours["search_s"]
-    result = {"heretic": heretic, "ours": {k: v for k, v in ours.items() if k != "prompts"}, "ours_scored": scored,
-              "our_front": [list(p) for p in our_front], "dominance": verdict, "trial_ratio": ratio,
-              "complete_trial_ratio": full_ratio,
-              "wall_ratio": heretic["search_s"] / our_wall}
-    (work / "vs_heretic.json").write_text(json.dumps(result, indent=1))
-    plot_fronts(result, work / "vs_heretic.png")
-    n = heretic.get("n_bad") or args.n_eval
-    fmt = lambda pts: ", ".join(f"{r}@{d:.4f}" for r, d in pts)  # noqa: E731
-    print(f"\nseconds per trial (median): heretic {heretic['median_trial_s']:.1f} (float32), ours "
-          f"{ours['median_trial_s']:.1f} ({ours.get('search_dtype', 'float32')}) → ours {ratio:.1f}x cheaper (goal >= 10)")
-    print(f"  counting only our unpruned trials ({len(ours['trial_s']) - ours.get('n_pruned', 0)} of "
-          f"{len(ours['trial_s'])}): {full_ratio:.1f}x")
-    print(f"heretic front (refusals/{n} @ KL): {fmt(theirs)}")
-    print(f"our front, scored by heretic     : {fmt(our_front)}")
-    print(f"ours dominates heretic's front: {'YES' if verdict['dominates'] else 'NO'}")
-    for c in verdict["cover"]:
-        print(f"  heretic {c['heretic'][0]}@{c['heretic'][1]:.4f} ← ours {c['ours'] or 'none'}")
-    print(f"wall time: heretic {heretic['search_s']:.0f} s (set-up + search), ours {our_wall:.0f} s (extract + select "
-          f"{ours['prep_s']:.0f} s, search {ours['search_s']:.0f} s) → ratio {result['wall_ratio']:.2f} (goal >= 3)")
-    print(f"saved {work / 'vs_heretic.json'} and {work / 'vs_heretic.png'}")
+    prompts = prepare_prompts(args, work, model_dir)
+    if args.until == "prompts":
+        return
+    if not (work / "heretic_search.json").exists():
+        with heavy(args.lock, work, "heretic search"):
+            heretic = heretic_search(args, work, exe, model_dir, prompts)
+    heretic = read_json(work / "heretic_search.json")
+    if args.until == "heretic":
+        return
+    if not (work / "ours.json").exists():
+        with heavy(args.lock, work, "our search"):
+            our_search(args, work, model_dir, heretic)
+    ours = read_json(work / "ours.json")
+    if args.until == "ours":
+        return
+    models = model_list(work, model_dir, heretic, ours)
+    score_all(args, work, exe, model_dir, prompts, ours, models)
+    if args.cli_check:
+        cli_check(args, work, exe, model_dir, models)
+    if args.until == "scores":
+        return
+    report(args, work, prompts, heretic, ours, models)
+    print(f"saved {work / 'vs_heretic_heldout.json'} and {work / 'vs_heretic_heldout.png'}")
 
 
 if __name__ == "__main__":
