@@ -211,6 +211,23 @@ def build_versions(log: Path) -> dict:
     return out
 
 
+def stop_by_epoch(hhmm: str | None, now: float) -> float | None:
+    """``--stop-by HH:MM`` (UTC) as epoch seconds: that time today, or tomorrow if it has passed (None: no limit).
+    A shared machine gives no guaranteed finish time; past it no new llama.cpp prompt starts, so a run still
+    ends with a table of the cells it finished, and names the ones it did not."""
+    if not hhmm:
+        return None
+    try:
+        hour, minute = (int(x) for x in hhmm.split(":"))
+    except ValueError:
+        raise ValueError(f"--stop-by wants HH:MM (UTC), got {hhmm!r}") from None
+    if not (0 <= hour < 24 and 0 <= minute < 60):
+        raise ValueError(f"--stop-by wants HH:MM (UTC), got {hhmm!r}")
+    day = now - now % 86400
+    at = day + hour * 3600 + minute * 60
+    return at if at > now else at + 86400
+
+
 def gguf_cells(models: list[str], have_shipped: bool) -> list[tuple[str, str]]:
     """(model, format) of every GGUF to run in llama.cpp: each model at f16 and the two llama.cpp quants, and
     the shipped Q4_K_M file as the original's baseline."""
@@ -293,6 +310,8 @@ def worker_generate(spec_path: str, out_path: str) -> None:
         for p, ids in zip(spec["prompts"], llama_ids):
             if p["key"] in have:
                 continue
+            if spec.get("stop_by") is not None and time.time() > spec["stop_by"]:
+                break  # past --stop-by: the cell stays unfinished (resumable) and is left out of the table
             llm.reset()  # no prefix reuse from the previous prompt: each prompt is evaluated whole, alone
             t = time.monotonic()
             toks: list[int] = []
@@ -465,7 +484,13 @@ def main() -> None:
     ap.add_argument("--install-only", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--stop-by", default=None, metavar="HH:MM",
+                    help="UTC time after which no llama.cpp prompt starts; unfinished cells are left out and named")
     args = ap.parse_args()
+    try:
+        stop_by = stop_by_epoch(args.stop_by, time.time())
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     # OpenMP threads that spin while waiting collapse on a shared, oversubscribed machine (2 cores, load ~13 on
     # 2026-12-07: llama.cpp at 2 threads 58 s → 5 s for 2 prompts, torch generation 105 s → 18 s); passive
     # waiting changes no arithmetic (same tokens). Set before torch or llama.cpp loads; inherited by children.
@@ -549,18 +574,24 @@ def main() -> None:
         out = work / "gen" / f"{cell}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         spec = {"model": str(ggufs[(m, fmt)].resolve()), "n_ctx": args.n_ctx, "threads": args.threads, "seed": seed,
-                "max_new_tokens": args.tokens, "stop_ids": stop, "chat_template": tok.chat_template, "prompts": specs}
+                "max_new_tokens": args.tokens, "stop_ids": stop, "stop_by": stop_by, "chat_template": tok.chat_template,
+                "prompts": specs}
         spec_path = work / "gen" / f"{cell}.spec.json"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
-        if len(done_keys(out)) < len(specs) or not out.with_suffix(".meta.json").is_file():
+        unfinished = len(done_keys(out)) < len(specs) or not out.with_suffix(".meta.json").is_file()
+        if unfinished and (stop_by is None or time.time() < stop_by):
             t0 = time.monotonic()
             res = worker(venv, "generate", str(spec_path), str(out), log=work / "gen" / f"{cell}.log")
             if res.returncode != 0:
                 problems.append(f"llama.cpp on {cell}: {last_error(work / 'gen' / f'{cell}.log')}")
                 continue
             timings[f"llama_{cell}_s"] = round(time.monotonic() - t0, 1)
-        meta[cell] = json.loads(out.with_suffix(".meta.json").read_text())
         lines = done_keys(out)
+        if len(lines) < len(specs) or not out.with_suffix(".meta.json").is_file():
+            problems.append(f"{cell}: not measured: --stop-by {args.stop_by} came after {len(lines)} of "
+                            f"{len(specs)} prompts (resumable: rerun the same command)")
+            continue
+        meta[cell] = json.loads(out.with_suffix(".meta.json").read_text())
         completions[(m, fmt)] = {k: lines[k]["token_ids"] for k in lines}
         meta[cell]["generated_tokens"] = sum(len(v["token_ids"]) for v in lines.values())
         meta[cell]["generate_s"] = round(sum(v["seconds"] for v in lines.values()), 1)
@@ -600,7 +631,7 @@ def main() -> None:
     result = {"command": " ".join(sys.argv), "llama_cpp": build, "machine": {"processor": platform.processor(),
               "cpus": os.cpu_count(), "platform": platform.platform()},
               "settings": {"n": args.n, "tokens": args.tokens, "threads": args.threads, "n_ctx": args.n_ctx,
-                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "stop_by": args.stop_by,
                            "seed": seed, "stop_ids": stop, "run_dir": args.run_dir, "models": models},
               "rows": rows, "cells": {f"{m}|{f}": {k: v for k, v in c.items() if k != "verdicts"}
                                       for (m, f), c in cells.items()},

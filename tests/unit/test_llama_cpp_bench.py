@@ -165,3 +165,14 @@ def test_build_versions_from_the_cmake_log(tmp_path):
     assert lb.build_versions(log) == {}
     log.write_text("  -- The C compiler\n  -- llama.cpp version: 0.5.0-dev\n  -- ggml version: 0.25.3\n  [1/9] g++\n")
     assert lb.build_versions(log) == {"llama.cpp": "0.5.0-dev", "ggml": "0.25.3"}
+
+
+def test_stop_by_epoch_is_the_next_utc_occurrence():
+    now = 1_796_625_180.0  # 2026-12-07 06:33 UTC
+    day = now - now % 86400
+    assert lb.stop_by_epoch(None, now) is None
+    assert lb.stop_by_epoch("07:43", now) == day + 7 * 3600 + 43 * 60
+    assert lb.stop_by_epoch("06:00", now) == day + 86400 + 6 * 3600  # passed today: tomorrow's
+    for bad in ("7", "25:00", "07:60", "x:y"):
+        with pytest.raises(ValueError):
+            lb.stop_by_epoch(bad, now)
