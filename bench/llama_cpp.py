@@ -200,6 +200,23 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def load_table(meta: dict[str, dict], failed: dict[str, str]) -> str:
+    """Markdown: per GGUF whether llama.cpp loaded it, what it read, and whether it tokenized every prompt text
+    to the HF path's ids (``--check-only``: no generation, so it needs no heavy-job slot)."""
+    lines = ["| GGUF | loads | llama.cpp's description | file bytes | load s | prompts tokenized as HF | "
+             "BOS added | end-of-turn is EOG | chat template equal |", "|---|---|---|---|---|---|---|---|---|"]
+    for cell in sorted(set(meta) | set(failed), key=lambda c: (c.split("-")[0] != "original", c)):
+        if cell in failed:
+            lines.append(f"| {cell} | **no**: {failed[cell]} | – | – | – | – | – | – | – |")
+            continue
+        md = meta[cell]
+        tk = md["tokens"]
+        lines.append(f"| {cell} | yes | {md['desc']} | {md.get('file_bytes', '–')} | {md['load_s']} | "
+                     f"{tk['equal']}/{tk['n']} | {'yes' if md['add_bos'] else 'no'} | "
+                     f"{'yes' if md['eog_in_stop'] else '**no**'} | {'yes' if md['chat_template_equal'] else '**no**'} |")
+    return "\n".join(lines)
+
+
 def build_versions(log: Path) -> dict:
     """llama.cpp's and ggml's versions as its CMake configure step printed them into the build log."""
     out = {}
@@ -305,6 +322,8 @@ def worker_generate(spec_path: str, out_path: str) -> None:
             "tokens": token_check([p["hf_ids"] for p in spec["prompts"]], llama_ids, llm.token_bos()),
             "llama_cpp": llama_cpp.__version__}
     meta_path.write_text(json.dumps(meta, indent=1))
+    if spec.get("check_only"):
+        return
     have = done_keys(out)
     with open(out, "a", encoding="utf-8") as fh:
         for p, ids in zip(spec["prompts"], llama_ids):
@@ -462,6 +481,48 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def check_only(args, work: Path, ggufs: dict, models: list[str], have_shipped: bool, specs: list[dict], seed: int,
+               stop: list[int], chat_template: str | None, venv: Path, build: dict, problems: list[str],
+               started: dict) -> None:
+    """Every GGUF loaded in llama.cpp and every prompt text tokenized there, against the HF ids; no generation."""
+    meta, failed = {}, {}
+    for m, fmt in gguf_cells(models, have_shipped):
+        if (m, fmt) not in ggufs:
+            continue
+        cell = f"{m}-{fmt}"
+        (work / "check").mkdir(parents=True, exist_ok=True)
+        spec_path, out = work / "check" / f"{cell}.spec.json", work / "check" / f"{cell}.jsonl"
+        out.with_suffix(".meta.json").unlink(missing_ok=True)
+        spec_path.write_text(json.dumps({"model": str(ggufs[(m, fmt)].resolve()), "n_ctx": args.n_ctx,
+                                         "threads": args.threads, "seed": seed, "max_new_tokens": args.tokens,
+                                         "stop_ids": stop, "chat_template": chat_template, "prompts": specs,
+                                         "check_only": True}), encoding="utf-8")
+        res = worker(venv, "generate", str(spec_path), str(out), log=work / "check" / f"{cell}.log")
+        if res.returncode != 0 or not out.with_suffix(".meta.json").is_file():
+            failed[cell] = last_error(work / "check" / f"{cell}.log").replace("\n", " / ")[:200]
+            problems.append(f"llama.cpp cannot load {cell}: {failed[cell]}")
+            continue
+        meta[cell] = {**json.loads(out.with_suffix(".meta.json").read_text()),
+                      "file_bytes": ggufs[(m, fmt)].stat().st_size}
+        if meta[cell]["tokens"]["equal"] != meta[cell]["tokens"]["n"]:
+            problems.append(f"{cell}: llama.cpp tokenized {meta[cell]['tokens']['n'] - meta[cell]['tokens']['equal']} "
+                            f"prompts differently: {meta[cell]['tokens']['first_mismatch']}")
+    table = load_table(meta, failed)
+    print(f"\nllama.cpp load and tokenization check, {len(specs)} prompt texts:")
+    print(table)
+    result = {"command": " ".join(sys.argv), "check_only": True, "llama_cpp": build,
+              "machine": {"processor": platform.processor(), "cpus": os.cpu_count(), "platform": platform.platform()},
+              "settings": {"n": args.n, "n_ctx": args.n_ctx, "threads": args.threads, "seed": seed, "stop_ids": stop,
+                           "run_dir": args.run_dir, "models": models},
+              "llama_meta": meta, "load_failed": failed, "table": table, "problems": problems,
+              "contention": {"start": started, "end": contention()}}
+    (work / "check.json").write_text(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print("\nproblems:" if problems else "\nno problems found", *problems, sep="\n  ")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         kind, *rest = sys.argv[2:]
@@ -482,6 +543,8 @@ def main() -> None:
     ap.add_argument("--no-search", action="store_true", help="leave search_best out if the run has none")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--install-only", action="store_true")
+    ap.add_argument("--check-only", action="store_true",
+                    help="only load every GGUF in llama.cpp and check its tokenization of every prompt (no generation)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--stop-by", default=None, metavar="HH:MM",
@@ -550,6 +613,10 @@ def main() -> None:
     specs = prompt_specs(ws.chat, prompts)
     stop = stop_token_ids(ws.adapter.model, ws.chat.tokenizer)
     tok = ws.chat.tokenizer
+    if args.check_only:
+        check_only(args, work, ggufs, models, shipped is not None, specs, seed, stop, tok.chat_template, venv, build,
+                   problems, started)
+        return
     completions: dict[tuple[str, str], dict[str, list[int]]] = {}
     for m in models:
         edit = run_edit(run, m)

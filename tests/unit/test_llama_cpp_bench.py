@@ -176,3 +176,15 @@ def test_stop_by_epoch_is_the_next_utc_occurrence():
     for bad in ("7", "25:00", "07:60", "x:y"):
         with pytest.raises(ValueError):
             lb.stop_by_epoch(bad, now)
+
+
+def test_load_table_names_failures_and_mismatches():
+    ok = {"desc": "qwen2 1B F16", "file_bytes": 10, "load_s": 1.0, "tokens": {"n": 4, "equal": 4},
+          "add_bos": False, "eog_in_stop": [7], "chat_template_equal": True}
+    bad = {**ok, "tokens": {"n": 4, "equal": 3}, "eog_in_stop": [], "chat_template_equal": False}
+    table = lb.load_table({"default-f16": bad, "original-f16": ok}, {"default-q4_k_m": "bad magic"})
+    lines = table.splitlines()
+    assert len(lines) == 5
+    assert lines[2].startswith("| original-f16 | yes | qwen2 1B F16 | 10 | 1.0 | 4/4 | no | yes | yes |")
+    assert "| default-f16 | yes | qwen2 1B F16 | 10 | 1.0 | 3/4 | no | **no** | **no** |" in table
+    assert "| default-q4_k_m | **no**: bad magic |" in table
