@@ -153,6 +153,8 @@ class SearchSettings(_Section):
     n_startup_trials: int = Field(10, description="random trials before TPE")
     k_max: int | None = Field(None, description="most directions per subset (edits: of each added set, 1..7)")
     sets: tuple[str, ...] = Field((), description="edits: DirectionSets to add as sources, e.g. som")
+    transforms: tuple[str, ...] = Field(("project",), description="edits: write transforms to search among "
+                                        "(project, householder, biproject); one: not searched")
     prune: bool = Field(True, description="edits: stop clearly dominated trials after 25% of the prompts")
     score_tokens: int = Field(0, description="edits: refusal = substring rate of N greedy tokens (0: logit)")
     refusal_stat: str = Field("probability", description="edits: refusal number = mean first-token refusal "

@@ -291,3 +291,8 @@ def test_truncated_gguf(cli, tmp_path):
 
 def test_prepare_a_missing_model(cli):
     cli(["prepare", "--model", "./no/model"], "model directory not found")
+
+
+def test_search_transforms(cli, run_dir):
+    cli(["search", "-r", run_dir, "--transforms", "project,mirror"], ["unknown transform 'mirror'", "householder"])
+    cli(["search", "edits", "-r", run_dir, "--transforms", "householder,householder"], "must be distinct")

@@ -205,6 +205,9 @@ def search_edits(run_dir: Path, overrides: dict[str, Any], *, trials: int | None
         raise ConfigError(f"unknown --refusal-stat {search.refusal_stat!r}; choose probability or logodds")
     if search.max_kl is not None and not search.max_kl > 0:
         raise ConfigError(f"--max-kl must be > 0, got {search.max_kl}")
+    from refusal_atlas.search.edit_space import EditSpace
+
+    EditSpace(2, transforms=search.transforms)  # unknown or repeated --transforms fail before the model loads
     from refusal_atlas.workflows.search import check_sets, edit_search_step
     from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
