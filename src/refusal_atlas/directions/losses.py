@@ -158,9 +158,16 @@ def base_logprobs(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
 def retain_kl(adapter: ModelAdapter, batch: Batch, direction: torch.Tensor,
               base: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over target positions of KL(P_base ‖ P_ablated) on harmless prompts → t_retain."""
+    return kl_under(adapter, batch, lambda: ablate(adapter, direction.unsqueeze(0), mode="sequential"), base)
+
+
+def kl_under(adapter: ModelAdapter, batch: Batch, intervention: Callable[[], AbstractContextManager],
+             base: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over target positions of KL(P_base ‖ P_intervened), the intervention entered by ``intervention()``
+    (the retain loss of every trained method: RDO's ablation, the ARA edit's hooks)."""
     if base is None:
         base = base_logprobs(adapter, batch)
-    with ablate(adapter, direction.unsqueeze(0), mode="sequential"):
+    with intervention():
         new = target_logprobs(adapter, batch)
     kl = (base.exp() * (base - new)).sum(-1)
     return _masked_mean(kl, batch.label_mask)
