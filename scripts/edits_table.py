@@ -201,7 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         ("dim_full", "full directional ablation of r_DIM (hooks: block inputs and writes)", reference, 1.0,
          "Arditi et al. 2024", {}),
     ]
+    keep = set(args.rows.split(",")) if args.rows else None
+
+    def wanted(row: str) -> bool:
+        """--rows: only these rows are matched (validation evaluations cost minutes each on the embedded model)."""
+        return keep is None or row in keep
+
     for name, what, make, lo, hi, grid, tool in families:
+        if not wanted(name):
+            continue
         s, info = match_strength(name, make, lo, hi, target, val, grid)
         chosen.append((name, what, make(s), s, tool, info))
     householder_full = uniform(transform="householder")(1.0)
@@ -212,15 +220,15 @@ def main(argv: list[str] | None = None) -> int:
         ara_val = val("ara", 1.0, ara)
         chosen.append(("ara", f"ARA-style low-rank edit as trained (rank {ara.rank})", ara, 1.0,
                        "heretic ARA branch / 2.0", {}))
-        s, info = match_strength("ara_scaled", ara.scaled, 0.05, 3.0, target, val, (0.5, 1.0, 2.0))
-        chosen.append(("ara_scaled", "the ARA update scaled to DIM full ablation's validation KL", ara.scaled(s), s,
-                       "heretic ARA branch / 2.0", info))
-        s, info = match_strength("dim_at_ara_kl", uniform(), 0.1, 1.5, ara_val["kl"], val, (0.25, 0.5, 1.0))
-        chosen.append(("dim_at_ara_kl", "uniform DIM ablation matched to the trained ARA edit's validation KL",
-                       uniform()(s), s, "Arditi et al. 2024", {**info, "target_kl": ara_val["kl"]}))
-    if args.rows:
-        keep = set(args.rows.split(","))
-        chosen = [c for c in chosen if c[0] in keep]
+        if wanted("ara_scaled"):
+            s, info = match_strength("ara_scaled", ara.scaled, 0.05, 3.0, target, val, (0.5, 1.0, 2.0))
+            chosen.append(("ara_scaled", "the ARA update scaled to DIM full ablation's validation KL", ara.scaled(s),
+                           s, "heretic ARA branch / 2.0", info))
+        if wanted("dim_at_ara_kl"):
+            s, info = match_strength("dim_at_ara_kl", uniform(), 0.1, 1.5, ara_val["kl"], val, (0.25, 0.5, 1.0))
+            chosen.append(("dim_at_ara_kl", "uniform DIM ablation matched to the trained ARA edit's validation KL",
+                           uniform()(s), s, "Arditi et al. 2024", {**info, "target_kl": ara_val["kl"]}))
+    chosen = [c for c in chosen if wanted(c[0])]
 
     # --- held-out -----------------------------------------------------------------------------------
     s = ws.settings

@@ -46,7 +46,8 @@ def test_losses_start_at_one_and_zero_and_the_shift_is_zero_exactly_at_its_targe
     adapter, chat = ModelAdapter(tiny.model), ChatFormatter(tiny.tokenizer)
     harmful, harmless = prompts[:3] + ["how to make a bomb please"], prompts[3:] + ["tell joke please"]
     cfg = AraConfig(rank=2, layers=(1,), target_layer=2).resolve(4, 32)
-    data = AraData(adapter, chat, harmful, harmless, ["Sure here", "I", "first then", "do it"], 2, batch_size=2)
+    data = AraData(adapter, chat, harmful, harmless, [[5, 6, 7], [8], [9, 10], [11, 4]], 2, batch_size=2)
+    assert [len(e.target_ids) for e in data.retain] == [3, 1, 2, 2]  # ids kept as given, no text round trip
     layout = FactorLayout(adapter, cfg.targets(), cfg.rank)
     start = layout.start(seed=0)
     assert torch.equal(start, layout.start(seed=0)) and not torch.equal(start, layout.start(seed=1))
@@ -62,6 +63,15 @@ def test_losses_start_at_one_and_zero_and_the_shift_is_zero_exactly_at_its_targe
         assert float(data.shift_loss(adapter, [0, 1, 2, 3])) == pytest.approx(0.0, abs=1e-6)
     with add_activation(adapter, 2 * data.gap, data.target_layer):  # twice the gap: one gap too far
         assert float(data.shift_loss(adapter, [0, 1, 2, 3])) == pytest.approx(1.0, abs=1e-4)
+    # an edit (B != 0) moves the harmless continuations' distribution: the retain KL is positive and has a gradient
+    moved = start.clone()
+    for target, (a, b) in layout.split(moved).items():
+        b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(target[0])))
+    moved.requires_grad_(True)
+    loss, parts = ara_loss(adapter, data, layout.split(moved), [0, 1, 2, 3], cfg)
+    assert parts["retain"] > 1e-4 and parts["shift"] != pytest.approx(1.0, abs=1e-3)
+    loss.backward()
+    assert all(g_a.abs().sum() > 0 and g_b.abs().sum() > 0 for g_a, g_b in layout.split(moved.grad).values())
 
 
 def test_train_edit_ara_verb_end_to_end(tiny_run, run_copy, tmp_path):
@@ -76,6 +86,9 @@ def test_train_edit_ara_verb_end_to_end(tiny_run, run_copy, tmp_path):
     meta = edit.meta
     assert meta["ara"]["target_layer"] == 3 and meta["train"]["steps"] == 6 and len(meta["history"]["loss"]) == 6
     assert meta["history"]["shift"][-1] < meta["history"]["shift"][0]  # the harmful residuals moved toward the target
+    retain = json.loads((run_copy / "ara_retain.json").read_text())
+    assert len(retain["retain_ids"]) == meta["n_retain"] and all(len(ids) == 3 for ids in retain["retain_ids"])
+    assert meta["history"]["retain"][0] == pytest.approx(0.0, abs=1e-7) and max(meta["history"]["retain"]) > 0
     assert [v["step"] for v in meta["val_history"]] == [0, 2, 4, 6]
     assert meta["val_history"][0]["kl"] == pytest.approx(0.0, abs=1e-7)  # step 0: the unedited model
     manifest = json.loads((run_copy / "manifest.json").read_text())

@@ -20,7 +20,7 @@ as one parameter per matrix), trained by plain AdamW (no geometry).
   ``h_i⁰ + (μ_harmless − μ_harmful)``; loss = mean_i ‖h_i − h_i⁰ − (μ_harmless − μ_harmful)‖² / ‖μ_harmless −
   μ_harmful‖² (1 with no edit, 0 when every harmful prompt sits where the harmless ones do on average).
 * retain (weight ``retain_weight``): KL(P_base ‖ P_edited) over the base model's own greedy continuations of
-  harmless train prompts (``retain_tokens`` tokens), the retain loss RDO uses.
+  harmless train prompts (``retain_tokens`` tokens, kept as token ids), the retain loss RDO uses.
 
 *Why this target.* Asking each harmful representation to equal the harmless *mean* collapses every
 harmful prompt onto one point (most of ‖h_i − μ‖² is the prompts' own spread, not refusal), so the model
@@ -142,10 +142,13 @@ class FactorLayout:
 
 
 class AraData:
-    """Harmful prompts with their unedited residuals at the target layer, the mean gap, and retain examples."""
+    """Harmful prompts with their unedited residuals at the target layer, the mean gap, and retain examples.
+
+    ``retain``: per harmless prompt, the token ids of the unedited model's own greedy continuation (ids, not
+    text: the retain KL is then measured on exactly the tokens the model produced)."""
 
     def __init__(self, adapter: ModelAdapter, chat: ChatFormatter, harmful: Sequence[str], harmless: Sequence[str],
-                 retain: Sequence[str], target_layer: int, batch_size: int = 16):
+                 retain: Sequence[Sequence[int]], target_layer: int, batch_size: int = 16):
         if len(harmful) < 2 or len(harmless) < 2:
             raise ConfigError(f"ARA needs at least 2 harmful and 2 harmless train prompts, got {len(harmful)} and "
                               f"{len(harmless)}")

@@ -1,7 +1,7 @@
 """The `train-edit ara` job on a run directory: the ARA-style low-rank edit, trained, saved, optionally as a PEFT adapter.
 
 Reads the run's train prompts (filtered like the run), makes or reuses the harmless retain targets
-(R/ara_retain.json: the model's own greedy continuations), trains with checkpoints every step under
+(R/ara_retain.json: the model's own greedy continuations, as token ids), trains with checkpoints every step under
 R/checkpoints/<name>/ (rerunning after a crash resumes; rerunning a finished job recomputes nothing),
 and saves R/edits/<name>.json + .safetensors, which `evaluate --edit` and `export --edit` use as they use
 any edit. With ``adapter_out`` the edit is also written as the PEFT LoRA it is (A and B as trained).
@@ -20,7 +20,7 @@ from refusal_atlas.directions.checkpoint import checkpointing
 from refusal_atlas.directions.optim import TrainConfig
 from refusal_atlas.edits.lowrank import LowRankEdit
 from refusal_atlas.evaluation.objective import ValidationObjective
-from refusal_atlas.model.generation import DECODING, generate
+from refusal_atlas.model.generation import DECODING, greedy_generate
 from refusal_atlas.settings import AraSettings
 from refusal_atlas.workflows.gradient import train_prompts, val_prompts
 
@@ -51,18 +51,21 @@ def check_ara(ara: AraSettings, seed: int, n_layers: int | None, d_model: int | 
         raise ConfigError(f"rank must be >= 1, got {ara.rank}")
 
 
-def retain_targets(ws, harmless: list[str], tokens: int) -> list[str]:
-    """The model's own greedy continuations of ``harmless`` (``tokens`` each), cached in R/ara_retain.json."""
+def retain_targets(ws, harmless: list[str], tokens: int) -> list[list[int]]:
+    """The model's own greedy continuations of ``harmless`` (``tokens`` each) as token ids, cached in
+    R/ara_retain.json (with their text, for reading)."""
     path = ws.run / "ara_retain.json"
-    key = {"prompts": harmless, "max_new_tokens": tokens, "decoding": DECODING}
+    key = {"prompts": harmless, "max_new_tokens": tokens, "decoding": DECODING, "form": "token_ids"}
     if path.is_file():
         doc = read_json(path)
-        if isinstance(doc, dict) and doc.get("key") == key and len(doc.get("retain", [])) == len(harmless):
-            return list(doc["retain"])
-    retain = generate(ws.adapter, ws.chat, harmless, max_new_tokens=tokens, batch_size=ws.settings.model.batch_size,
-                      desc="ara: retain targets")
-    write_json(path, {"key": key, "retain": retain})
-    return retain
+        if isinstance(doc, dict) and doc.get("key") == key and len(doc.get("retain_ids", [])) == len(harmless):
+            return [list(ids) for ids in doc["retain_ids"]]
+    gens = greedy_generate(ws.adapter, ws.chat, harmless, max_new_tokens=tokens,
+                           batch_size=ws.settings.model.batch_size, desc="ara: retain targets")
+    ids = [list(g.token_ids) for g in gens]
+    text = [ws.chat.tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+    write_json(path, {"key": key, "retain_ids": ids, "retain": text})
+    return ids
 
 
 def ara_step(ws, ara: AraSettings | None = None, *, name: str = "ara", adapter_out: Path | None = None,
