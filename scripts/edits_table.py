@@ -278,12 +278,12 @@ def main(argv: list[str] | None = None) -> int:
             "started": started, "finished": machine_load(), "python": platform.python_version(),
             "torch": torch.__version__, "command": " ".join([sys.executable, *sys.argv])}
     write_json(table_path, {"rows": list(rows.values()), "meta": meta})
-    write_text(args.out / "table.md", to_markdown(list(rows.values()), args.judges.split(",")))
-    print(to_markdown(list(rows.values()), args.judges.split(",")))
+    write_text(args.out / "table.md", to_markdown(list(rows.values()), args.judges.split(","), args.kl_tokens))
+    print(to_markdown(list(rows.values()), args.judges.split(","), args.kl_tokens))
     return 0
 
 
-def to_markdown(rows: list[dict], judges: list[str]) -> str:
+def to_markdown(rows: list[dict], judges: list[str], kl_tokens: int) -> str:
     def rate(r: dict, judge: str) -> str:
         x = r["jailbreakbench"].get(judge) or {}
         if x.get("rate") is None:
@@ -295,7 +295,7 @@ def to_markdown(rows: list[dict], judges: list[str]) -> str:
         x = r["harmless_test"].get(key)
         return "0" if x is None else f"{x['kl']:.3f}"
 
-    head = ["row", "strength", "val KL", *[f"JBB refusal ({j})" for j in judges], "KL 1st token", "KL 16 tokens"]
+    head = ["row", "strength", "val KL", *[f"JBB refusal ({j})" for j in judges], "KL 1st token", f"KL {kl_tokens} tokens"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         multi = next((k for k in r["harmless_test"] if k.startswith("kl_first_") and k != "kl_first_token"), None)
