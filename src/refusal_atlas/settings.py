@@ -2,10 +2,11 @@
 
 Sections: ``model`` (which model, where and how it runs), ``data`` (train and validation prompt sets,
 the seed), ``selection`` (the DIM candidates and the filters that choose one), ``evaluation`` (held-out
-sets and generation), ``search`` (the edit and subset searches), ``training`` (the gradient methods)
-and ``runtime`` (this process: model cache, progress bars, vLLM and PostgreSQL knobs). The first four
-made a run's artifacts, so a run's manifest records them (``config``, one table per section); search
-and training settings belong to one verb call and runtime knobs to one machine, so neither is recorded.
+sets and generation), ``search`` (the edit and subset searches), ``training`` (the gradient methods),
+``ara`` (the trained low-rank edit) and ``runtime`` (this process: model cache, progress bars, vLLM and
+PostgreSQL knobs). The first four made a run's artifacts, so a run's manifest records them (``config``,
+one table per section); search, training and ara settings belong to one verb call and runtime knobs to
+one machine, so none of them is recorded.
 Data roles follow the held-out rule: train splits build directions, validation splits choose among them
 (and drive searches), test splits and benchmarks give the numbers we report.
 
@@ -153,6 +154,8 @@ class SearchSettings(_Section):
     n_startup_trials: int = Field(10, description="random trials before TPE")
     k_max: int | None = Field(None, description="most directions per subset (edits: of each added set, 1..7)")
     sets: tuple[str, ...] = Field((), description="edits: DirectionSets to add as sources, e.g. som")
+    transforms: tuple[str, ...] = Field(("project",), description="edits: write transforms to search among "
+                                        "(project, householder, biproject); one: not searched")
     prune: bool = Field(True, description="edits: stop clearly dominated trials after 25% of the prompts")
     score_tokens: int = Field(0, description="edits: refusal = substring rate of N greedy tokens (0: logit)")
     refusal_stat: str = Field("probability", description="edits: refusal number = mean first-token refusal "
@@ -190,6 +193,34 @@ class TrainingSettings(_Section):
     seed: int | None = Field(None, description="None: the run's seed")
 
 
+class AraSettings(_Section):
+    """The ARA-style trained low-rank edit (`train-edit ara`): what it edits, its losses and optimizer.
+
+    Defaults sized for the embedded 0.5B model on 2 CPU cores (docs/edits.md: trains in under 15 minutes);
+    heretic's ARA uses rank ~50 on GPUs.
+    """
+
+    rank: int = Field(8, description="rank r of each update ΔW = B·A")
+    layers: list[int] | None = Field(None, description="blocks whose o_proj and down_proj are edited; "
+                                                       "None: floor(L/3) .. 0.8·L, the DIM selection band")
+    components: tuple[str, ...] = Field(("attn", "mlp"), description="attn (o_proj) and/or mlp (down_proj)")
+    target_layer: int | None = Field(None, description="layer whose last-position residual is moved "
+                                                       "(None: the block after the last edited one)")
+    n_train: int = Field(64, description="train prompts sampled per side (then filtered like the run)")
+    n_val: int = Field(16, description="validation prompts per side (model selection)")
+    retain_tokens: int = Field(16, description="greedy tokens of each harmless retain target")
+    steps: int = Field(24, description="max optimizer steps")
+    batch_size: int = Field(8, description="examples per optimizer step")
+    micro_batch: int = Field(4, description="examples per forward pass")
+    lr: float = Field(2e-3, description="AdamW learning rate")
+    eval_every: int = Field(4, description="validate every N steps")
+    patience: int = Field(3, description="validations without improvement before the lr is cut")
+    shift_weight: float = Field(1.0, description="weight of the harmful-representation shift loss")
+    retain_weight: float = Field(1.0, description="weight of the harmless retain KL")
+    val_kl_weight: float = Field(10.0, description="KL weight in the validation objective")
+    seed: int | None = Field(None, description="None: the run's seed")
+
+
 _RUNTIME = process.Runtime()
 
 
@@ -218,6 +249,7 @@ class Settings(BaseModel):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     search: SearchSettings = Field(default_factory=SearchSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    ara: AraSettings = Field(default_factory=AraSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
 
     def run_config(self) -> dict[str, dict[str, Any]]:

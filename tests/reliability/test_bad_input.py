@@ -291,3 +291,30 @@ def test_truncated_gguf(cli, tmp_path):
 
 def test_prepare_a_missing_model(cli):
     cli(["prepare", "--model", "./no/model"], "model directory not found")
+
+
+def test_search_transforms(cli, run_dir):
+    cli(["search", "-r", run_dir, "--transforms", "project,mirror"], ["unknown transform 'mirror'", "householder"])
+    cli(["search", "edits", "-r", run_dir, "--transforms", "householder,householder"], "must be distinct")
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--rank", "0"], "rank must be in 1..d_model = 32, got 0"),
+    (["--rank", "33"], "rank must be in 1..d_model = 32, got 33"),
+    (["--layers", "7"], "unknown layers [7]: this model has blocks 0..3"),
+    (["--layers", "x-y"], "--layers 'x-y': give a range"),
+    (["--layers", "1-3"], "the target layer (4) must come after the last edited block (3)"),
+    (["--layers", "1", "--target-layer", "1"], "the target layer (1) must come after"),
+    (["--components", "embed"], "components must be among"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--retain-tokens", "0"], "retain_tokens >= 1"),
+    (["--shift-weight", "0"], "shift_weight must be > 0"),
+    (["--name", "../x"], "--name '../x'"),
+])
+def test_train_edit_ara(cli, run_dir, extra, words):
+    cli(["train-edit", "ara", "-r", run_dir, *extra], words)
+
+
+def test_train_edit_ara_adapter_onto_a_file(cli, run_dir, tmp_path):
+    (tmp_path / "adapter").write_text("mine")
+    cli(["train-edit", "ara", "-r", run_dir, "--adapter", tmp_path / "adapter"], "adapter")

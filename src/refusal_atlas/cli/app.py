@@ -12,7 +12,7 @@ import sys
 import typer
 
 from refusal_atlas.cli import (chat, compare, concept, config, evaluate, export, gradient, judge, prepare, reproduce, run,
-                              search, som)
+                              search, som, train_edit)
 from refusal_atlas.core.errors import RefusalAtlasError
 
 # rich_markup_mode=None: help texts are plain text, so "[k, k_max]" and brackets stay as written
@@ -32,6 +32,7 @@ concept.register(app)
 som.register(directions_app)
 search.register(app)
 gradient.register(directions_app)
+train_edit.register(app)
 compare.register(app)
 reproduce.register(app)
 export.register(app)

@@ -52,6 +52,8 @@ def search_edits(
     trials: TrialsOpt = None,
     budget: Annotated[Optional[str], typer.Option(help="trials to reach (30) or time to spend (20m, 90s)")] = None,
     sets: Annotated[Optional[str], typer.Option(help=setting_help("search.sets", "comma-separated"))] = None,
+    transforms: Annotated[Optional[str], typer.Option(help=setting_help(
+        "search.transforms", "write transforms to search among, comma-separated: project,householder,biproject"))] = None,
     k_max: KMaxOpt = None,
     seed: SeedOpt = None,
     kl_threshold: KlOpt = None,
@@ -69,7 +71,8 @@ def search_edits(
     from refusal_atlas.workflows import verbs
 
     names = None if sets is None else tuple(s.strip() for s in sets.split(",") if s.strip())
-    search = dict(sets=names, k_max=k_max, seed=seed, n_startup_trials=n_startup_trials, prune=prune,
+    chosen = None if transforms is None else tuple(t.strip() for t in transforms.split(",") if t.strip())
+    search = dict(sets=names, transforms=chosen, k_max=k_max, seed=seed, n_startup_trials=n_startup_trials, prune=prune,
                   score_tokens=score_tokens, max_kl=max_kl, refusal_stat=refusal_stat)
     summary = verbs.search_edits(run_dir, {"n_val": n_val, "kl_threshold": kl_threshold, "search": search},
                                  trials=trials, budget=budget, storage=storage, dtype=dtype)

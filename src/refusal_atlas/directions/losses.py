@@ -76,14 +76,21 @@ class LossWeights:
                 raise ConfigError(f"loss weight {name} must be >= 0, got {w}")
 
 
-def tokenize_examples(chat: ChatFormatter, instructions: Sequence[str], targets: Sequence[str]) -> list[Example]:
-    """Prompt ids exactly as :meth:`ChatFormatter.encode` makes them, plus the target's ids."""
+def tokenize_examples(chat: ChatFormatter, instructions: Sequence[str],
+                      targets: Sequence[str] | Sequence[Sequence[int]]) -> list[Example]:
+    """Prompt ids exactly as :meth:`ChatFormatter.encode` makes them, plus the target's ids.
+
+    ``targets``: texts (tokenized here) or token ids, kept as they are: a model's own continuation given as
+    ids scores exactly the tokens it produced (decoding and re-encoding text need not give them back)."""
     if len(instructions) != len(targets):
         raise ConfigError(f"{len(instructions)} prompts but {len(targets)} targets")
     tok = chat.tokenizer
     prompts = tok([chat.render(x) for x in instructions], add_special_tokens=False)["input_ids"]
-    tails = tok(list(targets), add_special_tokens=False)["input_ids"] if targets else []
-    return [Example(tuple(p), tuple(t)) for p, t in zip(prompts, tails)]
+    if targets and not isinstance(targets[0], str):
+        tails = [list(t) for t in targets]
+    else:
+        tails = tok(list(targets), add_special_tokens=False)["input_ids"] if targets else []
+    return [Example(tuple(p), tuple(int(x) for x in t)) for p, t in zip(prompts, tails)]
 
 
 def collate(examples: Sequence[Example], pad_id: int, device: torch.device | str = "cpu") -> Batch:
@@ -158,9 +165,16 @@ def base_logprobs(adapter: ModelAdapter, batch: Batch) -> torch.Tensor:
 def retain_kl(adapter: ModelAdapter, batch: Batch, direction: torch.Tensor,
               base: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over target positions of KL(P_base ‖ P_ablated) on harmless prompts → t_retain."""
+    return kl_under(adapter, batch, lambda: ablate(adapter, direction.unsqueeze(0), mode="sequential"), base)
+
+
+def kl_under(adapter: ModelAdapter, batch: Batch, intervention: Callable[[], AbstractContextManager],
+             base: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over target positions of KL(P_base ‖ P_intervened), the intervention entered by ``intervention()``
+    (the retain loss of every trained method: RDO's ablation, the ARA edit's hooks)."""
     if base is None:
         base = base_logprobs(adapter, batch)
-    with ablate(adapter, direction.unsqueeze(0), mode="sequential"):
+    with intervention():
         new = target_logprobs(adapter, batch)
     kl = (base.exp() * (base - new)).sum(-1)
     return _masked_mean(kl, batch.label_mask)

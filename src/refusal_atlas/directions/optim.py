@@ -1,6 +1,9 @@
-"""The training loop shared by RDO, cones and RepInd: Riemannian AdamW on orthonormal directions.
+"""The training loop shared by RDO, cones, RepInd and the ARA-style edit: (Riemannian) AdamW, checkpointed.
 
-The parameters are k orthonormal rows B [k, d] (k = 1 for RDO/RepInd), optionally constrained to
+:func:`train_parameters` is the loop for any parameter tensor, with an optional geometry (a gradient
+projection and a retraction); :func:`train_directions` runs it on orthonormal directions, and the
+low-rank edit (directions/ara.py) on its flattened factors with no geometry (plain AdamW). For the
+directions the parameters are k orthonormal rows B [k, d] (k = 1 for RDO/RepInd), optionally constrained to
 be orthogonal to a fixed set A (RDO⊥). Each step:
 
 1. the step's batch is split into micro-batches; each micro-batch loss is scaled by its share of
@@ -205,8 +208,8 @@ ValidateFn = Callable[[torch.Tensor], dict[str, Any]]
 
 @dataclass
 class TrainResult:
-    params: torch.Tensor  # [k, d] best validated iterate (orthonormal rows)
-    last: torch.Tensor  # [k, d] last finite iterate
+    params: torch.Tensor  # best validated iterate ([k, d] orthonormal rows for directions)
+    last: torch.Tensor  # last finite iterate
     best_step: int
     stopped: str  # "max_steps" | "plateau" | "nan_loss"
     history: dict[str, list[float]] = field(default_factory=dict)
@@ -258,8 +261,33 @@ def train_directions(
     if diag is None or diag.min() <= 1e-4 * init.detach().norm(dim=-1).max().clamp_min(1e-30):
         raise ConfigError("initial directions are degenerate (zero, NaN, linearly dependent, or inside the "
                           "span they must be orthogonal to)")
-    start = retract(raw, constraint)
-    param = torch.nn.Parameter(start.clone())
+    return train_parameters(retract(raw, constraint), loss_fn, n_examples, validate, cfg, desc=desc,
+                            project=lambda grad, param: tangent_project(grad, param, constraint),
+                            retraction=lambda param: retract(param, constraint), constraint=constraint)
+
+
+def train_parameters(
+    start: torch.Tensor,
+    loss_fn: LossFn,
+    n_examples: int,
+    validate: ValidateFn,
+    cfg: TrainConfig,
+    *,
+    desc: str = "train",
+    project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    retraction: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    constraint: torch.Tensor | None = None,
+) -> TrainResult:
+    """AdamW on one parameter tensor from ``start`` by ``loss_fn(param, example_idx, slot, step)``, validated,
+    checkpointed after every step inside :func:`~refusal_atlas.directions.checkpoint.checkpointing`.
+
+    ``project(grad, param)`` maps the gradient before clipping and the step (a tangent space), ``retraction``
+    maps the iterate after it (back onto a constraint set); both default to nothing (Euclidean). ``constraint``
+    only enters the checkpoint key.
+    """
+    if n_examples < 1:
+        raise ConfigError("training needs at least one example")
+    param = torch.nn.Parameter(start.detach().clone())
     opt = torch.optim.AdamW([param], lr=cfg.lr, betas=cfg.betas, weight_decay=0.0, amsgrad=cfg.amsgrad)
     sampler = Sampler(n_examples, cfg.seed)
     ckpt = next_checkpoint()
@@ -321,13 +349,13 @@ def train_directions(
                 stopped = "nan_loss"
                 break
             with torch.no_grad():
-                param.grad = tangent_project(grad, param.detach(), constraint)
+                param.grad = project(grad, param.detach()) if project is not None else grad
                 gnorm = float(param.grad.norm())
                 if cfg.clip:
                     torch.nn.utils.clip_grad_norm_([param], cfg.clip)
             opt.step()
             with torch.no_grad():
-                new = retract(param.detach(), constraint)
+                new = retraction(param.detach()) if retraction is not None else param.detach()
                 if not torch.isfinite(new).all():
                     stopped = "nan_loss"
                     warnings.warn(f"{desc}: parameters became non-finite at step {step}; stopping", stacklevel=2)

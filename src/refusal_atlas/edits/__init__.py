@@ -5,6 +5,7 @@ from refusal_atlas.edits.actadd import ActAdd
 from refusal_atlas.edits.base import EDIT_TYPES, Edit, NoEdit, load_edit, load_run_edit
 from refusal_atlas.edits.kernel import StrengthKernel
 from refusal_atlas.edits.layerwise import LayerwiseAblation
+from refusal_atlas.edits.lowrank import LowRankEdit
 
-__all__ = ["ActAdd", "DirectionalAblation", "EDIT_TYPES", "Edit", "LayerwiseAblation", "NoEdit", "StrengthKernel",
-           "load_edit", "load_run_edit"]
+__all__ = ["ActAdd", "DirectionalAblation", "EDIT_TYPES", "Edit", "LayerwiseAblation", "LowRankEdit", "NoEdit",
+           "StrengthKernel", "load_edit", "load_run_edit"]

@@ -13,6 +13,11 @@ edit each column of W — the vector one input feature writes into the residual 
 original norm: W' = T W diag(c), c_j = ‖W[:, j]‖ / ‖T W[:, j]‖. Hook form: scale the out-projection's
 *input* by c and map its output by T — exactly equal, so both forms exist and are tested equal.
 
+**Transforms** (``transform``, see :mod:`refusal_atlas.edits.writes`): ``project`` (the map above),
+``householder`` (reflect the writes along the directions: W ← (I − 2w·P) W) and ``biproject`` (project,
+with block j's directions orthogonalized against ``harmless_means[j+1]``, the harmless mean of the residual
+block j writes into — the last block uses layer L−1, the embedding layer 0). Both keep the hook form.
+
 Hooks sit on the out-projections themselves, so hooks equal weights for every architecture
 (Gemma-2's post-norms come after the out-projection and see the same values either way).
 """
@@ -28,8 +33,9 @@ import torch
 from refusal_atlas.core.errors import ConfigError, ModelError
 from refusal_atlas.edits.base import Edit, WeightSnapshot, as_adapter, untie_embeddings
 from refusal_atlas.edits.kernel import StrengthKernel
-from refusal_atlas.edits.projection import AblationMode, check_mode
-from refusal_atlas.edits.writes import column_norm_scale, edit_linear, map_writes, prepare
+from refusal_atlas.edits.projection import AblationMode, check_mode, orthogonalize_against
+from refusal_atlas.edits.writes import (REFLECTION, Transform, check_transform, column_norm_scale, edit_linear,
+                                        map_writes, prepare)
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.hooks import Hooks
 
@@ -40,7 +46,8 @@ class LayerwiseAblation(Edit):
     edit_type = "layerwise"
 
     def __init__(self, directions: torch.Tensor, attn_weights, mlp_weights, *, mode: AblationMode = "subspace",
-                 norm_preserving: bool = False, embed_weight: float = 0.0, name: str | None = None,
+                 norm_preserving: bool = False, embed_weight: float = 0.0, transform: Transform = "project",
+                 harmless_means: torch.Tensor | None = None, name: str | None = None,
                  meta: dict[str, Any] | None = None):
         d = directions.detach().to(torch.float32).cpu()
         if d.ndim == 2:
@@ -60,7 +67,22 @@ class LayerwiseAblation(Edit):
         self.embed_weight = float(embed_weight)
         if self.embed_weight < 0:
             raise ConfigError(f"embedding weight must be >= 0, got {self.embed_weight}")
+        self.transform = check_transform(transform)
+        self.harmless_means = self._check_means(harmless_means)
         self.meta = dict(meta or {})
+
+    def _check_means(self, means: torch.Tensor | None) -> torch.Tensor | None:
+        if self.transform != "biproject":
+            if means is not None:
+                raise ConfigError("harmless means are used by the biproject transform only")
+            return None
+        if means is None:
+            raise ConfigError("the biproject transform needs the harmless mean of every layer ([n_layers, d_model])")
+        m = means.detach().to(torch.float32).cpu()
+        if m.shape != (self.n_layers, self.d_model) or not torch.isfinite(m).all() or (m.norm(dim=-1) < 1e-12).any():
+            raise ConfigError(f"harmless means must be finite, non-zero [n_layers={self.n_layers}, "
+                              f"d_model={self.d_model}], got {tuple(means.shape)}")
+        return m
 
     @classmethod
     def from_kernels(cls, directions: torch.Tensor, attn: StrengthKernel, mlp: StrengthKernel, **kw) -> LayerwiseAblation:
@@ -74,18 +96,41 @@ class LayerwiseAblation(Edit):
         return int(self.per_layer.shape[2])
 
     def spec(self) -> dict[str, Any]:
-        return {"mode": self.mode, "norm_preserving": self.norm_preserving, "n_layers": self.n_layers,
-                "k": int(self.per_layer.shape[1]), "d_model": self.d_model, "attn_weights": self.attn_weights,
-                "mlp_weights": self.mlp_weights, "embed_weight": self.embed_weight, "meta": self.meta}
+        out = {"mode": self.mode, "norm_preserving": self.norm_preserving, "n_layers": self.n_layers,
+               "k": int(self.per_layer.shape[1]), "d_model": self.d_model, "attn_weights": self.attn_weights,
+               "mlp_weights": self.mlp_weights, "embed_weight": self.embed_weight, "meta": self.meta}
+        if self.transform != "project":  # absent for projection: edits saved before transforms keep their fingerprint
+            out["transform"] = self.transform
+        return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"directions": self.per_layer}
+        out = {"directions": self.per_layer}
+        if self.harmless_means is not None:
+            out["harmless_means"] = self.harmless_means
+        return out
 
     @classmethod
     def from_parts(cls, spec, tensors):
         return cls(tensors["directions"], spec["attn_weights"], spec["mlp_weights"], mode=spec["mode"],
                    norm_preserving=spec["norm_preserving"], embed_weight=spec.get("embed_weight", 0.0),
+                   transform=spec.get("transform", "project"), harmless_means=tensors.get("harmless_means"),
                    meta=spec.get("meta"))
+
+    def _prepared(self, block: int, written: int) -> torch.Tensor:
+        """Block ``block``'s directions as the write map uses them (biproject: orthogonalized against the
+        harmless mean of layer ``written``, the residual they are written into)."""
+        d = self.per_layer[block]
+        if self.harmless_means is not None:
+            g = self.harmless_means[written]
+            cos = (d @ g).abs() / (d.norm(dim=-1) * g.norm())
+            if (cos > 1 - 1e-9).any():
+                raise ConfigError(f"block {block}'s direction is parallel to the harmless mean of layer {written}: "
+                                  "nothing is left to biproject")
+            d = orthogonalize_against(d, g)
+        return prepare(d, self.mode)
+
+    def _strength(self, weight: float) -> float:
+        return weight * REFLECTION[self.transform]
 
     def _targets(self, adapter):
         """(module, prepared directions, strength) for every out-projection with a non-zero weight."""
@@ -94,11 +139,12 @@ class LayerwiseAblation(Edit):
             for comp, weight in zip(COMPONENTS, (self.attn_weights[j], self.mlp_weights[j])):
                 if weight == 0.0:
                     continue
-                prepared = prepare(self.per_layer[j], self.mode) if prepared is None else prepared
+                prepared = self._prepared(j, min(j + 1, self.n_layers - 1)) if prepared is None else prepared
                 if comp == "mlp" and adapter.is_moe(j):
                     raise ModelError(f"per-layer strength edits of mixture-of-experts MLPs (block {j}) are not "
                                      "supported; use full directional ablation, or a kernel with MLP weight 0")
-                yield (adapter.attn_out_proj(j) if comp == "attn" else adapter.mlp_out_proj(j)), prepared, weight
+                yield ((adapter.attn_out_proj(j) if comp == "attn" else adapter.mlp_out_proj(j)), prepared,
+                       self._strength(weight))
 
     def hooks(self, model):
         adapter = as_adapter(model)
@@ -109,7 +155,7 @@ class LayerwiseAblation(Edit):
     def _hooks(self, adapter: ModelAdapter) -> Iterator[None]:
         with Hooks() as hooks:
             if self.embed_weight:
-                p0 = prepare(self.per_layer[0], self.mode).to(adapter.device)
+                p0 = self._prepared(0, 0).to(adapter.device)
                 hooks.outputs(adapter.embedding, lambda y: self._map_embedding(y, p0))
             for proj, prepared, weight in self._targets(adapter):
                 p = prepared.to(adapter.device)
@@ -121,7 +167,7 @@ class LayerwiseAblation(Edit):
 
     def _map_embedding(self, rows: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
         """Embedding rows (or looked-up vectors: the same thing) mapped, norms kept if norm-preserving."""
-        out = map_writes(rows, prepared, self.embed_weight, self.mode)
+        out = map_writes(rows, prepared, self._strength(self.embed_weight), self.mode)
         if not self.norm_preserving:
             return out
         r32, o32 = rows.to(torch.float32), out.to(torch.float32)
@@ -137,11 +183,12 @@ class LayerwiseAblation(Edit):
         if self.embed_weight:
             untied = untie_embeddings(adapter)
             emb = snapshot.keep(adapter.embedding.weight)
-            emb.data.copy_(self._map_embedding(emb.data, prepare(self.per_layer[0], self.mode).to(emb.device)))
+            emb.data.copy_(self._map_embedding(emb.data, self._prepared(0, 0).to(emb.device)))
         for proj, prepared, weight in self._targets(adapter):
             snapshot.keep(proj.weight)
             if proj.bias is not None:
                 snapshot.keep(proj.bias)
             edit_linear(proj, prepared.to(proj.weight.device), weight, self.mode, self.norm_preserving)
             n += 1
-        return {"matrices": n, "mode": self.mode, "norm_preserving": self.norm_preserving, "untied_embeddings": untied}
+        return {"matrices": n, "mode": self.mode, "norm_preserving": self.norm_preserving, "transform": self.transform,
+                "untied_embeddings": untied}

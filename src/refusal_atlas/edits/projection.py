@@ -44,6 +44,16 @@ def orthonormal_basis(directions: torch.Tensor, tol: float = 1e-6) -> torch.Tens
     return q[:, keep].T.to(mat.dtype)
 
 
+def orthogonalize_against(r: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Unit rows of ``r`` minus their component along the unit ``mean`` (one [d] mean, or one per row), in
+    float64: "projected" directions (grimjim), which leave the harmless mean's own direction alone."""
+    g = mean.to(torch.float64)
+    g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    r64 = r.to(torch.float64)
+    out = r64 - (r64 * g).sum(-1, keepdim=True) * g
+    return (out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(torch.float32)
+
+
 def project_out(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """x minus its component in span(basis); ``basis`` rows must be orthonormal."""
     work = torch.promote_types(x.dtype, torch.float32)

@@ -7,15 +7,39 @@ For unit directions u_1..u_k and a strength w, a write x (any d_model vector) be
 
 Both are linear, so applying the map to a Linear's output equals applying it to the columns of its
 weight (and to its bias): ``W ← T W``, ``b ← T b``. That is why hooks on the out-projections and the
-weight edit agree. Computed in float32 (at least) through :func:`~refusal_atlas.edits.projection.project_out`
-and rounded once to the model dtype.
+weight edit agree.
+
+**Transforms** (abliterix 1.12's names, defined from grimjim's write-ups; see docs/edits.md): ``project``
+is the map above; ``householder`` *reflects* instead of projecting, x − 2w·P x (w = 1: the Householder
+reflection I − 2 u uᵀ, an isometry, so every write keeps its norm); ``biproject`` is the projection with
+each block's directions first orthogonalized against the harmless mean of the residual that block writes
+into (grimjim's "biprojected abliteration": the harmless direction of every edited layer is left alone).
+The first two differ only in the factor :data:`REFLECTION` on the strength; the third only in the
+directions (:class:`~refusal_atlas.edits.layerwise.LayerwiseAblation` orthogonalizes them), so every
+transform keeps the hook form and its equality with the weight edit.
+
+Computed in float32 (at least) through :func:`~refusal_atlas.edits.projection.project_out` and rounded
+once to the model dtype.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
+from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.edits.projection import AblationMode, orthonormal_basis, project_out
+
+Transform = Literal["project", "householder", "biproject"]
+TRANSFORMS: tuple[str, ...] = ("project", "householder", "biproject")
+REFLECTION = {"project": 1.0, "householder": 2.0, "biproject": 1.0}  # x − factor·w·P x
+
+
+def check_transform(transform: str) -> Transform:
+    if transform not in TRANSFORMS:
+        raise ConfigError(f"unknown transform {transform!r}; choose one of {', '.join(TRANSFORMS)}")
+    return transform  # type: ignore[return-value]
 
 
 def prepare(directions: torch.Tensor, mode: AblationMode) -> torch.Tensor:

@@ -88,6 +88,21 @@ def lora_factors(original: dict[str, torch.Tensor], model: torch.nn.Module, max_
     return out
 
 
+def _write_adapter(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], base_model: str, rank: int,
+                   modules: list[str], modules_to_save: list[str] | None) -> None:
+    """adapter_model.safetensors + adapter_config.json (lora_alpha = r: PEFT's scale is 1, the merge is W + B·A)."""
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "target_modules": modules, "modules_to_save": modules_to_save,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+    out_dir = Path(out_dir)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 def write_lora(before: Snapshot, model: torch.nn.Module, out_dir: str | os.PathLike,
                base_model: str, max_rank: int | None = None) -> dict:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``out_dir``; returns a summary."""
@@ -109,15 +124,30 @@ def write_lora(before: Snapshot, model: torch.nn.Module, out_dir: str | os.PathL
     if any(kind == "embedding" for kind, *_ in factors.values()) and before.tied_embeddings:
         modules_to_save = [head_name]
         tensors[f"{PREFIX}{head_name}.weight"] = original[f"{head_name}.weight"].to(torch.float32).contiguous()
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
-        "target_modules": sorted(factors), "modules_to_save": modules_to_save,
-        "rank_pattern": {}, "alpha_pattern": {},
-    }
-    out_dir = Path(out_dir)
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    _write_adapter(out_dir, tensors, base_model, rank, sorted(factors), modules_to_save)
     return {"rank": rank, "modules": len(factors), "untied_lm_head": modules_to_save is not None,
             "max_relative_error": max(err for *_, err in factors.values())}
+
+
+def write_lowrank_adapter(model: torch.nn.Module, edit, out_dir: str | os.PathLike, base_model: str) -> dict:
+    """Write a low-rank edit (:class:`~refusal_atlas.edits.lowrank.LowRankEdit`) as the PEFT adapter it is.
+
+    No difference or SVD: each target projection's trained A [r, d_in] and B [d_out, r] become its
+    ``lora_A.weight`` / ``lora_B.weight`` (PEFT's names, under ``base_model.model.``), with ``r`` = the rank and
+    ``lora_alpha`` = r, so PEFT's scale alpha / r is 1 and the merged weight is W + B·A, the edit's weight form.
+    ``model`` (the original, unedited) gives the projections' module names; ``out_dir`` must exist.
+    """
+    from refusal_atlas.edits.lowrank import projection
+    from refusal_atlas.model.adapter import ModelAdapter
+
+    adapter = ModelAdapter(model)
+    edit.check_model(adapter)
+    names = {id(m): n for n, m in model.named_modules()}
+    tensors: dict[str, torch.Tensor] = {}
+    for target, (a, b) in edit.factors.items():
+        name = names[id(projection(adapter, target))]
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.to(torch.float32).contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.to(torch.float32).contiguous()
+    modules = sorted(k[len(PREFIX):-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight"))
+    _write_adapter(out_dir, tensors, base_model, edit.rank, modules, None)
+    return {"rank": edit.rank, "modules": len(modules), "exact": True}

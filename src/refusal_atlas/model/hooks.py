@@ -33,6 +33,17 @@ def _input_hook(fn: HiddenFn):
     return hook
 
 
+def _around_hook(fn: Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]):
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = args[0] if args else kwargs.get("input", kwargs.get("hidden_states"))
+        if isinstance(output, tuple):
+            new = fn(x, output[0])
+            return None if new is None else (new, *output[1:])
+        return fn(x, output)
+
+    return hook
+
+
 def _output_hook(fn: HiddenFn):
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
         if isinstance(output, tuple):
@@ -62,6 +73,13 @@ class Hooks:
     def outputs(self, module: nn.Module, fn: HiddenFn) -> Hooks:
         """Call ``fn`` on the hidden state ``module`` returns; its result replaces it."""
         self._handles.append(module.register_forward_hook(_output_hook(fn)))
+        return self
+
+    def around(self, module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]) -> Hooks:
+        """Call ``fn(input, output)`` after ``module`` ran (its hidden-state input and output); its result
+        replaces the output. For edits that add a function of a module's input to what it writes (a low-rank
+        update ``B·A·x`` of a projection)."""
+        self._handles.append(module.register_forward_hook(_around_hook(fn), with_kwargs=True))
         return self
 
     def remove(self) -> None:

@@ -14,7 +14,11 @@ ignored, as heretic does), and nearby values mean nearby edits:
   [0.3, 1.0]·(L−1), ``<c>_floor_frac`` ∈ [0, 1] (floor = frac × peak), ``<c>_distance`` ∈ [1, L]
   (heretic-llm 1.4.0: peak position from 0.6·L, distance up to 0.6·L);
 * ``projected`` (directions orthogonalized against the harmless mean), ``norm_preserving`` and
-  ``embed`` (also map the embedding rows with weight 1).
+  ``embed`` (also map the embedding rows with weight 1);
+* ``transform`` (only when ``transforms`` offers more than one; off by default, so a search without
+  ``--transforms`` samples, dedupes and fingerprints exactly as before): project, householder (reflect
+  the writes) or biproject (each block's directions also orthogonalized against the harmless mean of
+  the layer it writes into); see :mod:`refusal_atlas.edits.writes`.
 
 Departures from heretic, because on the embedded 0.5B model full DIM ablation (every layer and the
 embedding) already beats heretic's strongest front points: the peak may sit from 0.3·(L−1), the
@@ -38,6 +42,7 @@ from optuna.trial import Trial
 
 from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.edits import Edit, LayerwiseAblation, StrengthKernel
+from refusal_atlas.edits.writes import check_transform
 from refusal_atlas.search.sources import EditContext
 
 COMPONENTS = ("attn", "mlp")
@@ -53,8 +58,13 @@ class EditSpace:
     peak_range: tuple[float, float] = (0.1, 1.5)
     position_range: tuple[float, float] = (0.3, 1.0)  # × (L−1)
     distance_range: tuple[float, float] = (1.0, 1.0)  # absolute minimum, maximum × L
+    transforms: tuple[str, ...] = ("project",)  # the write transforms searched (one: not a parameter)
 
     def __post_init__(self) -> None:
+        if not self.transforms or len(set(self.transforms)) != len(self.transforms):
+            raise ConfigError(f"transforms must be distinct and at least one, got {list(self.transforms)}")
+        for t in self.transforms:
+            check_transform(t)
         if self.n_layers < 2:
             raise ConfigError(f"an edit search needs at least 2 layers, got {self.n_layers}")
         if not 1 <= self.k_max <= K_LIMIT:
@@ -67,11 +77,12 @@ class EditSpace:
                                   f"directions (ids {list(ids)}); lower --k-max")
 
     @classmethod
-    def for_context(cls, ctx: EditContext, k_max: int | None = None) -> EditSpace:
+    def for_context(cls, ctx: EditContext, k_max: int | None = None,
+                    transforms: tuple[str, ...] = ("project",)) -> EditSpace:
         sets = tuple((name, tuple(ds.ids)) for name, ds in sorted(ctx.sets.items()))
         if k_max is None:
             k_max = min([K_LIMIT, *[len(ids) for _, ids in sets]])
-        return cls(ctx.n_layers, sets, k_max)
+        return cls(ctx.n_layers, sets, k_max, transforms=tuple(transforms))
 
     def sources(self) -> list[str]:
         return ["dim:index", "dim:per_layer", *[f"set:{name}" for name, _ in self.sets]]
@@ -92,6 +103,8 @@ class EditSpace:
         trial.suggest_categorical("projected", [False, True])
         trial.suggest_categorical("norm_preserving", [False, True])
         trial.suggest_categorical("embed", [False, True])
+        if len(self.transforms) > 1:
+            trial.suggest_categorical("transform", list(self.transforms))
         dist_hi = max(self.distance_range[0], self.distance_range[1] * self.n_layers)
         for c in COMPONENTS:
             trial.suggest_float(f"{c}_peak", *self.peak_range)
@@ -118,6 +131,9 @@ class EditSpace:
             choice.update(set=name, ids=chosen, mode=params["mode"] if len(chosen) > 1 else "subspace")
         elif source != "dim:per_layer":
             raise ConfigError(f"unknown direction source {source!r} (sources: {self.sources()})")
+        transform = params["transform"] if len(self.transforms) > 1 else self.transforms[0]
+        if transform != "project":  # absent for projection: the choices (dedupe keys) of plain searches stay as they were
+            choice["transform"] = check_transform(transform)
         for c in COMPONENTS:
             peak = float(params[f"{c}_peak"])
             choice[c] = {"peak": peak, "position": float(params[f"{c}_position"]),
@@ -141,12 +157,17 @@ class EditSpace:
         params.update({f"{name}_use_{i}": 0.0 for name, ids in self.sets for i in ids})
         if self.sets:
             params["mode"] = "subspace"
+        if len(self.transforms) > 1:
+            params["transform"] = "project" if "project" in self.transforms else self.transforms[0]
         for c in COMPONENTS:
             params.update({f"{c}_peak": strength, f"{c}_position": p, f"{c}_floor_frac": 1.0, f"{c}_distance": distance})
         return params
 
     def identity(self) -> dict[str, Any]:
-        return {"space": "edits", **json.loads(json.dumps(asdict(self)))}
+        out = {"space": "edits", **json.loads(json.dumps(asdict(self)))}
+        if self.transforms == ("project",):  # studies made before transforms existed resume unchanged
+            del out["transforms"]
+        return out
 
 
 def build_edit(choice: dict[str, Any], ctx: EditContext, name: str | None = None) -> LayerwiseAblation:
@@ -162,11 +183,13 @@ def build_edit(choice: dict[str, Any], ctx: EditContext, name: str | None = None
     else:
         raise ConfigError(f"unknown direction source {source!r}")
     kernels = {c: StrengthKernel(**choice[c]) for c in COMPONENTS}
+    transform = choice.get("transform", "project")
     return LayerwiseAblation.from_kernels(directions.contiguous(), kernels["attn"], kernels["mlp"],
                                           mode=choice.get("mode", "subspace"),
                                           norm_preserving=choice["norm_preserving"],
-                                          embed_weight=1.0 if choice.get("embed") else 0.0, name=name,
-                                          meta={"method": "search", "choice": choice})
+                                          embed_weight=1.0 if choice.get("embed") else 0.0, transform=transform,
+                                          harmless_means=ctx.harmless_mean if transform == "biproject" else None,
+                                          name=name, meta={"method": "search", "choice": choice})
 
 
 def run_edit_trials(study, space: EditSpace, ctx: EditContext, objective: Callable[[Edit], tuple[float, float]],
@@ -213,7 +236,8 @@ def describe_choice(choice: dict[str, Any]) -> str:
     else:
         what = f"{choice['set']}{choice['ids']}" + (f" {choice['mode'][:3]}" if len(choice["ids"]) > 1 else "")
     flags = "".join([" proj" if choice["projected"] else "", " norm" if choice["norm_preserving"] else "",
-                     " +emb" if choice.get("embed") else ""])
+                     " +emb" if choice.get("embed") else "",
+                     f" {choice['transform']}" if choice.get("transform") else ""])
     kern = " ".join(f"{c} {k['peak']:.2f}@{k['position']:.1f}→{k['floor']:.2f}/{k['distance']:.1f}"
                     for c, k in ((c, choice[c]) for c in COMPONENTS))
     return f"{what}{flags}; {kern}"

@@ -19,17 +19,11 @@ import torch
 
 from refusal_atlas.core.errors import ArtifactError, ConfigError
 from refusal_atlas.directions.base import DirectionSet
+from refusal_atlas.edits.projection import orthogonalize_against
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def orthogonalize_against(r: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Unit r (rows) minus their component along the unit harmless mean (one [d] mean, or one per row)."""
-    g = _unit(mean.to(torch.float64))
-    r64 = r.to(torch.float64)
-    return _unit(r64 - (r64 * g).sum(-1, keepdim=True) * g).to(torch.float32)  # row-wise (or one mean for all)
 
 
 @dataclass

@@ -52,19 +52,10 @@ def prepare_training(ws, *, n_train: int = 64, n_val: int = 16, target_tokens: i
         raise ConfigError(f"need n_train >= 2 and n_val >= 1, got {n_train}, {n_val}")
     data, batch_size = ws.settings.data, ws.settings.model.batch_size
     dim = load_dim(ws.run.path)
-    harmful = load_prompts(data.harmful_train, n=n_train, seed=data.seed)
-    harmless = load_prompts(data.harmless_train, n=n_train, seed=data.seed)
-    if data.filter_train:
-        harmful, harmless = filter_by_refusal(ws, harmful, harmless)
-    targets = build_targets(ws.adapter, ws.chat, dim, [p.instruction for p in harmful],
-                            [p.instruction for p in harmless], max_new_tokens=target_tokens,
+    harmful, harmless = train_prompts(ws, n_train)
+    targets = build_targets(ws.adapter, ws.chat, dim, harmful, harmless, max_new_tokens=target_tokens,
                             batch_size=batch_size, cache=ws.run / "targets.json")
-
-    def texts(name: str) -> list[str]:
-        return [p.instruction for p in load_prompts(name, n=n_val, seed=data.seed)]
-
-    val = ValidationSet(ws.adapter, ws.chat, texts(data.harmful_val), texts(data.harmless_val), ws.refusal_ids,
-                        batch_size, kl_weight)
+    val = ValidationSet(ws.adapter, ws.chat, *val_prompts(ws, n_val), ws.refusal_ids, batch_size, kl_weight)
     model = ws.run.manifest().get("model", {})
     provenance = {"provenance": {
         "model": model.get("name", ws.loaded.name), "model_sha256": model.get("gguf_sha256"),
@@ -75,6 +66,24 @@ def prepare_training(ws, *, n_train: int = 64, n_val: int = 16, target_tokens: i
         "target_tokens": target_tokens, "targets": "targets.json", "seed": data.seed,
         "system_prompt": ws.settings.model.system_prompt}}
     return TrainingSetup(dim, targets, TrainingData(ws.chat, targets, ws.adapter.device), val, provenance)
+
+
+def train_prompts(ws, n_train: int) -> tuple[list[str], list[str]]:
+    """``n_train`` harmful and harmless train prompts (the run's sets and seed), filtered like the DIM step when
+    the run filters: harmful prompts the model refuses, harmless ones it answers."""
+    data = ws.settings.data
+    harmful = load_prompts(data.harmful_train, n=n_train, seed=data.seed)
+    harmless = load_prompts(data.harmless_train, n=n_train, seed=data.seed)
+    if data.filter_train:
+        harmful, harmless = filter_by_refusal(ws, harmful, harmless)
+    return [p.instruction for p in harmful], [p.instruction for p in harmless]
+
+
+def val_prompts(ws, n_val: int) -> tuple[list[str], list[str]]:
+    """``n_val`` harmful and harmless validation prompts (model selection of the trained methods)."""
+    data = ws.settings.data
+    return tuple([p.instruction for p in load_prompts(name, n=n_val, seed=data.seed)]  # type: ignore[return-value]
+                 for name in (data.harmful_val, data.harmless_val))
 
 
 def save_direction(ws, direction: DirectionSet, name: str) -> Path:

@@ -146,6 +146,53 @@ def train(method: str, run_dir: Path, training: dict[str, Any], **options: Any) 
     return ws, step(ws, settings.training, **options)
 
 
+# --- train-edit ara -----------------------------------------------------------------------------------------
+def parse_layers(text: str | None) -> list[int] | None:
+    """``"8-18"`` (inclusive) or ``"8,10,12"`` → layer indices; None passes through."""
+    if text is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            lo, dash, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if dash else [int(part)]
+    except ValueError:
+        raise ConfigError(f"--layers {text!r}: give a range (8-18) or comma-separated layers (8,10,12)") from None
+    if not out:
+        raise ConfigError(f"--layers {text!r} names no layer")
+    return out
+
+
+def train_edit(method: str, run_dir: Path, ara: dict[str, Any], *, name: str = "ara", adapter: Path | None = None,
+               force: bool = False) -> tuple[Workspace, Any, dict[str, Any] | None]:
+    """`train-edit ara`: train the ARA-style low-rank edit on the run → (workspace, edit, adapter summary).
+
+    ``ara``: the [ara] settings given as flags (None: not given). Everything is checked against the run's
+    manifest (layers and rank against its model's shape) before the model loads.
+    """
+    if method != "ara":
+        raise ConfigError(f"unknown trained edit {method!r} (available: ara)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ConfigError(f"--name {name!r}: use letters, digits, '_', '-' and '.' (it names edits/<name>.json)")
+    manifest = check_run_dir(run_dir)
+    settings = run_settings(manifest, {"ara": ara})  # milliseconds, before torch
+    model = manifest.get("model", {})
+    if adapter is not None:
+        from refusal_atlas.core.io import check_output_dir
+        from refusal_atlas.workflows.validate import check_output_parent
+
+        check_output_dir(adapter, force)
+        check_output_parent(adapter, "adapter directory")
+    from refusal_atlas.workflows.ara import ara_step, check_ara
+
+    check_ara(settings.ara, settings.data.seed, model.get("n_layers"), model.get("d_model"))
+    from refusal_atlas.workflows.workspace import open_workspace
+
+    ws = open_workspace(settings, run_dir, must_exist=True)
+    edit, summary = ara_step(ws, settings.ara, name=name, adapter_out=adapter, force=force)
+    return ws, edit, summary
+
+
 # --- search edits | subsets --------------------------------------------------------------------------------
 def parse_budget(text: str | None, trials: int | None) -> tuple[int | None, float | None]:
     """--trials / --budget → (trials to reach, minutes); default: reach 30 trials."""
@@ -205,6 +252,9 @@ def search_edits(run_dir: Path, overrides: dict[str, Any], *, trials: int | None
         raise ConfigError(f"unknown --refusal-stat {search.refusal_stat!r}; choose probability or logodds")
     if search.max_kl is not None and not search.max_kl > 0:
         raise ConfigError(f"--max-kl must be > 0, got {search.max_kl}")
+    from refusal_atlas.search.edit_space import EditSpace
+
+    EditSpace(2, transforms=search.transforms)  # unknown or repeated --transforms fail before the model loads
     from refusal_atlas.workflows.search import check_sets, edit_search_step
     from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
