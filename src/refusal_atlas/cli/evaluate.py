@@ -44,9 +44,12 @@ def evaluate_cmd(
                        endpoint_model=endpoint_model, rubric=rubric, concurrency=concurrency, timeout=timeout,
                        api_key=endpoint_api_key(), benchmarks=parse_names(benchmarks), limit=limit, edit=edit,
                        model=model, base=base, backend=backend)
-    from refusal_atlas.evaluation.evaluate import format_records
+    from refusal_atlas.evaluation.evaluate import format_records, length_note
 
     typer.echo(format_records(records))
+    note = length_note(records)
+    if note:
+        typer.echo(note, err=True)
 
 
 def report_cmd(run_dir: RunDirOpt) -> None:

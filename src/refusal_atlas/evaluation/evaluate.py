@@ -282,6 +282,20 @@ def format_records(records: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+RESOLVING_TOKENS = 64  # the shortest length whose verdicts all matched 256 tokens (docs/results/2026-11-22_generation_length.md)
+
+
+def length_note(records: Sequence[dict]) -> str | None:
+    """A note when some judged rate was generated at fewer than :data:`RESOLVING_TOKENS` tokens, else None."""
+    short = sorted({r["max_new_tokens"] for r in records if "refusal_rate" in r and r.get("judge")
+                    and isinstance(r.get("max_new_tokens"), int) and r["max_new_tokens"] < RESOLVING_TOKENS})
+    if not short:
+        return None
+    return (f"note: rates at {', '.join(map(str, short))} new tokens can under-read refusal; {RESOLVING_TOKENS} is the "
+            f"shortest length whose verdicts matched 256 tokens (docs/evaluation.md): --max-new-tokens "
+            f"{RESOLVING_TOKENS} re-reads them")
+
+
 def format_deflection(rec: dict) -> str:
     """``0.12 [0.07, 0.20]`` for a record whose judge told deflections apart, ``-`` otherwise."""
     rate, ci = rec.get("deflection_rate"), rec.get("deflection_ci95")
