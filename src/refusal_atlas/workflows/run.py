@@ -196,7 +196,6 @@ def _refusal(ws: Workspace, prompts: list[Prompt], dataset: str, spec: Edit, fir
                             backend=ws.generation_backend(), judge=ws.judge())
 
 
-
 def build_direction(settings: Settings, run_dir: str | Path, *, sets: PromptSets | None = None, resume: bool = False,
                     allow_low_refusal: bool = False) -> tuple[Workspace, PromptSets, DirectionSet]:
     """Open (or continue) a run and make its selected DIM direction: extract → DIM → select.
