@@ -171,8 +171,9 @@ class SearchSettings(_Section):
     # alone finds few low-damage points early on.
     anchors: tuple[float, ...] = Field((1.0, 0.85, 0.7, 0.5, 0.25, 0.12),
                                        description="edits: warm-start strengths of DIM ablation")
-    # the multi-fidelity step (search/verify.py): the proxy ranks, generation decides. 6 edits × 32 validation
-    # prompts × 64 tokens cost about as much as the 30 proxy trials on 2 CPU cores (docs/search.md)
+    # the multi-fidelity step (search/verify.py): the proxy ranks, generation decides. 6 edits (+ DIM) × 32
+    # validation prompts × 64 tokens; its cost on 2 CPU cores is printed by every search (not yet measured in
+    # docs/results/, see docs/search.md)
     verify: int = Field(6, ge=0, description="edits: re-score the best N proxy-front edits (and full DIM ablation) by "
                                              "greedy generation on the harmful validation prompts (0: off)")
     verify_tokens: int = Field(64, ge=1, description="edits: new tokens per verification completion")

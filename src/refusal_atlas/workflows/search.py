@@ -14,8 +14,9 @@ and end times, the proxy front, the verified edits and front, the rule, the veri
 DIM pick, then the same edit ever weaker down to strength 0.12, so the front starts from both of its ends),
 TPE samples uniformly until ``n_startup_trials`` = 10 trials have finished (trials 6–9), and trials 10–29 —
 two thirds of the budget — are proposed by TPE. Fewer trials leave TPE little or nothing to do (8 trials
-return the anchors and two random points; the printed ``origin`` column says so), and on the demo run 30
-proxy trials cost about as long as the verification that follows. The count was not tuned on any test prompt.
+return the anchors and two random points; the printed ``origin`` column says so). The verification's cost is
+printed beside the front; how it compares with the 30 proxy trials on 2 CPU cores has not been measured yet.
+The count was not tuned on any test prompt.
 """
 
 from __future__ import annotations
