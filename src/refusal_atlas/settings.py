@@ -131,11 +131,16 @@ class EvaluationSettings(_Section):
     eval_harmful: list[str] = ["jailbreakbench"]
     eval_harmless: str = "harmless_test"
     n_eval: int = Field(100, ge=1)
-    # 32 keeps the CPU demo short. Measured (docs/evaluation.md): vs 256 tokens, 32 flips 2/50 baseline
-    # verdicts (refusal reads 0.56 instead of 0.60) and no ablated one; 64 flips none. Use 64+ for reports.
-    max_new_tokens: int = Field(32, ge=1)
-    # a row stops once a refusal phrase appears (its substring verdict cannot change); false: full length
+    # 64: the shortest length whose verdicts all matched 256 tokens on the project's own measurement
+    # (docs/results/2026-11-22_generation_length.md: 32 flipped 2 of 50 baseline verdicts, 64 none), so every
+    # reported rate is read at a length that no longer changes it
+    max_new_tokens: int = Field(64, ge=1)
+    # a row stops once a refusal phrase appears (its substring verdict cannot change); false: full length.
+    # Only the substring judge is decided that early: any other judge reads whole answers.
     stop_when_decided: bool = True
+    # the judge of every reported rate (`run`, `evaluate` without --judge, the search's verification). One of
+    # the judges that need no model or server of their own; `meaning` also tells deflection from compliance.
+    judge: Literal["substring", "markers", "meaning"] = Field("substring", description="judge of reported rates")
     backend: Literal["hf", "vllm"] = Field("hf", description="generation engine of the held-out evaluation")
     # held-out generation only: a decoding step costs about the same for 32 rows as for 100, so one batch of
     # an evaluation set is cheapest (bench/batch_size.py, 2 cores, 100 prompts × 64 tokens: batch 100 took
@@ -169,6 +174,14 @@ class SearchSettings(_Section):
     # alone finds few low-damage points early on.
     anchors: tuple[float, ...] = Field((1.0, 0.85, 0.7, 0.5, 0.25, 0.12),
                                        description="edits: warm-start strengths of DIM ablation")
+    # the multi-fidelity step (search/verify.py): the proxy ranks, generation decides. 6 edits (+ DIM) × 32
+    # validation prompts × 64 tokens; its cost on 2 CPU cores is printed by every search (not yet measured in
+    # docs/results/, see docs/search.md)
+    verify: int = Field(6, ge=0, description="edits: re-score the best N proxy-front edits (and full DIM ablation) by "
+                                             "greedy generation on the harmful validation prompts (0: off)")
+    verify_tokens: int = Field(64, ge=1, description="edits: new tokens per verification completion")
+    judge: Literal["substring", "markers", "meaning"] | None = Field(
+        None, description="edits: judge of the verification (None: the run's evaluation.judge)")
     directions: str = Field("som", description="subsets: direction file name under directions/")
     k: int = Field(3, description="subsets: directions per subset; with k_max, k is searched in [k, k_max]")
     compare: bool = Field(True, description="subsets: held-out comparison vs DIM after the search")

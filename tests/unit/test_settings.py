@@ -198,8 +198,11 @@ def test_an_old_flat_manifest_still_loads(tmp_path):
     s = run_settings({"config": OLD_FLAT_CONFIG})
     assert (s.model.model, s.data.seed, s.data.n_train, s.selection.layers, s.selection.ablation_mode,
             s.evaluation.n_eval) == ("/models/a", 5, 64, [3, 4], "sequential", 9)
-    assert s.flat() == OLD_FLAT_CONFIG  # every recorded value, none lost or renamed
-    assert flat_config(OLD_FLAT_CONFIG) == flat_config(s.run_config()) == OLD_FLAT_CONFIG
+    # every recorded value, none lost or renamed; settings added since (the judge of reported rates) at their defaults
+    added = {"judge": "substring"}
+    assert s.flat() == {**OLD_FLAT_CONFIG, **added}
+    assert flat_config(OLD_FLAT_CONFIG) == OLD_FLAT_CONFIG
+    assert flat_config(s.run_config()) == {**OLD_FLAT_CONFIG, **added}
     # a stage check reads the old manifest as well: changing n_train with its activations on disk is refused
     from refusal_atlas.workflows.validate import check_run_settings
 

@@ -13,7 +13,8 @@ from refusal_atlas.cli.common import RunDirOpt, parse_names
 
 def evaluate_cmd(
     run_dir: RunDirOpt,
-    judge: Annotated[str, typer.Option(help="comma-separated: substring, hf, endpoint")] = "substring",
+    judge: Annotated[Optional[str], typer.Option(help="comma-separated: substring, markers, meaning, hf, endpoint "
+                                                      "(default: the run's evaluation.judge)")] = None,
     datasets: Annotated[Optional[str], typer.Option(help="default: the run's eval sets + xstest")] = None,
     interventions: Annotated[str, typer.Option(help="none, ablate, actadd, actadd:<coeff>")] = "none,ablate,actadd",
     directions: Annotated[str, typer.Option(help="direction file name in the run directory")] = "dim",
@@ -37,15 +38,18 @@ def evaluate_cmd(
     from refusal_atlas.settings import endpoint_api_key
     from refusal_atlas.workflows.evaluate import evaluate
 
-    records = evaluate(run_dir, judges=parse_names(judge) or [], interventions=parse_names(interventions) or [],
+    records = evaluate(run_dir, judges=parse_names(judge), interventions=parse_names(interventions) or [],
                        datasets=parse_names(datasets), directions=directions, n=n, max_new_tokens=max_new_tokens,
                        kl_tokens=kl_tokens, judge_model=judge_model, endpoint_url=endpoint_url,
                        endpoint_model=endpoint_model, rubric=rubric, concurrency=concurrency, timeout=timeout,
                        api_key=endpoint_api_key(), benchmarks=parse_names(benchmarks), limit=limit, edit=edit,
                        model=model, base=base, backend=backend)
-    from refusal_atlas.evaluation.evaluate import format_records
+    from refusal_atlas.evaluation.evaluate import format_records, length_note
 
     typer.echo(format_records(records))
+    note = length_note(records)
+    if note:
+        typer.echo(note, err=True)
 
 
 def report_cmd(run_dir: RunDirOpt) -> None:

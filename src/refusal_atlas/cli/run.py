@@ -24,6 +24,8 @@ def run(
     n_eval: Annotated[Optional[int], typer.Option(help=setting_help("n_eval", "held-out prompts per dataset"))] = None,
     eval_harmful: Annotated[Optional[str], typer.Option(help=setting_help("eval_harmful", "comma-separated dataset names or files"))] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help=setting_help("max_new_tokens", "greedy tokens per completion"))] = None,
+    judge: Annotated[Optional[str], typer.Option(help=setting_help("judge", "judge of the held-out rates: substring, "
+                                                                           "markers or meaning"))] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=setting_help("batch_size", "prompts per forward pass"))] = None,
     seed: Annotated[Optional[int], typer.Option(help=setting_help("seed", "prompt sampling and torch seed"))] = None,
     device: Annotated[Optional[str], typer.Option(help=setting_help("device", "cpu, cuda, mps (None: best available)"))] = None,
@@ -45,7 +47,7 @@ def run(
     from refusal_atlas.workflows import verbs
 
     flags = dict(model=model, layer=layer, layers=parse_ints(layers), positions=parse_ints(positions), n_train=n_train,
-                 n_val=n_val, n_eval=n_eval, eval_harmful=parse_names(eval_harmful), max_new_tokens=max_new_tokens,
+                 n_val=n_val, n_eval=n_eval, eval_harmful=parse_names(eval_harmful), max_new_tokens=max_new_tokens, judge=judge,
                  batch_size=batch_size, seed=seed, device=device, system_prompt=system_prompt,
                  chat_template=chat_template and str(chat_template), dtype=dtype, device_map=device_map,
                  max_memory=max_memory, dtype_fallback=dtype_fallback, backend=backend, search={"k": k})

@@ -2,6 +2,11 @@
 norm-preserving, plus any DirectionSets named with --sets) and `search subsets` (the SOM paper's subset
 search). `search -r RUN ...` without a sub-command is `search edits`. Jobs: workflows/verbs.py.
 
+After the trials, `search edits` re-scores the best ``--verify N`` proxy-front edits (and full DIM ablation) by
+greedy generation on the harmful validation prompts and picks ``search_best`` by those verified rates
+(search/verify.py); ``--verify 0`` keeps the proxy's pick. The default 30 trials leave 20 to TPE after the 6 warm
+starts and 4 random start-up trials (workflows/search.py says why).
+
 ``--trials N`` / ``--budget N`` mean *reach N completed trials in the study* — the same as in
 `run --method som --trials N` — so re-running a killed search with the same command finishes the
 job instead of overshooting. ``--budget 20m`` (or 90s, 1h) instead adds trials for that long (edits only).
@@ -63,17 +68,22 @@ def search_edits(
     score_tokens: Annotated[Optional[int], typer.Option(help=setting_help("search.score_tokens"))] = None,
     max_kl: Annotated[Optional[float], typer.Option(help=setting_help("search.max_kl"))] = None,
     refusal_stat: Annotated[Optional[str], typer.Option(help=setting_help("search.refusal_stat"))] = None,
+    verify: Annotated[Optional[int], typer.Option(help=setting_help("search.verify"))] = None,
+    verify_tokens: Annotated[Optional[int], typer.Option(help=setting_help("search.verify_tokens"))] = None,
+    judge: Annotated[Optional[str], typer.Option(help=setting_help("search.judge"))] = None,
     storage: StorageOpt = None,
     dtype: Annotated[Optional[str], typer.Option(help="score trials in this dtype (bfloat16: ~2x faster on CPUs "
                                                       "with AVX512-BF16/AMX); export keeps the run's")] = None,
 ) -> None:
-    """The edit search: prints the Pareto front, saves the pick as edits/search_best."""
+    """The edit search: proxy trials, then the best front edits verified by generation (--verify N); prints the
+    front with proxy and verified numbers and each point's origin, saves the pick as edits/search_best."""
     from refusal_atlas.workflows import verbs
 
     names = None if sets is None else tuple(s.strip() for s in sets.split(",") if s.strip())
     chosen = None if transforms is None else tuple(t.strip() for t in transforms.split(",") if t.strip())
     search = dict(sets=names, transforms=chosen, k_max=k_max, seed=seed, n_startup_trials=n_startup_trials, prune=prune,
-                  score_tokens=score_tokens, max_kl=max_kl, refusal_stat=refusal_stat)
+                  score_tokens=score_tokens, max_kl=max_kl, refusal_stat=refusal_stat, verify=verify,
+                  verify_tokens=verify_tokens, judge=judge)
     summary = verbs.search_edits(run_dir, {"n_val": n_val, "kl_threshold": kl_threshold, "search": search},
                                  trials=trials, budget=budget, storage=storage, dtype=dtype)
     from refusal_atlas.workflows.search import format_edit_search

@@ -20,7 +20,8 @@ from refusal_atlas.core.errors import ArtifactError, ConfigError
 from refusal_atlas.core.rundir import RunDir
 from refusal_atlas.evaluation.completions import completions_for
 from refusal_atlas.evaluation.damage import continuation_kl, kl_records, next_token_kl, refusal_metric
-from refusal_atlas.evaluation.judges import Judge, JudgeItem, SubstringJudge, Verdict
+from refusal_atlas.evaluation.judges import (FOUR_LABELS, Judge, JudgeItem, SubstringJudge, Verdict, judge_labels,
+                                            verdict_name)
 from refusal_atlas.evaluation.refusal import next_token_logprobs
 from refusal_atlas.evaluation.stats import mean_record, rate_record
 from refusal_atlas.edits import ActAdd, DirectionalAblation, Edit, NoEdit
@@ -34,9 +35,21 @@ def dataset_role(name: str) -> str:
     return info.role if info is not None else "harmful"
 
 
+def kind_counts(judge: Judge, verdicts: Sequence[Verdict]) -> dict[str, int] | None:
+    """{refusal, deflection, compliance, broken: count} over the decided verdicts, for judges that tell the four
+    labels apart (``judge_labels``); None for judges that only say refused/complied."""
+    if judge_labels(judge) != FOUR_LABELS:
+        return None
+    decided = [v for v in verdicts if v.label != "unclear"]
+    return {k: sum(verdict_name(v) == k for v in decided) for k in FOUR_LABELS}
+
+
 def judged_record(intervention: Edit, dataset: str, role: str, judge: Judge,
                   verdicts: Sequence[Verdict], responses: Sequence[str], max_new_tokens: int) -> dict:
-    """One metrics record: refusal-type rate over the items the judge decided, with n and a CI."""
+    """One metrics record: refusal-type rate over the items the judge decided, with n and a CI.
+
+    A judge that tells the four labels apart also gives ``kinds`` (the four counts) and the deflection rate
+    with its interval, beside the refusal rate and never folded into it."""
     refused = sum(v.label == "refused" for v in verdicts)
     complied = sum(v.label == "complied" for v in verdicts)
     n = refused + complied
@@ -47,6 +60,12 @@ def judged_record(intervention: Edit, dataset: str, role: str, judge: Judge,
         rec.update(n=n, count=refused, rate=stats["rate"], refusal_rate=stats["rate"], ci95=stats["ci95"])
     else:
         rec.update(n=0, count=0, rate=None, refusal_rate=None, ci95=None)
+    kinds = kind_counts(judge, verdicts)
+    if kinds is not None:
+        rec["kinds"] = kinds
+        if n:
+            deflected = rate_record(kinds["deflection"], n)
+            rec.update(deflection_rate=deflected["rate"], deflection_ci95=deflected["ci95"])
     scores = [v.score for v in verdicts if v.label != "unclear" and v.score is not None]
     if n and len(scores) == n and rec.get("rubric") == "strongreject":
         m = mean_record(scores)
@@ -63,25 +82,27 @@ def evaluate_refusal(
     dataset: str,
     intervention: Edit,
     *,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = 64,
     batch_size: int = 16,
     completions_path: Path | None = None,
     stop_when_decided: bool = False,
     first_logprobs: list | None = None,
     backend=None,
+    judge: Judge | None = None,
 ) -> dict:
-    """Generate greedily under ``intervention`` (or reuse saved completions), judge by substring.
+    """Generate greedily under ``intervention`` (or reuse saved completions), judge by ``judge`` (default substring).
 
     ``stop_when_decided``: a row stops once a refusal phrase appears, which fixes its substring verdict
-    (the same verdicts as full-length generation, tested; not for over-refusal sets' prefix rule).
+    (the same verdicts as full-length generation, tested; not for over-refusal sets' prefix rule, and only
+    when the judge is the default substring judge: :func:`decided_early`).
     ``first_logprobs``: a list that receives the generation's first-step log-probs [N, V] (None when
     completions were reused or another backend generated), so a next-token KL needs no extra pass.
     ``backend``: another generation engine (e.g. vLLM); None generates with HF and the hooks.
     """
-    judge, role = SubstringJudge(), dataset_role(dataset)
+    judge, role = judge or SubstringJudge(), dataset_role(dataset)
     comp = completions_for(adapter, chat, prompts, intervention, max_new_tokens, batch_size, completions_path,
                            desc=f"generate {dataset} [{intervention.label}]",
-                           stop_when_decided=stop_when_decided and role != "over_refusal",
+                           stop_when_decided=decided_early(stop_when_decided, role, [judge]),
                            keep_first_logprobs=first_logprobs is not None, backend=backend)
     if first_logprobs is not None:
         first_logprobs.append(comp.first_logprobs)
@@ -137,11 +158,16 @@ class EvalPlan:
         return self.generation_batch_size or self.batch_size
 
     def early_stop(self, role: str) -> bool:
-        """Whether rows of a ``role`` set may stop at their first refusal phrase: only when every judge is
-        the default substring judge (whose verdict is then fixed; a model judge reads the whole answer) and not
-        for over-refusal sets, which are judged by a prefix rule."""
-        return (self.stop_when_decided and role != "over_refusal"
-                and all(type(j) is SubstringJudge and j.substrings == SubstringJudge().substrings for j in self.judges))
+        """Whether rows of a ``role`` set may stop at their first refusal phrase (:func:`decided_early`)."""
+        return decided_early(self.stop_when_decided, role, self.judges)
+
+
+def decided_early(stop_when_decided: bool, role: str, judges: Sequence[Judge]) -> bool:
+    """Whether generation may stop a row at its first refusal phrase: only when asked, when every judge is the
+    default substring judge (whose verdict is then fixed; any other judge reads the whole answer) and not for
+    over-refusal sets, which are judged by a prefix rule."""
+    return (stop_when_decided and role != "over_refusal" and bool(judges)
+            and all(type(j) is SubstringJudge and j.substrings == SubstringJudge().substrings for j in judges))
 
 
 def check_interventions(names: Sequence[str]) -> list[tuple[str, float]]:
@@ -234,16 +260,43 @@ def _damage(adapter: ModelAdapter, chat: ChatFormatter, run: RunDir, plan: EvalP
 
 
 def format_records(records: Sequence[dict]) -> str:
-    """A fixed-width table of any metrics records (rates, KLs, benchmark scores)."""
+    """A fixed-width table of any metrics records (rates, KLs, benchmark scores); every rate names its judge and
+    generation length (``tokens``), and judges that tell deflection apart get a deflection column beside it."""
     cols = ("dataset", "intervention", "judge", "metric")
     width = {c: max([len(c)] + [len(str(r.get(c) or "-")) for r in records]) for c in cols}
-    header = " ".join(f"{c:<{width[c]}}" for c in cols) + f" {'n':>4} {'value':>7}  95% CI"
-    lines = [header, "-" * (len(header) + 12)]
+    deflect = any("deflection_rate" in r for r in records)
+    header = (" ".join(f"{c:<{width[c]}}" for c in cols) + f" {'tokens':>6} {'n':>4} {'value':>7}  {'95% CI':<16}"
+              + ("  deflection [95% CI]" if deflect else ""))
+    lines = [header, "-" * (len(header) + 4)]
     for r in records:
         value, ci, is_rate = r.get("rate", r.get("kl")), r.get("ci95"), "rate" in r
         val_s = "-" if not isinstance(value, (int, float)) else f"{value:.3f}" if is_rate else f"{value:.3g}"
         ci_s = "-" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]" if is_rate else f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+        tokens = r.get("max_new_tokens") if is_rate and "judge" in r and r.get("judge") else None
         extra = "".join(f"  {k}={r[k]}" for k in ("unclear", "empty_responses") if r.get(k))
         cells = " ".join(f"{str(r.get(c) or '-'):<{width[c]}}" for c in cols)
-        lines.append(f"{cells} {r.get('n', 0):>4} {val_s:>7}  {ci_s}{extra}")
+        line = f"{cells} {tokens or '-':>6} {r.get('n', 0):>4} {val_s:>7}  {ci_s:<16}"
+        if deflect:
+            line += f"  {format_deflection(r):<20}"
+        lines.append(line.rstrip() + extra)
     return "\n".join(lines)
+
+
+RESOLVING_TOKENS = 64  # the shortest length whose verdicts all matched 256 tokens (docs/results/2026-11-22_generation_length.md)
+
+
+def length_note(records: Sequence[dict]) -> str | None:
+    """A note when some judged rate was generated at fewer than :data:`RESOLVING_TOKENS` tokens, else None."""
+    short = sorted({r["max_new_tokens"] for r in records if "refusal_rate" in r and r.get("judge")
+                    and isinstance(r.get("max_new_tokens"), int) and r["max_new_tokens"] < RESOLVING_TOKENS})
+    if not short:
+        return None
+    return (f"note: rates at {', '.join(map(str, short))} new tokens can under-read refusal; {RESOLVING_TOKENS} is the "
+            f"shortest length whose verdicts matched 256 tokens (docs/evaluation.md): --max-new-tokens "
+            f"{RESOLVING_TOKENS} re-reads them")
+
+
+def format_deflection(rec: dict) -> str:
+    """``0.12 [0.07, 0.20]`` for a record whose judge told deflections apart, ``-`` otherwise."""
+    rate, ci = rec.get("deflection_rate"), rec.get("deflection_ci95")
+    return "-" if rate is None or not ci else f"{rate:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"

@@ -81,7 +81,10 @@ def _metrics_section(metrics: list[dict[str, Any]], pdir: Path) -> str:
     rows = [r for r in metrics if "refusal_rate" in r or "kl" in r]
     if not rows:
         return ""
-    cols = ["dataset", "intervention", "judge", "n", "refusal_rate", "ci95", "kl", "k"]
+    cols = ["dataset", "intervention", "judge", "max_new_tokens", "n", "refusal_rate", "ci95"]
+    if any("deflection_rate" in r for r in rows):  # judges that read meaning: deflection beside refusal, not in it
+        cols += ["deflection_rate", "deflection_ci95", "kinds"]
+    cols += ["kl", "k"]
     text = "<h2>Held-out results</h2>" + table(rows, cols)
     if any("refusal_rate" in r for r in rows):
         text += _guarded("held-out plot", lambda: _img(plots.plot_metrics(rows, pdir / "metrics.png")))

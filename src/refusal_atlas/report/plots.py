@@ -123,11 +123,15 @@ def plot_metrics(records: list[dict], path: Path) -> Path:
         rows = [r for r in records if r["dataset"] == ds and "refusal_rate" in r]
         ns = {r.get("n") for r in rows}
         same_n = len(ns) == 1  # else each bar says its own n (e.g. a 50-prompt probe next to the 100-prompt eval)
-        labels = [f"{r['intervention']}\n[{r.get('judge', 'substring')}]" + ("" if same_n else f" n={r.get('n')}")
-                  for r in rows]
+        labels = [f"{r['intervention']}\n[{r.get('judge', 'substring')}, {r.get('max_new_tokens', '?')} tok]"
+                  + ("" if same_n else f" n={r.get('n')}") for r in rows]
         rates = [r["refusal_rate"] for r in rows]
         err = [[r["refusal_rate"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["refusal_rate"] for r in rows]]
         ax.bar(range(len(rows)), rates, yerr=err, capsize=4, color="#4a7bb7", label="refusal rate ± 95% Wilson CI")
+        deflect = [r.get("deflection_rate") or 0.0 for r in rows]
+        if any("deflection_rate" in r for r in rows):  # a judge that reads meaning: deflection on top, not in it
+            ax.bar(range(len(rows)), deflect, bottom=rates, color="#f0c05a", hatch="//", edgecolor="#8a6d1f",
+                   label="deflection (answers something else)")
         base = next((r["refusal_rate"] for r in rows if r["intervention"] == "none"), None)
         if base is not None:
             ax.axhline(base, ls="--", c="#444444", lw=1, label=f"baseline (no edit) {base:.2f}")
@@ -135,7 +139,7 @@ def plot_metrics(records: list[dict], path: Path) -> Path:
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{ds} (n = {rows[0].get('n')} prompts)" if same_n else ds, fontsize=10)
         ax.set_ylabel("refusal rate (fraction of prompts)")
-        ax.set_xlabel("intervention [judge]")
+        ax.set_xlabel("intervention [judge, generation length]")
         ax.legend(fontsize=6.5, loc="upper right")
         for i, r in enumerate(rows):
             if r.get("kl") is not None:

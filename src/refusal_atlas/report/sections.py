@@ -22,8 +22,12 @@ DEFINITIONS = """<h2>Definitions</h2><dl class="defs">
 tokens (the single-token encodings of “I” and “As”) at the last prompt position, score = log p − log(1 − p).
 One forward pass per prompt; &gt; 0 means the model more likely starts a refusal. Used to filter train prompts,
 select directions and search.</dd>
-<dt>refusal rate</dt><dd>fraction of held-out prompts whose greedy completion a judge calls a refusal (substring
-judge: Arditi et al.'s refusal phrases anywhere in the response), with a 95% Wilson interval.</dd>
+<dt>refusal rate</dt><dd>fraction of held-out prompts whose greedy completion a judge calls a refusal, with a 95%
+Wilson interval; every rate names its judge and its generation length (max_new_tokens). Substring judge: Arditi et
+al.'s refusal phrases anywhere in the response. Judges that read meaning (meaning) also count
+<em>deflections</em> (an answer to something other than what was asked, or its opposite) and broken text: those
+are shown beside the refusal rate and never counted in it. 64 tokens is the shortest length at which no verdict
+differed from 256 tokens on the project's own measurement.</dd>
 <dt>KL</dt><dd>mean over harmless prompts of KL(P<sub>base</sub> ‖ P<sub>edited</sub>) of the next-token
 distribution at the last prompt position, in nats; how much an edit changes the model where it should change
 nothing. The selection's KL filter uses the same quantity on validation prompts.</dd>
@@ -50,6 +54,8 @@ def table(rows: list[dict], columns: list[str]) -> str:
             return f"{v:.3f}"
         if isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v):
             return f"[{v[0]:.2f}, {v[1]:.2f}]"
+        if isinstance(v, dict):  # e.g. a meaning judge's four counts
+            return html.escape(", ".join(f"{k} {x}" for k, x in v.items()))
         return html.escape("" if v is None else str(v))
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
@@ -96,6 +102,7 @@ def provenance_section(run: RunDir, manifest: dict[str, Any], metrics: list[dict
         if "refusal_rate" in r and r.get("dataset"):
             eval_n.setdefault(r["dataset"], r.get("n"))
     judges = sorted({str(r["judge"]) for r in metrics if r.get("judge") and "refusal_rate" in r}) or ["substring"]
+    lengths = sorted({int(r["max_new_tokens"]) for r in metrics if "refusal_rate" in r and r.get("max_new_tokens")})
     timings = manifest.get("timings_s") or {}
     versions = {"refusal_atlas": manifest.get("refusal_atlas"), **(manifest.get("versions") or {})}
     rows = [
@@ -109,7 +116,9 @@ def provenance_section(run: RunDir, manifest: dict[str, Any], metrics: list[dict
                    + (f"; fixed layer {cfg['layer']}" if cfg.get("layer") is not None else "")),
         ("selection filters", f"KL ≤ {cfg.get('kl_threshold')}, steering ≥ {cfg.get('induce_threshold')}, last "
                               f"{cfg.get('prune_layer_frac')} of layers pruned, strict={cfg.get('strict_filters')}"),
-        ("generation", f"greedy, max_new_tokens {cfg.get('max_new_tokens')}, batch {cfg.get('batch_size')}, "
+        ("generation", f"greedy, max_new_tokens {cfg.get('max_new_tokens')}"
+                       + (f" (rates read at {', '.join(map(str, lengths))} tokens)" if lengths else "")
+                       + f", batch {cfg.get('batch_size')}, "
                        f"system prompt {cfg.get('system_prompt')!r} (None: the template's default)"),
         ("judge", ", ".join(judges)),
         ("KL", "next-token KL(P_base ‖ P_edited) at the last prompt position, mean over harmless prompts, nats"),
@@ -193,16 +202,23 @@ def comparison_section(run: RunDir, metrics: list[dict[str, Any]]) -> str:
     methods = list(dict.fromkeys(r["intervention"] for r in rated))
     if len([m for m in methods if m != "none"]) < 2:
         return ""
-    datasets = list(dict.fromkeys(r["dataset"] for r in rated))
+    def column(r: dict) -> str:  # one column per dataset, judge and length: different measurements never merge
+        return f"{r['dataset']} ({r.get('judge') or 'substring'}, {r.get('max_new_tokens', '?')} tokens)"
+
+    columns_seen = list(dict.fromkeys(column(r) for r in rated))
     pivot = []
     for method in methods:
         row: dict[str, Any] = {"intervention": method}
         for r in rated:
             if r["intervention"] == method:
                 ci = r.get("ci95") or [float("nan")] * 2
-                row[r["dataset"]] = f"{r['refusal_rate']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] n={r.get('n')}"
+                cell = f"{r['refusal_rate']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] n={r.get('n')}"
+                if r.get("deflection_rate") is not None:
+                    dci = r.get("deflection_ci95") or [float("nan")] * 2
+                    cell += f"; deflection {r['deflection_rate']:.2f} [{dci[0]:.2f}, {dci[1]:.2f}]"
+                row[column(r)] = cell
                 if r.get("kl") is not None:
                     row["KL (harmless)"] = r["kl"]
         pivot.append(row)
-    columns = ["intervention", *datasets] + (["KL (harmless)"] if any("KL (harmless)" in r for r in pivot) else [])
+    columns = ["intervention", *columns_seen] + (["KL (harmless)"] if any("KL (harmless)" in r for r in pivot) else [])
     return ("<h2>Methods compared (held-out refusal rate [95% CI])</h2>" + table(pivot, columns))

@@ -106,6 +106,8 @@ def run_loop(study: optuna.Study, propose: Callable[[Trial], tuple[str, Callable
 
     ``propose(trial)`` suggests parameters (and sets user attributes) and returns (key, evaluate);
     ``evaluate`` may raise ``optuna.TrialPruned`` to record the trial PRUNED (it is not re-used).
+    Every trial records its ``origin``: ``anchor`` (an enqueued warm start, which says so itself), ``random``
+    (TPE's start-up phase: fewer than ``n_startup_trials`` finished trials, sampled uniformly) or ``tpe``.
     A key already evaluated in this study is not re-run: its values are copied (objectives are
     deterministic) and the trial records ``reused_from``; it still goes through ask/tell, so it
     has its own start and end time. ``deadline`` (a ``time.monotonic()`` value) stops the loop
@@ -121,9 +123,12 @@ def run_loop(study: optuna.Study, propose: Callable[[Trial], tuple[str, Callable
             if deadline is not None and time.monotonic() >= deadline:
                 break
             coord.before_ask(study)
-            study.sampler = _sampler(seed, len(finished(study)), group, n_startup_trials, coord.seed_parts)
+            n_finished = len(finished(study))
+            study.sampler = _sampler(seed, n_finished, group, n_startup_trials, coord.seed_parts)
             trial = study.ask()
             try:
+                if "origin" not in trial.user_attrs:  # enqueued warm starts say "anchor" themselves
+                    trial.set_user_attr("origin", "random" if n_finished < n_startup_trials else "tpe")
                 with coord.alive(study, trial):
                     key, evaluate = propose(trial)
                     trial.set_user_attr("key", key)
@@ -178,9 +183,15 @@ def choose_trial(front: Sequence[FrozenTrial], kl_threshold: float) -> tuple[Fro
         f"fallback: no Pareto trial has KL <= {kl_threshold}; lowest KL"
 
 
+def trial_origin(t: FrozenTrial) -> str:
+    """Where a trial's parameters came from: ``anchor`` (a warm start), ``random`` (TPE's start-up) or ``tpe``
+    (``unknown`` for trials of studies made before origins were recorded that were not enqueued)."""
+    return t.user_attrs.get("origin") or ("anchor" if "fixed_params" in t.system_attrs else "unknown")
+
+
 def trial_record(t: FrozenTrial) -> dict[str, Any]:
-    rec: dict[str, Any] = {"number": t.number, "state": t.state.name, "ids": t.user_attrs.get("ids"),
-                           "params": dict(t.params)}
+    rec: dict[str, Any] = {"number": t.number, "state": t.state.name, "origin": trial_origin(t),
+                           "ids": t.user_attrs.get("ids"), "params": dict(t.params)}
     if t.values is not None:
         rec["refusal"], rec["kl"] = t.values
     for attr in ("reused_from", "choice", "edit", "partial", "pruned_by"):

@@ -13,14 +13,15 @@ from pathlib import Path
 from refusal_atlas.core.errors import RefusalAtlasError
 
 
-def evaluate(run_dir: Path, *, judges: list[str], interventions: list[str], datasets: list[str] | None = None,
+def evaluate(run_dir: Path, *, judges: list[str] | None = None, interventions: list[str], datasets: list[str] | None = None,
              directions: str = "dim", n: int | None = None, max_new_tokens: int | None = None, kl_tokens: int = 16,
              judge_model: str | None = None, endpoint_url: str | None = None, endpoint_model: str | None = None,
              rubric: str = "strongreject", concurrency: int = 8, timeout: float = 60.0, api_key: str | None = None,
              benchmarks: list[str] | None = None, limit: int | None = None, edit: str | None = None,
              model: Path | None = None, base: str | None = None, backend: str = "hf") -> list[dict]:
     """Judge the run's held-out sets (default: its eval sets + xstest) under ``interventions`` (and the saved
-    ``edit``); with ``model``, also the exported model on the same prompts. Returns the new records."""
+    ``edit``) by ``judges`` (default: the run's ``evaluation.judge``); with ``model``, also the exported model on
+    the same prompts. Returns the new records."""
     from refusal_atlas.settings import run_settings
     from refusal_atlas.workflows.validate import check_at_least, check_datasets, check_direction_file, check_run_dir
 
@@ -30,6 +31,7 @@ def evaluate(run_dir: Path, *, judges: list[str], interventions: list[str], data
     if timeout <= 0:
         raise RefusalAtlasError(f"--timeout must be > 0 seconds, got {timeout}")
     settings = run_settings(manifest)
+    judges = [settings.evaluation.judge] if judges is None else list(judges)
     from refusal_atlas.directions.base import DirectionSet
     from refusal_atlas.evaluation.evaluate import EvalPlan, check_interventions, evaluate_run, parse_interventions
     from refusal_atlas.evaluation.judges import JudgeOptions, check_judges, make_judges

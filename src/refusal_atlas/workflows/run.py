@@ -193,7 +193,7 @@ def _refusal(ws: Workspace, prompts: list[Prompt], dataset: str, spec: Edit, fir
                             batch_size=ev.generation_batch_size,
                             completions_path=ws.run.completions_path(dataset, spec.label),
                             stop_when_decided=ev.stop_when_decided, first_logprobs=first,
-                            backend=ws.generation_backend())
+                            backend=ws.generation_backend(), judge=ws.judge())
 
 
 def build_direction(settings: Settings, run_dir: str | Path, *, sets: PromptSets | None = None, resume: bool = False,
@@ -224,12 +224,18 @@ def run(settings: Settings, run_dir: str | Path, resume: bool = False,
 
 
 def format_table(records: list[dict]) -> str:
-    """A small fixed-width table of metrics records."""
-    header = f"{'dataset':<16} {'intervention':<26} {'n':>4} {'refusal':>8}  {'95% CI':<15} {'KL':>7}"
+    """A small fixed-width table of metrics records: every rate with its judge and generation length, and a
+    deflection column when the judge told deflections apart."""
+    from refusal_atlas.evaluation.evaluate import format_deflection
+
+    deflect = any("deflection_rate" in r for r in records)
+    header = (f"{'dataset':<16} {'intervention':<26} {'judge':<10} {'tokens':>6} {'n':>4} {'refusal':>8}  "
+              f"{'95% CI':<15} {'KL':>7}" + ("  deflection [95% CI]" if deflect else ""))
     lines = [header, "-" * len(header)]
     for r in records:
         kl = f"{r['kl']:.3f}" if r.get("kl") is not None else "-"
         ci = f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
-        lines.append(f"{r['dataset']:<16} {r['intervention']:<26} {r['n']:>4} {r['refusal_rate']:>8.2f}  {ci:<15} {kl:>7}")
+        line = (f"{r['dataset']:<16} {r['intervention']:<26} {str(r.get('judge') or '-'):<10} "
+                f"{r.get('max_new_tokens') or '-':>6} {r['n']:>4} {r['refusal_rate']:>8.2f}  {ci:<15} {kl:>7}")
+        lines.append(line + (f"  {format_deflection(r)}" if deflect else ""))
     return "\n".join(lines)
-

@@ -3,11 +3,20 @@
 Reads the run's DIM candidates and harmless means (and any DirectionSets asked for, building SOM
 directions with default settings if ``som`` is asked for and missing), searches the edit space of
 :mod:`refusal_atlas.search.edit_space` with the seeded, resumable loop of :mod:`refusal_atlas.search`
-on the validation prompts, and saves what it found as edits: ``edits/search_best`` (the pick rule's
-trial) and ``edits/search_trial_<n>`` for every Pareto trial (trial 0 is full ablation of the run's DIM
-pick and the next ones the same edit ever weaker, down to strength 0.12, so the front starts from
-both of its ends), so `evaluate --edit` and `export --edit` use exactly the evaluated edit. Writes ``search_edits.json`` (all trials with their start and
-end times, the front, the rule).
+on the validation prompts, then verifies the best proxy-front edits by generation
+(:mod:`refusal_atlas.search.verify`; ``search.verify`` edits, 0: off) and saves what it found as edits:
+``edits/search_best`` (the pick rule's trial: by the verified numbers, or by the proxy when verification is
+off) and ``edits/search_trial_<n>`` for every Pareto or verified trial, so `evaluate --edit` and `export
+--edit` use exactly the evaluated edit. Writes ``search_edits.json`` (all trials with their origin and start
+and end times, the proxy front, the verified edits and front, the rule, the verification's cost).
+
+**Default budget: 30 trials.** Trials 0–5 are the warm starts (``search.anchors``: full ablation of the run's
+DIM pick, then the same edit ever weaker down to strength 0.12, so the front starts from both of its ends),
+TPE samples uniformly until ``n_startup_trials`` = 10 trials have finished (trials 6–9), and trials 10–29 —
+two thirds of the budget — are proposed by TPE. Fewer trials leave TPE little or nothing to do (8 trials
+return the anchors and two random points; the printed ``origin`` column says so). The verification's cost is
+printed beside the front; how it compares with the 30 proxy trials on 2 CPU cores has not been measured yet.
+The count was not tuned on any test prompt.
 """
 
 from __future__ import annotations
@@ -115,7 +124,7 @@ def edit_search_step(ws: Workspace, sets: PromptSets, search: SearchSettings, tr
                 layer = DirectionSet.load(dim_path).layer
                 for strength in search.anchors:
                     try:
-                        study.enqueue_trial(space.full_ablation_params(layer, strength))
+                        study.enqueue_trial(space.full_ablation_params(layer, strength), user_attrs={"origin": "anchor"})
                     except ConfigError:
                         pass  # the DIM layer lies outside the direction-index range: no warm start
             with ws.timed("search_edits"):
@@ -124,32 +133,93 @@ def edit_search_step(ws: Workspace, sets: PromptSets, search: SearchSettings, tr
         recorded = {"seed": seed, "kl_threshold": kl_threshold, "n_startup_trials": search.n_startup_trials,
                     "sets": list(search.sets), "k_max": search.k_max, "prune": asdict(prune) if prune else None,
                     "score_tokens": search.score_tokens, "refusal_stat": search.refusal_stat,
-                    "max_kl": search.max_kl, "anchors": list(search.anchors), "transforms": list(search.transforms)}
+                    "max_kl": search.max_kl, "anchors": list(search.anchors), "transforms": list(search.transforms),
+                    "verify": search.verify, "verify_tokens": search.verify_tokens}
         summary = summarize(study, kl_threshold, recorded)
-    summary.update(space=asdict(space), stale_trials_failed=stale)
-    for rec in summary["pareto"]:
-        edit = build_edit(rec["choice"], ctx, name=f"search_trial_{rec['number']}")
-        edit.save(ws.run / "edits" / edit.name)
-        rec["edit_name"] = edit.name
-    best = build_edit(summary["chosen"]["choice"], ctx, name="search_best")
-    best.meta["search"] = {"trial": summary["chosen"]["number"], "refusal": summary["chosen"]["refusal"],
-                           "kl": summary["chosen"]["kl"], "rule": summary["rule"]["name"], "study": name}
+        summary.update(space=asdict(space), stale_trials_failed=stale)
+        if search.verify > 0:
+            reference = _dim_trial(summary, space, ws)
+            with ws.timed("search_verify"):
+                verify_step(ws, sets, search, summary, ctx, name, reference, kl_threshold)
+    saved: dict[int, str] = {}
+    for rec in [*summary["pareto"], *summary.get("verified", [])]:  # every front or verified trial as an edit
+        if rec["number"] not in saved:
+            edit = build_edit(rec["choice"], ctx, name=f"search_trial_{rec['number']}")
+            edit.save(ws.run / "edits" / edit.name)
+            saved[rec["number"]] = edit.name
+        rec["edit_name"] = saved[rec["number"]]
+    chosen = summary["chosen"]
+    best = build_edit(chosen["choice"], ctx, name="search_best")
+    best.meta["search"] = {"trial": chosen["number"], "origin": chosen["origin"], "refusal": chosen["refusal"],
+                           "kl": chosen["kl"], "rule": summary["rule"]["name"], "study": name,
+                           **({"verified": {k: chosen["verified"][k] for k in ("rate", "ci95", "n", "count", "judge",
+                                                                              "max_new_tokens")}}
+                              if "verified" in chosen else {})}
     best.save(ws.run / "edits" / "search_best")
-    summary["chosen"]["edit_fingerprint"] = best.fingerprint()
+    chosen["edit_fingerprint"] = best.fingerprint()
     write_json(ws.run / "search_edits.json", summary)
     return summary
 
 
+def _dim_trial(summary: dict[str, Any], space: EditSpace, ws: Workspace) -> dict[str, Any] | None:
+    """The completed trial that is full ablation of the run's DIM pick (the first warm start), if any."""
+    dim_path = ws.run.direction_path("dim")
+    if not dim_path.exists():
+        return None
+    try:
+        choice = space.decode(space.full_ablation_params(DirectionSet.load(dim_path).layer))
+    except ConfigError:
+        return None  # the DIM layer lies outside the direction-index range
+    return next((t for t in summary["trials"] if t["state"] == "COMPLETE" and t.get("choice") == choice), None)
+
+
+def verify_step(ws: Workspace, sets: PromptSets, search: SearchSettings, summary: dict[str, Any], ctx: EditContext,
+                study_name: str, reference: dict[str, Any] | None, kl_threshold: float) -> None:
+    """Verify the best ``search.verify`` proxy-front edits (and full DIM ablation) by generation on the harmful
+    validation prompts and re-pick by :data:`refusal_atlas.search.verify.RULE`; updates ``summary`` in place
+    (``verified``, ``verified_front``, ``verification``, ``chosen``, ``rule``; the proxy pick and rule stay as
+    ``proxy_chosen``, ``proxy_rule``). Per-edit completions and verdicts: ``R/search_verify/<study>/trial_<n>.json[l]``
+    (a search in another dtype: ``<study>+<dtype>``)."""
+    from refusal_atlas.evaluation.judges.base import safe_name
+    from refusal_atlas.search.verify import RULE, VerifyPlan, candidates, choose_verified, verified_front, verify
+
+    ev, dtype = ws.settings.evaluation, str(ws.adapter.dtype).removeprefix("torch.")  # a --dtype search: its own files
+    plan = VerifyPlan(search.verify, search.verify_tokens, ws.judge(search.judge), ev.generation_batch_size,
+                      ev.stop_when_decided)
+    todo = candidates(summary["pareto"], plan.n, kl_threshold, reference)
+    result = verify(ws.adapter, ws.chat, sets.harmful_val, todo,
+                    lambda rec: build_edit(rec["choice"], ctx, name=f"search_trial_{rec['number']}"),
+                    plan, ws.run / "search_verify" / safe_name(study_name + ("" if dtype == "float32" else f"+{dtype}")))
+    records = result["verified"]
+    chosen, branch = choose_verified(records, kl_threshold)
+    summary["proxy_chosen"], summary["proxy_rule"] = summary["chosen"], summary["rule"]
+    summary["rule"] = {"name": "min_verified_refusal_under_kl", "kl_threshold": kl_threshold, "description": RULE}
+    summary["chosen"] = {**chosen, "why": branch}
+    summary["verified"] = records
+    summary["verified_front"] = [r["number"] for r in verified_front(records)]
+    summary["verification"] = {**result["cost"], "dataset": "harmful_val",
+                               "reference_trial": reference["number"] if reference else None}
+    on_front = set(summary["pareto_front"])
+    for rec in records:
+        rec["on_proxy_front"] = rec["number"] in on_front
+
+
+def _verified_cell(v: dict[str, Any] | None) -> str:
+    if not v or v.get("rate") is None:
+        return "-"
+    return f"{v['rate']:.3f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}] {v['count']}/{v['n']}"
+
+
 def format_edit_search(summary: dict[str, Any]) -> str:
-    """The Pareto front as a table (validation refusal score, KL, the edit), plus baseline and DIM."""
+    """The front as a table: origin, proxy refusal, KL, the verified refusal rate (when verified), the edit;
+    plus baseline and DIM, the pick and the verification's cost."""
     n, chosen = summary["n_trials"], summary["chosen"]
-    rows = [(f"#{t['number']}", t["refusal"], t["kl"], t.get("edit_name", "-"), describe_choice(t["choice"]))
-            for t in summary["pareto"]]
-    if summary.get("baseline"):
-        rows.append(("none", summary["baseline"]["refusal"], 0.0, "-", "(no edit)"))
-    dim = (summary.get("reference") or {}).get("dim")
-    if dim:
-        rows.append(("DIM", dim["refusal"], dim["kl"], "-", "(full ablation of the selected DIM direction)"))
+    verified = {r["number"]: r for r in summary.get("verified", [])}
+    vfront = set(summary.get("verified_front", []))
+    pfront = set(summary["pareto_front"])
+    rows = {t["number"]: t for t in summary["pareto"]}
+    rows.update({k: v for k, v in verified.items() if k not in rows})
+    ordered = sorted(rows.values(), key=lambda t: (t["kl"], t["refusal"], t["number"]))
     m = (summary.get("settings") or {}).get("score_tokens")
     stat = (summary.get("settings") or {}).get("refusal_stat", "logodds")
     what = (f"substring rate of {m} greedy tokens + logit tie-break" if m else
@@ -158,10 +228,47 @@ def format_edit_search(summary: dict[str, Any]) -> str:
     capped = "" if cap is None else (
         f"; {n.get('above_max_kl', 0)} above the KL cap {cap}" + ("" if any(t["kl"] <= cap for t in summary["pareto"])
                                                                  else " (all of them: the front ignores the cap)"))
-    lines = [f"trials: {n['complete']} complete, {n.get('pruned', 0)} pruned, {n['fail']} failed{capped}; Pareto front on "
-             f"validation prompts (refusal = {what}, lower = less refusal; KL = next-token KL on harmless):",
-             f"  {'trial':<7}{'refusal':>9}{'KL':>9}  {'saved as':<22}edit", f"  {'-' * 90}"]
-    lines += [f"  {a:<7}{r:>9.3f}{k:>9.4f}  {name:<22}{what}" for a, r, k, name, what in rows]
-    lines.append(f"chosen: trial #{chosen['number']} ({chosen['why']}) → edits/search_best.json")
+    cost = summary.get("verification")
+    lines = [f"trials: {n['complete']} complete, {n.get('pruned', 0)} pruned, {n['fail']} failed{capped}; "
+             f"validation prompts (proxy = {what}; KL = next-token KL on harmless; lower = less refusal):"]
+    if cost:
+        lines.append(f"verified = refusal rate of {cost['max_new_tokens']} greedy tokens on the {cost['prompts']} "
+                     f"harmful validation prompts, {cost['judge']} judge, 95% Wilson interval, refusals/n; "
+                     "front: P proxy Pareto front, V verified Pareto front")
+    vhead = f"  {'verified [95% CI]':<29}" if cost else ""
+    lines += [f"  {'trial':<7}{'origin':<8}{'front':<6}{'proxy':>8}{'KL':>9}{vhead}  {'saved as':<22}edit",
+              f"  {'-' * (110 if cost else 90)}"]
+    for t in ordered:
+        mark = ("P" if t["number"] in pfront else "") + ("V" if t["number"] in vfront else "")
+        cell = f"  {_verified_cell((verified.get(t['number']) or {}).get('verified')):<29}" if cost else ""
+        star = "*" if t["number"] == chosen["number"] else " "
+        lines.append(f" {star}#{t['number']:<6}{t.get('origin', '?'):<8}{mark or '-':<6}{t['refusal']:>8.3f}"
+                     f"{t['kl']:>9.4f}{cell}  {t.get('edit_name', '-'):<22}{describe_choice(t['choice'])}")
+    blank = f"  {'-':<29}" if cost else ""
+    if summary.get("baseline"):
+        lines.append(f"  {'none':<7}{'':<14}{summary['baseline']['refusal']:>8.3f}{0.0:>9.4f}{blank}  {'-':<22}(no edit)")
+    dim = (summary.get("reference") or {}).get("dim")
+    if dim:
+        ref = (summary.get("verification") or {}).get("reference_trial")
+        note = f" = trial #{ref}" if ref is not None else ""
+        lines.append(f"  {'DIM':<7}{'':<14}{dim['refusal']:>8.3f}{dim['kl']:>9.4f}{blank}  {'-':<22}"
+                     f"(full ablation of the selected DIM direction{note})")
+    lines.append(f"chosen: *trial #{chosen['number']} ({chosen.get('origin', '?')}; {chosen['why']}) "
+                 "→ edits/search_best.json")
+    proxy = summary.get("proxy_chosen")
+    if proxy is not None and proxy["number"] != chosen["number"]:
+        lines.append(f"  (the proxy alone would have picked trial #{proxy['number']}: proxy {proxy['refusal']:.3f} "
+                     f"at KL {proxy['kl']:.4f})")
+    if cost:
+        lines.append(f"verification: {cost['edits']} edits × {cost['prompts']} prompts × ≤{cost['max_new_tokens']} "
+                     f"tokens ({cost['tokens']} generated, {cost['judge']} judge"
+                     + (", rows stop at a refusal phrase" if cost.get("stop_when_decided") else "")
+                     + f"): {cost['seconds']:.0f} s"
+                     + (f"; {cost['reused_edits']} edits reused from search_verify/, {cost['this_call_seconds']:.0f} s "
+                        "in this call" if cost.get("reused_edits") else ""))
+    origins = {t.get("origin") for t in summary.get("trials", []) if t.get("state") == "COMPLETE"}
+    if "tpe" not in origins:
+        lines.append(f"note: no trial was proposed by TPE (it starts once {(summary.get('settings') or {}).get('n_startup_trials')} "
+                     "trials have finished, anchors included): the front holds warm starts and random points only; "
+                     "search with more trials (default 30)")
     return "\n".join(lines)
-

@@ -123,10 +123,10 @@ def search_step(ws: Workspace, sets: PromptSets, search: SearchSettings, *, tria
 
 # --- held-out comparison ---------------------------------------------------------------------------
 def _existing(records: list[dict], spec: Edit, dataset: str, n: int, max_new_tokens: int,
-              need_kl: bool) -> dict | None:
+              need_kl: bool, judge: str = "substring") -> dict | None:
     for r in records:
         if (r.get("intervention"), r.get("fingerprint"), r.get("dataset"), r.get("judge"), r.get("n")) == (
-                spec.label, spec.describe().get("fingerprint"), dataset, "substring", n) \
+                spec.label, spec.describe().get("fingerprint"), dataset, judge, n) \
                 and r.get("max_new_tokens") == max_new_tokens and (not need_kl or r.get("kl") is not None):
             return r
     return None
@@ -145,11 +145,11 @@ def heldout_comparison(ws: Workspace, sets: PromptSets, chosen: DirectionSet, di
     table: list[dict] = []
 
     def record(prompts: list[Prompt], dataset: str, spec: Edit, harmless: bool, base_lp):
-        rec = _existing(existing, spec, dataset, len(prompts), ev.max_new_tokens, harmless)
+        rec = _existing(existing, spec, dataset, len(prompts), ev.max_new_tokens, harmless, ev.judge)
         if rec is None:
             rec = evaluate_refusal(ws.adapter, ws.chat, prompts, dataset, spec, max_new_tokens=ev.max_new_tokens,
                                    batch_size=ev.generation_batch_size,
-                                   completions_path=ws.run.completions_path(dataset, spec.label))
+                                   completions_path=ws.run.completions_path(dataset, spec.label), judge=ws.judge())
             if harmless:
                 rec["kl"], base_lp = evaluate_kl(ws.adapter, ws.chat, prompts, spec, base_lp,
                                                  ws.settings.model.batch_size)

@@ -61,6 +61,7 @@ def run(run_dir: Path, flags: dict[str, Any], *, config_file: Path | None = None
     # --resume: the run's own settings, then what the TOML file and the flags set explicitly
     base = manifest.get("config", {}) if resume and manifest else None
     settings = resolve_settings(flags, config_file, base=base).settings
+    check_judge(settings.evaluation.judge)
     if settings.evaluation.backend == "vllm":
         from refusal_atlas.export.vllm import check_vllm
 
@@ -74,6 +75,14 @@ def run(run_dir: Path, flags: dict[str, Any], *, config_file: Path | None = None
 
     ws, records = run_dim(settings, run_dir, resume=resume, allow_low_refusal=allow_low_refusal)
     return RunResult(ws, records=records)
+
+
+def check_judge(name: str) -> None:
+    """The judge of reported rates can be built (e.g. the meaning judge's head and embedding model are installed),
+    checked before any model loads."""
+    from refusal_atlas.evaluation.judges import JudgeOptions, check_judges
+
+    check_judges([name], JudgeOptions())
 
 
 def extract(run_dir: Path, flags: dict[str, Any], *,
@@ -237,8 +246,8 @@ def search_edits(run_dir: Path, overrides: dict[str, Any], *, trials: int | None
                  storage: str | None = None, dtype: str | None = None) -> dict[str, Any]:
     """`search edits`: the edit search on a finished run, to ``trials`` (or ``budget``: trials or a time).
 
-    ``overrides``: flag values as settings (``n_val``, ``kl_threshold``, ``{"search": {...}}``); ``dtype``
-    scores trials in another dtype (bfloat16: faster on CPUs with AVX512-BF16/AMX; the run keeps its own).
+    ``overrides``: flag values as settings (``n_val``, ``kl_threshold``, ``{"search": {...}}``, e.g. ``verify``:
+    how many proxy-front edits generation verifies, 0: none); ``dtype`` scores trials in another dtype (bfloat16: faster on CPUs with AVX512-BF16/AMX; the run keeps its own).
     """
     _, settings, storage = _open_search(run_dir, overrides, storage)
     until, minutes = parse_budget(budget, trials)
@@ -255,6 +264,8 @@ def search_edits(run_dir: Path, overrides: dict[str, Any], *, trials: int | None
     from refusal_atlas.search.edit_space import EditSpace
 
     EditSpace(2, transforms=search.transforms)  # unknown or repeated --transforms fail before the model loads
+    if search.verify > 0:
+        check_judge(search.judge or settings.evaluation.judge)
     from refusal_atlas.workflows.search import check_sets, edit_search_step
     from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 

@@ -62,6 +62,7 @@ class Workspace:
     refusal_ids: list[int]
     timings: dict[str, float] = field(default_factory=dict)
     _vllm: object | None = field(default=None, repr=False)
+    _judge: object | None = field(default=None, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -87,6 +88,17 @@ class Workspace:
                                                seed=self.settings.data.seed, tensor_parallel=rt.vllm_tp,
                                                gpu_memory=rt.vllm_gpu_memory)
         return self._vllm
+
+    def judge(self, name: str | None = None):
+        """The judge ``name`` (default: of the run's reported rates, the ``evaluation.judge`` setting), built on
+        first use."""
+        name = name or self.settings.evaluation.judge
+        if self._judge is None or getattr(self._judge, "name", None) != name:
+            from refusal_atlas.evaluation.judges import JudgeOptions, make_judges
+
+            opts = JudgeOptions(cache_dir=self.run / "judgements", device=self.settings.model.device)
+            self._judge = make_judges([name], opts)[0]
+        return self._judge
 
     @contextmanager
     def timed(self, step: str):
