@@ -29,7 +29,7 @@ from refusal_atlas.core.errors import ConfigError, ModelError
 from refusal_atlas.edits.base import Edit, WeightSnapshot, as_adapter, untie_embeddings
 from refusal_atlas.edits.kernel import StrengthKernel
 from refusal_atlas.edits.projection import AblationMode, check_mode
-from refusal_atlas.edits.writes import column_norm_scale, edit_linear, map_writes, prepare
+from refusal_atlas.edits.writes import column_norm_scale, edit_linear, map_in_place, map_writes, prepare
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.hooks import Hooks
 
@@ -137,7 +137,8 @@ class LayerwiseAblation(Edit):
         if self.embed_weight:
             untied = untie_embeddings(adapter)
             emb = snapshot.keep(adapter.embedding.weight)
-            emb.data.copy_(self._map_embedding(emb.data, prepare(self.per_layer[0], self.mode).to(emb.device)))
+            p0 = prepare(self.per_layer[0], self.mode).to(emb.device)
+            map_in_place(emb.data, 1, lambda rows: self._map_embedding(rows, p0))
         for proj, prepared, weight in self._targets(adapter):
             snapshot.keep(proj.weight)
             if proj.bias is not None:
