@@ -288,8 +288,14 @@ def child(a) -> dict:
         info["tokens"] = sum(len(g.token_ids) for g in gens)
         info["steps"] = max(len(g.token_ids) for g in gens)
     elif stage.startswith("export_"):
+        import refusal_atlas.export.bundle as bundle
+        import refusal_atlas.export.formats as formats
+        import refusal_atlas.export.gguf as gguf
         from refusal_atlas.workflows.export import export
 
+        for module, name, key in ((formats, "write_model_files", "write_s"), (gguf, "write_gguf", "write_s"),
+                                  (bundle, "source_hashes", "hash_s"), (bundle, "hash_tree", "hash_s")):
+            setattr(module, name, _timed(getattr(module, name), info, key))
         fmt, _, quant = stage.removeprefix("export_").partition("_")
         out = Path(a.export_dir)
         shutil.rmtree(out, ignore_errors=True)
@@ -299,6 +305,17 @@ def child(a) -> dict:
     info["stage_s"] = time.perf_counter() - t0 - info["load_s"]
     info["flops"] = sum(c.flops for c in counters)
     return info
+
+
+def _timed(fn, info: dict, key: str):
+    """``fn`` that adds its seconds to ``info[key]`` (where an export's time goes: writing vs hashing)."""
+    def wrapper(*args, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            info[key] = info.get(key, 0.0) + time.perf_counter() - t
+    return wrapper
 
 
 # --- the parent ----------------------------------------------------------------------------------------------
