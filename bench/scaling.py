@@ -98,8 +98,8 @@ def n_params(cfg: dict) -> int:
 
 
 # --- building a model ---------------------------------------------------------------------------------------
-def build_model(name: str, out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Write a random-weight bfloat16 model of configuration ``name`` to ``out`` (once; atomically)."""
+def build_model(config: dict, out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """Write a random-weight bfloat16 model of ``config`` (one of :data:`CONFIGS`) to ``out`` (once; atomically)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -107,7 +107,7 @@ def build_model(name: str, out: Path, tokenizer_dir: Path, seed: int = 0) -> Pat
 
     if (out / "config.json").is_file():
         return out
-    values = dict(CONFIGS[name])
+    values = dict(config)
     model_type = values.pop("model_type")
     cfg = AutoConfig.for_model(model_type, **values)
     cfg.dtype = torch.bfloat16
@@ -216,11 +216,11 @@ def child(a) -> dict:
     if a.stage == "build":
         t = time.perf_counter()
         tokenizer_dir = Path(a.tokenizer) if a.tokenizer else embedded_tokenizer_dir()
-        build_model(a.name, Path(a.model_dir), tokenizer_dir)
+        build_model(json.loads(Path(a.config_file).read_text(encoding="utf-8")), Path(a.model_dir), tokenizer_dir)
         return {"build_s": time.perf_counter() - t,
                 "file_bytes": (Path(a.model_dir) / "model.safetensors").stat().st_size}
     if a.stage == "rates":
-        cfg = CONFIGS[a.name]
+        cfg = json.loads(Path(a.config_file).read_text(encoding="utf-8"))
         inter = cfg["moe_intermediate_size"] if cfg["model_type"] == "qwen2_moe" else cfg["intermediate_size"]
         return {"matmul": matmul_rate(cfg["hidden_size"], inter, a.dtype), "stream": stream_rate(),
                 "loadavg": os.getloadavg(), "machine": machine()}
@@ -364,7 +364,7 @@ def main() -> None:
     ap.add_argument("--export-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n-layers", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--name", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--config-file", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -422,13 +422,17 @@ def bench_model(a, name: str, dtype: str, params: int, stages: list[str], work: 
     todo = [s for s in stages if not (results / f"{name}.{dtype}.{s}.json").is_file()]
     model_dir = work / "models" / name
     rates_path = results / f"{name}.{dtype}.rates.json"
+    config_file = work / "configs" / f"{name}.json"  # what the children build and measure
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(json.dumps(cfg, indent=1), encoding="utf-8")
     if todo:
-        code, wall, _, info = _child_json(a, "build", ["--name", name, "--model-dir", str(model_dir)], work,
-                                          work / f"{name}.build.log")
+        code, wall, _, info = _child_json(a, "build", ["--config-file", str(config_file), "--model-dir", str(model_dir)],
+                                          work, work / f"{name}.build.log")
         if code:
             raise SystemExit(f"building {name} failed: {info.get('error')}")
         print(f"{name}: model at {model_dir} ({wall:.0f} s)", flush=True)
-        code, _, _, rates = _child_json(a, "rates", ["--name", name, "--dtype", dtype], work, work / "rates.log")
+        code, _, _, rates = _child_json(a, "rates", ["--config-file", str(config_file), "--dtype", dtype], work,
+                                        work / "rates.log")
         if code:
             raise SystemExit(f"measuring the rates failed: {rates.get('error')}")
         rates_path.write_text(json.dumps(rates), encoding="utf-8")
