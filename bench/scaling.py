@@ -30,9 +30,10 @@ over the stream rate. ``ratio`` = time / floor: 1 would be the machine's limit.
 
 Resumable per (model, dtype, stage): each finished stage is a JSON file under ``--work``; a rerun skips it.
 Model files are deleted after their stages unless ``--keep-models`` (disk: the 7B is 15 GB, its export 15 GB).
+``--collect`` measures nothing and writes the table, JSON and plot of the stages finished so far.
 
     .venv/bin/python bench/scaling.py [--models qwen2.5-0.5b,...] [--dtypes bfloat16,float32] [--work DIR]
-        [--out docs/results/data/<date>_scaling]
+        [--out docs/results/data/<date>_scaling] [--collect]
 """
 
 from __future__ import annotations
@@ -358,6 +359,8 @@ def main() -> None:
     ap.add_argument("--n-gen", type=int, default=100)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--keep-models", action="store_true")
+    ap.add_argument("--collect", action="store_true",
+                    help="measure nothing: the table, JSON and plot of the stages already measured under --work")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
@@ -419,6 +422,9 @@ def bench_model(a, name: str, dtype: str, params: int, stages: list[str], work: 
     cfg = CONFIGS[name]
     results = work / "results"
     results.mkdir(parents=True, exist_ok=True)
+    if getattr(a, "collect", False):  # a run stopped part-way still gives the rows it finished
+        return [json.loads((results / f"{name}.{dtype}.{s}.json").read_text(encoding="utf-8")) for s in stages
+                if (results / f"{name}.{dtype}.{s}.json").is_file()]
     todo = [s for s in stages if not (results / f"{name}.{dtype}.{s}.json").is_file()]
     model_dir = work / "models" / name
     rates_path = results / f"{name}.{dtype}.rates.json"

@@ -116,3 +116,14 @@ def test_the_bench_on_a_tiny_model_is_measured_in_children_and_resumes(tmp_path)
         del sc.CONFIGS["tiny-test"]
     assert again["rows"] == doc["rows"] and {p: p.stat().st_mtime_ns for p in results} == stamps
     assert not (tmp_path / "work" / "models" / "tiny-test").exists()
+
+    # --collect: the finished stages only, nothing measured or built (here "generate" was never run)
+    args.stages, args.collect = "load,extract,select,generate,export_safetensors", True
+    sc.CONFIGS["tiny-test"] = {**sc.CONFIGS["tiny"], "vocab_size": vocab, "bos_token_id": 4, "eos_token_id": 4}
+    try:
+        collected = sc.bench(args)
+    finally:
+        del sc.CONFIGS["tiny-test"]
+    assert collected["rows"] == doc["rows"] and {p: p.stat().st_mtime_ns for p in results} == stamps
+    assert not (tmp_path / "work" / "models" / "tiny-test").exists()
+    assert not (tmp_path / "work" / "results" / "tiny-test.bfloat16.generate.json").exists()
