@@ -249,8 +249,6 @@ def child(a) -> dict:
     import transformers  # noqa: F401  (imported before the clock starts, like any CLI start-up)
 
     if stage == "load":
-        from refusal_atlas.model.loading import load_model
-
         timed_load(str(a.model_dir), device="cpu", dtype=a.dtype)
         info["load_s"] = 0.0  # the stage *is* the load
     elif stage == "extract":
