@@ -45,6 +45,7 @@ bench: setup
 	$(BIN)/python bench/search_fidelity.py --run-dir $(RUN_DIR)
 	$(BIN)/python bench/trial_cost.py --run-dir $(RUN_DIR) --n 100 --trials 3
 	$(BIN)/python bench/vs_heretic.py --work bench_out/vs_heretic_heldout --cli-check  # an estimated ~10 h; installs heretic-llm in its own venv
+	$(BIN)/python bench/scaling.py --work bench_out/scaling  # hours: random-weight 0.5B-7B models, up to 15 GB of disk each
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

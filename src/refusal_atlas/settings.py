@@ -249,6 +249,28 @@ class RuntimeSettings(_Section):
                                                                      "worker's heartbeats")
     grace_s: int = Field(_RUNTIME.grace_s, ge=1, description="PostgreSQL search: seconds of silence before a "
                                                              "trial is failed and retried")
+    memory_limit: str | None = Field(None, description='memory a job may plan for, e.g. "20GiB" (None: what the '
+                                                       'machine has free, MemAvailable; "off": no memory check)')
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, v: str | None) -> str | None:
+        if v is not None and str(v).strip().lower() != "off":
+            from refusal_atlas.core.resources import parse_size
+
+            parse_size(v, "memory_limit")
+        return v
+
+
+def memory_limit_bytes(value: str | None) -> int | None:
+    """The ``memory_limit`` setting as core/runtime.py holds it: bytes, None (free memory) or 0 (no check)."""
+    if value is None:
+        return None
+    if str(value).strip().lower() == "off":
+        return 0
+    from refusal_atlas.core.resources import parse_size
+
+    return parse_size(value, "memory_limit")
 
 
 class Settings(BaseModel):
@@ -575,7 +597,8 @@ def apply_runtime(environ: Mapping[str, str] | None = None, cwd: str | Path | No
     except ValidationError as exc:
         raise _invalid(exc, sources, "runtime") from None
     return process.configure(cache=Path(r.cache).expanduser() if r.cache else None, quiet=r.quiet,
-                             heartbeat_s=r.heartbeat_s, grace_s=r.grace_s, **test_hooks(environ))
+                             heartbeat_s=r.heartbeat_s, grace_s=r.grace_s,
+                             memory_limit=memory_limit_bytes(r.memory_limit), **test_hooks(environ))
 
 
 def apply_runtime_once() -> None:

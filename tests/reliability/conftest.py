@@ -96,6 +96,12 @@ def write_run(path: Path, model_dir: Path, *, artifacts: bool = True, **config) 
     return path
 
 
+@pytest.fixture(scope="session")
+def make_run():
+    """:func:`write_run`, for tests that build their own stub runs."""
+    return write_run
+
+
 @pytest.fixture
 def run_dir(tmp_path, tiny_model_dir) -> Path:
     return write_run(tmp_path / "run", tiny_model_dir)

@@ -22,6 +22,10 @@ class ConfigError(RefusalAtlasError):
     """An option is out of range or inconsistent with the model or run directory."""
 
 
+class ResourceError(RefusalAtlasError):
+    """A job would not fit this machine's memory or disk (checked before it starts)."""
+
+
 class ArtifactError(RefusalAtlasError):
     """A run-directory artifact is missing or corrupt."""
 

@@ -1,7 +1,10 @@
 """Atomic artifact writes: a crash never leaves a half-written file behind.
 
 Everything goes to a temporary file in the destination folder and is renamed into place, which is
-atomic on POSIX file systems. Artifacts are JSON or safetensors, never pickle.
+atomic on POSIX file systems. Artifacts are JSON or safetensors, never pickle. A write that runs out of
+disk removes its temporary file or directory and raises one :class:`ArtifactError` (the CLI prints one
+``error:`` line), whatever library was writing. :func:`stream_safetensors` writes a model-sized file one
+tensor at a time, so writing never needs a second copy of the weights in memory.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from refusal_atlas.core.errors import ArtifactError, ConfigError
+from refusal_atlas.core.resources import disk_full_error, is_disk_full
 
 
 def _umask() -> int:
@@ -43,8 +49,10 @@ def _atomic(path: Path, write: Callable[[str], None]) -> Path:
         write(tmp)
         readable(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(path) from None
         raise
     return path
 
@@ -74,7 +82,12 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except BaseException as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(out) from None
+            raise
         readable(tmp, directory=True)
         check_output_dir(out, force)  # it may have appeared while we worked
         if out.exists():
@@ -142,6 +155,57 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"corrupt safetensors file {path}: {exc}") from None
     return tensors, (json.loads(raw) if raw else {})
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                       torch.bool: "BOOL"}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a streamed file: its name, shape and dtype now, its values only when ``get()`` is called."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    get: Callable[[], torch.Tensor]
+
+
+def stream_safetensors(path: str | os.PathLike, entries: Sequence[TensorEntry],
+                       metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a safetensors file tensor by tensor (not atomically: call it inside :func:`atomic_dir`).
+
+    The header is built from the shapes alone; then each tensor is produced, written and dropped, so the
+    memory this needs is one tensor (in its output dtype), not the whole state dict that
+    ``safetensors.torch.save_file`` takes. Tensors are laid out by descending element size, then name, as
+    the safetensors library does, so every tensor starts aligned to its element size.
+    """
+    order = sorted(entries, key=lambda e: (-torch.empty((), dtype=e.dtype).element_size(), e.name))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for e in order:
+        if e.dtype not in _SAFETENSORS_DTYPES:
+            raise ArtifactError(f"cannot write {e.name} of dtype {e.dtype} as safetensors")
+        size = torch.Size(e.shape).numel() * torch.empty((), dtype=e.dtype).element_size()
+        header[e.name] = {"dtype": _SAFETENSORS_DTYPES[e.dtype], "shape": list(e.shape),
+                          "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    path = Path(path)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for e in order:
+            t = e.get().detach()
+            if t.dtype != e.dtype or tuple(t.shape) != tuple(e.shape):
+                raise ArtifactError(f"{e.name}: produced {t.dtype} {tuple(t.shape)}, announced {e.dtype} {e.shape}")
+            t = t.to("cpu").contiguous()
+            if t.numel():
+                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
+    return path
 
 
 def append_jsonl(path: str | os.PathLike, records: list[Mapping[str, Any]]) -> None:

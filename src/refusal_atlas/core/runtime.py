@@ -22,6 +22,8 @@ class Runtime:
     # stays RUNNING before another worker fails and re-queues it
     heartbeat_s: int = 5
     grace_s: int = 30
+    # the memory a job may plan for (bytes); None: what the machine has free now; 0: no memory check
+    memory_limit: int | None = None
     # test instrumentation (core/crashpoints.py): "<stage>:<n>" or a bare save count, and a work-log file
     kill_after: str | None = None
     work_log: str | None = None

@@ -29,7 +29,7 @@ from refusal_atlas.edits.base import Edit, WeightSnapshot, as_adapter, untie_emb
 from refusal_atlas.edits.identity import SetIdentity
 from refusal_atlas.edits.offloaded import orthogonalize_offloaded
 from refusal_atlas.edits.projection import AblationMode, as_matrix, check_mode, projector
-from refusal_atlas.edits.writes import edit_linear, edit_write, map_writes, prepare
+from refusal_atlas.edits.writes import edit_linear, edit_write, map_in_place, map_writes, prepare
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.hooks import Hooks
 from refusal_atlas.model.placement import is_offloaded
@@ -142,7 +142,7 @@ class DirectionalAblation(Edit):
         prepared = prepare(self.vectors, self.mode)
         untied = untie_embeddings(adapter)
         emb = snapshot.keep(adapter.embedding.weight)
-        emb.data.copy_(map_writes(emb.data, prepared, 1.0, self.mode))
+        map_in_place(emb.data, 1, lambda rows: map_writes(rows, prepared, 1.0, self.mode))
         mlp_weights = 0
         for layer in range(adapter.n_layers):
             proj = adapter.attn_out_proj(layer)

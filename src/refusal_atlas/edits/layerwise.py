@@ -35,7 +35,7 @@ from refusal_atlas.edits.base import Edit, WeightSnapshot, as_adapter, untie_emb
 from refusal_atlas.edits.kernel import StrengthKernel
 from refusal_atlas.edits.projection import AblationMode, check_mode, orthogonalize_against
 from refusal_atlas.edits.writes import (REFLECTION, Transform, check_transform, column_norm_scale, edit_linear,
-                                        map_writes, prepare)
+                                        map_in_place, map_writes, prepare)
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.hooks import Hooks
 
@@ -183,7 +183,8 @@ class LayerwiseAblation(Edit):
         if self.embed_weight:
             untied = untie_embeddings(adapter)
             emb = snapshot.keep(adapter.embedding.weight)
-            emb.data.copy_(self._map_embedding(emb.data, self._prepared(0, 0).to(emb.device)))
+            p0 = self._prepared(0, 0).to(emb.device)
+            map_in_place(emb.data, 1, lambda rows: self._map_embedding(rows, p0))
         for proj, prepared, weight in self._targets(adapter):
             snapshot.keep(proj.weight)
             if proj.bias is not None:

@@ -20,6 +20,10 @@ transform keeps the hook form and its equality with the weight edit.
 
 Computed in float32 (at least) through :func:`~refusal_atlas.edits.projection.project_out` and rounded
 once to the model dtype.
+
+Weight edits work in place, a slab of rows or columns at a time (:func:`map_in_place`): the float32
+working copy of a whole matrix would be 2 GB for a 7B model's embedding (three of them at once in the
+projection), which is what used to push an export of a 7B model past a 24 GB machine.
 """
 
 from __future__ import annotations
@@ -61,6 +65,28 @@ def map_writes(x: torch.Tensor, prepared: torch.Tensor, weight: float, mode: Abl
     return out.to(x.dtype)
 
 
+CHUNK_ELEMENTS = 1 << 22  # elements edited per step: 16 MB of float32 working copies, whatever the matrix
+
+
+def map_in_place(t: torch.Tensor, d_axis: int, fn) -> None:
+    """``t`` ← ``fn`` applied along its axis ``d_axis``, in place, one slab of the largest other axis at a time.
+
+    ``fn`` maps a [..., d] tensor to a [..., d] tensor (any float dtype: the copy back rounds once to ``t``'s);
+    every slice along the other axes is mapped independently, so slabs give the whole map's values.
+    """
+    d_axis %= t.ndim
+    others = [a for a in range(t.ndim) if a != d_axis]
+    if not others:
+        t.copy_(fn(t))
+        return
+    axis = max(others, key=lambda a: t.shape[a])
+    per_slice = t.numel() // max(1, t.shape[axis])
+    step = max(1, CHUNK_ELEMENTS // max(1, per_slice))
+    for start in range(0, t.shape[axis], step):
+        view = t.narrow(axis, start, min(step, t.shape[axis] - start))
+        view.copy_(fn(view.movedim(d_axis, -1)).movedim(-1, d_axis))
+
+
 def column_norm_scale(weight: torch.Tensor, prepared: torch.Tensor, strength: float,
                       mode: AblationMode) -> torch.Tensor:
     """Per input feature: ‖W[:, j]‖ / ‖T W[:, j]‖, which restores each write vector's norm after the map."""
@@ -72,9 +98,7 @@ def column_norm_scale(weight: torch.Tensor, prepared: torch.Tensor, strength: fl
 def edit_write(write, prepared: torch.Tensor, strength: float, mode: AblationMode) -> None:
     """In place: the write map on one :class:`~refusal_atlas.model.adapter.WriteWeight` (a dense down_proj,
     fused [E, d, inter] / transposed [E, inter, d] experts, a shared expert), along its d_model axis."""
-    w = write.weight
-    moved = w.data.movedim(write.d_axis, -1)
-    w.data.copy_(map_writes(moved, prepared, strength, mode).movedim(-1, write.d_axis))
+    map_in_place(write.weight.data, write.d_axis, lambda x: map_writes(x, prepared, strength, mode))
     if write.bias is not None:
         write.bias.data.copy_(map_writes(write.bias.data, prepared, strength, mode))
 
@@ -82,11 +106,14 @@ def edit_write(write, prepared: torch.Tensor, strength: float, mode: AblationMod
 def edit_linear(linear: torch.nn.Linear, prepared: torch.Tensor, strength: float, mode: AblationMode,
                 norm_preserving: bool = False) -> None:
     """In place: ``W ← T W`` (columns rescaled to their old norms when ``norm_preserving``), ``b ← T b``."""
-    w = linear.weight
-    scale = column_norm_scale(w, prepared, strength, mode) if norm_preserving else None
-    new = map_writes(w.data.to(torch.float32).T, prepared, strength, mode).T
-    if scale is not None:
-        new = new * scale.to(new.device)
-    w.data.copy_(new.to(w.dtype))
+
+    def columns(cols: torch.Tensor) -> torch.Tensor:  # [n, d]: the write vectors of n input features
+        c32 = cols.to(torch.float32)
+        mapped = map_writes(c32, prepared, strength, mode)
+        if not norm_preserving:
+            return mapped
+        return mapped * (c32.norm(dim=1) / mapped.norm(dim=1).clamp_min(1e-12)).unsqueeze(1)
+
+    map_in_place(linear.weight.data, 0, columns)
     if linear.bias is not None:
         linear.bias.data.copy_(map_writes(linear.bias.data, prepared, strength, mode))

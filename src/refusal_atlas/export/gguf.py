@@ -5,7 +5,8 @@ llama.cpp's rotary permutation of the query/key rows (transformers' GGUF reader 
 carries the hyper-parameters, the byte-level BPE vocabulary with its merges, the special token ids
 and the chat template. Quantization uses what ``gguf.quants`` implements in Python: F32, F16, BF16,
 Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1. As in llama.cpp, 1-D tensors (norms, biases) stay F32, and a matrix
-whose rows do not split into whole blocks falls back to F16.
+whose rows do not split into whole blocks falls back to F16. The file is written streaming, tensor by
+tensor (:func:`write_gguf`), so a 7B model converts inside the memory that holds it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -116,31 +118,101 @@ def _add_tokenizer(w, tokenizer, n_vocab: int, pre: str) -> None:
         special.add_to_gguf(w, quiet=True)
 
 
-def _encode(arr: np.ndarray, qtype):
-    """(data, raw_dtype) for GGUFWriter.add_tensor; 1-D tensors and ragged rows are kept wider."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants
+@dataclass(frozen=True)
+class _Planned:
+    """One tensor of the file: its GGUF name, the model tensor, how it is stored, and its size in the file."""
 
-    if arr.ndim == 1 or qtype == Q.F32:
-        return arr.astype(np.float32), None
-    if qtype == Q.F16:
-        return arr.astype(np.float16), None
-    block = GGML_QUANT_SIZES[qtype][0]
-    if arr.shape[-1] % block:
-        return arr.astype(np.float16), None
-    return quants.quantize(arr.astype(np.float32), qtype), qtype
+    name: str
+    tensor: torch.Tensor
+    qtype: object  # GGMLQuantizationType actually stored (1-D tensors and ragged rows stay wider)
+    byte_shape: tuple[int, ...]
+    np_dtype: np.dtype
+    nbytes: int
+    permute_heads: int | None  # llama.cpp's rotary row order for q/k (heads), else None
+
+
+def _storage(shape: tuple[int, ...], qtype):
+    """(stored type, byte shape, numpy dtype) of a tensor of ``shape`` asked for as ``qtype``."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    if len(shape) == 1 or qtype == Q.F32:
+        return Q.F32, shape, np.dtype(np.float32)
+    if qtype == Q.F16 or shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+        return Q.F16, shape, np.dtype(np.float16)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    return qtype, (*shape[:-1], shape[-1] // block * type_size), np.dtype(np.uint8)
+
+
+CHUNK_ELEMENTS = 1 << 24  # rows converted at a time: 64 MB of float32 per step, whatever the matrix
+
+
+def _encoded(p: _Planned) -> np.ndarray:
+    """The bytes of one tensor as stored, converted and quantized a block of rows at a time (rows quantize
+    independently, so the result is the same as quantizing the whole matrix at once, without its float32 copy)."""
+    from gguf import GGMLQuantizationType as Q, quants
+
+    t = p.tensor.detach()
+    if p.permute_heads is not None:
+        t = torch.from_numpy(_rope_permute(t.to("cpu", torch.float32).numpy(), p.permute_heads))
+    if t.ndim == 1:
+        return t.to("cpu", torch.float32).numpy().astype(p.np_dtype)
+    rows = t.reshape(-1, t.shape[-1])
+    out = np.empty((rows.shape[0], p.byte_shape[-1]), dtype=p.np_dtype)
+    step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+    for i in range(0, rows.shape[0], step):
+        block = rows[i:i + step].to("cpu", torch.float32).numpy()
+        out[i:i + step] = block if p.qtype == Q.F32 else (
+            block.astype(np.float16) if p.qtype == Q.F16 else quants.quantize(block, p.qtype))
+    return out.reshape(p.byte_shape)
+
+
+def plan_gguf(model: torch.nn.Module, quant: str) -> list[_Planned]:
+    """Every tensor the GGUF file of ``model`` at ``quant`` will hold, in file order, without converting any."""
+    from gguf import get_tensor_name_map, MODEL_ARCH_NAMES
+
+    cfg = model.config
+    check_gguf_request(cfg.model_type, quant)
+    arch, permute, _ = GGUF_ARCHS[cfg.model_type]
+    qtype = _quant_table()[quant][0]
+    arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
+    names = get_tensor_name_map(arch_id, cfg.num_hidden_layers)
+    tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    plan = []
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # a GGUF without output.weight is read back as tied
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = names.get_name(base)
+        if gguf_name is None:
+            raise ModelError(f"no GGUF name for tensor {hf_name!r} of {cfg.model_type}; export safetensors instead")
+        stored, byte_shape, np_dtype = _storage(tuple(tensor.shape), qtype)
+        heads = (n_head if base.endswith("q_proj") else n_kv) if permute and base.endswith(
+            ("self_attn.q_proj", "self_attn.k_proj")) else None
+        nbytes = int(np.prod(byte_shape, dtype=np.int64)) * np_dtype.itemsize
+        plan.append(_Planned(f"{gguf_name}.{suffix}", tensor, stored, byte_shape, np_dtype, nbytes, heads))
+    return plan
+
+
+def gguf_size(model: torch.nn.Module, quant: str) -> int:
+    """Bytes of tensor data the GGUF file will hold (the metadata adds a few MB: the vocabulary)."""
+    return sum(p.nbytes for p in plan_gguf(model, quant))
 
 
 def write_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, quant: str = "f16",
                name: str | None = None) -> Path:
-    """Write ``model`` (its current, possibly edited weights) and ``tokenizer`` to the GGUF file ``path``."""
-    from gguf import GGUFWriter, get_tensor_name_map, MODEL_ARCH_NAMES
+    """Write ``model`` (its current, possibly edited weights) and ``tokenizer`` to the GGUF file ``path``.
+
+    Streaming: gguf-py writes the header, metadata and tensor table from the planned shapes, then each
+    tensor is converted (and quantized) a block of rows at a time and appended, so the memory this needs
+    beyond the model is one tensor in its stored type.
+    """
+    from gguf import GGUFWriter
 
     cfg = model.config
-    check_gguf_request(cfg.model_type, quant)
-    arch, permute, pre = GGUF_ARCHS[cfg.model_type]
-    qtype, file_type = _quant_table()[quant]
-    arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
-    names = get_tensor_name_map(arch_id, cfg.num_hidden_layers)
+    plan = plan_gguf(model, quant)
+    arch, _, pre = GGUF_ARCHS[cfg.model_type]
+    file_type = _quant_table()[quant][1]
     label = name or getattr(cfg, "_name_or_path", "") or cfg.model_type
     if cfg.model_type == "mistral":
         if getattr(cfg, "sliding_window", None) and cfg.sliding_window < cfg.max_position_embeddings:
@@ -152,22 +224,19 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, quant
     if quant not in ("f32", "f16", "bf16"):
         w.add_quantization_version(2)
     _add_tokenizer(w, tokenizer, int(cfg.vocab_size), pre)
-    tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # a GGUF without output.weight is read back as tied
-        base, _, suffix = hf_name.rpartition(".")
-        gguf_name = names.get_name(base)
-        if gguf_name is None:
-            raise ModelError(f"no GGUF name for tensor {hf_name!r} of {cfg.model_type}; export safetensors instead")
-        arr = tensor.detach().to("cpu", torch.float32).numpy()
-        if permute and base.endswith(("self_attn.q_proj", "self_attn.k_proj")):
-            arr = _rope_permute(arr, n_head if base.endswith("q_proj") else n_kv)
-        data, raw = _encode(arr, qtype)
-        w.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=raw)
+    for p in plan:
+        w.add_tensor_info(p.name, p.byte_shape, p.np_dtype, p.nbytes, raw_dtype=p.qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
     w.close()
+    align = w.data_alignment
+    # the tensor data by plain writes (numpy's tofile, which gguf-py uses, reports a full disk without errno)
+    with open(path, "ab") as fh:
+        for p in plan:
+            fh.write(bytes(-fh.tell() % align))
+            data = _encoded(p)
+            fh.write(np.ascontiguousarray(data).data)
+            del data
+        fh.write(bytes(-fh.tell() % align))
     return path

@@ -1,8 +1,12 @@
 """Write a model and its tokenizer to a directory as safetensors, atomically.
 
-``save_pretrained`` refuses models that came from a GGUF file (the embedded model does), so the state
-dict is written with safetensors directly, next to the config, generation config and tokenizer. The
+``save_pretrained`` refuses models that came from a GGUF file (the embedded model does), so the weights
+are written with our own safetensors writer, next to the config, generation config and tokenizer. The
 embedded-model cache and every export format build on this.
+
+The weights are streamed one tensor at a time (:func:`refusal_atlas.core.io.stream_safetensors`): each is
+converted to the output dtype just before it is written and dropped after, so exporting a 15 GB model
+needs 15 GB plus its largest tensor, not the second full copy a state dict for ``save_file`` would be.
 """
 
 from __future__ import annotations
@@ -11,23 +15,32 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from refusal_atlas.core.io import atomic_dir, readable
+from refusal_atlas.core.io import TensorEntry, atomic_dir, readable, stream_safetensors
 from refusal_atlas.model.placement import full_state_dict
+
+
+def _entry(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> TensorEntry:
+    out = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    return TensorEntry(name, tuple(tensor.shape), out, lambda: tensor.detach().to("cpu", out))
+
+
+def weight_entries(model: torch.nn.Module, dtype: torch.dtype | None = None) -> list[TensorEntry]:
+    """The model's tensors as :class:`TensorEntry` (values produced when written), a tied weight once."""
+    entries, seen = [], set()
+    tie = getattr(model.config, "tie_word_embeddings", False)
+    for name, tensor in full_state_dict(model).items():  # offloaded weights read from accelerate's store
+        ptr = tensor.data_ptr()
+        if ptr in seen and tie:
+            continue  # tied weight: from_pretrained re-ties it
+        seen.add(ptr)
+        entries.append(_entry(name, tensor, dtype))
+    return entries
+
 
 def write_model_files(model: torch.nn.Module, tokenizer, out: Path, dtype: torch.dtype | None = None) -> None:
     """Weights (``model.safetensors``), config, generation config and tokenizer into the directory ``out``."""
-    state: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    for name, tensor in full_state_dict(model).items():  # offloaded weights read from accelerate's store
-        ptr = tensor.data_ptr()
-        if ptr in seen and getattr(model.config, "tie_word_embeddings", False):
-            continue  # tied weight: from_pretrained re-ties it
-        seen[ptr] = name
-        t = tensor.detach().to("cpu")
-        state[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous().clone()
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    stream_safetensors(out / "model.safetensors", weight_entries(model, dtype), metadata={"format": "pt"})
     config = model.config
     if dtype is not None:
         config.dtype = dtype

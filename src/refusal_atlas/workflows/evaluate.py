@@ -70,7 +70,7 @@ def evaluate(run_dir: Path, *, judges: list[str] | None = None, interventions: l
         check_vllm()  # before the model loads
     from refusal_atlas.workflows.workspace import open_workspace
 
-    ws = open_workspace(settings, run_dir, must_exist=True)
+    ws = open_workspace(settings, run_dir, must_exist=True, generates=True)
     specs = parse_interventions(interventions, DirectionSet.load(path) if path.exists() else None,
                                 mode=settings.selection.ablation_mode)
     specs += [saved_edit] if saved_edit is not None else []

@@ -2,7 +2,8 @@
 GGUF, plus the reproduce/ bundle (export/bundle.py).
 
 The edit is the run's DIM direction ablated in its ablation mode, another direction file of the run, or a
-saved edit (edits/NAME.json) exactly as it was evaluated. Every input is checked before the model loads.
+saved edit (edits/NAME.json) exactly as it was evaluated. Every input is checked before the model loads, and
+so are the memory the export needs beside the model and the disk its output will take.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def export(run_dir: Path, out: Path, *, format: str = "safetensors", quant: str 
     """Write the edited model and its bundle to ``out`` → (the edit, export_run's summary)."""
     from refusal_atlas.core.io import check_output_dir
     from refusal_atlas.export.formats import check_export_request
-    from refusal_atlas.workflows.validate import check_output_parent, check_run_dir
+    from refusal_atlas.settings import run_settings
+    from refusal_atlas.workflows.validate import (check_disk, check_memory, check_output_parent, check_run_dir,
+                                                  export_needs)
 
     manifest = check_run_dir(run_dir)  # milliseconds, before anything heavy is imported
     check_export_request(format, quant, dtype)
@@ -50,10 +53,15 @@ def export(run_dir: Path, out: Path, *, format: str = "safetensors", quant: str 
     check_output_dir(out, force)
     check_output_parent(out)
     chosen, source = chosen_edit(run_dir, manifest, directions, edit)
+    settings = run_settings(manifest)
+    needs = export_needs(settings, format, quant, dtype)
+    if needs is not None:  # before anything heavy is imported: the disk, and the memory the export adds
+        check_disk(out, needs[1], f"exporting {format}")
+        check_memory(settings, extra=needs[0], what="this export")
     from refusal_atlas.export.bundle import export_run
     from refusal_atlas.workflows.workspace import reopen_workspace
 
-    ws = reopen_workspace(run_dir)
+    ws = reopen_workspace(run_dir, memory_extra=needs[0] if needs else None)  # checked again as it loads
     m = ws.settings.model
     load = {"model": m.model, "device": m.device, "dtype": m.dtype}
     summary = export_run(ws.loaded, load, manifest, chosen, out, format, edit_source=source, quant=quant,

@@ -204,7 +204,7 @@ def build_direction(settings: Settings, run_dir: str | Path, *, sets: PromptSets
     with settings that keep its artifacts valid.
     """
     sets = sets or load_prompt_sets(settings)  # bad dataset input fails here, before anything is created
-    ws = open_workspace(settings, run_dir)
+    ws = open_workspace(settings, run_dir, generates=True)  # the runs built on it go on to generate
     acts = extract_step(ws, sets, resume, allow_low_refusal)
     direction = select_step(ws, dim_step(ws.run, acts), sets, resume)
     return ws, sets, direction

@@ -2,23 +2,29 @@
 
 A research run costs minutes to hours, so a typo must cost milliseconds: run directories, model
 paths (config, tokenizer, weight headers — never the weights), devices, layers, counts, prompt
-files and direction files are checked here from what is on disk. Importing this module pulls in
-neither torch nor transformers; the few checks that need torch import it when called.
+files and direction files are checked here from what is on disk. So are memory and disk: a job whose
+estimate (model/memory.py) exceeds the memory it can count on stops before loading, or runs at a
+smaller batch when only its batch does not fit; an export checks the free disk for its output first.
+Importing this module pulls in neither torch nor transformers; the few checks that need torch import
+it when called.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from refusal_atlas.core.errors import ArtifactError, ConfigError, ModelError
+from refusal_atlas.core.errors import ArtifactError, ConfigError, ModelError, ResourceError
 
 if TYPE_CHECKING:
     from refusal_atlas.model.files import ModelFacts
     from refusal_atlas.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Settings whose change makes a run directory's artifacts stale, with the artifacts they feed.
 # Anything not listed (evaluation sizes, devices, batch sizes) may change on an existing run.
@@ -267,3 +273,113 @@ def check_endpoint(url: str, model: str | None, timeout: float) -> None:
 
     EndpointJudge(url, model or "", timeout=min(timeout, 5.0)).check_reachable()
 
+
+
+# --- memory and disk ------------------------------------------------------------------------------------------
+def _load_dtype(settings: Settings, load_dtype: str | None) -> str | None:
+    """The dtype name the model will be loaded in on CPU, None when it goes elsewhere (GPU, a device map):
+    then accelerate and the GPU's own memory decide, and this RAM check does not apply."""
+    m = settings.model
+    if m.device_map is not None:
+        return None
+    if m.device is None:  # the default device is CUDA when torch sees a GPU; without an NVIDIA driver it is the CPU
+        if Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists():
+            import torch
+
+            if torch.cuda.is_available():
+                return None
+    elif not m.device.startswith("cpu"):
+        return None
+    name = load_dtype or m.dtype
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name) if name not in (None, "auto") \
+        else "float32"
+
+
+_SAID: set[str] = set()
+
+
+def check_memory(settings: Settings, *, load_dtype: str | None = None, generates: bool = False,
+                 extra: Mapping[str, int] | None = None, what: str = "this job") -> Settings:
+    """Stop a job that would not fit in memory before its model loads, or shrink its batches until it fits.
+
+    The estimate (:func:`refusal_atlas.model.memory.estimate`) is compared with the ``memory_limit`` setting,
+    else with the memory free now (MemAvailable, or a container's cgroup limit). If the weights and the job's
+    own buffers alone exceed it: a :class:`ResourceError` naming the estimate. If only the batch does: the
+    largest batch size (and generation batch) that fits, said on stderr and returned in the settings.
+    """
+    from refusal_atlas.core.resources import available_memory, format_size
+    from refusal_atlas.core.runtime import runtime
+    from refusal_atlas.model.memory import estimate, largest_batch, model_shape
+
+    limit = runtime().memory_limit
+    dtype = _load_dtype(settings, load_dtype) if limit != 0 else None
+    shape = model_shape(settings.model.model) if dtype is not None else None
+    if shape is None:
+        return settings
+    m, ev = settings.model, settings.evaluation
+    gen = (ev.generation_batch_size, ev.max_new_tokens) if generates else None
+    est = estimate(shape, dtype, batch_size=m.batch_size, generation=gen, extra=dict(extra or {}))
+    budget, source = (limit, "the memory_limit setting") if limit else available_memory()
+    if est.total <= budget:
+        return settings
+    fits = largest_batch(shape, dtype, budget, m.batch_size, gen, dict(extra or {}))
+    if fits is None:
+        hint = "load it in bfloat16 (--dtype bfloat16: half the weights' memory), " if dtype == "float32" else ""
+        raise ResourceError(f"{what} needs about {format_size(est.total)} of memory ({est.describe()}), but "
+                            f"{format_size(budget)} is available ({source}), so it would be killed part-way; {hint}"
+                            "use a smaller model or a machine with more memory (memory_limit = \"off\" skips this "
+                            "check)")
+    batch, generation = fits
+    message = (f"memory: {what} needs about {format_size(est.total)} at batch size {m.batch_size}"
+               f"{f' (generation batch {gen[0]})' if gen else ''}, more than the {format_size(budget)} available "
+               f"({source}); running at batch size {batch}"
+               f"{f' (generation batch {generation[0]})' if generation else ''} instead")
+    if message not in _SAID:  # a verb checks before its heavy imports and again as the model loads: say it once
+        _SAID.add(message)
+        log.warning(message)
+    model = m.model_copy(update={"batch_size": batch})
+    evaluation = ev.model_copy(update={"generation_batch_size": generation[0]}) if generation else ev
+    return settings.model_copy(update={"model": model, "evaluation": evaluation})
+
+
+_QUANT_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+                "q5_0": 22 / 32, "q5_1": 24 / 32}
+WORK_SLAB = 64 * 2**20 * 4  # the float32 row blocks an export converts and quantizes at a time, with temporaries
+
+
+def export_needs(settings: Settings, fmt: str, quant: str | None, dtype: str | None) -> tuple[dict[str, int], int] | None:
+    """(memory the export adds to the loaded model, by part; bytes it writes) for ``fmt``, None when the model's
+    files cannot be read here. An ablation unties tied embeddings (the unembedding keeps the original), so a tied
+    model gains one vocabulary × d matrix in memory and in the output."""
+    from refusal_atlas.model.memory import DTYPE_BYTES, model_shape
+
+    shape = model_shape(settings.model.model)
+    if shape is None:
+        return None
+    load = _load_dtype(settings, None) or "float32"
+    db = DTYPE_BYTES[load]
+    head = shape.vocab * shape.d_model if shape.tied else 0
+    parts = {"untied unembedding": head * db} if head else {}
+    if fmt == "safetensors":
+        out = DTYPE_BYTES.get(dtype or shape.file_dtype or "float32", 4)
+        if out != db:
+            parts["one converted tensor"] = shape.largest_tensor * out
+        return parts, (shape.n_params + head) * out + 2**20
+    if fmt == "gguf":
+        q = _QUANT_BYTES[quant or "f16"]
+        parts["one converted tensor"] = int(shape.largest_tensor * max(q, 2.0)) + WORK_SLAB
+        return parts, int((shape.n_params + head) * q) + 32 * 2**20  # + the vocabulary and merges
+    # lora: the original weights are kept beside the edited ones, and the largest difference factored in float64
+    parts["weights before the edit"] = shape.n_params * db
+    parts["one difference in float64"] = 3 * shape.largest_tensor * 8
+    return parts, head * 4 + 64 * 2**20
+
+
+def check_disk(path: str | os.PathLike, needed: int, what: str) -> None:
+    """``needed`` bytes (plus 5 % and 64 MB of slack) must be free on the file system of ``path``."""
+    from refusal_atlas.core.resources import format_size, free_disk
+
+    free = free_disk(path)
+    if needed * 1.05 + 64 * 2**20 > free:
+        raise ResourceError(f"{what} writes about {format_size(needed)} to {path}, but only {format_size(free)} is "
+                            "free there; free some space or choose another --out")

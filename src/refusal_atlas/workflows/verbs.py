@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from refusal_atlas.core.errors import ArtifactError, ConfigError
 from refusal_atlas.settings import Settings, flat_config, resolve_settings, run_settings
 from refusal_atlas.workflows.validate import (EXTRACTION_SETTINGS, SELECTION_SETTINGS, check_at_least,
-                                              check_direction_file, check_new_run_dir, check_run_dir)
+                                              check_direction_file, check_memory, check_new_run_dir, check_run_dir)
 
 if TYPE_CHECKING:
     from refusal_atlas.directions.base import DirectionSet
@@ -62,6 +62,7 @@ def run(run_dir: Path, flags: dict[str, Any], *, config_file: Path | None = None
     base = manifest.get("config", {}) if resume and manifest else None
     settings = resolve_settings(flags, config_file, base=base).settings
     check_judge(settings.evaluation.judge)
+    settings = check_memory(settings, generates=True)  # milliseconds, before the heavy imports below
     if settings.evaluation.backend == "vllm":
         from refusal_atlas.export.vllm import check_vllm
 

@@ -22,7 +22,8 @@ from refusal_atlas.model.loading import LoadedModel, load_model
 from refusal_atlas.core.rundir import RunDir
 from refusal_atlas.core.seeding import seed_everything
 from refusal_atlas.settings import Settings, run_settings
-from refusal_atlas.workflows.validate import check_model_settings, check_new_run_dir, check_run_dir, check_run_settings
+from refusal_atlas.workflows.validate import (check_memory, check_model_settings, check_new_run_dir, check_run_dir,
+                                              check_run_settings)
 
 
 @dataclass
@@ -109,11 +110,16 @@ class Workspace:
 
 
 def open_workspace(settings: Settings, run_dir: str | Path, *, must_exist: bool = False,
-                   allowed: Iterable[str] = (), load_dtype: str | None = None) -> Workspace:
+                   allowed: Iterable[str] = (), load_dtype: str | None = None, generates: bool = False,
+                   memory_extra: dict[str, int] | None = None) -> Workspace:
     """Validate ``settings`` and the run directory, load the model, then create (or reopen) the run directory.
 
     ``load_dtype`` loads the model in another dtype for this verb only (the search scores trials in
     bfloat16 where that is faster); the run's recorded dtype, which export and evaluate use, is kept.
+
+    Before the model loads, the job's memory is estimated (:func:`~refusal_atlas.workflows.validate.check_memory`:
+    ``generates`` adds held-out generation's batch and KV cache, ``memory_extra`` the verb's own buffers): a job
+    that cannot fit stops here, one whose batch does not fit runs at a smaller one.
 
     Reopening a run with settings that would make its artifacts stale is an error (see
     :func:`refusal_atlas.workflows.validate.check_run_settings`); the settings in ``allowed`` (those the
@@ -123,6 +129,7 @@ def open_workspace(settings: Settings, run_dir: str | Path, *, must_exist: bool 
     manifest = check_run_dir(run_path) if must_exist else check_new_run_dir(run_path)
     check_run_settings(run_path, manifest, settings.flat(), allowed)
     facts = check_model_settings(settings)
+    settings = check_memory(settings, load_dtype=load_dtype, generates=generates, extra=memory_extra)
     seed_everything(settings.data.seed)
     m, selection = settings.model, settings.selection
     template = None
@@ -152,8 +159,10 @@ def open_workspace(settings: Settings, run_dir: str | Path, *, must_exist: bool 
 
 
 def reopen_workspace(run_dir: str | Path, overrides: dict | None = None, *, allowed: Iterable[str] = (),
-                     load_dtype: str | None = None) -> Workspace:
+                     load_dtype: str | None = None, generates: bool = False,
+                     memory_extra: dict[str, int] | None = None) -> Workspace:
     """Reopen an existing run (never a new one: a mistyped path must not load a model or make a directory)
     with its manifest's settings under the layers, ``overrides`` as CLI flags."""
     settings = run_settings(check_run_dir(run_dir), overrides)
-    return open_workspace(settings, run_dir, must_exist=True, allowed=allowed, load_dtype=load_dtype)
+    return open_workspace(settings, run_dir, must_exist=True, allowed=allowed, load_dtype=load_dtype,
+                          generates=generates, memory_extra=memory_extra)
