@@ -143,11 +143,14 @@ def embedded_tokenizer_dir() -> Path:
 
 
 # --- the machine's own rates ---------------------------------------------------------------------------------
-def matmul_rate(d: int, inter: int, dtype: str, rows: int = 512, repeats: int = 5) -> float:
-    """FLOP/s of a [rows, d] × [d, inter] matmul (the model's MLP shape), median of ``repeats``."""
+def matmul_rate(d: int, inter: int, dtype, rows: int = 512, repeats: int = 5) -> float:
+    """FLOP/s of a [rows, d] × [d, inter] matmul (the model's MLP shape), median of ``repeats``.
+
+    ``dtype``: a torch dtype or its name. bench/trial_cost.py uses it too, for its floor.
+    """
     import torch
 
-    dt = getattr(torch, dtype)
+    dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     a, b = torch.randn(rows, d, dtype=dt), torch.randn(d, inter, dtype=dt)
     a @ b
     times = []

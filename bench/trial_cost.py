@@ -42,6 +42,7 @@ from refusal_atlas.evaluation.objective import ValidationObjective
 from refusal_atlas.search.edit_space import EditSpace, build_edit
 from refusal_atlas.search.trial import StagedObjective
 from refusal_atlas.workflows.workspace import reopen_workspace
+from scaling import matmul_rate  # bench/scaling.py, beside this script
 
 
 def heretic_trial(path: str | None, n_harmful: int, n_harmless: int, dtype: str) -> dict:
@@ -89,18 +90,6 @@ def skippable_fraction(space: EditSpace, ctx: EditContext, n: int = 2000, seed: 
         first = 0 if edit.embed_weight or not edited else edited[0]
         shares.append(first / ctx.n_layers)
     return statistics.fmean(shares)
-
-
-def matmul_peak(d: int, inner: int, dtype: torch.dtype, rows: int = 2048, repeats: int = 7) -> float:
-    """FLOP/s of a [rows, d] × [d, inner] matmul (the MLP's shape), median of ``repeats``."""
-    a, b = torch.randn(rows, d, dtype=dtype), torch.randn(d, inner, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * rows * d * inner / statistics.median(times)
 
 
 def main() -> None:
@@ -175,7 +164,7 @@ def main() -> None:
     model = ws.adapter.model
     flops = trial_flops(model, staged.plan) if staged.plan else float("nan")
     dtype = next(model.parameters()).dtype
-    peak = matmul_peak(model.config.hidden_size, model.config.intermediate_size, dtype)
+    peak = matmul_rate(model.config.hidden_size, model.config.intermediate_size, dtype, rows=2048, repeats=7)
     floor_s = flops / peak
     skip = skippable_fraction(space, ctx, seed=args.seed)
     heretic = heretic_trial(args.heretic, nh, len(harmless), str(dtype))

@@ -10,23 +10,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
 
-from refusal_atlas.cli.common import parse_names
+from refusal_atlas.cli.common import default_subcommand, parse_names
 
 SUBCOMMANDS = ("score", "train", "accuracy")
 
 
-class FileOrVerb(TyperGroup):
-    """`judge FILE ...` runs `judge score FILE ...`; `judge train|accuracy ...` run those; `judge --help` helps."""
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
-            args = ["score", *args]
-        return super().parse_args(ctx, args)
-
-
-judge_app = typer.Typer(cls=FileOrVerb, no_args_is_help=True, rich_markup_mode=None,
+judge_app = typer.Typer(cls=default_subcommand("score"), no_args_is_help=True, rich_markup_mode=None,
                         help="Judge any JSONL file of responses (`judge FILE --judge substring,markers,meaning`); "
                              "train the meaning judge (`judge train`); measure judges on labels (`judge accuracy`).")
 

@@ -17,22 +17,12 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
 
-from refusal_atlas.cli.common import RunDirOpt
+from refusal_atlas.cli.common import RunDirOpt, default_subcommand
 from refusal_atlas.cli.config import setting_help
 
 
-class _EditsByDefault(TyperGroup):
-    """`search ARGS` whose first argument names no sub-command is `search edits ARGS`."""
-
-    def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
-            args = ["edits", *args]
-        return super().parse_args(ctx, args)
-
-
-search_app = typer.Typer(cls=_EditsByDefault, no_args_is_help=True, rich_markup_mode=None,
+search_app = typer.Typer(cls=default_subcommand("edits"), no_args_is_help=True, rich_markup_mode=None,
                          help="Seeded, resumable Optuna TPE searches on validation prompts (`search -r RUN` = "
                               "`search edits -r RUN`).")
 
