@@ -201,3 +201,50 @@ def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path):
         with pytest.raises(ConfigError, match=message):
             write_gguf(model, tok, tmp_path / "m.gguf", "f16")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def _moe_run(root, arch, **config):
+    from refusal_atlas.core.io import write_json
+    from refusal_atlas.core.rundir import RunDir
+    from refusal_atlas.directions.base import DirectionSet
+    from refusal_atlas.model.saving import save_model_dir
+
+    tok = tiny_bpe_tokenizer()
+    save_model_dir(tiny_moe_model(arch, vocab_size=len(tok) + 5, **config), tok, root / "model")
+    run = RunDir(root / "run", create=True)
+    write_json(run.manifest_path, {"config": dict(model=str(root / "model"), device="cpu", batch_size=4),
+                                   "status": "complete"})
+    torch.manual_seed(0)
+    DirectionSet(torch.randn(2, 32) * 4, layer=2, method="dim").save(run.direction_path("dim"))
+    return run.path
+
+
+def test_cli_exports_an_moe_run_as_lora_and_gguf_that_agree(tmp_path, capsys):
+    from peft import PeftModel
+    from test_evaluate import cli
+
+    run = _moe_run(tmp_path, "qwen3_moe", **GGUF_MOE["qwen3_moe"])
+    for fmt, extra in (("lora", []), ("gguf", ["--quant", "f32"])):  # f32: a rounded router logit could switch experts
+        code, _, err = cli(["export", "-r", str(run), "--out", str(tmp_path / fmt), "--format", fmt, *extra], capsys)
+        assert code == 0, err
+    tok = tiny_bpe_tokenizer()
+    batch = ChatFormatter(tok).encode(PROMPTS_MOE)
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
+    clean = original(**batch).logits
+    lora = PeftModel.from_pretrained(original, tmp_path / "lora").merge_and_unload()(**batch).logits
+    gguf = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf",
+                                                dtype=torch.float32).eval()(**batch).logits
+    assert (lora - gguf).abs().max() < 1e-4  # the same edit in both files
+    assert (lora - clean).abs().max() > 0.05
+
+
+def test_cli_refuses_a_gguf_llama_cpp_cannot_run_before_loading(tmp_path, capsys, monkeypatch):
+    from test_evaluate import cli
+
+    import refusal_atlas.workflows.workspace as workspace
+
+    run = _moe_run(tmp_path, "qwen2_moe")  # layer 1 is dense: llama.cpp's qwen2moe has experts in every layer
+    monkeypatch.setattr(workspace, "reopen_workspace", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, err = cli(["export", "-r", str(run), "--out", str(tmp_path / "g"), "--format", "gguf"], capsys)
+    assert code == 2 and err.startswith("error: ") and "experts in every layer" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "g").exists()
