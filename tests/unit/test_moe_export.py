@@ -227,6 +227,8 @@ def test_cli_exports_an_moe_run_as_lora_and_gguf_that_agree(tmp_path, capsys):
     for fmt, extra in (("lora", []), ("gguf", ["--quant", "f32"])):  # f32: a rounded router logit could switch experts
         code, _, err = cli(["export", "-r", str(run), "--out", str(tmp_path / fmt), "--format", fmt, *extra], capsys)
         assert code == 0, err
+        code, stdout, _ = cli(["verify", str(tmp_path / fmt), "--rerun"], capsys)  # the export is reproducible
+        assert code == 0 and "model files identical byte for byte" in stdout
     tok = tiny_bpe_tokenizer()
     batch = ChatFormatter(tok).encode(PROMPTS_MOE)
     original = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).eval()
