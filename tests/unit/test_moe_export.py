@@ -114,6 +114,26 @@ def test_lora_of_other_expert_layouts(layout, tmp_path):
     assert torch.allclose(merged(**batch).logits, hooked, atol=1e-4)
 
 
+def test_lora_carries_a_router_change_as_a_2d_parameter(tmp_path):
+    """transformers 5's routers are not Linear modules either (their ``weight`` is a bare parameter): a router
+    edit (e.g. suppressing experts' logits) goes through target_parameters like the experts."""
+    from peft import PeftModel
+
+    model, tok = tiny_moe_model("qwen3_moe"), tiny_tokenizer()
+    before = snapshot(model)
+    router = model.model.layers[1].mlp.gate
+    assert not isinstance(router, nn.Linear) and router.weight.ndim == 2
+    with torch.no_grad():
+        router.weight[0].mul_(-3.0)  # a rank-1 change of one row: the logit of expert 0
+    batch = ChatFormatter(tok).encode(PROMPTS_MOE)
+    edited = model(**batch).logits
+    summary = write_lora(before, model, tmp_path, base_model="tiny")
+    assert (summary["modules"], summary["parameters"], summary["rank"]) == (0, 1, 1)
+    merged = PeftModel.from_pretrained(tiny_moe_model("qwen3_moe"), tmp_path).merge_and_unload()
+    assert torch.allclose(merged(**batch).logits, edited, atol=1e-4)
+    assert not torch.allclose(tiny_moe_model("qwen3_moe")(**batch).logits, edited, atol=1e-3)
+
+
 def test_lora_refuses_the_expert_layouts_peft_cannot_express(tmp_path):
     model = _with_experts("transposed+bias")
     before = snapshot(model)

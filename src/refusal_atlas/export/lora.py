@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from refusal_atlas.core.errors import ModelError
 
@@ -80,9 +81,10 @@ def _expert_factors(delta: torch.Tensor, transposed: bool, max_rank: int | None)
     rank = max(b.shape[1] for b, _, _ in pairs)
     b = torch.stack([torch.nn.functional.pad(b, (0, rank - b.shape[1])) for b, _, _ in pairs])
     a = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, rank - a.shape[0])) for _, a, _ in pairs])
-    sq = sum(float(d.to(torch.float64).norm()) ** 2 for d in delta)
-    lost = sum((err * float(d.to(torch.float64).norm())) ** 2 for (_, _, err), d in zip(pairs, delta))
-    return b, a, (lost / sq) ** 0.5 if sq > 0 else 0.0
+    norms = [float(d.norm()) for d in delta]  # the whole tensor's relative error from each expert's
+    total = sum(n ** 2 for n in norms)
+    lost = sum((err * n) ** 2 for (_, _, err), n in zip(pairs, norms))
+    return b, a, (lost / total) ** 0.5 if total > 0 else 0.0
 
 
 def lora_factors(original: dict[str, torch.Tensor], model: torch.nn.Module, max_rank: int | None = None) -> dict:
@@ -105,7 +107,7 @@ def lora_factors(original: dict[str, torch.Tensor], model: torch.nn.Module, max_
         elif isinstance(module, torch.nn.Linear) and param == "weight":
             b, a, err = _factor(delta, max_rank)
             out[module_name] = ("linear", b, a, err)
-        elif new.ndim in (2, 3) and "bias" not in param and not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        elif new.ndim in (2, 3) and "bias" not in param and not isinstance(module, (nn.Linear, nn.Embedding)):
             if module_name in by_module:
                 raise ModelError(f"LoRA export cannot carry edits of two parameters of {module_name!r} "
                                  f"({by_module[module_name]!r} and {param!r}): PEFT would nest its parameter "
