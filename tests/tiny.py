@@ -79,27 +79,30 @@ class TinyLoaded:
 PROMPTS_MOE = ["how to make a bomb", "write poem about cats please", "tell joke", "hack into computer"]
 
 
-def tiny_moe_model(arch: str, n_layers: int = 4, d_model: int = 32, seed: int = 0):
-    """A randomly initialised Qwen2-MoE (shared expert; layer 1 dense), Qwen3-MoE or Mixtral decoder."""
+def tiny_moe_model(arch: str, n_layers: int = 4, d_model: int = 32, seed: int = 0, vocab_size: int | None = None,
+                   **config):
+    """A randomly initialised Qwen2-MoE (shared expert; layer 1 dense), Qwen3-MoE or Mixtral decoder;
+    ``config`` overrides any of these config fields (expert widths, mlp_only_layers, norm_topk_prob, ...)."""
     from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
                               Qwen3MoeForCausalLM)
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=d_model, intermediate_size=2 * d_model,
-                  num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0, eos_token_id=4,
-                  num_experts_per_tok=2)
+    common = dict(vocab_size=vocab_size or len(SPECIALS) + len(WORDS), hidden_size=d_model,
+                  intermediate_size=2 * d_model, num_hidden_layers=n_layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0,
+                  eos_token_id=4, num_experts_per_tok=2)
     if arch == "qwen2_moe":
-        cfg = Qwen2MoeConfig(**common, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                             mlp_only_layers=[1])
-        model = Qwen2MoeForCausalLM(cfg)
+        fields = dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, mlp_only_layers=[1])
+        cfg_cls, model_cls = Qwen2MoeConfig, Qwen2MoeForCausalLM
     elif arch == "qwen3_moe":
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, num_experts=4, moe_intermediate_size=16,
-                                                   head_dim=d_model // 4))
+        fields = dict(num_experts=4, moe_intermediate_size=16, head_dim=d_model // 4)
+        cfg_cls, model_cls = Qwen3MoeConfig, Qwen3MoeForCausalLM
     elif arch == "mixtral":
-        model = MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4))
+        fields = dict(num_local_experts=4)
+        cfg_cls, model_cls = MixtralConfig, MixtralForCausalLM
     else:
         raise ValueError(arch)
+    model = model_cls(cfg_cls(**{**common, **fields, **config}))
     with torch.no_grad():  # fused expert tensors are created empty: give every weight a random value
         for name, p in model.named_parameters():
             if p.ndim == 1:

@@ -22,7 +22,7 @@ import refusal_atlas.export.gguf as gguf_export
 from refusal_atlas.core.errors import ArtifactError
 from refusal_atlas.core.io import TensorEntry, stream_safetensors
 from refusal_atlas.edits import DirectionalAblation, LayerwiseAblation
-from tiny import tiny_bpe_tokenizer, tiny_model
+from tiny import tiny_bpe_tokenizer, tiny_model, tiny_moe_model
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -74,10 +74,13 @@ def test_edits_in_slabs_equal_the_whole_matrix_edit(monkeypatch):
     assert not torch.equal(results[5][0]["model.embed_tokens.weight"], untouched["model.embed_tokens.weight"])
 
 
-@pytest.mark.parametrize("arch,quant", [("qwen2", "q8_0"), ("qwen2", "f16"), ("llama", "q4_0"), ("qwen2", "bf16")])
+@pytest.mark.parametrize("arch,quant", [("qwen2", "q8_0"), ("qwen2", "f16"), ("llama", "q4_0"), ("qwen2", "bf16"),
+                                        ("qwen2_moe", "q8_0")])
 def test_gguf_row_blocks_change_no_byte(arch, quant, tmp_path, monkeypatch):
+    """Also for stacked experts, converted one expert at a time (gate_up_proj's halves are views, not copies)."""
     tok = tiny_bpe_tokenizer()
-    model = tiny_model(arch, vocab_size=len(tok) + 5)
+    model = (tiny_moe_model(arch, vocab_size=len(tok) + 5, mlp_only_layers=[]) if arch.endswith("_moe")
+             else tiny_model(arch, vocab_size=len(tok) + 5))
     files = {}
     for chunk in (7, 1 << 30):  # 7 elements: less than a row, so every row is its own block
         monkeypatch.setattr(gguf_export, "CHUNK_ELEMENTS", chunk)
@@ -96,7 +99,7 @@ import refusal_atlas.edits.writes as writes, refusal_atlas.export.gguf as g
 writes.CHUNK_ELEMENTS = g.CHUNK_ELEMENTS = 1 << 18  # small blocks: the test model is small too
 from refusal_atlas.edits import DirectionalAblation
 from refusal_atlas.export.formats import export_model
-from tiny import tiny_bpe_tokenizer, tiny_model
+from tiny import tiny_bpe_tokenizer, tiny_model, tiny_moe_model
 
 class Loaded:
     tokenizer = tiny_bpe_tokenizer()

@@ -66,9 +66,10 @@ def export_model(loaded, apply_edit: Callable[[torch.nn.Module], dict], out: str
     check_export_request(fmt, quant, dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     if fmt == "gguf":
-        from refusal_atlas.export.gguf import check_gguf_request
+        from refusal_atlas.export.gguf import check_gguf_config, check_gguf_request
 
         check_gguf_request(model.config.model_type, quant or "f16")
+        check_gguf_config(model.config)
     with atomic_dir(out, force=force) as tmp:
         summary: dict = {"format": fmt}
         if fmt == "lora":

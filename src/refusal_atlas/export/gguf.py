@@ -7,6 +7,15 @@ and the chat template. Quantization uses what ``gguf.quants`` implements in Pyth
 Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1. As in llama.cpp, 1-D tensors (norms, biases) stay F32, and a matrix
 whose rows do not split into whole blocks falls back to F16. The file is written streaming, tensor by
 tensor (:func:`write_gguf`), so a 7B model converts inside the memory that holds it.
+
+Mixture-of-experts (Qwen2-MoE as ``qwen2moe``, Qwen3-MoE as ``qwen3moe``): llama.cpp stores a layer's
+experts stacked, ``ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps`` [E, rows, cols], exactly
+transformers 5's fused parameters (its ``gate_up_proj`` [E, 2·inter, d] is split into its gate and up
+halves, as views), the router as ``ffn_gate_inp`` and Qwen2-MoE's shared expert as ``ffn_*_shexp`` with
+its 1-D gate ``ffn_gate_inp_shexp``. llama.cpp's graphs fix what the config leaves open: every layer is a
+MoE layer, qwen2moe never renormalises the top-k router weights and qwen3moe always does, so a model that
+differs (``mlp_only_layers``, ``norm_topk_prob``) is refused. Mixtral is not written: llama.cpp reads it as
+``llama`` with experts, which transformers' GGUF reader loads as a dense Llama, so no reader here checks it.
 """
 
 from __future__ import annotations
@@ -30,7 +39,11 @@ GGUF_ARCHS: dict[str, tuple[str, bool, str]] = {
     # llama.cpp runs Mistral as llama. transformers would read "mistral" in general.name as Mistral but then
     # fails (gguf-py has no "mistral" architecture), so the name is left alone and it reloads as Llama (same maths)
     "mistral": ("llama", True, "llama-bpe"),
+    "qwen2_moe": ("qwen2moe", False, "qwen2"),
+    "qwen3_moe": ("qwen3moe", False, "qwen2"),
 }
+# llama.cpp's router: qwen2moe keeps the softmax weights of the chosen experts, qwen3moe renormalises them
+_MOE_NORM_TOPK = {"qwen2_moe": False, "qwen3_moe": True}
 
 
 def _quant_table() -> dict[str, tuple]:
@@ -51,6 +64,23 @@ def check_gguf_request(model_type: str | None, quant: str) -> None:
     if model_type is not None and model_type not in GGUF_ARCHS:
         raise ConfigError(f"GGUF export supports {', '.join(sorted(GGUF_ARCHS))}; this model is {model_type!r} "
                           "(export safetensors and convert it with llama.cpp's convert_hf_to_gguf.py)")
+
+
+def check_gguf_config(cfg) -> None:
+    """What llama.cpp's graph for the architecture cannot run, from the config alone (before weights load)."""
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in _MOE_NORM_TOPK:
+        return
+    dense = list(getattr(cfg, "mlp_only_layers", None) or [])
+    step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
+    if dense or step != 1:
+        raise ConfigError(f"GGUF export of {model_type} needs experts in every layer (llama.cpp's "
+                          f"{GGUF_ARCHS[model_type][0]}); this model has dense MLP layers (mlp_only_layers={dense}, "
+                          f"decoder_sparse_step={step}); export safetensors instead")
+    norm = bool(getattr(cfg, "norm_topk_prob", False))
+    if norm != _MOE_NORM_TOPK[model_type]:
+        raise ConfigError(f"GGUF export of {model_type} needs norm_topk_prob={_MOE_NORM_TOPK[model_type]} (llama.cpp's "
+                          f"{GGUF_ARCHS[model_type][0]} fixes it); this model has {norm}; export safetensors instead")
 
 
 def _rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -81,6 +111,12 @@ def _add_hparams(w, cfg, name: str, file_type) -> None:
     w.add_rope_freq_base(_rope_theta(cfg))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(int(cfg.vocab_size))
+    if cfg.model_type in _MOE_NORM_TOPK:
+        w.add_expert_count(int(cfg.num_experts))
+        w.add_expert_used_count(int(cfg.num_experts_per_tok))
+        w.add_expert_feed_forward_length(int(cfg.moe_intermediate_size))
+        if getattr(cfg, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(int(cfg.shared_expert_intermediate_size))
 
 
 def _add_tokenizer(w, tokenizer, n_vocab: int, pre: str) -> None:
@@ -156,14 +192,42 @@ def _encoded(p: _Planned) -> np.ndarray:
         t = torch.from_numpy(_rope_permute(t.to("cpu", torch.float32).numpy(), p.permute_heads))
     if t.ndim == 1:
         return t.to("cpu", torch.float32).numpy().astype(p.np_dtype)
-    rows = t.reshape(-1, t.shape[-1])
-    out = np.empty((rows.shape[0], p.byte_shape[-1]), dtype=p.np_dtype)
-    step = max(1, CHUNK_ELEMENTS // rows.shape[1])
-    for i in range(0, rows.shape[0], step):
-        block = rows[i:i + step].to("cpu", torch.float32).numpy()
-        out[i:i + step] = block if p.qtype == Q.F32 else (
-            block.astype(np.float16) if p.qtype == Q.F16 else quants.quantize(block, p.qtype))
+    out = np.empty((t.numel() // t.shape[-1], p.byte_shape[-1]), dtype=p.np_dtype)
+    done = 0
+    # stacked experts one at a time: each expert's rows are contiguous even when the tensor is a view (a half of
+    # gate_up_proj), so no copy of the whole stack is made
+    for matrix in (t.unbind(0) if t.ndim == 3 else [t]):
+        rows = matrix.reshape(-1, matrix.shape[-1])
+        step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+        for i in range(0, rows.shape[0], step):
+            block = rows[i:i + step].to("cpu", torch.float32).numpy()
+            out[done:done + len(block)] = block if p.qtype == Q.F32 else (
+                block.astype(np.float16) if p.qtype == Q.F16 else quants.quantize(block, p.qtype))
+            done += len(block)
     return out.reshape(p.byte_shape)
+
+
+def _gguf_tensors(names, hf_name: str, tensor: torch.Tensor, modules: dict) -> list[tuple[str | None, torch.Tensor]]:
+    """(GGUF name, tensor) pairs for one state-dict entry: a fused expert parameter (no ``.weight`` suffix) maps
+    as a whole, its gate_up_proj as two halves; a Qwen2-MoE shared-expert gate [1, d] is stored 1-D, as
+    llama.cpp reads it."""
+    if tensor.ndim == 3:
+        module_name, _, param = hf_name.rpartition(".")
+        if getattr(modules.get(module_name), "is_transposed", False):
+            raise ModelError(f"GGUF export writes experts as [E, out, in]; {hf_name} is stored transposed; "
+                             "export safetensors instead")
+        if param == "gate_up_proj":
+            inter = tensor.shape[1] // 2
+            pairs = [(names.get_name(f"{module_name}.gate_proj"), tensor.narrow(1, 0, inter)),
+                     (names.get_name(f"{module_name}.up_proj"), tensor.narrow(1, inter, inter))]
+        else:
+            pairs = [(names.get_name(hf_name), tensor)]
+        return [(None if n is None else f"{n}.weight", t) for n, t in pairs]
+    base, _, suffix = hf_name.rpartition(".")
+    name = names.get_name(base)
+    if base.endswith("shared_expert_gate"):
+        tensor = tensor.reshape(-1)
+    return [(None if name is None else f"{name}.{suffix}", tensor)]
 
 
 def plan_gguf(model: torch.nn.Module, quant: str) -> list[_Planned]:
@@ -172,25 +236,31 @@ def plan_gguf(model: torch.nn.Module, quant: str) -> list[_Planned]:
 
     cfg = model.config
     check_gguf_request(cfg.model_type, quant)
+    check_gguf_config(cfg)
     arch, permute, _ = GGUF_ARCHS[cfg.model_type]
     qtype = _quant_table()[quant][0]
+    f32 = _quant_table()["f32"][0]
     arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
     names = get_tensor_name_map(arch_id, cfg.num_hidden_layers)
     tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    modules = dict(model.named_modules())
     plan = []
-    for hf_name, tensor in model.state_dict().items():
+    for hf_name, whole in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # a GGUF without output.weight is read back as tied
-        base, _, suffix = hf_name.rpartition(".")
-        gguf_name = names.get_name(base)
-        if gguf_name is None:
-            raise ModelError(f"no GGUF name for tensor {hf_name!r} of {cfg.model_type}; export safetensors instead")
-        stored, byte_shape, np_dtype = _storage(tuple(tensor.shape), qtype)
+        base = hf_name.rpartition(".")[0]
         heads = (n_head if base.endswith("q_proj") else n_kv) if permute and base.endswith(
             ("self_attn.q_proj", "self_attn.k_proj")) else None
-        nbytes = int(np.prod(byte_shape, dtype=np.int64)) * np_dtype.itemsize
-        plan.append(_Planned(f"{gguf_name}.{suffix}", tensor, stored, byte_shape, np_dtype, nbytes, heads))
+        for gguf_name, tensor in _gguf_tensors(names, hf_name, whole, modules):
+            if gguf_name is None:
+                raise ModelError(f"no GGUF name for tensor {hf_name!r} of {cfg.model_type}; export safetensors instead")
+            # routers stay F32, as llama.cpp's converter and quantizer keep them: a rounded router logit can change
+            # which experts a token uses, a discrete jump far larger than the rounding itself
+            router = gguf_name.split(".")[-2] in ("ffn_gate_inp", "ffn_gate_inp_shexp")
+            stored, byte_shape, np_dtype = _storage(tuple(tensor.shape), f32 if router else qtype)
+            nbytes = int(np.prod(byte_shape, dtype=np.int64)) * np_dtype.itemsize
+            plan.append(_Planned(gguf_name, tensor, stored, byte_shape, np_dtype, nbytes, heads))
     return plan
 
 

@@ -36,6 +36,32 @@ def chosen_edit(run_dir: Path, manifest: dict, directions: str, edit: str | None
     return DirectionalAblation(DirectionSet.load(path), mode, name=directions), f"directions/{directions}"
 
 
+def check_gguf_source(spec: str, quant: str | None) -> None:
+    """The GGUF writer's architecture rules (export/gguf.py) on the source's config.json, before anything loads,
+    when the source is a local directory or a Hugging Face id in the local cache; other sources (the embedded
+    GGUF) are checked once loaded, still before anything is written."""
+    import json
+    from types import SimpleNamespace
+
+    from refusal_atlas.export.gguf import check_gguf_config, check_gguf_request
+
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(spec, local_files_only=True))
+        except Exception:  # not in the local cache (or not an id at all): nothing to read before loading
+            return
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(cfg, dict) and cfg.get("model_type"):
+        check_gguf_request(cfg["model_type"], quant or "f16")
+        check_gguf_config(SimpleNamespace(**cfg))
+
+
 def export(run_dir: Path, out: Path, *, format: str = "safetensors", quant: str | None = None,
            dtype: str | None = None, directions: str = "dim", edit: str | None = None,
            force: bool = False) -> tuple[Any, dict[str, Any]]:
@@ -54,6 +80,8 @@ def export(run_dir: Path, out: Path, *, format: str = "safetensors", quant: str 
     check_output_parent(out)
     chosen, source = chosen_edit(run_dir, manifest, directions, edit)
     settings = run_settings(manifest)
+    if format == "gguf":
+        check_gguf_source(settings.model.model, quant)
     needs = export_needs(settings, format, quant, dtype)
     if needs is not None:  # before anything heavy is imported: the disk, and the memory the export adds
         check_disk(out, needs[1], f"exporting {format}")
