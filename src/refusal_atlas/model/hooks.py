@@ -82,6 +82,16 @@ class Hooks:
         self._handles.append(module.register_forward_hook(_around_hook(fn), with_kwargs=True))
         return self
 
+    def reparametrize(self, module: nn.Module, attr: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Hooks:
+        """Read ``module.<attr>`` (a parameter) as ``fn(parameter)`` until removed: for a change inside a module
+        that calls no sub-module to hook (fused experts multiply by their ``down_proj`` tensor directly). The
+        stored parameter is never written, and on removal the same parameter object is back."""
+        from torch.nn.utils import parametrize
+
+        parametrize.register_parametrization(module, attr, _Reparametrization(fn), unsafe=True)
+        self._handles.append(_ParametrizationHandle(module, attr))
+        return self
+
     def remove(self) -> None:
         """Remove every hook of this group (idempotent)."""
         while self._handles:
@@ -95,6 +105,25 @@ class Hooks:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+class _Reparametrization(nn.Module):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+class _ParametrizationHandle:
+    def __init__(self, module: nn.Module, attr: str):
+        self.module, self.attr = module, attr
+
+    def remove(self) -> None:
+        from torch.nn.utils import parametrize
+
+        parametrize.remove_parametrizations(self.module, self.attr, leave_parametrized=False)
 
 
 def hook_inputs(module: nn.Module, fn: HiddenFn) -> Hooks:
