@@ -167,3 +167,75 @@ def test_save_load_and_safetensors_export_round_trip(tmp_path):
     assert summary["edit"]["routers"] == 3 and summary["edit"]["norm_preserving"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.allclose(reloaded(**batch).logits, expected, atol=1e-4)
+
+
+def test_search_space_offers_router_suppression_only_when_asked():
+    import optuna
+
+    from refusal_atlas.search.edit_space import EditSpace, build_edit, describe_choice
+    from refusal_atlas.search.sources import EditContext
+
+    n, d = 4, 32
+    ctx = EditContext(_rand(n, d, seed=8), _rand(n, d, seed=9) + 2, {})
+    plain, routed = EditSpace.for_context(ctx), EditSpace.for_context(ctx, router=True)
+    assert "router" not in plain.identity() and routed.identity()["router"] is True  # plain studies resume unchanged
+    params = {}
+    for space in (plain, routed):
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        trial = study.ask()
+        choice = space.suggest(trial)
+        params[space.router] = trial.params
+        assert ("router" in choice) == space.router and ("router_weight" in trial.params) == space.router
+    choice = routed.decode({**params[True], "router_weight": 0.4})
+    edit = build_edit(choice, ctx)
+    assert choice["router"] == 0.4 and edit.router_weight == 0.4 and "router 0.40" in describe_choice(choice)
+    assert build_edit(plain.decode(params[False]), ctx).router_weight == 0.0
+    anchor = routed.decode(routed.full_ablation_params(2))
+    assert anchor["router"] == 0.0 and build_edit(anchor, ctx).router_weight == 0.0  # trial 0 stays full DIM ablation
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory):
+    """A run directory (activations, DIM at layer 2) on the tiny Qwen2-MoE saved to disk."""
+    from refusal_atlas.model.saving import save_model_dir
+    from refusal_atlas.settings import load_settings
+    from refusal_atlas.workflows.run import dim_step, extract_step, select_step
+    from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
+
+    root = tmp_path_factory.mktemp("moe_run")
+    save_model_dir(tiny_moe_model("qwen2_moe"), tiny_tokenizer(), root / "model")
+    cfg = load_settings(None, dict(model=str(root / "model"), device="cpu", n_train=16, n_val=4, n_eval=4,
+                                   max_new_tokens=2, filter_train=False, layer=2))
+    ws = open_workspace(cfg, root / "run")
+    sets = load_prompt_sets(cfg)
+    select_step(ws, dim_step(ws.run, extract_step(ws, sets)), sets)
+    return root, ws
+
+
+def test_search_edits_searches_expert_and_router_edits_on_a_moe_run(moe_run, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from refusal_atlas.workflows.validate import check_model
+
+    root, ws = moe_run
+    run = root / "run"
+    assert check_model(str(root / "model")).n_experts == 4  # what lets --router through, read from config.json
+    proc = subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "search", "-r", str(run), "--trials", "8",
+                           "--n-startup-trials", "2", "--router", "--verify", "0"],
+                          capture_output=True, text=True, env={**os.environ, "REFUSAL_ATLAS_QUIET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "search_edits.json").read_text())
+    trials = [t for t in summary["trials"] if t.get("choice")]
+    assert summary["identity"]["router"] is True and len(trials) == 8  # 6 anchors (router off), then sampled
+    assert all("router" in t["choice"] for t in trials)
+    assert any(t["choice"]["router"] > 0 and t["choice"]["mlp"]["peak"] > 0 for t in trials)
+    best = load_edit(run / "edits" / "search_best")
+    assert best.fingerprint() == summary["chosen"]["edit_fingerprint"]
+    batch = ws.chat.encode(PROMPTS_MOE)
+    with best.hooks(ws.adapter):
+        hooked = ws.loaded.model(**batch).logits
+    with best.weights(ws.adapter):
+        assert torch.allclose(ws.loaded.model(**batch).logits, hooked, atol=1e-4)
