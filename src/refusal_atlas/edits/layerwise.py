@@ -32,7 +32,9 @@ exactly. Norm-preserving hooks also rescale each expert's write vectors (``Hooks
 experts call no Linear whose input a hook could scale); the stored weights stay untouched. One weight for
 all experts of a block: per-expert weights (say, by routing share on harmful prompts) are not offered.
 
-**Router suppression** (``router_weight`` s > 0, off by default; abliterix 1.12's name): every MoE block's
+**Router suppression** (``router_weight`` s > 0, off by default; the directional form of abliterix 1.12's router
+suppression, which instead shrinks the gate rows of the few experts that fire most on harmful prompts, found by
+profiling the routing — ours needs no profiling and leaves expert preferences unrelated to r alone): every MoE block's
 router (its ``gate``, weight [E, d_model], one logit w_eᵀx per expert) stops reading block j's directions:
 w_e ← w_e − s·P w_e for every expert e, P the projector onto span(directions[j]) (always ``subspace``, and
 the directions as given — not biprojected — since the router reads the block's input, not a write). The
