@@ -239,3 +239,22 @@ def test_search_edits_searches_expert_and_router_edits_on_a_moe_run(moe_run, tmp
         hooked = ws.loaded.model(**batch).logits
     with best.weights(ws.adapter):
         assert torch.allclose(ws.loaded.model(**batch).logits, hooked, atol=1e-4)
+
+
+def test_reparametrizations_nest_and_leave_the_same_parameter_behind():
+    """Hooks.reparametrize (the norm-preserving hook of fused experts): nested groups remove only their own, and the
+    module gets its own class and parameter object back, also after an error inside the block."""
+    from refusal_atlas.model.hooks import Hooks
+
+    lin = torch.nn.Linear(3, 2)
+    w, x = lin.weight, _rand(4, 3)
+    y0 = lin(x)
+    with Hooks().reparametrize(lin, "weight", lambda t: 2 * t):
+        with Hooks().reparametrize(lin, "weight", lambda t: 3 * t):
+            assert torch.allclose(lin(x) - lin.bias, 6 * (y0 - lin.bias), atol=1e-6)
+        assert torch.allclose(lin(x) - lin.bias, 2 * (y0 - lin.bias), atol=1e-6)
+    assert lin.weight is w and type(lin) is torch.nn.Linear and torch.equal(lin(x), y0)
+    with pytest.raises(RuntimeError, match="inside"):
+        with Hooks().reparametrize(lin, "weight", lambda t: 0 * t):
+            raise RuntimeError("inside")
+    assert lin.weight is w and type(lin) is torch.nn.Linear and torch.equal(lin(x), y0)

@@ -88,8 +88,9 @@ class Hooks:
         stored parameter is never written, and on removal the same parameter object is back."""
         from torch.nn.utils import parametrize
 
-        parametrize.register_parametrization(module, attr, _Reparametrization(fn), unsafe=True)
-        self._handles.append(_ParametrizationHandle(module, attr))
+        added = _Reparametrization(fn)
+        parametrize.register_parametrization(module, attr, added, unsafe=True)
+        self._handles.append(_ParametrizationHandle(module, attr, added))
         return self
 
     def remove(self) -> None:
@@ -117,13 +118,19 @@ class _Reparametrization(nn.Module):
 
 
 class _ParametrizationHandle:
-    def __init__(self, module: nn.Module, attr: str):
-        self.module, self.attr = module, attr
+    """Removes one reparametrization, leaving any other on the same parameter (nested edits) in place."""
+
+    def __init__(self, module: nn.Module, attr: str, added: nn.Module):
+        self.module, self.attr, self.added = module, attr, added
 
     def remove(self) -> None:
         from torch.nn.utils import parametrize
 
-        parametrize.remove_parametrizations(self.module, self.attr, leave_parametrized=False)
+        chain = self.module.parametrizations[self.attr]
+        if len(chain) > 1:
+            del chain[next(i for i, p in enumerate(chain) if p is self.added)]
+        else:
+            parametrize.remove_parametrizations(self.module, self.attr, leave_parametrized=False)
 
 
 def hook_inputs(module: nn.Module, fn: HiddenFn) -> Hooks:
