@@ -239,6 +239,12 @@ def test_search_edits_searches_expert_and_router_edits_on_a_moe_run(moe_run, tmp
         hooked = ws.loaded.model(**batch).logits
     with best.weights(ws.adapter):
         assert torch.allclose(ws.loaded.model(**batch).logits, hooked, atol=1e-4)
+    proc = subprocess.run([sys.executable, "-m", "refusal_atlas.cli", "export", "-r", str(run), "--edit", "search_best",
+                           "--out", str(tmp_path / "model")], capture_output=True, text=True,
+                          env={**os.environ, "REFUSAL_ATLAS_QUIET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    assert torch.allclose(reloaded(**batch).logits, hooked, atol=1e-4)
 
 
 def test_reparametrizations_nest_and_leave_the_same_parameter_behind():
