@@ -112,3 +112,45 @@ def tiny_moe_model(arch: str, n_layers: int = 4, d_model: int = 32, seed: int = 
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+class ListExpertsBlock(torch.nn.Module):
+    """A hand-rolled MoE block with per-expert Linear layers (the pre-5.x layout) or a transposed fused tensor."""
+
+    def __init__(self, d: int, inter: int, n_experts: int = 3, fused_transposed: bool = False):
+        super().__init__()
+        self.gate = torch.nn.Linear(d, n_experts, bias=False)
+        self.fused = fused_transposed
+        if fused_transposed:
+            self.experts = torch.nn.Module()
+            self.experts.is_transposed = True
+            self.experts.up = torch.nn.Parameter(torch.randn(n_experts, d, inter) / d ** 0.5)
+            self.experts.down_proj = torch.nn.Parameter(torch.randn(n_experts, inter, d) / inter ** 0.5)
+            self.experts.down_proj_bias = torch.nn.Parameter(torch.randn(n_experts, d) * 0.1)
+        else:
+            self.experts = torch.nn.ModuleList(
+                torch.nn.ModuleDict({"up_proj": torch.nn.Linear(d, inter), "w2": torch.nn.Linear(inter, d)})
+                for _ in range(n_experts))
+            for e in self.experts:
+                e.w2 = e["w2"]
+
+    def forward(self, x):
+        weights = torch.softmax(self.gate(x), dim=-1)  # dense routing: every expert contributes
+        outs = []
+        for i in range(weights.shape[-1]):
+            if self.fused:
+                h = torch.relu(x @ self.experts.up[i])
+                outs.append(h @ self.experts.down_proj[i] + self.experts.down_proj_bias[i])
+            else:
+                outs.append(self.experts[i]["w2"](torch.relu(self.experts[i]["up_proj"](x))))
+        return sum(w.unsqueeze(-1) * o for w, o in zip(weights.unbind(-1), outs))
+
+
+def tiny_list_moe_model(fused_transposed: bool = False):
+    """A tiny Qwen2 whose every MLP is a :class:`ListExpertsBlock` (the expert layouts transformers 5 does not build)."""
+    model = tiny_model("qwen2")
+    torch.manual_seed(1)
+    for layer in model.model.layers:
+        layer.mlp = ListExpertsBlock(model.config.hidden_size, 16, fused_transposed=fused_transposed)
+    model.requires_grad_(False)
+    return model

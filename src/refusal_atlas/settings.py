@@ -161,6 +161,8 @@ class SearchSettings(_Section):
     sets: tuple[str, ...] = Field((), description="edits: DirectionSets to add as sources, e.g. som")
     transforms: tuple[str, ...] = Field(("project",), description="edits: write transforms to search among "
                                         "(project, householder, biproject); one: not searched")
+    router: bool = Field(False, description="edits: also search a router-suppression strength (mixture-of-experts "
+                                            "models only)")
     prune: bool = Field(True, description="edits: stop clearly dominated trials after 25% of the prompts")
     score_tokens: int = Field(0, description="edits: refusal = substring rate of N greedy tokens (0: logit)")
     refusal_stat: str = Field("probability", description="edits: refusal number = mean first-token refusal "

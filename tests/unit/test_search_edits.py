@@ -207,6 +207,8 @@ def test_search_bad_input_is_one_error_line(tiny_run, tmp_path):
                         (["search", "-r", str(run), "--sets", "small", "--k-max", "3"], "has only 2 directions"),
                         (["search", "-r", str(run), "--sets", "alien"], "comes from another model"),
                         (["search", "-r", str(run), "--dtype", "fp12"], "unknown dtype 'fp12'"),
+                        (["search", "-r", str(run), "--router"],  # read from config.json: qwen2 is dense
+                         "--router applies to mixture-of-experts models only; this model (qwen2) has no experts"),
                         (["evaluate", "-r", str(run), "--edit", "nope"], "no saved edit"),
                         (["export", "-r", str(run), "--edit", "nope", "--out", str(tmp_path / "x")], "no saved edit")]:
         proc = _cli(*args, check=False)

@@ -49,6 +49,7 @@ def search_edits(
     sets: Annotated[Optional[str], typer.Option(help=setting_help("search.sets", "comma-separated"))] = None,
     transforms: Annotated[Optional[str], typer.Option(help=setting_help(
         "search.transforms", "write transforms to search among, comma-separated: project,householder,biproject"))] = None,
+    router: Annotated[Optional[bool], typer.Option(help=setting_help("search.router"))] = None,
     k_max: KMaxOpt = None,
     seed: SeedOpt = None,
     kl_threshold: KlOpt = None,
@@ -71,7 +72,7 @@ def search_edits(
 
     names = None if sets is None else tuple(s.strip() for s in sets.split(",") if s.strip())
     chosen = None if transforms is None else tuple(t.strip() for t in transforms.split(",") if t.strip())
-    search = dict(sets=names, transforms=chosen, k_max=k_max, seed=seed, n_startup_trials=n_startup_trials, prune=prune,
+    search = dict(sets=names, transforms=chosen, router=router, k_max=k_max, seed=seed, n_startup_trials=n_startup_trials, prune=prune,
                   score_tokens=score_tokens, max_kl=max_kl, refusal_stat=refusal_stat, verify=verify,
                   verify_tokens=verify_tokens, judge=judge)
     summary = verbs.search_edits(run_dir, {"n_val": n_val, "kl_threshold": kl_threshold, "search": search},

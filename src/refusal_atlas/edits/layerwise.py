@@ -20,6 +20,26 @@ block j writes into — the last block uses layer L−1, the embedding layer 0).
 
 Hooks sit on the out-projections themselves, so hooks equal weights for every architecture
 (Gemma-2's post-norms come after the out-projection and see the same values either way).
+
+**Mixture-of-experts blocks** (expert-granular, abliterix 1.12): the block's MLP weight edits *every* expert's
+down-projection — fused [E, d, inter], transposed [E, inter, d] or one Linear per expert, routed or not — and a
+Qwen2-MoE shared expert's, each with the same map (norm-preserving: every expert's write vectors keep their
+norms, exactly as a dense down_proj's columns). The hook maps the MoE block's *output*: that output is
+Σ_e g_e(x)·(W_e h_e + b_e) + σ(s·x)·W_s h_s, where the routing weights g_e and the shared-expert gate σ(s·x)
+are per-token scalars computed from the block's *input*, not from the expert outputs; T is linear, so
+T(output) = Σ_e g_e·(T W_e h_e + T b_e) + σ·T W_s h_s — the weight edit of every expert and its bias,
+exactly. Norm-preserving hooks also rescale each expert's write vectors (``Hooks.reparametrize``: fused
+experts call no Linear whose input a hook could scale); the stored weights stay untouched. One weight for
+all experts of a block: per-expert weights (say, by routing share on harmful prompts) are not offered.
+
+**Router suppression** (``router_weight`` s > 0, off by default; the directional form of abliterix 1.12's router
+suppression, which instead shrinks the gate rows of the few experts that fire most on harmful prompts, found by
+profiling the routing — ours needs no profiling and leaves expert preferences unrelated to r alone): every MoE block's
+router (its ``gate``, weight [E, d_model], one logit w_eᵀx per expert) stops reading block j's directions:
+w_e ← w_e − s·P w_e for every expert e, P the projector onto span(directions[j]) (always ``subspace``, and
+the directions as given — not biprojected — since the router reads the block's input, not a write). The
+hook projects the router's input, x ↦ x − s·P x, which gives the same logits because P is symmetric:
+w_eᵀ(x − sPx) = (w_e − sPw_e)ᵀx. No shipped family's router has a bias, so no bias suppression.
 """
 
 from __future__ import annotations
@@ -34,8 +54,8 @@ from refusal_atlas.core.errors import ConfigError, ModelError
 from refusal_atlas.edits.base import Edit, WeightSnapshot, as_adapter, untie_embeddings
 from refusal_atlas.edits.kernel import StrengthKernel
 from refusal_atlas.edits.projection import AblationMode, check_mode, orthogonalize_against
-from refusal_atlas.edits.writes import (REFLECTION, Transform, check_transform, column_norm_scale, edit_linear,
-                                        map_in_place, map_writes, prepare)
+from refusal_atlas.edits.writes import (REFLECTION, Transform, check_transform, edit_write, map_in_place, map_writes,
+                                        prepare, write_norm_scale)
 from refusal_atlas.model.adapter import ModelAdapter
 from refusal_atlas.model.hooks import Hooks
 
@@ -47,7 +67,7 @@ class LayerwiseAblation(Edit):
 
     def __init__(self, directions: torch.Tensor, attn_weights, mlp_weights, *, mode: AblationMode = "subspace",
                  norm_preserving: bool = False, embed_weight: float = 0.0, transform: Transform = "project",
-                 harmless_means: torch.Tensor | None = None, name: str | None = None,
+                 harmless_means: torch.Tensor | None = None, router_weight: float = 0.0, name: str | None = None,
                  meta: dict[str, Any] | None = None):
         d = directions.detach().to(torch.float32).cpu()
         if d.ndim == 2:
@@ -68,6 +88,9 @@ class LayerwiseAblation(Edit):
         if self.embed_weight < 0:
             raise ConfigError(f"embedding weight must be >= 0, got {self.embed_weight}")
         self.transform = check_transform(transform)
+        self.router_weight = float(router_weight)
+        if not (self.router_weight >= 0 and self.router_weight < float("inf")):
+            raise ConfigError(f"router suppression weight must be finite and >= 0, got {router_weight}")
         self.harmless_means = self._check_means(harmless_means)
         self.meta = dict(meta or {})
 
@@ -101,6 +124,8 @@ class LayerwiseAblation(Edit):
                "mlp_weights": self.mlp_weights, "embed_weight": self.embed_weight, "meta": self.meta}
         if self.transform != "project":  # absent for projection: edits saved before transforms keep their fingerprint
             out["transform"] = self.transform
+        if self.router_weight:  # absent when off: dense edits keep their fingerprint
+            out["router_weight"] = self.router_weight
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -114,7 +139,7 @@ class LayerwiseAblation(Edit):
         return cls(tensors["directions"], spec["attn_weights"], spec["mlp_weights"], mode=spec["mode"],
                    norm_preserving=spec["norm_preserving"], embed_weight=spec.get("embed_weight", 0.0),
                    transform=spec.get("transform", "project"), harmless_means=tensors.get("harmless_means"),
-                   meta=spec.get("meta"))
+                   router_weight=spec.get("router_weight", 0.0), meta=spec.get("meta"))
 
     def _prepared(self, block: int, written: int) -> torch.Tensor:
         """Block ``block``'s directions as the write map uses them (biproject: orthogonalized against the
@@ -133,18 +158,28 @@ class LayerwiseAblation(Edit):
         return weight * REFLECTION[self.transform]
 
     def _targets(self, adapter):
-        """(module, prepared directions, strength) for every out-projection with a non-zero weight."""
+        """(block, component, prepared directions, strength) for every write with a non-zero weight."""
         for j in range(self.n_layers):
             prepared = None
             for comp, weight in zip(COMPONENTS, (self.attn_weights[j], self.mlp_weights[j])):
                 if weight == 0.0:
                     continue
                 prepared = self._prepared(j, min(j + 1, self.n_layers - 1)) if prepared is None else prepared
-                if comp == "mlp" and adapter.is_moe(j):
-                    raise ModelError(f"per-layer strength edits of mixture-of-experts MLPs (block {j}) are not "
-                                     "supported; use full directional ablation, or a kernel with MLP weight 0")
-                yield ((adapter.attn_out_proj(j) if comp == "attn" else adapter.mlp_out_proj(j)), prepared,
-                       self._strength(weight))
+                yield j, comp, prepared, self._strength(weight)
+
+    def _routers(self, adapter):
+        """(router, its prepared directions) of every MoE block, when router suppression is on."""
+        if not self.router_weight:
+            return
+        for j in range(self.n_layers):
+            if adapter.is_moe(j):
+                yield adapter.router(j), prepare(self.per_layer[j], "subspace")
+
+    def check_model(self, adapter: ModelAdapter) -> None:
+        super().check_model(adapter)
+        if self.router_weight and not any(adapter.is_moe(j) for j in range(adapter.n_layers)):
+            raise ModelError(f"router suppression (router weight {self.router_weight:g}) needs mixture-of-experts "
+                             f"blocks; {adapter.model_type} has none")
 
     def hooks(self, model):
         adapter = as_adapter(model)
@@ -157,12 +192,25 @@ class LayerwiseAblation(Edit):
             if self.embed_weight:
                 p0 = self._prepared(0, 0).to(adapter.device)
                 hooks.outputs(adapter.embedding, lambda y: self._map_embedding(y, p0))
-            for proj, prepared, weight in self._targets(adapter):
+            for j, comp, prepared, weight in self._targets(adapter):
                 p = prepared.to(adapter.device)
-                hooks.outputs(proj, lambda y, p=p, w=weight: map_writes(y, p, w, self.mode))
-                if self.norm_preserving:
-                    scale = column_norm_scale(proj.weight.detach(), p, weight, self.mode)
-                    hooks.inputs(proj, lambda x, s=scale: x * s.to(x.device, x.dtype))
+                moe = comp == "mlp" and adapter.is_moe(j)
+                # a MoE block's output is linear in its experts' writes (module docstring): map it once
+                write = adapter.mlp_write(j) if moe else adapter.attn_out_proj(j) if comp == "attn" else \
+                    adapter.mlp_out_proj(j)
+                hooks.outputs(write, lambda y, p=p, w=weight: map_writes(y, p, w, self.mode))
+                if not self.norm_preserving:
+                    continue
+                if not moe:
+                    scale = write_norm_scale(write.weight, 0, p, weight, self.mode)
+                    hooks.inputs(write, lambda x, s=scale: x * s.to(x.device, x.dtype))
+                    continue
+                for ww in adapter.mlp_write_weights(j):  # every expert's (and the shared expert's) write vectors
+                    scale = write_norm_scale(ww.weight, ww.d_axis, p, weight, self.mode).unsqueeze(ww.d_axis)
+                    hooks.reparametrize(ww.owner, ww.attr, lambda t, s=scale: t * s.to(t.device, t.dtype))
+            for router, p in self._routers(adapter):
+                p = p.to(adapter.device)
+                hooks.inputs(router, lambda x, p=p: map_writes(x, p, self.router_weight, "subspace"))
             yield
 
     def _map_embedding(self, rows: torch.Tensor, prepared: torch.Tensor) -> torch.Tensor:
@@ -185,11 +233,18 @@ class LayerwiseAblation(Edit):
             emb = snapshot.keep(adapter.embedding.weight)
             p0 = self._prepared(0, 0).to(emb.device)
             map_in_place(emb.data, 1, lambda rows: self._map_embedding(rows, p0))
-        for proj, prepared, weight in self._targets(adapter):
-            snapshot.keep(proj.weight)
-            if proj.bias is not None:
-                snapshot.keep(proj.bias)
-            edit_linear(proj, prepared.to(proj.weight.device), weight, self.mode, self.norm_preserving)
-            n += 1
+        for j, comp, prepared, weight in self._targets(adapter):
+            # attention: its o_proj; MLP: a dense down_proj, or every expert's and the shared expert's
+            for write in adapter.attn_write_weights(j) if comp == "attn" else adapter.mlp_write_weights(j):
+                snapshot.keep(write.weight)
+                if write.bias is not None:
+                    snapshot.keep(write.bias)
+                edit_write(write, prepared.to(write.weight.device), weight, self.mode, self.norm_preserving)
+                n += 1
+        routers = 0
+        for router, p in self._routers(adapter):
+            w = snapshot.keep(router.weight)
+            map_in_place(w.data, 1, lambda rows, p=p.to(w.device): map_writes(rows, p, self.router_weight, "subspace"))
+            routers += 1
         return {"matrices": n, "mode": self.mode, "norm_preserving": self.norm_preserving, "transform": self.transform,
-                "untied_embeddings": untied}
+                "untied_embeddings": untied, "routers": routers}

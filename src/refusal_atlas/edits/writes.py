@@ -87,33 +87,39 @@ def map_in_place(t: torch.Tensor, d_axis: int, fn) -> None:
         view.copy_(fn(view.movedim(d_axis, -1)).movedim(-1, d_axis))
 
 
-def column_norm_scale(weight: torch.Tensor, prepared: torch.Tensor, strength: float,
-                      mode: AblationMode) -> torch.Tensor:
-    """Per input feature: ‖W[:, j]‖ / ‖T W[:, j]‖, which restores each write vector's norm after the map."""
-    w = weight.to(torch.float32)
-    mapped = map_writes(w.T, prepared, strength, mode)  # rows = write vectors of each input feature
-    return (w.norm(dim=0) / mapped.norm(dim=1).clamp_min(1e-12)).to(torch.float32)
+def write_norm_scale(weight: torch.Tensor, d_axis: int, prepared: torch.Tensor, strength: float,
+                     mode: AblationMode) -> torch.Tensor:
+    """Per write vector (every slice of ``weight`` along its d_model axis ``d_axis``): ‖v‖ / ‖T v‖, which
+    restores each write vector's norm after the map. A Linear [d, n] gives [n] (one per input feature);
+    fused experts [E, d, inter] or [E, inter, d] give [E, inter] (one per expert and input feature)."""
+    w = weight.detach().to(torch.float32).movedim(d_axis, -1)
+    mapped = map_writes(w, prepared, strength, mode)
+    return (w.norm(dim=-1) / mapped.norm(dim=-1).clamp_min(1e-12)).to(torch.float32)
 
 
-def edit_write(write, prepared: torch.Tensor, strength: float, mode: AblationMode) -> None:
+def _edit(weight: torch.Tensor, d_axis: int, bias: torch.Tensor | None, prepared: torch.Tensor, strength: float,
+          mode: AblationMode, norm_preserving: bool) -> None:
+    def vectors(v: torch.Tensor) -> torch.Tensor:  # [..., d]: write vectors
+        v32 = v.to(torch.float32)
+        mapped = map_writes(v32, prepared, strength, mode)
+        if not norm_preserving:
+            return mapped
+        return mapped * (v32.norm(dim=-1) / mapped.norm(dim=-1).clamp_min(1e-12)).unsqueeze(-1)
+
+    map_in_place(weight.data, d_axis, vectors)
+    if bias is not None:
+        bias.data.copy_(map_writes(bias.data, prepared, strength, mode))
+
+
+def edit_write(write, prepared: torch.Tensor, strength: float, mode: AblationMode,
+               norm_preserving: bool = False) -> None:
     """In place: the write map on one :class:`~refusal_atlas.model.adapter.WriteWeight` (a dense down_proj,
-    fused [E, d, inter] / transposed [E, inter, d] experts, a shared expert), along its d_model axis."""
-    map_in_place(write.weight.data, write.d_axis, lambda x: map_writes(x, prepared, strength, mode))
-    if write.bias is not None:
-        write.bias.data.copy_(map_writes(write.bias.data, prepared, strength, mode))
+    fused [E, d, inter] / transposed [E, inter, d] experts, a shared expert), along its d_model axis; with
+    ``norm_preserving`` every write vector (one per expert and input feature) keeps its norm."""
+    _edit(write.weight, write.d_axis, write.bias, prepared, strength, mode, norm_preserving)
 
 
 def edit_linear(linear: torch.nn.Linear, prepared: torch.Tensor, strength: float, mode: AblationMode,
                 norm_preserving: bool = False) -> None:
     """In place: ``W ← T W`` (columns rescaled to their old norms when ``norm_preserving``), ``b ← T b``."""
-
-    def columns(cols: torch.Tensor) -> torch.Tensor:  # [n, d]: the write vectors of n input features
-        c32 = cols.to(torch.float32)
-        mapped = map_writes(c32, prepared, strength, mode)
-        if not norm_preserving:
-            return mapped
-        return mapped * (c32.norm(dim=1) / mapped.norm(dim=1).clamp_min(1e-12)).unsqueeze(1)
-
-    map_in_place(linear.weight.data, 0, columns)
-    if linear.bias is not None:
-        linear.bias.data.copy_(map_writes(linear.bias.data, prepared, strength, mode))
+    _edit(linear.weight, 0, linear.bias, prepared, strength, mode, norm_preserving)

@@ -53,16 +53,21 @@ FAMILIES: dict[str, _Family] = {
 
 @dataclass
 class WriteWeight:
-    """A weight that writes along d_model: ``weight``'s axis ``d_axis`` is d_model (``bias`` [..., d] or None)."""
+    """A weight that writes along d_model: ``weight``'s axis ``d_axis`` is d_model (``bias`` [..., d] or None).
+
+    ``weight`` is ``getattr(owner, attr)`` (a Linear's ``weight``, fused experts' ``down_proj``): what a
+    hook-form edit reparametrizes without touching the stored tensor."""
 
     name: str
     weight: torch.Tensor
     d_axis: int
     bias: torch.Tensor | None = field(default=None)
+    owner: nn.Module | None = field(default=None)
+    attr: str = "weight"
 
 
 def _linear_write(name: str, linear: nn.Module) -> WriteWeight:
-    return WriteWeight(name, linear.weight, 0, linear.bias)
+    return WriteWeight(name, linear.weight, 0, linear.bias, linear)
 
 
 def _expert_writes(prefix: str, experts: nn.Module, d_model: int) -> list[WriteWeight]:
@@ -81,7 +86,8 @@ def _expert_writes(prefix: str, experts: nn.Module, d_model: int) -> list[WriteW
     d_axis = 2 if getattr(experts, "is_transposed", False) else 1
     if weight.shape[d_axis] != d_model:
         raise ModelError(f"{prefix}.down_proj has shape {tuple(weight.shape)}; expected d_model={d_model} on axis {d_axis}")
-    return [WriteWeight(f"{prefix}.down_proj", weight, d_axis, getattr(experts, "down_proj_bias", None))]
+    return [WriteWeight(f"{prefix}.down_proj", weight, d_axis, getattr(experts, "down_proj_bias", None), experts,
+                        "down_proj")]
 
 
 def _contiguous(x: torch.Tensor) -> torch.Tensor | None:
@@ -195,6 +201,10 @@ class ModelAdapter:
     def is_moe(self, layer: int) -> bool:
         return hasattr(self.mlp_write(layer), "experts")
 
+    def attn_write_weights(self, layer: int) -> list[WriteWeight]:
+        """The weight of block ``layer``'s attention that writes along d_model (its out-projection)."""
+        return [_linear_write(self.family.attn_out_proj, self.attn_out_proj(layer))]
+
     def mlp_write_weights(self, layer: int) -> list[WriteWeight]:
         """Every weight of block ``layer``'s MLP (dense or mixture of experts) that writes along d_model."""
         if not self.is_moe(layer):
@@ -204,6 +214,15 @@ class ModelAdapter:
         if getattr(block, "shared_expert", None) is not None:  # Qwen2-MoE: gated by a per-token scalar
             out.append(_linear_write(f"{self.family.mlp_write}.shared_expert.down_proj", block.shared_expert.down_proj))
         return out
+
+    def router(self, layer: int) -> nn.Module:
+        """Block ``layer``'s router: the module (``gate``) whose ``weight`` [E, d_model] turns the block's input
+        into one logit per expert (a Linear, or transformers 5's top-k router that also picks the experts)."""
+        gate = getattr(self.mlp_write(layer), "gate", None) if self.is_moe(layer) else None
+        weight = getattr(gate, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.shape[1] != self.d_model:
+            raise ModelError(f"block {layer} has no mixture-of-experts router with a [n_experts, d_model] weight")
+        return gate
 
     def check_layer(self, layer: int, what: str = "layer") -> int:
         """Validate a layer index (our convention: the input of block ``layer``)."""

@@ -24,6 +24,14 @@ class ModelFacts:
     n_layers: int | None
     d_model: int | None
     has_chat_template: bool | None = None
+    n_experts: int | None = None  # routed experts per MoE block; 0: a dense model; None: not known
+
+
+EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # config.json names of the expert count
+
+
+def _n_experts(config: dict[str, Any]) -> int:
+    return max([_int(config.get(k)) or 0 for k in EXPERT_KEYS])
 
 
 def check_model_dir(path: Path) -> ModelFacts:
@@ -46,7 +54,7 @@ def check_model_dir(path: Path) -> ModelFacts:
     _check_weights(path)
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     return ModelFacts(config.get("model_type"), _int(text.get("num_hidden_layers")), _int(text.get("hidden_size")),
-                      _has_template(path))
+                      _has_template(path), _n_experts(text))
 
 
 def _int(value: Any) -> int | None:
@@ -170,7 +178,7 @@ def check_gguf(path: Path) -> ModelFacts:
     arch = meta.get("general.architecture")
     arch = arch.decode("utf-8", "replace") if isinstance(arch, bytes) else None
     return ModelFacts(arch, _int(meta.get(f"{arch}.block_count")), _int(meta.get(f"{arch}.embedding_length")),
-                      "tokenizer.chat_template" in meta)
+                      "tokenizer.chat_template" in meta, _int(meta.get(f"{arch}.expert_count")) or 0)
 
 
 def _check_gguf_extents(extents: list[tuple[list[int], int, int]], start: int, size: int) -> None:

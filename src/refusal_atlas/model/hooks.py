@@ -82,6 +82,17 @@ class Hooks:
         self._handles.append(module.register_forward_hook(_around_hook(fn), with_kwargs=True))
         return self
 
+    def reparametrize(self, module: nn.Module, attr: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Hooks:
+        """Read ``module.<attr>`` (a parameter) as ``fn(parameter)`` until removed: for a change inside a module
+        that calls no sub-module to hook (fused experts multiply by their ``down_proj`` tensor directly). The
+        stored parameter is never written, and on removal the same parameter object is back."""
+        from torch.nn.utils import parametrize
+
+        added = _Reparametrization(fn)
+        parametrize.register_parametrization(module, attr, added, unsafe=True)
+        self._handles.append(_ParametrizationHandle(module, attr, added))
+        return self
+
     def remove(self) -> None:
         """Remove every hook of this group (idempotent)."""
         while self._handles:
@@ -95,6 +106,31 @@ class Hooks:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+class _Reparametrization(nn.Module):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+class _ParametrizationHandle:
+    """Removes one reparametrization, leaving any other on the same parameter (nested edits) in place."""
+
+    def __init__(self, module: nn.Module, attr: str, added: nn.Module):
+        self.module, self.attr, self.added = module, attr, added
+
+    def remove(self) -> None:
+        from torch.nn.utils import parametrize
+
+        chain = self.module.parametrizations[self.attr]
+        if len(chain) > 1:
+            del chain[next(i for i, p in enumerate(chain) if p is self.added)]
+        else:
+            parametrize.remove_parametrizations(self.module, self.attr, leave_parametrized=False)
 
 
 def hook_inputs(module: nn.Module, fn: HiddenFn) -> Hooks:

@@ -18,7 +18,10 @@ ignored, as heretic does), and nearby values mean nearby edits:
 * ``transform`` (only when ``transforms`` offers more than one; off by default, so a search without
   ``--transforms`` samples, dedupes and fingerprints exactly as before): project, householder (reflect
   the writes) or biproject (each block's directions also orthogonalized against the harmless mean of
-  the layer it writes into); see :mod:`refusal_atlas.edits.writes`.
+  the layer it writes into); see :mod:`refusal_atlas.edits.writes`;
+* ``router_weight`` ∈ [0, 1] (only with ``router``, for mixture-of-experts models; off by default like
+  ``transform``): router suppression of every MoE block (see :mod:`refusal_atlas.edits.layerwise`). The MLP
+  kernel of a MoE model needs no parameter of its own: its weight applies to every expert.
 
 Departures from heretic, because on the embedded 0.5B model full DIM ablation (every layer and the
 embedding) already beats heretic's strongest front points: the peak may sit from 0.3·(L−1), the
@@ -59,6 +62,7 @@ class EditSpace:
     position_range: tuple[float, float] = (0.3, 1.0)  # × (L−1)
     distance_range: tuple[float, float] = (1.0, 1.0)  # absolute minimum, maximum × L
     transforms: tuple[str, ...] = ("project",)  # the write transforms searched (one: not a parameter)
+    router: bool = False  # also search a router-suppression strength (MoE models)
 
     def __post_init__(self) -> None:
         if not self.transforms or len(set(self.transforms)) != len(self.transforms):
@@ -78,11 +82,11 @@ class EditSpace:
 
     @classmethod
     def for_context(cls, ctx: EditContext, k_max: int | None = None,
-                    transforms: tuple[str, ...] = ("project",)) -> EditSpace:
+                    transforms: tuple[str, ...] = ("project",), router: bool = False) -> EditSpace:
         sets = tuple((name, tuple(ds.ids)) for name, ds in sorted(ctx.sets.items()))
         if k_max is None:
             k_max = min([K_LIMIT, *[len(ids) for _, ids in sets]])
-        return cls(ctx.n_layers, sets, k_max, transforms=tuple(transforms))
+        return cls(ctx.n_layers, sets, k_max, transforms=tuple(transforms), router=router)
 
     def sources(self) -> list[str]:
         return ["dim:index", "dim:per_layer", *[f"set:{name}" for name, _ in self.sets]]
@@ -105,6 +109,8 @@ class EditSpace:
         trial.suggest_categorical("embed", [False, True])
         if len(self.transforms) > 1:
             trial.suggest_categorical("transform", list(self.transforms))
+        if self.router:
+            trial.suggest_float("router_weight", 0.0, 1.0)
         dist_hi = max(self.distance_range[0], self.distance_range[1] * self.n_layers)
         for c in COMPONENTS:
             trial.suggest_float(f"{c}_peak", *self.peak_range)
@@ -134,6 +140,8 @@ class EditSpace:
         transform = params["transform"] if len(self.transforms) > 1 else self.transforms[0]
         if transform != "project":  # absent for projection: the choices (dedupe keys) of plain searches stay as they were
             choice["transform"] = check_transform(transform)
+        if self.router:
+            choice["router"] = float(params["router_weight"])
         for c in COMPONENTS:
             peak = float(params[f"{c}_peak"])
             choice[c] = {"peak": peak, "position": float(params[f"{c}_position"]),
@@ -159,6 +167,8 @@ class EditSpace:
             params["mode"] = "subspace"
         if len(self.transforms) > 1:
             params["transform"] = "project" if "project" in self.transforms else self.transforms[0]
+        if self.router:
+            params["router_weight"] = 0.0
         for c in COMPONENTS:
             params.update({f"{c}_peak": strength, f"{c}_position": p, f"{c}_floor_frac": 1.0, f"{c}_distance": distance})
         return params
@@ -167,6 +177,8 @@ class EditSpace:
         out = {"space": "edits", **json.loads(json.dumps(asdict(self)))}
         if self.transforms == ("project",):  # studies made before transforms existed resume unchanged
             del out["transforms"]
+        if not self.router:
+            del out["router"]
         return out
 
 
@@ -189,7 +201,7 @@ def build_edit(choice: dict[str, Any], ctx: EditContext, name: str | None = None
                                           norm_preserving=choice["norm_preserving"],
                                           embed_weight=1.0 if choice.get("embed") else 0.0, transform=transform,
                                           harmless_means=ctx.harmless_mean if transform == "biproject" else None,
-                                          name=name, meta={"method": "search", "choice": choice})
+                                          router_weight=choice.get("router", 0.0), name=name, meta={"method": "search", "choice": choice})
 
 
 def run_edit_trials(study, space: EditSpace, ctx: EditContext, objective: Callable[[Edit], tuple[float, float]],
@@ -237,7 +249,8 @@ def describe_choice(choice: dict[str, Any]) -> str:
         what = f"{choice['set']}{choice['ids']}" + (f" {choice['mode'][:3]}" if len(choice["ids"]) > 1 else "")
     flags = "".join([" proj" if choice["projected"] else "", " norm" if choice["norm_preserving"] else "",
                      " +emb" if choice.get("embed") else "",
-                     f" {choice['transform']}" if choice.get("transform") else ""])
+                     f" {choice['transform']}" if choice.get("transform") else "",
+                     f" router {choice['router']:.2f}" if choice.get("router") else ""])
     kern = " ".join(f"{c} {k['peak']:.2f}@{k['position']:.1f}→{k['floor']:.2f}/{k['distance']:.1f}"
                     for c, k in ((c, choice[c]) for c in COMPONENTS))
     return f"{what}{flags}; {kern}"

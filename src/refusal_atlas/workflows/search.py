@@ -101,7 +101,7 @@ def edit_search_step(ws: Workspace, sets: PromptSets, search: SearchSettings, tr
     seed = ws.settings.data.seed if search.seed is None else search.seed
     ensure_sets(ws, search.sets)
     ctx = EditContext.from_run(ws.run.path, list(search.sets))
-    space = EditSpace.for_context(ctx, search.k_max, search.transforms)
+    space = EditSpace.for_context(ctx, search.k_max, search.transforms, router=search.router)
     objective = StagedObjective(ws.adapter, ws.chat, [p.instruction for p in sets.harmful_val],
                                 [p.instruction for p in sets.harmless_val], ws.refusal_ids,
                                 batch_size=ws.settings.model.batch_size, fraction=(prune or PruneRule()).fraction,
@@ -134,6 +134,7 @@ def edit_search_step(ws: Workspace, sets: PromptSets, search: SearchSettings, tr
                     "sets": list(search.sets), "k_max": search.k_max, "prune": asdict(prune) if prune else None,
                     "score_tokens": search.score_tokens, "refusal_stat": search.refusal_stat,
                     "max_kl": search.max_kl, "anchors": list(search.anchors), "transforms": list(search.transforms),
+                    **({"router": True} if search.router else {}),
                     "verify": search.verify, "verify_tokens": search.verify_tokens}
         summary = summarize(study, kl_threshold, recorded)
         summary.update(space=asdict(space), stale_trials_failed=stale)

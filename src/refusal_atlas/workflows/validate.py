@@ -165,7 +165,7 @@ def check_model(spec: str, chat_template: str | None = None, require_template: b
     from refusal_atlas.model.files import ModelFacts, check_gguf, check_model_dir, is_local_model
 
     if spec == "embedded":
-        return ModelFacts(*EMBEDDED_FACTS, has_chat_template=True)
+        return ModelFacts(*EMBEDDED_FACTS, has_chat_template=True, n_experts=0)
     if not is_local_model(spec):
         return None
     path = Path(spec).expanduser()
@@ -189,6 +189,13 @@ def _check_architecture(model_type: str | None) -> None:
 
     if model_type not in FAMILIES:
         raise ModelError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+
+
+def check_moe_only(option: str, facts: ModelFacts | None) -> None:
+    """An option that edits mixture-of-experts blocks (``--router``) on a model whose files say it has none."""
+    if facts is not None and facts.n_experts == 0:
+        raise ConfigError(f"{option} applies to mixture-of-experts models only; this model "
+                          f"({facts.model_type or 'unknown architecture'}) has no experts")
 
 
 def check_layers(layers: Sequence[int | None], facts: ModelFacts | None, what: str = "layer") -> None:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from refusal_atlas.core.errors import ArtifactError, ConfigError
 from refusal_atlas.settings import Settings, flat_config, resolve_settings, run_settings
 from refusal_atlas.workflows.validate import (EXTRACTION_SETTINGS, SELECTION_SETTINGS, check_at_least,
-                                              check_direction_file, check_memory, check_new_run_dir, check_run_dir)
+                                              check_direction_file, check_memory, check_model, check_moe_only,
+                                              check_new_run_dir, check_run_dir)
 
 if TYPE_CHECKING:
     from refusal_atlas.directions.base import DirectionSet
@@ -265,6 +266,8 @@ def search_edits(run_dir: Path, overrides: dict[str, Any], *, trials: int | None
     from refusal_atlas.search.edit_space import EditSpace
 
     EditSpace(2, transforms=search.transforms)  # unknown or repeated --transforms fail before the model loads
+    if search.router:  # read from the model's config.json, before the model loads
+        check_moe_only("--router", check_model(settings.model.model, settings.model.chat_template))
     if search.verify > 0:
         check_judge(search.judge or settings.evaluation.judge)
     from refusal_atlas.workflows.search import check_sets, edit_search_step
