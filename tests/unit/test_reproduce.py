@@ -403,3 +403,22 @@ def test_strength_family_builds_every_grid_strength_of_the_standard_budget(finis
             assert max(weights) == pytest.approx(s) and min(weights) >= 0, (s, edit.name)
             labels.add(edit.label)
     assert len(labels) == 2 * len(STANDARD.strength_grid)  # every strength's completions are kept apart
+
+
+def test_scaled_edit_keeps_transform_means_and_router():
+    """A strength sweep of a biprojected (or Householder, or router-suppressing) edit must stay that edit: an
+    earlier scaled() rebuilt only the fields it knew and silently turned it into a plain projection."""
+    import torch
+
+    from refusal_atlas.edits import LayerwiseAblation
+    from refusal_atlas.workflows.reproduce.matched_kl import scaled
+
+    d = torch.nn.functional.normalize(torch.randn(4, 1, 32), dim=-1)
+    means = torch.randn(4, 32)
+    edit = LayerwiseAblation(d, [1.0] * 4, [0.5] * 4, norm_preserving=True, transform="biproject",
+                             harmless_means=means, router_weight=0.8, name="e")
+    half = scaled(edit, 0.5)
+    assert half.transform == "biproject" and torch.equal(half.harmless_means, means) and half.norm_preserving
+    assert half.router_weight == pytest.approx(0.4) and half.mlp_weights == [0.25] * 4
+    assert scaled(LayerwiseAblation(d, [1.0] * 4, [1.0] * 4, transform="householder"), 0.3).transform == "householder"
+    assert scaled(edit, 1.0).spec()["transform"] == edit.spec()["transform"]

@@ -118,6 +118,17 @@ class LayerwiseAblation(Edit):
     def d_model(self) -> int:
         return int(self.per_layer.shape[2])
 
+    def scaled(self, strength: float) -> LayerwiseAblation:
+        """The same edit with every strength (attn, MLP, embedding, router) multiplied by ``strength``: what a
+        strength sweep at matched KL needs. Built here, next to the fields, so a sweep can never drop one
+        (transform, harmless means, mode, norm preservation)."""
+        s = float(strength)
+        return LayerwiseAblation(self.per_layer, [s * w for w in self.attn_weights], [s * w for w in self.mlp_weights],
+                                 mode=self.mode, norm_preserving=self.norm_preserving, embed_weight=s * self.embed_weight,
+                                 transform=self.transform, harmless_means=self.harmless_means,
+                                 router_weight=s * self.router_weight, name=f"{self.name or 'edit'}_x{s:.4g}",
+                                 meta={**self.meta, "scaled_by": s})
+
     def spec(self) -> dict[str, Any]:
         out = {"mode": self.mode, "norm_preserving": self.norm_preserving, "n_layers": self.n_layers,
                "k": int(self.per_layer.shape[1]), "d_model": self.d_model, "attn_weights": self.attn_weights,

@@ -145,13 +145,10 @@ class StrengthFamily:
 
 
 def scaled(edit: Edit, strength: float) -> LayerwiseAblation:
-    """A per-layer edit with every write weight (and the embedding's) multiplied by ``strength``."""
+    """A per-layer edit with every strength (attn, MLP, embedding, router) multiplied by ``strength``."""
     if not isinstance(edit, LayerwiseAblation):
         raise ConfigError(f"only per-layer edits can be scaled, not {edit.edit_type}")
-    return LayerwiseAblation(edit.per_layer, [strength * w for w in edit.attn_weights],
-                             [strength * w for w in edit.mlp_weights], mode=edit.mode,
-                             norm_preserving=edit.norm_preserving, embed_weight=strength * edit.embed_weight,
-                             name=f"{edit.name or 'edit'}_x{strength:.4g}", meta={**edit.meta, "scaled_by": strength})
+    return edit.scaled(strength)
 
 
 # --- measuring ----------------------------------------------------------------------------------------
