@@ -8,10 +8,10 @@ Reads a finished three-objective edit search (``search edits --objective refusal
   either difference is below ``--tie`` counts as a tie, not a disagreement);
 
 then, with ``--heldout`` (loads the run's model), scores the offline task's *test* part — items no search ever
-scores — for the unedited model, every front edit and ``search_best``, so the task numbers that are reported were
-not the ones the search minimised.
+scores — for the unedited model, full ablation of the run's DIM direction and ``search_best`` (``--front``: every
+front edit too), so the task numbers that are reported were not the ones the search minimised.
 
-    python scripts/capability_vs_kl.py --run-dir RUN --out DIR [--heldout]
+    python scripts/capability_vs_kl.py --run-dir RUN --out DIR [--heldout [--front]]
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ def agreement(summary: dict, tie: float) -> dict:
                         "on_front": t["number"] in set(summary["pareto_front"])} for t in trials]}
 
 
-def heldout(run_dir: Path, summary: dict) -> dict:
-    """The task's test part under no edit, every front edit and search_best (one pass per item each)."""
-    from refusal_atlas.edits import NoEdit, load_edit
+def heldout(run_dir: Path, summary: dict, front: bool) -> dict:
+    """The task's test part under no edit, DIM full ablation, search_best and (``front``) every front edit."""
+    from refusal_atlas.directions.base import DirectionSet
+    from refusal_atlas.edits import DirectionalAblation, NoEdit, load_edit
     from refusal_atlas.evaluation.capability import ChoiceTask, load_task
     from refusal_atlas.workflows.workspace import reopen_workspace
 
@@ -65,9 +66,10 @@ def heldout(run_dir: Path, summary: dict) -> dict:
     task = ChoiceTask(ws.adapter, ws.chat, items, name=task_name, batch_size=ws.settings.model.batch_size)
     start = time.perf_counter()
     rows = [{"edit": "none", **task.baseline(), "loss": 0.0}]
-    names = [f"search_trial_{t['number']}" for t in summary["pareto"]] + ["search_best"]
-    for name in names:
-        edit = load_edit(run_dir / "edits" / name)
+    edits = {"dim_full_ablation": DirectionalAblation.from_directions(DirectionSet.load(ws.run.direction_path("dim")))}
+    names = [f"search_trial_{t['number']}" for t in summary["pareto"]] if front else []
+    edits.update({name: load_edit(run_dir / "edits" / name) for name in [*names, "search_best"]})
+    for name, edit in edits.items():
         with edit.apply(ws.adapter):
             rows.append({"edit": name, **task.score()})
     with NoEdit().apply(ws.adapter):
@@ -82,6 +84,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tie", type=float, default=1e-4, help="differences below this are ties (KL and task, nats)")
     ap.add_argument("--heldout", action="store_true", help="also score the task's test part (loads the model)")
+    ap.add_argument("--front", action="store_true", help="with --heldout: every front edit too")
     args = ap.parse_args()
     summary = read_json(args.run_dir / "search_edits.json")
     if "task" not in summary.get("objectives", {}):
@@ -91,7 +94,7 @@ def main() -> None:
           f"{out['spearman_kl_task_trials']}, front {out['spearman_kl_task_front']}; discordant front pairs: "
           f"{len(out['front_pairs_discordant'])} of {out['front_pairs']}")
     if args.heldout:
-        out["heldout"] = heldout(args.run_dir, summary)
+        out["heldout"] = heldout(args.run_dir, summary, args.front)
         for r in out["heldout"]["rows"]:
             print(f"  test part: {r['edit']:<18} loss {r['loss']:+.4f}  nll {r['nll']:.4f}  accuracy {r['accuracy']:.3f}")
     write_json(args.out / "agreement.json", out)
