@@ -121,6 +121,22 @@ def test_pick_rule_with_a_task_bound():
     assert best["number"] == 2 and "lowest KL" in why
 
 
+def test_a_study_keeps_its_number_of_objectives(tmp_path):
+    from refusal_atlas.search.study import check_objectives_match, open_study
+
+    db = tmp_path / "study.db"
+    check_objectives_match(db, "s", CORE)  # no file yet: nothing to check
+    two = open_study(db, "s", {"seed": 0})
+    assert len(two.directions) == 2 and two.user_attrs["identity"] == {"seed": 0}  # the default: as before
+    three = ("refusal", "kl", "basics")
+    for check in (lambda: check_objectives_match(db, "s", three), lambda: open_study(db, "s", {"seed": 0}, objectives=three)):
+        with pytest.raises(ConfigError, match="has 2 objectives .refusal,kl., this search has 3"):
+            check()
+    check_objectives_match(db, "s", CORE)
+    check_objectives_match(db, "other", three)  # another study in the file: no conflict
+    assert len(open_study(db, "t", {"seed": 0, "objectives": list(three)}, objectives=three).directions) == 3
+
+
 # --- on a run directory ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def letter_run(tmp_path_factory):
