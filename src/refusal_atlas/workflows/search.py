@@ -10,6 +10,11 @@ off) and ``edits/search_trial_<n>`` for every Pareto or verified trial, so `eval
 --edit` use exactly the evaluated edit. Writes ``search_edits.json`` (all trials with their origin and start
 and end times, the proxy front, the verified edits and front, the rule, the verification's cost).
 
+**Objectives.** Refusal and KL; ``search.objectives`` = (refusal, kl, TASK) adds a capability task's loss
+(:mod:`refusal_atlas.evaluation.capability`), a three-dimensional front, and a pick rule that also bounds the task
+loss by ``search.task_max_loss`` (:data:`refusal_atlas.search.study.TASK_RULE`, verified:
+:data:`refusal_atlas.search.verify.TASK_RULE`).
+
 **Default budget: 30 trials.** Trials 0–5 are the warm starts (``search.anchors``: full ablation of the run's
 DIM pick, then the same edit ever weaker down to strength 0.12, so the front starts from both of its ends),
 TPE samples uniformly until ``n_startup_trials`` = 10 trials have finished (trials 6–9), and trials 10–29 —
