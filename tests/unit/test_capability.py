@@ -12,32 +12,23 @@ import sys
 
 import pytest
 import torch
-from tiny import SPECIALS, WORDS, tiny_model, tiny_tokenizer
+from tiny import tiny_bpe_tokenizer, tiny_model
 
 from refusal_atlas.core.errors import ConfigError
 from refusal_atlas.edits import ActAdd, NoEdit
-from refusal_atlas.evaluation.capability import (CORE, ChoiceTask, LmEvalTask, choice_prompt, label_ids, load_task,
+from refusal_atlas.evaluation.capability import (CORE, ChoiceTask, LmEvalTask, load_task,
                                                  parse_objectives, sample_items)
 from refusal_atlas.model import ChatFormatter, ModelAdapter
 from refusal_atlas.search.study import pick
 from refusal_atlas.search.trial import PruneRule
 
-LETTERS = ("A", "B", "C", "D")
 
 
 def _letter_model():
-    """A tiny model whose vocabulary has the choice letters (the shared tiny vocabulary has none)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    base = tiny_tokenizer()
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS + list(LETTERS))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    fast.chat_template, fast.padding_side = base.chat_template, "left"
-    return tiny_model(vocab_size=len(vocab)), fast
+    """A tiny model with a byte-level BPE tokenizer: every choice text of the task encodes to tokens (the shared
+    word-level tiny vocabulary maps most of them to nothing once saved and reloaded)."""
+    tok = tiny_bpe_tokenizer()
+    return tiny_model(vocab_size=len(tok)), tok
 
 
 # --- the task and its sample ---------------------------------------------------------------------------------
@@ -52,8 +43,6 @@ def test_offline_task_is_large_split_and_well_formed():
     a, b = sample_items(val, 16, seed=1), sample_items(val, 16, seed=1)
     assert a == b and a != sample_items(val, 16, seed=2) and set(a) <= set(val)
     assert sample_items(val, 10_000, seed=1) == list(val)
-    prompt = choice_prompt(val[0])
-    assert prompt.startswith(val[0].question) and "\nD. " in prompt and "letter" in prompt
 
 
 def test_parse_objectives():
@@ -81,9 +70,16 @@ def test_choice_scorer_is_zero_unedited_and_moves_when_the_model_is_destroyed():
         broken = task.score()
     assert broken["loss"] != 0.0 and abs(broken["loss"]) > 1e-3 and broken["nll"] == pytest.approx(base["nll"] + broken["loss"])
     assert task.score()["loss"] == 0.0  # the edit is gone after its block
-    # the letters are read from the tokenizer: a vocabulary without them cannot score the task
-    with pytest.raises(ConfigError, match="choice letters"):
-        label_ids(tiny_tokenizer(), 4)
+    # each (item, choice) sequence is the rendered question followed by the choice's own tokens, and its score is
+    # the summed log-likelihood of those tokens: recomputed here one sequence at a time, without padding
+    logl = task._choice_logliks()
+    i, j, seq, n = task.seqs[5]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), dim=-1)
+    direct = sum(float(lp[len(seq) - n - 1 + t, seq[len(seq) - n + t]]) for t in range(n))
+    assert logl[i, j] == pytest.approx(direct, abs=1e-4)
+    assert seq[:len(seq) - n] == tok(chat.render(items[i].question), add_special_tokens=False)["input_ids"]
+    assert task.fingerprint() == ChoiceTask(adapter, chat, items, name="basics", batch_size=3).fingerprint()
 
 
 def test_lm_eval_task_scores_the_bundled_smoke_task_under_an_edit(tiny):

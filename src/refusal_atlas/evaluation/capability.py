@@ -6,10 +6,14 @@ tasks search objectives. ``search edits --objective refusal,kl,TASK`` adds one:
 
 * **TASK = ``basics``** (:data:`OFFLINE`, shipped in ``refusal_atlas/data/tasks``; no download): a seeded
   sample of ``search.task_n`` items from the task's *validation* part (its *test* part is never scored by a
-  search, so it stays held out for reporting). Each item is one chat-formatted question with lettered choices
-  and one forward pass: the next-token log-probabilities of the choice letters, renormalised over the item's
-  letters, give the negative log-likelihood (NLL) of the correct letter and whether the model's top letter is
-  right. Renormalising over the letters measures the choice, not the answer format.
+  search, so it stays held out for reporting). Each item is scored as lm-eval scores multiple-choice tasks such
+  as PIQA or ARC: the chat-formatted question, then each choice's text as the assistant's answer; the summed
+  log-likelihood of each choice's tokens, renormalised over the item's choices, gives the negative
+  log-likelihood (NLL) of the correct choice, and the most likely choice is the model's answer. (A first
+  version read the next-token probabilities of lettered choices instead, one pass per item: the embedded 0.5B
+  model answered at chance that way, 0.28 on 64 validation items, because it does not follow the letter
+  format, while it picks the right choice text for about half of them; a task at chance cannot show lost
+  capability.)
 * **any other TASK**: an lm-eval task (``refusal_atlas.evaluation.benchmarks``; built-in ones download their
   data), the first ``search.task_n`` documents through ``run_benchmarks(..., limit=n)``; its NLL is minus
   lm-eval's mean log-likelihood of the gold choice.
@@ -36,8 +40,7 @@ from refusal_atlas.core.errors import ConfigError, DataError
 
 CORE = ("refusal", "kl")  # the objectives every edit search has, in this order
 OFFLINE = {"basics": "basics.jsonl"}  # offline task name → file under refusal_atlas/data/tasks
-LABELS = ("A", "B", "C", "D", "E", "F")
-INSTRUCTION = "Answer with the letter of the correct choice."
+MAX_CHOICES = 6
 
 
 def parse_objectives(names: Sequence[str]) -> tuple[str, ...]:
@@ -93,8 +96,8 @@ def load_task(name: str) -> dict[str, tuple[ChoiceItem, ...]]:
     for i, line in enumerate(text.splitlines()):
         row = json.loads(line)
         item = ChoiceItem(row["id"], row["question"], tuple(row["choices"]), int(row["answer"]))
-        if not 2 <= len(item.choices) <= len(LABELS) or not 0 <= item.answer < len(item.choices):
-            raise DataError(f"task {name!r} line {i + 1}: needs 2..{len(LABELS)} choices and a valid answer index")
+        if not 2 <= len(item.choices) <= MAX_CHOICES or not 0 <= item.answer < len(item.choices):
+            raise DataError(f"task {name!r} line {i + 1}: needs 2..{MAX_CHOICES} choices and a valid answer index")
         out.setdefault(row["split"], []).append(item)
     return {k: tuple(v) for k, v in out.items()}
 
@@ -104,20 +107,6 @@ def sample_items(items: Sequence[ChoiceItem], n: int, seed: int) -> list[ChoiceI
     if n < 1:
         raise ConfigError(f"search.task_n must be >= 1, got {n}")
     return list(items) if n >= len(items) else random.Random(seed).sample(list(items), n)
-
-
-def choice_prompt(item: ChoiceItem) -> str:
-    lines = [item.question, *[f"{LABELS[i]}. {c}" for i, c in enumerate(item.choices)], INSTRUCTION]
-    return "\n".join(lines)
-
-
-def label_ids(tokenizer, n: int) -> list[int]:
-    """The token id of each of the first ``n`` letters; they must be single, distinct tokens."""
-    ids = [tokenizer.encode(label, add_special_tokens=False) for label in LABELS[:n]]
-    if any(len(t) != 1 for t in ids) or len({t[0] for t in ids}) != n:
-        raise ConfigError(f"this tokenizer does not encode the choice letters {', '.join(LABELS[:n])} as distinct "
-                          "single tokens; the offline task cannot be scored with it (use an lm-eval task)")
-    return [t[0] for t in ids]
 
 
 class CapabilityTask:
@@ -148,44 +137,58 @@ class CapabilityTask:
 
 
 class ChoiceTask(CapabilityTask):
-    """An offline multiple-choice sample scored by one next-token pass per item, under whatever edit is active.
+    """An offline multiple-choice sample scored by the likelihood of each choice's text after the question,
+    under whatever edit is active: one forward pass per (item, choice) sequence, batched.
 
-    The prompts' common chat-template prefix is planned once (prefix_cache, the search's own batching) and its
-    keys/values recomputed per call, inside the caller's edit; :meth:`baseline` is the unedited pass, cached.
-    """
+    The token ids are built once: the chat-formatted question (the same rendering as every other prompt of the
+    run) followed by the choice's own tokens, so every call scores exactly the same sequences."""
 
     def __init__(self, adapter, chat, items: Sequence[ChoiceItem], *, name: str, batch_size: int = 16):
         if not items:
             raise ConfigError("the capability task has no items")
         self.adapter, self.chat, self.items, self.name, self.batch_size = adapter, chat, list(items), name, batch_size
-        width = max(len(it.choices) for it in self.items)
-        self.ids = torch.tensor(label_ids(chat.tokenizer, width))
-        self.prompts = [choice_prompt(it) for it in self.items]
-        self.answers = torch.tensor([it.answer for it in self.items])
-        mask = torch.zeros(len(self.items), width, dtype=torch.bool)
+        tok = chat.tokenizer
+        self.seqs: list[tuple[int, int, list[int], int]] = []  # (item, choice, ids, number of choice tokens)
         for i, it in enumerate(self.items):
-            mask[i, len(it.choices):] = True
-        self.invalid = mask  # letters past an item's last choice
-        self._plan = None
+            prompt = tok(chat.render(it.question), add_special_tokens=False)["input_ids"]
+            for j, choice in enumerate(it.choices):
+                ids = tok(choice, add_special_tokens=False)["input_ids"]
+                if not ids:
+                    raise ConfigError(f"task item {it.id!r}: choice {choice!r} encodes to no tokens")
+                self.seqs.append((i, j, [*prompt, *ids], len(ids)))
+        self.order = sorted(range(len(self.seqs)), key=lambda k: len(self.seqs[k][2]))  # less padding per batch
+        self.answers = torch.tensor([it.answer for it in self.items])
+        self.width = max(len(it.choices) for it in self.items)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def fingerprint(self) -> str:
-        text = json.dumps([self.name, [it.id for it in self.items], self.prompts])
+        text = json.dumps([self.name, "choice-text", [it.id for it in self.items], [s[2] for s in self.seqs]])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def _logprobs(self) -> torch.Tensor:
-        from refusal_atlas.evaluation.refusal import next_token_logprobs
-        from refusal_atlas.model.prefix_cache import PrefixPlan, plan_logprobs, supports_prefix_reuse
-
-        if not supports_prefix_reuse(self.adapter):
-            return next_token_logprobs(self.adapter, self.chat, self.prompts, self.batch_size, reuse_prefix=False)
-        if self._plan is None:
-            self._plan = PrefixPlan(self.adapter, self.chat, self.prompts, self.batch_size)
-        return plan_logprobs(self._plan)[0]
+    @torch.no_grad()
+    def _choice_logliks(self) -> torch.Tensor:
+        """[items, max choices]: summed log-likelihood of each choice's tokens (−inf past an item's last choice)."""
+        model, device = self.adapter.model, self.adapter.device
+        out = torch.full((len(self.items), self.width), float("-inf"), dtype=torch.float64)
+        step = max(1, self.batch_size)
+        for start in range(0, len(self.order), step):
+            batch = [self.seqs[k] for k in self.order[start:start + step]]
+            length = max(len(ids) for _, _, ids, _ in batch)
+            ids = torch.full((len(batch), length), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), length), dtype=torch.long)
+            for r, (_, _, seq, _) in enumerate(batch):  # right padding: real tokens keep positions 0..n-1
+                ids[r, :len(seq)] = torch.tensor(seq)
+                mask[r, :len(seq)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for r, (i, j, seq, n) in enumerate(batch):
+                logp = torch.log_softmax(logits[r, len(seq) - n - 1:len(seq) - 1].double(), dim=-1)
+                target = torch.tensor(seq[len(seq) - n:], device=logp.device)
+                out[i, j] = float(logp.gather(1, target[:, None]).sum())
+        return out
 
     def measure(self) -> dict[str, Any]:
-        """Mean NLL of the correct letter (renormalised over the item's letters) and accuracy, as the model is now."""
-        letters = self._logprobs()[:, self.ids].masked_fill(self.invalid, float("-inf"))
-        logp = torch.log_softmax(letters.double(), dim=-1)
+        """Mean NLL of the correct choice (renormalised over the item's choices) and accuracy, as the model is now."""
+        logp = torch.log_softmax(self._choice_logliks(), dim=-1)
         nll = -logp.gather(1, self.answers[:, None]).squeeze(1)
         right = (logp.argmax(dim=-1) == self.answers).double()
         return {"nll": float(nll.mean()), "accuracy": float(right.mean()), "n": len(self.items)}
