@@ -184,6 +184,15 @@ class SearchSettings(_Section):
     verify_tokens: int = Field(64, ge=1, description="edits: new tokens per verification completion")
     judge: Literal["substring", "markers", "meaning"] | None = Field(
         None, description="edits: judge of the verification (None: the run's evaluation.judge)")
+    # capability as a third objective (evaluation/capability.py); refusal and KL are always the first two
+    objectives: tuple[str, ...] = Field(("refusal", "kl"), description="edits: objectives, refusal,kl or "
+                                        "refusal,kl,TASK (TASK: basics, the offline task, or an lm-eval task)")
+    task_n: int = Field(64, ge=1, description="edits: task items scored per trial (basics: a seeded sample of its "
+                                              "validation part; lm-eval: the first N documents)")
+    # a bound stated before any measurement: +0.05 nats of mean NLL = the correct choice's probability down by
+    # about 5% (e^-0.05) on average; not tuned on any prompt or task item
+    task_max_loss: float = Field(0.05, description="edits, with a task objective: the pick rule's bound on the "
+                                                   "task loss (increase of mean NLL of the correct choice, nats)")
     directions: str = Field("som", description="subsets: direction file name under directions/")
     k: int = Field(3, description="subsets: directions per subset; with k_max, k is searched in [k, k_max]")
     compare: bool = Field(True, description="subsets: held-out comparison vs DIM after the search")

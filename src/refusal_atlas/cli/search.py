@@ -62,6 +62,10 @@ def search_edits(
     verify: Annotated[Optional[int], typer.Option(help=setting_help("search.verify"))] = None,
     verify_tokens: Annotated[Optional[int], typer.Option(help=setting_help("search.verify_tokens"))] = None,
     judge: Annotated[Optional[str], typer.Option(help=setting_help("search.judge"))] = None,
+    objective: Annotated[Optional[str], typer.Option(help=setting_help(
+        "search.objectives", "comma-separated: refusal,kl (default) or refusal,kl,TASK with TASK basics (offline) "
+                             "or an lm-eval task"))] = None,
+    task_n: Annotated[Optional[int], typer.Option(help=setting_help("search.task_n"))] = None,
     storage: StorageOpt = None,
     dtype: Annotated[Optional[str], typer.Option(help="score trials in this dtype (bfloat16: ~2x faster on CPUs "
                                                       "with AVX512-BF16/AMX); export keeps the run's")] = None,
@@ -72,9 +76,10 @@ def search_edits(
 
     names = None if sets is None else tuple(s.strip() for s in sets.split(",") if s.strip())
     chosen = None if transforms is None else tuple(t.strip() for t in transforms.split(",") if t.strip())
+    objectives = None if objective is None else tuple(o.strip() for o in objective.split(","))
     search = dict(sets=names, transforms=chosen, router=router, k_max=k_max, seed=seed, n_startup_trials=n_startup_trials, prune=prune,
                   score_tokens=score_tokens, max_kl=max_kl, refusal_stat=refusal_stat, verify=verify,
-                  verify_tokens=verify_tokens, judge=judge)
+                  verify_tokens=verify_tokens, judge=judge, objectives=objectives, task_n=task_n)
     summary = verbs.search_edits(run_dir, {"n_val": n_val, "kl_threshold": kl_threshold, "search": search},
                                  trials=trials, budget=budget, storage=storage, dtype=dtype)
     from refusal_atlas.workflows.search import format_edit_search

@@ -79,6 +79,18 @@ def resolve_tasks(names: Sequence[str]) -> tuple[list[str | dict], bool]:
     return specs, builtin
 
 
+def check_tasks(tasks: Sequence[str]):
+    """Resolve ``tasks`` and check lm-eval knows each (no model needed) → (specs, lm-eval TaskManager)."""
+    _, _, TaskManager = _lm_eval()
+    specs, builtin = resolve_tasks(tasks)
+    manager = TaskManager(include_defaults=builtin)
+    unknown = [s for s in specs if isinstance(s, str) and s not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"unknown lm-eval task(s) {unknown}; use lm-eval task names, a task YAML path, or "
+                          f"one of the aliases {', '.join(sorted(ALIASES))}")
+    return specs, manager
+
+
 def run_benchmarks(
     model,
     tokenizer,
@@ -93,13 +105,8 @@ def run_benchmarks(
     """Run lm-eval ``tasks`` on ``model`` (under ``intervention`` if given) → metrics records."""
     if not tasks:
         return []
-    lm_eval, HFLM, TaskManager = _lm_eval()
-    specs, builtin = resolve_tasks(tasks)
-    manager = TaskManager(include_defaults=builtin)
-    unknown = [s for s in specs if isinstance(s, str) and s not in manager.all_tasks]
-    if unknown:
-        raise ConfigError(f"unknown lm-eval task(s) {unknown}; use lm-eval task names, a task YAML path, or "
-                          f"one of the aliases {', '.join(sorted(ALIASES))}")
+    lm_eval, HFLM, _ = _lm_eval()
+    specs, manager = check_tasks(tasks)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     context = intervention.apply(adapter) if intervention is not None else contextlib.nullcontext()

@@ -229,6 +229,33 @@ def _search_section(run: RunDir, pdir: Path) -> str:
         plots.plot_pareto(trials, search.get("pareto_front", []), pdir / "pareto.png"))
 
 
+def _edit_search_section(run: RunDir, pdir: Path) -> str:
+    """`search edits`: its proxy front; with a capability task (three objectives), refusal vs KL coloured by
+    the task loss, KL vs task loss, and the front's numbers."""
+    search = read_json(run.path / "search_edits.json")
+    trials = [t for t in search.get("trials", []) if "kl" in t and "refusal" in t]
+    if not trials:
+        return ""
+    front = search.get("pareto_front", [])
+    head = "<h2>Edit search (validation prompts)</h2>"
+    if "task" not in search.get("objectives", {}):
+        return head + _img(plots.plot_pareto(trials, front, pdir / "search_edits.png", what="edit search"))
+    task = ((search.get("settings") or {}).get("objectives") or ["", "", "task"])[2]
+    rows = [{"trial": t["number"], "refusal": t["refusal"], "KL": t["kl"], "task loss": t["task"],
+             "accuracy": (t.get("capability") or {}).get("accuracy"),
+             "picked": "yes" if t["number"] == (search.get("chosen") or {}).get("number") else ""}
+            for t in search.get("pareto", [])]
+    base = search.get("baseline") or {}
+    note = (f"<p class='note'>Three objectives, all minimised: refusal and first-token KL as in every edit search, "
+            f"and the capability task <b>{html.escape(str(task))}</b>: the increase of the mean negative "
+            f"log-likelihood of the correct choice over the unedited model on {base.get('task_n', '?')} of the task's "
+            f"validation items (unedited accuracy {base.get('task_accuracy', float('nan')):.3f}). Pick rule: "
+            f"{html.escape((search.get('rule') or {}).get('description', ''))}</p>")
+    img = _guarded("capability front plot", lambda: _img(plots.plot_capability_front(
+        trials, front, pdir / "search_capability.png", str(task))))
+    return head + note + img + table(rows, ["trial", "refusal", "KL", "task loss", "accuracy", "picked"])
+
+
 def _metrics(run: RunDir) -> tuple[list[dict[str, Any]], str]:
     try:
         return [r for r in run.metrics() if isinstance(r, dict)], ""
@@ -262,6 +289,8 @@ def build_report(run_dir: str | Path) -> Path:
     sections.append(_guarded("independence", lambda: _independence_section(metrics, dirs.get("dim"), pdir)))
     if (run.path / "search.json").exists():
         sections.append(_guarded("direction-subset search", lambda: _search_section(run, pdir)))
+    if (run.path / "search_edits.json").exists():
+        sections.append(_guarded("edit search", lambda: _edit_search_section(run, pdir)))
 
     model = manifest.get("model", {})
     subtitle = html.escape(f"model {model.get('name')} · {model.get('n_layers')} layers · created "

@@ -186,7 +186,8 @@ def plot_layer_cosines(vectors: torch.Tensor, layers: list[int], path: Path, pos
     return save_figure(fig, path)
 
 
-def plot_pareto(trials: list[dict], front: list[int], path: Path, xkey: str = "kl", ykey: str = "refusal") -> Path:
+def plot_pareto(trials: list[dict], front: list[int], path: Path, xkey: str = "kl", ykey: str = "refusal",
+                what: str = "direction-subset search") -> Path:
     """Search trials in the damage–refusal plane with the Pareto front highlighted."""
     fig, ax = plt.subplots(figsize=(5.8, 4.3))
     xs = [t[xkey] for t in trials]
@@ -200,5 +201,27 @@ def plot_pareto(trials: list[dict], front: list[int], path: Path, xkey: str = "k
     ax.set_xlabel(f"{xunit} (lower is better)")
     ax.set_ylabel(f"{yunit} (lower is better)")
     ax.legend(fontsize=7)
-    ax.set_title(f"direction-subset search: n = {len(trials)} trials, {len(pts)} on the front", fontsize=10)
+    ax.set_title(f"{what}: n = {len(trials)} trials, {len(pts)} on the front", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_capability_front(trials: list[dict], front: list[int], path: Path, task: str) -> Path:
+    """A three-objective search: refusal against KL coloured by the task loss, and the task loss against KL;
+    front trials (Pareto-optimal in all three) drawn with a black edge. Where the two panels disagree, KL and the
+    task rank the edits' damage differently."""
+    on = set(front)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 4.2))
+    kl = [t["kl"] for t in trials]
+    loss = [t["task"] for t in trials]
+    edge = ["black" if t.get("number") in on else "none" for t in trials]
+    sc = left.scatter(kl, [t["refusal"] for t in trials], c=loss, cmap="viridis", s=26, edgecolors=edge,
+                      linewidths=1.0)
+    fig.colorbar(sc, ax=left, label=f"task loss ({task}; nats, lower is better)")
+    left.set_xlabel("KL on harmless val, nats (lower is better)")
+    left.set_ylabel("refusal on harmful val (lower is better)")
+    left.set_title("refusal vs KL, colour = task loss", fontsize=10)
+    right.scatter(kl, loss, s=26, c=["#c0392b" if t.get("number") in on else "#999999" for t in trials])
+    right.set_xlabel("KL on harmless val, nats (lower is better)")
+    right.set_ylabel(f"task loss ({task}; increase of NLL, nats)")
+    right.set_title(f"KL vs task loss: n = {len(trials)} trials, {len(on)} on the 3-D front (red)", fontsize=10)
     return save_figure(fig, path)

@@ -30,6 +30,11 @@ tokens per harmful prompt (decoded on the same prefix keys/values; a row stops o
 appears) with ties broken by the logit score: rate + (0.5/n)·σ(mean log-odds), so the rate's 1/n steps
 always win. It costs m decoding steps per harmful prompt (bench/search_fidelity.py measures the
 trade-off); the KL number is unchanged.
+
+**A capability task** (``task``, :mod:`refusal_atlas.evaluation.capability`) adds a third number, the task loss,
+scored under the same edit with the first stage (its items are few and it has no stages of its own), so the
+first-stage values are (refusal, KL, task loss) and a trial is pruned only if a front trial is also no worse on
+the task: a trial that keeps more capability is never stopped for its refusal and KL alone.
 """
 
 from __future__ import annotations
@@ -91,7 +96,8 @@ class PruneRule:
     A trial with partial values (r, k) on the first ``fraction`` of the prompts is pruned iff some
     trial F of the current Pareto front (full values), scored on the same first prompts as (r_F, k_F),
     is better on both by a margin: r_F + ``refusal_margin`` <= r and k_F × ``kl_ratio`` + ``kl_margin`` <= k.
-    The margins stand for what the remaining prompts could still change.
+    The margins stand for what the remaining prompts could still change. With a task objective (a third value,
+    already final after the first stage) F must also have task loss t_F <= t.
     """
 
     fraction: float = 0.25
@@ -110,11 +116,13 @@ class PruneRule:
         """The default rule with the refusal margin in ``stat``'s units."""
         return cls(**{"refusal_margin": REFUSAL_MARGINS[check_refusal_stat(stat)], **kwargs})
 
-    def dominating(self, partial: tuple[float, float], front: Sequence[tuple[int, tuple[float, float]]]) -> int | None:
+    def dominating(self, partial: tuple[float, ...], front: Sequence[tuple[int, tuple[float, ...]]]) -> int | None:
         """The number of the first front trial whose partial values clearly dominate ``partial``, else None."""
-        r, k = partial
-        for number, (fr, fk) in front:
-            if fr + self.refusal_margin <= r and fk * self.kl_ratio + self.kl_margin <= k:
+        r, k = partial[:2]
+        for number, values in front:
+            fr, fk = values[:2]
+            if (fr + self.refusal_margin <= r and fk * self.kl_ratio + self.kl_margin <= k
+                    and all(f <= x for f, x in zip(values[2:], partial[2:]))):
                 return number
         return None
 
@@ -129,15 +137,16 @@ class PruneRule:
 
 @dataclass
 class TrialScore:
-    partial: tuple[float, float]  # (refusal, KL) on the first-stage prompts
+    partial: tuple[float, ...]  # (refusal, KL[, task loss]) on the first-stage prompts (the task's: all its items)
     n_partial: tuple[int, int]  # (harmful, harmless) prompts in the first stage
-    values: tuple[float, float] | None  # on every prompt; None when pruned
+    values: tuple[float, ...] | None  # on every prompt; None when pruned
     pruned_by: int | str | None = None  # a dominating trial's number, or MAX_KL
     stats: dict[str, float] | None = None  # every refusal statistic over the prompts scored
+    task: dict[str, Any] | None = None  # the capability task's record (loss, nll, accuracy, n)
 
     def record(self) -> dict[str, Any]:
         return {"refusal": self.partial[0], "kl": self.partial[1], "n_harmful": self.n_partial[0],
-                "n_harmless": self.n_partial[1]}
+                "n_harmless": self.n_partial[1], **({"task": self.partial[2]} if len(self.partial) > 2 else {})}
 
 
 def first_stage_sizes(n_harmful: int, n_harmless: int, fraction: float) -> tuple[int, int]:
@@ -152,8 +161,9 @@ class StagedObjective(ValidationObjective):
 
     def __init__(self, adapter, chat, harmful: Sequence[str], harmless: Sequence[str], refusal_ids: Sequence[int],
                  *, batch_size: int = 16, fraction: float = PruneRule.fraction, score_tokens: int = 0,
-                 refusal_stat: str = "probability"):
+                 refusal_stat: str = "probability", task=None):
         super().__init__(adapter, chat, harmful, harmless, refusal_ids, batch_size=batch_size, mode="subspace")
+        self.task = task  # a CapabilityTask (evaluation/capability.py): the third objective, or None
         if score_tokens < 0:
             raise ConfigError(f"score_tokens must be >= 0, got {score_tokens}")
         self.score_tokens, self.refusal_stat = score_tokens, check_refusal_stat(refusal_stat)
@@ -198,7 +208,8 @@ class StagedObjective(ValidationObjective):
         base = base if self.refusal_stat == "logodds" else f"{base}+{self.refusal_stat}"
         dtype = str(self.adapter.dtype).removeprefix("torch.")
         base = base if dtype == "float32" else f"{base}+{dtype}"
-        return base if not self.score_tokens else f"{base}+tokens{self.score_tokens}"
+        base = base if not self.score_tokens else f"{base}+tokens{self.score_tokens}"
+        return base if self.task is None else f"{base}+task:{self.task.name}:{self.task.fingerprint()}"
 
     def _verdicts(self, rows: list[int], kv) -> tuple[torch.Tensor, list[bool]]:
         """Harmful ``rows`` decoded for ``score_tokens`` greedy tokens: (next-token log-probs, refusal verdicts)."""
@@ -239,6 +250,10 @@ class StagedObjective(ValidationObjective):
             else:
                 lp, verdicts = self._logprobs(rows, self._prefix_kv()), []
             self._base_refusal = self._refusal_value(refusal_score(lp, self.refusal_ids).tolist(), verdicts)
+        if self.task is not None:
+            base = self.task.baseline()
+            return {"refusal": self._base_refusal, "kl": 0.0, "task": 0.0, "task_nll": base["nll"],
+                    "task_accuracy": base["accuracy"], "task_n": base["n"]}
         return {"refusal": self._base_refusal, "kl": 0.0}
 
     def _prefix_kv(self):
@@ -268,14 +283,17 @@ class StagedObjective(ValidationObjective):
             kl = kl_against(p[at], p_log_p[at], safe_lp).tolist()
         return refusal, verdicts, kl
 
-    def score(self, edit, prune: Callable[[tuple[float, float]], int | None] | None = None) -> TrialScore:
+    def score(self, edit, prune: Callable[[tuple[float, ...]], int | None] | None = None) -> TrialScore:
         """Both stages under ``edit`` (an Edit, or a DirectionSet to ablate in subspace mode), stopping after
         the first if ``prune(partial)`` names a dominating trial."""
         spec = edit if hasattr(edit, "apply") else DirectionalAblation.from_directions(edit, "subspace")
         self._harmless_base()  # clean pass first, outside the edit
+        if self.task is not None:
+            self.task.baseline()  # also outside the edit
         refusal: list[float] = []
         verdicts: list[bool] = []
         kl: list[float] = []
+        task = None
         with spec.apply(self.adapter):
             kv = self._prefix_kv()
             for stage, rows in enumerate(self.stages):
@@ -284,21 +302,25 @@ class StagedObjective(ValidationObjective):
                 r, v, k = self._stage_values(rows, kv)
                 refusal, verdicts, kl = refusal + r, verdicts + v, kl + k
                 if stage == 0:
-                    partial = (self._refusal_value(refusal, verdicts), sum(kl) / len(kl))
+                    partial: tuple[float, ...] = (self._refusal_value(refusal, verdicts), sum(kl) / len(kl))
+                    if self.task is not None:
+                        task = self.task.score()
+                        partial = (*partial, task["loss"])
                     by = prune(partial) if prune is not None else None
                     if by is not None:
-                        return TrialScore(partial, self.n1, None, by)
+                        return TrialScore(partial, self.n1, None, by, task=task)
         stats = {stat: refusal_statistic(refusal, stat) for stat in REFUSAL_STATS}
-        return TrialScore(partial, self.n1, (self._refusal_value(refusal, verdicts), sum(kl) / len(kl)), stats=stats)
+        values = (self._refusal_value(refusal, verdicts), sum(kl) / len(kl), *partial[2:])
+        return TrialScore(partial, self.n1, values, stats=stats, task=task)
 
-    def __call__(self, directions) -> tuple[float, float]:
+    def __call__(self, directions) -> tuple[float, ...]:
         values = self.score(directions).values
         assert values is not None
         return values
 
 
 def evaluate_staged(study, trial, objective: StagedObjective, edit, rule: PruneRule | None,
-                    max_kl: float | None = None) -> tuple[float, float]:
+                    max_kl: float | None = None) -> tuple[float, ...]:
     """Score ``edit`` for ``trial``; record its first-stage values; raise TrialPruned if ``rule`` prunes it:
     dominated (see PruneRule), or, with a KL cap ``max_kl``, first-stage KL clearly above the cap (then the
     trial also records the cap's constraint, so TPE counts it infeasible)."""
@@ -308,7 +330,7 @@ def evaluate_staged(study, trial, objective: StagedObjective, edit, rule: PruneR
 
     front = front_partials(study) if rule is not None else []
 
-    def prune(partial: tuple[float, float]) -> int | str | None:
+    def prune(partial: tuple[float, ...]) -> int | str | None:
         assert rule is not None
         if max_kl is not None and rule.over_cap(partial[1], max_kl):
             return MAX_KL
@@ -318,6 +340,8 @@ def evaluate_staged(study, trial, objective: StagedObjective, edit, rule: PruneR
     trial.set_user_attr("partial", result.record())
     if result.stats is not None:
         trial.set_user_attr("refusal_stats", result.stats)
+    if result.task is not None:
+        trial.set_user_attr("capability", result.task)
     if result.values is None:
         trial.set_user_attr("pruned_by", result.pruned_by)
         if result.pruned_by == MAX_KL:
@@ -327,7 +351,7 @@ def evaluate_staged(study, trial, objective: StagedObjective, edit, rule: PruneR
     return result.values
 
 
-def front_partials(study) -> list[tuple[int, tuple[float, float]]]:
+def front_partials(study) -> list[tuple[int, tuple[float, ...]]]:
     """(trial number, first-stage values) of the current Pareto front's trials that recorded them."""
     from refusal_atlas.search.study import completed
 
@@ -336,7 +360,7 @@ def front_partials(study) -> list[tuple[int, tuple[float, float]]]:
     for t in (study.best_trials if completed(study) else []):
         p = t.user_attrs.get("partial") or by_key.get(t.user_attrs.get("key"))
         if p is not None:
-            out.append((t.number, (p["refusal"], p["kl"])))
+            out.append((t.number, (p["refusal"], p["kl"], *([p["task"]] if "task" in p else []))))
     return sorted(out)
 
 

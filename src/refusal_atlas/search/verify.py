@@ -18,7 +18,10 @@ the proxy search the best proxy-front edits are generated and judged as ``evalua
 * **The pick** (:data:`RULE`): the lowest verified refusal rate (point estimate; overlapping intervals are not
   ties) among verified edits with KL ≤ ``kl_threshold``; ties: lower KL, then earlier trial; if none has
   KL ≤ ``kl_threshold``, the verified edit with the lowest KL. The verified front is the Pareto front of the
-  verified edits on (verified refusal, KL).
+  verified edits on (verified refusal, KL). With a capability task as a third objective (:data:`TASK_RULE`):
+  the same among verified edits whose task loss is also ≤ ``task_max_loss`` (the task loss is the proxy's, as
+  the KL: it is already measured on the task's validation items), else the lowest task loss among those with
+  KL ≤ ``kl_threshold``; candidates follow that order, and the verified front is 3-D.
 * **Resumable.** Each edit's completions go to ``<dir>/trial_<n>.jsonl`` (written atomically per generated
   batch, :func:`refusal_atlas.evaluation.completions.completions_for`), then its verdict summary to
   ``<dir>/trial_<n>.json``; a killed verification reuses every finished edit and the finished batches of the
@@ -47,6 +50,10 @@ RULE = ("min_verified_refusal_under_kl: among edits verified by generation with 
         "the lowest verified refusal rate (point estimate: overlapping intervals are not ties; ties: lower KL, then "
         "earlier trial); if none qualifies, the verified edit with the lowest KL. Verified: greedy generation on "
         "the harmful validation prompts, judged as `evaluate` judges")
+TASK_RULE = ("min_verified_refusal_under_kl_and_task: among edits verified by generation with mean validation KL <= "
+             "kl_threshold and task loss <= task_max_loss, the lowest verified refusal rate (ties: lower KL, lower task "
+             "loss, earlier trial); if none qualifies, the lowest task loss among verified edits with KL <= "
+             "kl_threshold; if none has KL <= kl_threshold, the verified edit with the lowest KL")
 
 
 @dataclass
@@ -64,13 +71,18 @@ class VerifyPlan:
         return decided_early(self.stop_when_decided, "harmful", [self.judge])
 
 
-def candidates(front: Sequence[dict], n: int, kl_threshold: float, reference: dict | None = None) -> list[dict]:
+def candidates(front: Sequence[dict], n: int, kl_threshold: float, reference: dict | None = None,
+               task_max: float | None = None) -> list[dict]:
     """The records to verify: the first ``n`` proxy-front records in the pick rule's order (KL ≤
-    ``kl_threshold`` by lowest proxy refusal, then the others by lowest KL), plus ``reference`` (full DIM
-    ablation) when given and not among them. ``n = 0``: none."""
+    ``kl_threshold`` by lowest proxy refusal, then the others by lowest KL; with ``task_max`` and task values,
+    those also within the task bound first, then the rest of KL ≤ ``kl_threshold`` by lowest task loss), plus
+    ``reference`` (full DIM ablation) when given and not among them. ``n = 0``: none."""
     if n <= 0:
         return []
     ok = sorted((r for r in front if r["kl"] <= kl_threshold), key=lambda r: (r["refusal"], r["kl"], r["number"]))
+    if task_max is not None and all("task" in r for r in front):
+        ok = ([r for r in ok if r["task"] <= task_max] +
+              sorted((r for r in ok if r["task"] > task_max), key=lambda r: (r["task"], r["refusal"], r["number"])))
     rest = sorted((r for r in front if r["kl"] > kl_threshold), key=lambda r: (r["kl"], r["refusal"], r["number"]))
     chosen = (ok + rest)[:n]
     if reference is not None and all(r["number"] != reference["number"] for r in chosen):
@@ -118,29 +130,30 @@ def verify_edit(adapter, chat, prompts: Sequence, edit: Edit, plan: VerifyPlan, 
     return {**rec, "reused": False}
 
 
-def verified_front(records: Sequence[dict]) -> list[dict]:
-    """The verified records no other verified record beats on both verified refusal and KL, by KL."""
-    rated = [r for r in records if r["verified"].get("rate") is not None]
+def _values(r: dict) -> tuple[float, ...]:
+    """(verified refusal rate, KL[, task loss]) of a verified record."""
+    return (r["verified"]["rate"], r["kl"], *([r["task"]] if "task" in r else []))
 
-    def values(r: dict) -> tuple[float, float]:
-        return r["verified"]["rate"], r["kl"]
+
+def verified_front(records: Sequence[dict]) -> list[dict]:
+    """The verified records no other verified record beats on every objective (verified refusal, KL[, task]), by KL."""
+    rated = [r for r in records if r["verified"].get("rate") is not None]
+    values = _values
 
     front = [r for r in rated if not any(all(a <= b for a, b in zip(values(u), values(r))) and values(u) != values(r)
                                          for u in rated)]
     return sorted(front, key=lambda r: (r["kl"], r["verified"]["rate"], r["number"]))
 
 
-def choose_verified(records: Sequence[dict], kl_threshold: float) -> tuple[dict, str]:
-    """Apply :data:`RULE` to the verified records → (record, which branch of the rule chose it)."""
+def choose_verified(records: Sequence[dict], kl_threshold: float, task_max: float | None = None) -> tuple[dict, str]:
+    """Apply :data:`RULE` (:data:`TASK_RULE` with task values and ``task_max``) to the verified records →
+    (record, which branch of the rule chose it)."""
+    from refusal_atlas.search.study import pick
+
     rated = [r for r in records if r["verified"].get("rate") is not None]
     if not rated:
         raise ValueError("no verified edit has a refusal rate (every verdict unclear)")
-    ok = [r for r in rated if r["kl"] <= kl_threshold]
-    if ok:
-        best = min(ok, key=lambda r: (r["verified"]["rate"], r["kl"], r["number"]))
-        return best, f"lowest verified refusal with KL <= {kl_threshold}"
-    best = min(rated, key=lambda r: (r["kl"], r["verified"]["rate"], r["number"]))
-    return best, f"fallback: no verified edit has KL <= {kl_threshold}; lowest KL"
+    return pick(rated, _values, kl_threshold, task_max, refusal="verified refusal", noun="verified edit")
 
 
 def verify(adapter, chat, prompts: Sequence, records: Sequence[dict], edit_for: Callable[[dict], Edit],

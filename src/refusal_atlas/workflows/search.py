@@ -10,6 +10,11 @@ off) and ``edits/search_trial_<n>`` for every Pareto or verified trial, so `eval
 --edit` use exactly the evaluated edit. Writes ``search_edits.json`` (all trials with their origin and start
 and end times, the proxy front, the verified edits and front, the rule, the verification's cost).
 
+**Objectives.** Refusal and KL; ``search.objectives`` = (refusal, kl, TASK) adds a capability task's loss
+(:mod:`refusal_atlas.evaluation.capability`), a three-dimensional front, and a pick rule that also bounds the task
+loss by ``search.task_max_loss`` (:data:`refusal_atlas.search.study.TASK_RULE`, verified:
+:data:`refusal_atlas.search.verify.TASK_RULE`).
+
 **Default budget: 30 trials.** Trials 0–5 are the warm starts (``search.anchors``: full ablation of the run's
 DIM pick, then the same edit ever weaker down to strength 0.12, so the front starts from both of its ends),
 TPE samples uniformly until ``n_startup_trials`` = 10 trials have finished (trials 6–9), and trials 10–29 —
@@ -33,6 +38,7 @@ from refusal_atlas.search.study import finished, open_study, summarize
 from refusal_atlas.search.storage import release_stale_trials, study_guard
 from refusal_atlas.search.edit_space import EditSpace, build_edit, context_fingerprint, describe_choice, run_edit_trials
 from refusal_atlas.search.trial import PruneRule, StagedObjective, check_refusal_stat, prune_identity
+from refusal_atlas.evaluation.capability import capability_task, parse_objectives
 from refusal_atlas.settings import SearchSettings
 from refusal_atlas.workflows.som import record_references
 from refusal_atlas.workflows.workspace import PromptSets, Workspace
@@ -82,6 +88,11 @@ def ensure_sets(ws: Workspace, names: tuple[str, ...]) -> None:
             som_step(ws.run, SomDirections(seed=ws.settings.data.seed))
 
 
+def edit_study_name(sets: tuple[str, ...]) -> str:
+    """The study an edit search with these added direction sets lives in."""
+    return "search-edits" + "".join(f"+{s}" for s in sets)
+
+
 def edit_search_step(ws: Workspace, sets: PromptSets, search: SearchSettings, trials: int | None = None,
                      until: int | None = None, minutes: float | None = None,
                      storage: str | None = None) -> dict[str, Any]:
@@ -99,20 +110,25 @@ def edit_search_step(ws: Workspace, sets: PromptSets, search: SearchSettings, tr
         raise ConfigError(f"max_kl must be > 0, got {search.max_kl}")
     prune, kl_threshold = prune_rule(search), ws.settings.selection.kl_threshold
     seed = ws.settings.data.seed if search.seed is None else search.seed
+    objectives = parse_objectives(search.objectives)
     ensure_sets(ws, search.sets)
     ctx = EditContext.from_run(ws.run.path, list(search.sets))
     space = EditSpace.for_context(ctx, search.k_max, search.transforms, router=search.router)
+    task = (capability_task(objectives[2], ws.adapter, ws.chat, n=search.task_n, seed=seed,
+                            batch_size=ws.settings.model.batch_size) if len(objectives) > 2 else None)
+    task_max = search.task_max_loss if task is not None else None
     objective = StagedObjective(ws.adapter, ws.chat, [p.instruction for p in sets.harmful_val],
                                 [p.instruction for p in sets.harmless_val], ws.refusal_ids,
                                 batch_size=ws.settings.model.batch_size, fraction=(prune or PruneRule()).fraction,
-                                score_tokens=search.score_tokens, refusal_stat=search.refusal_stat)
+                                score_tokens=search.score_tokens, refusal_stat=search.refusal_stat, task=task)
     identity = {**space.identity(), "seed": seed, "n_startup_trials": search.n_startup_trials,
                 "directions": context_fingerprint(ctx), "objective": objective.fingerprint(),
-                **prune_identity(prune), **({"max_kl": search.max_kl} if search.max_kl is not None else {})}
+                **prune_identity(prune), **({"max_kl": search.max_kl} if search.max_kl is not None else {}),
+                **({"objectives": list(objectives)} if task is not None else {})}  # two-objective identities as before
     db = storage or ws.run / "study.db"
-    name = "search-edits" + "".join(f"+{s}" for s in search.sets)
+    name = edit_study_name(search.sets)
     with study_guard(db):
-        study = open_study(db, name, identity)
+        study = open_study(db, name, identity, objectives=objectives)
         stale = release_stale_trials(study, db)
         n_new = (trials if trials is not None else
                  max(0, until - len(finished(study))) if until is not None else 10**9)  # type: ignore[operator]
@@ -135,13 +151,15 @@ def edit_search_step(ws: Workspace, sets: PromptSets, search: SearchSettings, tr
                     "score_tokens": search.score_tokens, "refusal_stat": search.refusal_stat,
                     "max_kl": search.max_kl, "anchors": list(search.anchors), "transforms": list(search.transforms),
                     **({"router": True} if search.router else {}),
-                    "verify": search.verify, "verify_tokens": search.verify_tokens}
-        summary = summarize(study, kl_threshold, recorded)
+                    "verify": search.verify, "verify_tokens": search.verify_tokens,
+                    **({"objectives": list(objectives), "task_n": search.task_n, "task_max_loss": task_max}
+                       if task is not None else {})}
+        summary = summarize(study, kl_threshold, recorded, task_max=task_max)
         summary.update(space=asdict(space), stale_trials_failed=stale)
         if search.verify > 0:
             reference = _dim_trial(summary, space, ws)
             with ws.timed("search_verify"):
-                verify_step(ws, sets, search, summary, ctx, name, reference, kl_threshold)
+                verify_step(ws, sets, search, summary, ctx, name, reference, kl_threshold, task_max)
     saved: dict[int, str] = {}
     for rec in [*summary["pareto"], *summary.get("verified", [])]:  # every front or verified trial as an edit
         if rec["number"] not in saved:
@@ -152,7 +170,8 @@ def edit_search_step(ws: Workspace, sets: PromptSets, search: SearchSettings, tr
     chosen = summary["chosen"]
     best = build_edit(chosen["choice"], ctx, name="search_best")
     best.meta["search"] = {"trial": chosen["number"], "origin": chosen["origin"], "refusal": chosen["refusal"],
-                           "kl": chosen["kl"], "rule": summary["rule"]["name"], "study": name,
+                           "kl": chosen["kl"], **({"task": chosen["task"]} if "task" in chosen else {}),
+                           "rule": summary["rule"]["name"], "study": name,
                            **({"verified": {k: chosen["verified"][k] for k in ("rate", "ci95", "n", "count", "judge",
                                                                               "max_new_tokens")}}
                               if "verified" in chosen else {})}
@@ -175,26 +194,32 @@ def _dim_trial(summary: dict[str, Any], space: EditSpace, ws: Workspace) -> dict
 
 
 def verify_step(ws: Workspace, sets: PromptSets, search: SearchSettings, summary: dict[str, Any], ctx: EditContext,
-                study_name: str, reference: dict[str, Any] | None, kl_threshold: float) -> None:
+                study_name: str, reference: dict[str, Any] | None, kl_threshold: float,
+                task_max: float | None = None) -> None:
     """Verify the best ``search.verify`` proxy-front edits (and full DIM ablation) by generation on the harmful
     validation prompts and re-pick by :data:`refusal_atlas.search.verify.RULE`; updates ``summary`` in place
     (``verified``, ``verified_front``, ``verification``, ``chosen``, ``rule``; the proxy pick and rule stay as
     ``proxy_chosen``, ``proxy_rule``). Per-edit completions and verdicts: ``R/search_verify/<study>/trial_<n>.json[l]``
-    (a search in another dtype: ``<study>+<dtype>``)."""
+    (a search in another dtype: ``<study>+<dtype>``). With a task objective, ``task_max`` bounds the task loss
+    (:data:`refusal_atlas.search.verify.TASK_RULE`)."""
     from refusal_atlas.evaluation.judges.base import safe_name
-    from refusal_atlas.search.verify import RULE, VerifyPlan, candidates, choose_verified, verified_front, verify
+    from refusal_atlas.search.verify import (RULE, TASK_RULE, VerifyPlan, candidates, choose_verified, verified_front,
+                                             verify)
 
     ev, dtype = ws.settings.evaluation, str(ws.adapter.dtype).removeprefix("torch.")  # a --dtype search: its own files
     plan = VerifyPlan(search.verify, search.verify_tokens, ws.judge(search.judge), ev.generation_batch_size,
                       ev.stop_when_decided)
-    todo = candidates(summary["pareto"], plan.n, kl_threshold, reference)
+    todo = candidates(summary["pareto"], plan.n, kl_threshold, reference, task_max)
     result = verify(ws.adapter, ws.chat, sets.harmful_val, todo,
                     lambda rec: build_edit(rec["choice"], ctx, name=f"search_trial_{rec['number']}"),
                     plan, ws.run / "search_verify" / safe_name(study_name + ("" if dtype == "float32" else f"+{dtype}")))
     records = result["verified"]
-    chosen, branch = choose_verified(records, kl_threshold)
+    chosen, branch = choose_verified(records, kl_threshold, task_max)
     summary["proxy_chosen"], summary["proxy_rule"] = summary["chosen"], summary["rule"]
-    summary["rule"] = {"name": "min_verified_refusal_under_kl", "kl_threshold": kl_threshold, "description": RULE}
+    summary["rule"] = ({"name": "min_verified_refusal_under_kl", "kl_threshold": kl_threshold, "description": RULE}
+                       if task_max is None else
+                       {"name": "min_verified_refusal_under_kl_and_task", "kl_threshold": kl_threshold,
+                        "task_max_loss": task_max, "description": TASK_RULE})
     summary["chosen"] = {**chosen, "why": branch}
     summary["verified"] = records
     summary["verified_front"] = [r["number"] for r in verified_front(records)]
@@ -232,27 +257,38 @@ def format_edit_search(summary: dict[str, Any]) -> str:
     cost = summary.get("verification")
     lines = [f"trials: {n['complete']} complete, {n.get('pruned', 0)} pruned, {n['fail']} failed{capped}; "
              f"validation prompts (proxy = {what}; KL = next-token KL on harmless; lower = less refusal):"]
+    has_task = "task" in summary.get("objectives", {})
+    base = summary.get("baseline") or {}
+    if has_task:
+        task_name = ((summary.get("settings") or {}).get("objectives") or ["", "", "?"])[2]
+        acc = f", unedited accuracy {base['task_accuracy']:.3f}" if "task_accuracy" in base else ""
+        lines.append(f"task = {task_name}: increase of the mean NLL of the correct choice on "
+                     f"{base.get('task_n', '?')} of its validation items (nats{acc}; acc = accuracy under the edit)")
     if cost:
         lines.append(f"verified = refusal rate of {cost['max_new_tokens']} greedy tokens on the {cost['prompts']} "
                      f"harmful validation prompts, {cost['judge']} judge, 95% Wilson interval, refusals/n; "
                      "front: P proxy Pareto front, V verified Pareto front")
     vhead = f"  {'verified [95% CI]':<29}" if cost else ""
-    lines += [f"  {'trial':<7}{'origin':<8}{'front':<6}{'proxy':>8}{'KL':>9}{vhead}  {'saved as':<22}edit",
-              f"  {'-' * (110 if cost else 90)}"]
+    thead = f"{'task':>9}{'acc':>7}" if has_task else ""
+    lines += [f"  {'trial':<7}{'origin':<8}{'front':<6}{'proxy':>8}{'KL':>9}{thead}{vhead}  {'saved as':<22}edit",
+              f"  {'-' * ((110 if cost else 90) + (16 if has_task else 0))}"]
     for t in ordered:
         mark = ("P" if t["number"] in pfront else "") + ("V" if t["number"] in vfront else "")
         cell = f"  {_verified_cell((verified.get(t['number']) or {}).get('verified')):<29}" if cost else ""
         star = "*" if t["number"] == chosen["number"] else " "
+        tcell = f"{t['task']:>9.4f}{(t.get('capability') or {}).get('accuracy', float('nan')):>7.3f}" if has_task else ""
         lines.append(f" {star}#{t['number']:<6}{t.get('origin', '?'):<8}{mark or '-':<6}{t['refusal']:>8.3f}"
-                     f"{t['kl']:>9.4f}{cell}  {t.get('edit_name', '-'):<22}{describe_choice(t['choice'])}")
+                     f"{t['kl']:>9.4f}{tcell}{cell}  {t.get('edit_name', '-'):<22}{describe_choice(t['choice'])}")
     blank = f"  {'-':<29}" if cost else ""
     if summary.get("baseline"):
-        lines.append(f"  {'none':<7}{'':<14}{summary['baseline']['refusal']:>8.3f}{0.0:>9.4f}{blank}  {'-':<22}(no edit)")
+        tcell = f"{0.0:>9.4f}{base.get('task_accuracy', float('nan')):>7.3f}" if has_task else ""
+        lines.append(f"  {'none':<7}{'':<14}{base['refusal']:>8.3f}{0.0:>9.4f}{tcell}{blank}  {'-':<22}(no edit)")
     dim = (summary.get("reference") or {}).get("dim")
     if dim:
         ref = (summary.get("verification") or {}).get("reference_trial")
         note = f" = trial #{ref}" if ref is not None else ""
-        lines.append(f"  {'DIM':<7}{'':<14}{dim['refusal']:>8.3f}{dim['kl']:>9.4f}{blank}  {'-':<22}"
+        tcell = f"{dim.get('task', float('nan')):>9.4f}{'':>7}" if has_task else ""
+        lines.append(f"  {'DIM':<7}{'':<14}{dim['refusal']:>8.3f}{dim['kl']:>9.4f}{tcell}{blank}  {'-':<22}"
                      f"(full ablation of the selected DIM direction{note})")
     lines.append(f"chosen: *trial #{chosen['number']} ({chosen.get('origin', '?')}; {chosen['why']}) "
                  "→ edits/search_best.json")

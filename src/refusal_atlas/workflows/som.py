@@ -71,8 +71,9 @@ def record_references(study, ws: Workspace, objective: ValidationObjective) -> N
         study.set_user_attr("baseline", objective.baseline())
     dim_path = ws.run.direction_path("dim")
     if "reference" not in study.user_attrs and dim_path.exists():
-        refusal, kl = objective(DirectionSet.load(dim_path))
-        study.set_user_attr("reference", {"dim": {"refusal": refusal, "kl": kl,
+        values = objective(DirectionSet.load(dim_path))  # (refusal, KL[, task loss])
+        study.set_user_attr("reference", {"dim": {"refusal": values[0], "kl": values[1],
+                                                  **({"task": values[2]} if len(values) > 2 else {}),
                                                   "note": "DIM was selected on these same val prompts"}})
 
 

@@ -268,12 +268,19 @@ def search_edits(run_dir: Path, overrides: dict[str, Any], *, trials: int | None
     EditSpace(2, transforms=search.transforms)  # unknown or repeated --transforms fail before the model loads
     if search.router:  # read from the model's config.json, before the model loads
         check_moe_only("--router", check_model(settings.model.model, settings.model.chat_template))
+    from refusal_atlas.evaluation.capability import parse_objectives
+
+    objectives = parse_objectives(search.objectives)  # unknown, repeated or missing objectives too
     if search.verify > 0:
         check_judge(search.judge or settings.evaluation.judge)
     from refusal_atlas.workflows.search import check_sets, edit_search_step
     from refusal_atlas.workflows.workspace import load_prompt_sets, open_workspace
 
     check_sets(run_dir, search.sets, search.k_max)
+    from refusal_atlas.search.study import check_objectives_match
+    from refusal_atlas.workflows.search import edit_study_name
+
+    check_objectives_match(storage or run_dir / "study.db", edit_study_name(search.sets), objectives)
     ws = open_workspace(settings, run_dir, must_exist=True, allowed=_SEARCH_ALLOWED, load_dtype=dtype)
     return edit_search_step(ws, load_prompt_sets(ws.settings), search, until=until, minutes=minutes, storage=storage)
 
