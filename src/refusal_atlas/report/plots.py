@@ -210,13 +210,13 @@ def plot_capability_front(trials: list[dict], front: list[int], path: Path, task
     front trials (Pareto-optimal in all three) drawn with a black edge. Where the two panels disagree, KL and the
     task rank the edits' damage differently."""
     on = set(front)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 4.2))
-    kl = [t["kl"] for t in trials]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.4), layout="constrained")  # colour bar and the right
+    kl = [t["kl"] for t in trials]                                                   # panel's label must not meet
     loss = [t["task"] for t in trials]
     edge = ["black" if t.get("number") in on else "none" for t in trials]
     sc = left.scatter(kl, [t["refusal"] for t in trials], c=loss, cmap="viridis", s=26, edgecolors=edge,
                       linewidths=1.0)
-    fig.colorbar(sc, ax=left, label=f"task loss ({task}; nats, lower is better)")
+    fig.colorbar(sc, ax=left, label=f"task loss, {task} (nats)")
     left.set_xlabel("KL on harmless val, nats (lower is better)")
     left.set_ylabel("refusal on harmful val (lower is better)")
     left.set_title("refusal vs KL, colour = task loss", fontsize=10)
