@@ -507,21 +507,28 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.lines import Line2D
+
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    # one colour per stage, one line style per dtype: 8 stages × 2 dtypes would reuse a 10-colour cycle
+    colours = {stage: plt.get_cmap("tab10")(i) for i, stage in enumerate(STAGES)}
+    styles = {"bfloat16": "-", "float32": "--"}
     for (stage, dtype) in sorted({(r["stage"], r["dtype"]) for r in rows}):
         pts = sorted((r["params"], r["stage_s"], r["peak_rss_bytes"], r["model_type"]) for r in rows
                      if r["stage"] == stage and r["dtype"] == dtype and not r.get("exit") and r.get("stage_s"))
         if not pts:
             continue
-        style = "-" if dtype == "bfloat16" else "--"
+        style, colour = styles.get(dtype, ":"), colours.get(stage, "black")
         dense = [p for p in pts if p[3] != "qwen2_moe"]
-        line = axes[0].plot([p[0] for p in dense], [p[1] for p in dense], style, marker="o",
-                            label=f"{stage} ({dtype})")[0]
-        axes[1].plot([p[0] for p in dense], [p[2] / 2**30 for p in dense], style, marker="o", color=line.get_color())
+        axes[0].plot([p[0] for p in dense], [p[1] for p in dense], style, marker="o", color=colour)
+        axes[1].plot([p[0] for p in dense], [p[2] / 2**30 for p in dense], style, marker="o", color=colour)
         for p in pts:
             if p[3] == "qwen2_moe":  # the MoE: a marker of its own, not on the dense line
-                axes[0].plot([p[0]], [p[1]], marker="*", markersize=12, color=line.get_color())
-                axes[1].plot([p[0]], [p[2] / 2**30], marker="*", markersize=12, color=line.get_color())
+                axes[0].plot([p[0]], [p[1]], marker="*", markersize=12, color=colour)
+                axes[1].plot([p[0]], [p[2] / 2**30], marker="*", markersize=12, color=colour)
+    present = {(r["stage"], r["dtype"]) for r in rows}
+    handles = [Line2D([], [], color=colours[s], marker="o", label=s) for s in STAGES if any(k[0] == s for k in present)]
+    handles += [Line2D([], [], color="grey", linestyle=styles[d], label=d) for d in styles if any(k[1] == d for k in present)]
     for ax, label in ((axes[0], "stage time (s, model load excluded)"), (axes[1], "peak RSS of the stage's process (GiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -529,7 +536,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     axes[1].axhline(20, color="red", alpha=0.4, linestyle=":")
-    axes[0].legend(fontsize=7, ncol=2)
+    axes[0].legend(handles=handles, fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
