@@ -52,6 +52,7 @@ CMAKE_ARGS = "-DGGML_CUDA=off -DGGML_NATIVE=on"
 MODELS = ("original", "default", "search_best")
 QUANTS = ("q8_0", "q4_k_m")  # llama.cpp's own quantizer: LLAMA_FTYPE_MOSTLY_<upper>
 FORMATS = ("hf_fp32", "shipped_q4_k_m", "f16", "q8_0", "q4_k_m")  # table column order
+GEN_FORMATS = FORMATS[1:]  # the GGUF formats llama.cpp generates with
 FORMAT_LABELS = {"hf_fp32": "HF fp32 (our path)", "shipped_q4_k_m": "shipped Q4_K_M", "f16": "GGUF f16 (ours)",
                  "q8_0": "Q8_0 (llama.cpp)", "q4_k_m": "Q4_K_M (llama.cpp)"}
 DATASETS = (("jailbreakbench", "harmful"), ("harmless_test", "harmless"))
@@ -542,6 +543,9 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=30, help="search trials when the run has no search_best")
     ap.add_argument("--no-search", action="store_true", help="leave search_best out if the run has none")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--formats", default=",".join(GEN_FORMATS),
+                    help="GGUF formats that may generate in llama.cpp now (the others only report their saved "
+                         "completions): lets a short slot finish the formats that matter first")
     ap.add_argument("--install-only", action="store_true")
     ap.add_argument("--check-only", action="store_true",
                     help="only load every GGUF in llama.cpp and check its tokenization of every prompt (no generation)")
@@ -554,6 +558,9 @@ def main() -> None:
         stop_by = stop_by_epoch(args.stop_by, time.time())
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if not formats or set(formats) - set(GEN_FORMATS):
+        raise SystemExit(f"error: --formats takes some of {','.join(GEN_FORMATS)}, got {args.formats!r}")
     # OpenMP threads that spin while waiting collapse on a shared, oversubscribed machine (2 cores, load ~13 on
     # 2026-12-07: llama.cpp at 2 threads 58 s → 5 s for 2 prompts, torch generation 105 s → 18 s); passive
     # waiting changes no arithmetic (same tokens). Set before torch or llama.cpp loads; inherited by children.
@@ -646,7 +653,7 @@ def main() -> None:
         spec_path = work / "gen" / f"{cell}.spec.json"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
         unfinished = len(done_keys(out)) < len(specs) or not out.with_suffix(".meta.json").is_file()
-        if unfinished and (stop_by is None or time.time() < stop_by):
+        if unfinished and fmt in formats and (stop_by is None or time.time() < stop_by):
             t0 = time.monotonic()
             res = worker(venv, "generate", str(spec_path), str(out), log=work / "gen" / f"{cell}.log")
             if res.returncode != 0:
@@ -655,7 +662,8 @@ def main() -> None:
             timings[f"llama_{cell}_s"] = round(time.monotonic() - t0, 1)
         lines = done_keys(out)
         if len(lines) < len(specs) or not out.with_suffix(".meta.json").is_file():
-            problems.append(f"{cell}: not measured: --stop-by {args.stop_by} came after {len(lines)} of "
+            why = f"--stop-by {args.stop_by} came" if fmt in formats else f"not in --formats {args.formats}:"
+            problems.append(f"{cell}: not measured: {why} after {len(lines)} of "
                             f"{len(specs)} prompts (resumable: rerun the same command)")
             continue
         meta[cell] = json.loads(out.with_suffix(".meta.json").read_text())

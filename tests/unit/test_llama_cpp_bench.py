@@ -188,3 +188,13 @@ def test_load_table_names_failures_and_mismatches():
     assert lines[2].startswith("| original-f16 | yes | qwen2 1B F16 | 10 | 1.0 | 4/4 | no | yes | yes |")
     assert "| default-f16 | yes | qwen2 1B F16 | 10 | 1.0 | 3/4 | no | **no** | **no** |" in table
     assert "| default-q4_k_m | **no**: bad magic |" in table
+
+
+@pytest.mark.parametrize("formats", ["q4_k_m,q5_k_m", "hf_fp32", ","])
+def test_bad_formats_stop_before_any_work(tmp_path, monkeypatch, capsys, formats):
+    work = tmp_path / "work"
+    monkeypatch.setattr(sys, "argv", ["llama_cpp.py", "--work", str(work), "--formats", formats])
+    with pytest.raises(SystemExit) as exc:
+        lb.main()
+    assert str(exc.value).startswith("error: --formats takes some of shipped_q4_k_m,f16,q8_0,q4_k_m")
+    assert not work.exists()  # nothing built, nothing copied
