@@ -31,16 +31,22 @@ def _hooked(model, tokenizer, dirs):
         return batch, model(**batch).logits
 
 
+def _ablated_lora(model, tok, dirs, out):
+    """The hooked logits, then the same ablation written into the weights and saved as a LoRA against the
+    original: (batch, hooked logits, write_lora's summary)."""
+    batch, hooked = _hooked(model, tok, dirs)
+    before = snapshot(model)
+    DirectionalAblation(dirs).apply_weights(model)
+    return batch, hooked, write_lora(before, model, out, base_model="tiny")
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lora_of_every_expert_reproduces_the_ablation_on_the_original(arch, tmp_path):
     from peft import PeftModel
 
     model, tok = tiny_moe_model(arch), tiny_tokenizer()
     dirs = torch.randn(2, model.config.hidden_size)
-    batch, hooked = _hooked(model, tok, dirs)
-    before = snapshot(model)
-    DirectionalAblation(dirs).apply_weights(model)
-    summary = write_lora(before, model, tmp_path, base_model="tiny")
+    batch, hooked, summary = _ablated_lora(model, tok, dirs, tmp_path)
     n_moe = 3 if arch == "qwen2_moe" else 4  # qwen2_moe's layer 1 is dense
     # fused experts as parameters; embedding, o_proj, dense down_proj and shared experts as modules
     assert summary["parameters"] == n_moe
@@ -103,10 +109,7 @@ def test_lora_of_other_expert_layouts(layout, tmp_path):
 
     model, tok = _with_experts(layout), tiny_tokenizer()
     dirs = torch.randn(1, model.config.hidden_size)
-    batch, hooked = _hooked(model, tok, dirs)
-    before = snapshot(model)
-    DirectionalAblation(dirs).apply_weights(model)
-    summary = write_lora(before, model, tmp_path, base_model="tiny")
+    batch, hooked, summary = _ablated_lora(model, tok, dirs, tmp_path)
     # per-expert Linears are modules (3 experts × 4 layers); a transposed fused tensor is one parameter per layer
     assert (summary["modules"], summary["parameters"]) == ((1 + 4 + 12, 0) if layout == "linear" else (1 + 4, 4))
     assert summary["rank"] == 1
