@@ -3,7 +3,8 @@
 ``quick`` is a check of the evidence pipeline on the embedded 0.5B model on 2 CPU cores (under an hour, an
 estimate): one-forward-pass logit refusal scores for every curve and sweep, greedy generation with the
 substring judge only for the headline held-out comparisons, small n. ``standard`` is the smallest budget meant
-to decide (about two hours on the same machine, an estimate, not yet timed): at least 300 held-out harmful
+to decide (about two hours on the same machine: rows (b)-(g) took 86 minutes idle on 2026-12-07,
+docs/results/2026-12-07_reproduce_standard.md): at least 300 held-out harmful
 prompts for every compared rate, gradient methods given enough steps to leave their initialisation (the
 row's training curve says whether they did). ``full`` is the papers' scale, meant for a GPU and a 7B-class
 model (docs/reproduce.md). Every generated rate uses 64 new tokens or more, the shortest length whose
@@ -113,8 +114,8 @@ QUICK = ReproduceBudget()
 # JailbreakBench 100 + HarmBench test 159 + StrongREJECT (shuffled, as many as needed): none is in any train
 # or validation split, and JBB/HarmBench/StrongREJECT share 10 prompts, dropped from the later set.
 HELD_OUT_HARMFUL = ("jailbreakbench", "harmbench_test", "strongreject")
-# Sized for the embedded model on 2 CPU cores in about two hours (an estimate from the quick run's row times,
-# not yet timed end to end):
+# Sized for the embedded model on 2 CPU cores in about two hours (rows (b)-(g) took 86 minutes on an idle
+# machine on 2026-12-07; preparation and part of (b) ran in an earlier sitting, so no one-sitting time exists):
 # n = 300 pooled held-out prompts for every compared rate, 64 validation prompts per side for every choice,
 # and gradient training of 8-example steps long enough that the validated iterate leaves its start.
 STANDARD = replace(QUICK, name="standard", n_harmless_train=256, n_val=64, eval_harmful=HELD_OUT_HARMFUL, n_eval=300,
