@@ -7,6 +7,8 @@ cache a float32 safetensors copy, so every later load takes seconds and needs no
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import importlib.util
 import os
@@ -75,10 +77,13 @@ def assemble_gguf(parts: list[Path], dest: Path, expected_sha256: str = EMBEDDED
 
 def ensure_embedded_model(progress: bool = True) -> Path:
     """Return a directory with the converted embedded model, building it on first use."""
+    from refusal_atlas.model.saving import drop_gguf_quantization, save_model_dir
+
     target = embedded_cache_dir()
     if (target / "COMPLETE").is_file():
+        with contextlib.suppress(OSError):  # a read-only shared cache still loads; only saving its model fails
+            drop_gguf_quantization(target / "config.json")  # a cache built before the writer dropped it
         return target
-    from refusal_atlas.model.saving import save_model_dir
     from refusal_atlas.model.gguf import load_gguf
 
     root = cache_root()
