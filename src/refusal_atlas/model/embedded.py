@@ -8,7 +8,6 @@ cache a float32 safetensors copy, so every later load takes seconds and needs no
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import importlib.util
 import os
