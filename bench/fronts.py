@@ -76,6 +76,22 @@ def nondominated(points: list[dict]) -> list[dict]:
     return sorted((p for p in points if not any(dominates(q, p) for q in points)), key=lambda p: (p["kl"], rate(p)))
 
 
+def matched(front: list[dict], kls: list[float]) -> list[dict]:
+    """The points of ``front`` that face ``kls`` (another tool's points' KLs): for each KL, the point with the
+    largest KL not above it, which on a front is the lowest refusal at no more damage, so the one point that
+    could dominate the other's. Sorted by KL, each once; a KL below every point of ``front`` matches none.
+
+    Why: scoring every front point on held-out prompts can cost more than the machine has; this picks, from
+    validation numbers only (never held-out ones), the points the dominance question is about."""
+    chosen: dict[int, dict] = {}
+    for kl in kls:
+        below = [p for p in front if p["kl"] <= kl]
+        if below:
+            best = max(below, key=lambda p: (p["kl"], -p["refusal"]))
+            chosen.setdefault(best["number"], best)
+    return sorted(chosen.values(), key=lambda p: (p["kl"], p["refusal"]))
+
+
 # --- wall budgets -----------------------------------------------------------------------------------------
 def search_seconds(heretic_wall_s: float, prep_s: float, fraction: float) -> float:
     """Seconds our search may run at ``fraction`` of heretic's wall time: fraction × heretic's set-up + search,

@@ -323,9 +323,12 @@ def save_front_edits(run: Path, ours: dict) -> None:
 
 
 # --- the models to score ----------------------------------------------------------------------------------
-def model_list(work: Path, model_dir: Path, heretic: dict, ours: dict) -> list[dict]:
-    """The unedited model, heretic's front (its saved models) and the union of our budgets' fronts."""
+def model_list(work: Path, model_dir: Path, heretic: dict, ours: dict, points: str = "all") -> list[dict]:
+    """The unedited model, heretic's front (its saved models) and the union of our budgets' fronts, or with
+    ``points="matched"`` only our front points that face a heretic point (fronts.matched, on validation KLs)."""
     models = [{"name": "none", "tool": "none", "path": str(model_dir)}]
+    kls = [heretic["menu_front"][i]["kl"] for i in heretic["saved"]]
+    keep = None if points == "all" else {t["number"] for front in ours["fronts"].values() for t in fronts.matched(front, kls)}
     for index, path in heretic["saved"].items():
         v = heretic["menu_front"][index]
         models.append({"name": f"heretic_trial_{index}", "tool": "heretic", "trial": int(index), "path": path,
@@ -333,6 +336,8 @@ def model_list(work: Path, model_dir: Path, heretic: dict, ours: dict) -> list[d
     mine: dict[int, dict] = {}
     for label, front in ours["fronts"].items():
         for t in front:
+            if keep is not None and t["number"] not in keep:
+                continue
             m = mine.setdefault(t["number"], {
                 "name": f"ours_trial_{t['number']}", "tool": "ours", "trial": t["number"], "budgets": [],
                 "edit": f"search_trial_{t['number']}", "path": str(work / "ours" / "exports" / f"search_trial_{t['number']}"),
@@ -499,8 +504,12 @@ def report(args, work: Path, prompts: dict, heretic: dict, ours: dict, models: l
     """Both fronts on the held-out prompts by every judge, the dominance verdicts, seconds per trial, budgets."""
     plist = prompts["heldout"]["prompts"]
     masks = {s: hp.subset_mask(plist, s) for s in hp.SUBSETS}
+    missing = [m for m in models if not (scored(work, m["name"], "heretic").exists() and scored(work, m["name"], "ours").exists())]
+    if any(m["tool"] != "ours" for m in missing):
+        sys.exit("error: not scored yet: " + ", ".join(m["name"] for m in missing if m["tool"] != "ours")
+                 + " (the unedited model and heretic's front are needed for any report)")
     table = []
-    for m in models:
+    for m in (m for m in models if m not in missing):
         h, o = read_json(scored(work, m["name"], "heretic")), read_json(scored(work, m["name"], "ours"))
         if h["prompts"] != [p["text"] for p in plist]:
             sys.exit(f"error: heretic scored {m['name']} on other prompts than WORK/prompts.json holds")
@@ -545,7 +554,11 @@ def report(args, work: Path, prompts: dict, heretic: dict, ours: dict, models: l
                               "ratio": heretic["median_trial_s"] / ours_s if ours_s else None},
         "budgets": {"heretic_wall_s": heretic["search_s"], "our_prep_s": ours["prep_s"],
                     "our_search_s_allowed": ours["allowed_search_s"], "our_search_process_s": ours["search_s"],
-                    "trials_by_budget": ours["trials_by_budget"], "note": "the budget is the setting, not a result"},
+                    "trials_by_budget": ours["trials_by_budget"], "note": "the budget is the setting, not a result",
+                    "fronts_read": "each budget's front is the proxy front of the trials that ended before its "
+                                   "cut-off; the search's generation check of its final front ran after the 1x "
+                                   "budget (inside our_search_process_s) and shapes neither front"},
+        "our_points": our_points(args, ours, table),
         "models": table, "verdicts": verdicts, "baseline": by["none"]["points"],
         "cli_check": read_json(work / "cli_check.json") if (work / "cli_check.json").exists() else None,
         "load": [json.loads(line) for line in (work / "load.jsonl").read_text().splitlines()]
@@ -555,6 +568,16 @@ def report(args, work: Path, prompts: dict, heretic: dict, ours: dict, models: l
     plot(result, work / "vs_heretic_heldout.png")
     print(format_report(result))
     return result
+
+
+def our_points(args, ours: dict, table: list[dict]) -> dict:
+    """Which of our front points were scored (``--our-points``), and per budget the ones that were not, so a
+    verdict on a subset says so."""
+    done = {r["trial"] for r in table if r["tool"] == "ours"}
+    return {"rule": args.our_points, "scored": sorted(done),
+            "unscored": {label: [t["number"] for t in front if t["number"] not in done]
+                         for label, front in ours["fronts"].items()},
+            "front_sizes": {label: len(front) for label, front in ours["fronts"].items()}}
 
 
 def machine() -> dict:
@@ -581,6 +604,11 @@ def format_report(r: dict, subset: str = "all") -> str:
                      f"{m['heretic_kl']:>8.4f}  {_pt(p['substring']):<21}{_pt(p['markers']):<21}{_pt(p['meaning']):<21}"
                      f"{m['our_kl']:.4f} [{m['our_kl_ci'][0]:.4f},{m['our_kl_ci'][1]:.4f}]  {m[f'our_kl_{KL_TOKENS}']:>7.4f}")
     lines.append("")
+    pts = r.get("our_points")
+    if pts and any(pts["unscored"].values()):
+        lines.append(f"our front points scored ({pts['rule']}): {len(pts['scored'])}; not scored: "
+                     + ", ".join(f"{k}: {len(v)} of {pts['front_sizes'][k]}" for k, v in pts["unscored"].items())
+                     + " (verdicts below are on the scored points only)")
     for key, v in r["verdicts"].items():
         if key.startswith(f"{subset}/") or key.startswith("strict/"):
             lines.append(f"{key:<26} ours dominates {v['heretic_dominated']}/{v['n_heretic']} heretic points by point "
@@ -659,11 +687,16 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--our-max-kl", type=float, default=0.0, help="our search's KL cap (0: none, the default)")
     ap.add_argument("--our-search-s", type=float, default=0.0,
                     help="pipeline checks only: our 1× search seconds instead of heretic's wall time less our set-up")
+    ap.add_argument("--our-points", choices=("all", "matched"), default="all",
+                    help="our front points to score on held-out prompts: all, or those that face a heretic point "
+                         "(the lowest validation refusal at no more validation KL than it; chosen before any scoring)")
     ap.add_argument("--chunk", type=int, default=6, help="models scored per heavy step")
     ap.add_argument("--lock", default=None, help="flock this file around each heavy step")
     ap.add_argument("--keep-models", action="store_true", help="keep our exports once scored")
     ap.add_argument("--cli-check", action="store_true",
                     help="also score one heretic model with the real `heretic --evaluate-model` and compare")
+    ap.add_argument("--scored-only", action="store_true",
+                    help="score nothing more: report on the points scored so far (the rest listed as not scored)")
     ap.add_argument("--until", choices=PHASES, default="report", help="stop after this phase")
     args = ap.parse_args(argv)
     for name in ("heretic_trials", "heretic_startup", "n_dir", "n_val", "n_jbb", "n_harmless_test", "tokens",
@@ -705,9 +738,10 @@ def main(argv: list[str] | None = None) -> None:
     ours = read_json(work / "ours.json")
     if args.until == "ours":
         return
-    models = model_list(work, model_dir, heretic, ours)
-    score_all(args, work, exe, model_dir, prompts, ours, models)
-    if args.cli_check:
+    models = model_list(work, model_dir, heretic, ours, args.our_points)
+    if not args.scored_only:
+        score_all(args, work, exe, model_dir, prompts, ours, models)
+    if args.cli_check and not args.scored_only:
         cli_check(args, work, exe, model_dir, models)
     if args.until == "scores":
         return

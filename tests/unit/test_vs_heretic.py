@@ -490,7 +490,8 @@ def _synthetic_work(tmp_path):
                "median_trial_s": 120.0, "front": [], "menu_front": {}, "menu_front_matches_log": True,
                "dtype": "float32", "max_response_length": 64, "config": ""}
     ours = {"median_trial_s": 30.0, "median_complete_trial_s": 32.0, "prep_s": 200.0, "search_s": 2810.0,
-            "allowed_search_s": {"1/3": 800.0, "1": 2800.0}, "trials_by_budget": {"1/3": 20, "1": 80}}
+            "allowed_search_s": {"1/3": 800.0, "1": 2800.0}, "trials_by_budget": {"1/3": 20, "1": 80},
+            "fronts": {"1/3": [{"number": 0}, {"number": 7}], "1": [{"number": n} for n in (0, 4, 7, 9)]}}
     refusing = {  # model → (heretic evaluator verdicts, our substring verdicts, kl)
         "none": ([1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], 0.0),
         "heretic_trial_3": ([1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0], 0.05),
@@ -504,7 +505,7 @@ def _synthetic_work(tmp_path):
         if name.startswith("heretic"):
             models.append({"name": name, "tool": "heretic", "path": "x", "val": {"refusals": 3, "n": 39, "kl": kl}})
         elif name.startswith("ours"):
-            models.append({"name": name, "tool": "ours", "path": "x", "budgets": ["1"] if name.endswith("4") else ["1/3", "1"],
+            models.append({"name": name, "tool": "ours", "path": "x", "trial": int(name.rsplit("_", 1)[1]), "budgets": ["1"] if name.endswith("4") else ["1/3", "1"],
                            "val": {"refusal_score": 0.1, "kl": kl}})
         vs.write_json(vs.scored(work, name, "heretic"), {"prompts": [p["text"] for p in plist], "verdicts": [bool(v) for v in hv],
                                                           "kl": kl, "base_refusals": 5})
@@ -534,6 +535,20 @@ def test_report_scores_both_fronts_by_every_judge_and_subset_and_plots(tmp_path,
     out = capsys.readouterr().out
     assert "ours dominates 2/2 heretic points by point estimates, 0 with intervals apart" in out
     assert "the setting, not a result" in out
+    assert r["our_points"]["scored"] == [0, 4, 7] and r["our_points"]["unscored"] == {"1/3": [], "1": [9]}
+    assert "not scored: 1/3: 0 of 2, 1: 1 of 4 (verdicts below are on the scored points only)" in out
+
+
+def test_report_on_the_points_scored_so_far_lists_the_rest_and_needs_heretics_front(tmp_path):
+    work, prompts, heretic, ours, models = _synthetic_work(tmp_path)
+    vs.scored(work, "ours_trial_4", "ours").unlink()
+    args = vs.parse_args(["--work", str(work), "--scored-only"])
+    r = vs.report(args, work, prompts, heretic, ours, models)
+    assert [m["name"] for m in r["models"] if m["tool"] == "ours"] == ["ours_trial_0", "ours_trial_7"]
+    assert r["our_points"]["unscored"] == {"1/3": [], "1": [4, 9]} and r["verdicts"]["all/heretic/1"]["n_ours"] == 2
+    vs.scored(work, "heretic_trial_9", "heretic").unlink()
+    with pytest.raises(SystemExit, match="not scored yet: heretic_trial_9"):
+        vs.report(args, work, prompts, heretic, ours, models)
 
 
 def test_report_refuses_scores_made_on_other_prompts(tmp_path):
@@ -551,6 +566,29 @@ def test_model_list_is_the_unedited_model_heretics_saved_front_and_the_union_of_
     assert [m["name"] for m in models] == ["none", "heretic_trial_7", "ours_trial_0", "ours_trial_2", "ours_trial_5"]
     assert [m.get("budgets") for m in models[2:]] == [["1/3", "1"], ["1/3"], ["1"]]
     assert models[1]["val"] == {"refusals": 5, "n": 39, "kl": 0.06} and models[2]["edit"] == "search_trial_0"
+
+
+def test_matched_points_are_the_lowest_refusal_at_no_more_kl_than_each_heretic_point():
+    t = lambda n, r, kl: {"number": n, "refusal": r, "kl": kl}  # noqa: E731
+    front = [t(5, 0.18, 0.001), t(4, 0.15, 0.004), t(3, 0.11, 0.016), t(11, 0.10, 0.028), t(2, 0.087, 0.034)]
+    assert [p["number"] for p in fronts.matched(front, [0.0035, 0.0069, 0.022, 0.0281, 0.0309])] == [5, 4, 3, 11]
+    assert fronts.matched(front, [0.0005]) == [] and fronts.matched([], [0.1]) == []
+    assert [p["number"] for p in fronts.matched(front, [0.004])] == [4]  # equal KL counts as no more
+
+
+def test_model_list_matched_scores_only_our_points_that_face_a_heretic_point(tmp_path):
+    heretic = {"saved": {"7": "/m/trial_7", "9": "/m/trial_9"},
+               "menu_front": {"7": {"refusals": 5, "n": 39, "kl": 0.06}, "9": {"refusals": 9, "n": 39, "kl": 0.015}}}
+    t = lambda n: {"number": n, "refusal": 0.5 - 0.05 * n, "kl": 0.01 * n, "choice": {}}  # noqa: E731
+    ours = {"fronts": {"1/3": [t(0), t(2), t(8)], "1": [t(0), t(1), t(5), t(8)]}}
+    models = vs.model_list(tmp_path, Path("/orig"), heretic, ours, "matched")
+    # 1/3: KL 0.015 → #0 (#2 is at 0.02), 0.06 → #2; 1: 0.015 → #1, 0.06 → #5; #8 (0.08) faces nothing
+    assert [m["name"] for m in models] == ["none", "heretic_trial_7", "heretic_trial_9", "ours_trial_0", "ours_trial_1",
+                                           "ours_trial_2", "ours_trial_5"]
+    assert [m["budgets"] for m in models[3:]] == [["1/3", "1"], ["1"], ["1/3"], ["1"]]
+    assert len(vs.model_list(tmp_path, Path("/orig"), heretic, ours)) == 3 + 5
+    with pytest.raises(SystemExit):
+        vs.parse_args(["--our-points", "some"])
 
 
 # --- the other bench scripts ------------------------------------------------------------------------------
