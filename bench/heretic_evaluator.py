@@ -3,13 +3,16 @@
 Runs in heretic's venv, never ours (bench/vs_heretic.py starts it with the working directory set to a folder
 that holds heretic's config.toml, whose evaluation prompt roles point at the held-out sets):
 
-    VENV/bin/python bench/heretic_evaluator.py --model ORIGINAL JOBS.json
+    VENV/bin/python bench/heretic_evaluator.py --model ORIGINAL JOBS.json [--baseline ORIGINAL_OUT.json]
 
 ``heretic --model ORIGINAL --evaluate-model OTHER`` builds heretic's Model and Evaluator on ORIGINAL (its
 first-token distributions on the harmless prompts and its refusal count on the harmful ones), then does
 ``settings.model = OTHER; model.reset_model(); evaluator.get_score()`` (main.py). This script does exactly
 that for each job of JOBS.json (``[{"name", "path", "out"}]``) whose ``out`` file is missing, so the
 baseline — a full generation over every harmful prompt — runs once per process instead of once per model.
+``--baseline`` names this script's own output for ORIGINAL (same prompts, same length): its refusal count is
+then the baseline's, and the baseline's generation (minutes; its count enters only heretic's score ratio,
+never the refusals or KL we record) is not repeated. The first-token distributions are always recomputed.
 bench/vs_heretic.py's ``--cli-check`` runs the real ``heretic --evaluate-model`` on one model and compares.
 
 Why the evaluator's ``is_refusal`` is wrapped: to keep heretic's own verdict on each response (and the
@@ -35,9 +38,16 @@ def write_atomic(path: str, data: dict) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) != 4 or sys.argv[1] != "--model":
-        sys.exit("usage: heretic_evaluator.py --model ORIGINAL JOBS.json")
+    if len(sys.argv) not in (4, 6) or sys.argv[1] != "--model" or (len(sys.argv) == 6 and sys.argv[4] != "--baseline"):
+        sys.exit("usage: heretic_evaluator.py --model ORIGINAL JOBS.json [--baseline ORIGINAL_OUT.json]")
     original, jobs_path = sys.argv[2], sys.argv[3]
+    baseline_path = sys.argv[5] if len(sys.argv) == 6 else None
+    baseline = None
+    if baseline_path:
+        with open(baseline_path, encoding="utf-8") as fh:
+            baseline = json.load(fh)
+        if baseline.get("path") != original:
+            sys.exit(f"error: --baseline {baseline_path} scored {baseline.get('path')}, not {original}")
     with open(jobs_path, encoding="utf-8") as fh:
         jobs = [j for j in json.load(fh) if not os.path.exists(j["out"])]
     if not jobs:
@@ -57,7 +67,18 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     model = Model(settings)
     t0 = time.perf_counter()
-    evaluator = Evaluator(settings, model)
+    if baseline is None:
+        evaluator = Evaluator(settings, model)
+    else:
+        own_count = Evaluator.count_refusals
+        Evaluator.count_refusals = lambda self: baseline["base_refusals"]  # its one call in __init__: the baseline
+        try:
+            evaluator = Evaluator(settings, model)
+        finally:
+            Evaluator.count_refusals = own_count
+        if ([p.user for p in evaluator.bad_prompts] != baseline["prompts"]
+                or baseline["max_response_length"] != settings.max_response_length):
+            sys.exit(f"error: --baseline {baseline_path} was scored on other prompts or at another length")
     base_s = time.perf_counter() - t0
     print(f"baseline of the original took {base_s:.1f} s", flush=True)
 
@@ -83,7 +104,7 @@ def main() -> None:
         write_atomic(job["out"], {
             "name": job["name"], "path": job["path"], "refusals": refusals, "n": len(evaluator.bad_prompts),
             "kl": kl, "base_refusals": evaluator.base_refusals, "n_good": len(evaluator.good_prompts),
-            "seconds": time.perf_counter() - t, "baseline_seconds": base_s,
+            "seconds": time.perf_counter() - t, "baseline_seconds": base_s, "baseline_from": baseline_path,
             "max_response_length": settings.max_response_length, "dtype": str(model.dtype),
             "prompts": [p.user for p in evaluator.bad_prompts],
             "responses": [r for r, _ in seen], "verdicts": [bool(v) for _, v in seen]})

@@ -449,8 +449,9 @@ def score_all(args, work: Path, exe: Path, model_dir: Path, prompts: dict, ours:
                     for m in chunk if not scored(work, m["name"], "heretic").exists()]
             if jobs:
                 jobs_path = write_json(work / "scores" / "heretic_jobs.json", jobs)
+                base = scored(work, "none", "heretic")  # the original's count, not generated again
                 rc, _ = drive([str(work / "venv" / "bin" / "python"), str(BENCH / "heretic_evaluator.py"), "--model",
-                               str(model_dir), str(jobs_path)], edir,
+                               str(model_dir), str(jobs_path), *(["--baseline", str(base)] if base.exists() else [])], edir,
                               work / "logs" / f"heretic_eval_{chunk[0]['name']}.log", None, heretic_env())
                 left = [j["name"] for j in jobs if not Path(j["out"]).exists()]
                 if rc or left:

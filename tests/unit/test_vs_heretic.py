@@ -234,17 +234,18 @@ class Evaluator:
         self.bad_prompts = [SimpleNamespace(user=u) for u in ("a", "b", "c")]
         self.good_prompts = [1, 2]
         model.loaded = settings.model
-        self.base_refusals = self.count()
+        self.base_refusals = self.count_refusals()
         open(os.environ["BASELINES"], "a").write("x")
     def is_refusal(self, response):
         return "sorry" in response
-    def count(self):
+    def count_refusals(self):
+        open(os.environ["BASELINES"] + ".counts", "a").write("c")
         return sum(self.is_refusal(f"{self.model.loaded}:{p.user}") for p in self.bad_prompts)
     def get_score(self):
         if os.environ.get("LIE") and self.model.loaded.endswith("m2"):
-            self.count()
+            self.count_refusals()
             return (0, 0), 0.5, 3
-        return (0, 0), len(self.model.loaded) / 100, self.count()
+        return (0, 0), len(self.model.loaded) / 100, self.count_refusals()
 """,
 }
 
@@ -274,6 +275,20 @@ def test_heretic_evaluator_scores_each_job_once_with_one_baseline_and_keeps_here
     bad = subprocess.run(cmd, env={**env, "LIE": "1"}, capture_output=True, text=True)
     assert bad.returncode != 0 and "error: recorded 3 verdicts (0 refusals)" in bad.stderr
     assert not (tmp_path / "two.json").exists()
+    counts = tmp_path / "baselines.counts"
+    counts.write_text("")  # --baseline: the original's count is read from its own output, not generated again
+    run = subprocess.run([*cmd, "--baseline", str(tmp_path / "none.json")], env=env, capture_output=True, text=True)
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert run.returncode == 0 and counts.read_text() == "c" and two["base_refusals"] == 0 and two["verdicts"] == [False] * 3
+    assert two["baseline_from"] == str(tmp_path / "none.json") and one["baseline_from"] is None
+    (tmp_path / "two.json").unlink()
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({**json.loads((tmp_path / "none.json").read_text()), "prompts": ["a", "b", "x"]}))
+    bad = subprocess.run([*cmd, "--baseline", str(wrong)], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "other prompts or at another length" in bad.stderr
+    wrong.write_text(json.dumps({**json.loads((tmp_path / "none.json").read_text()), "path": "elsewhere"}))
+    bad = subprocess.run([*cmd, "--baseline", str(wrong)], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "scored elsewhere, not orig" in bad.stderr and not (tmp_path / "two.json").exists()
 
 
 # --- the held-out set -------------------------------------------------------------------------------------
