@@ -44,8 +44,12 @@ search; each export; each heretic and each our scoring, per model); ``--lock FIL
 each heavy step and lets it go between them (do not also run the bench under ``flock FILE``). Our exports
 are deleted once scored (``--keep-models`` keeps them); heretic's saved models are the only copies and stay.
 
-Full run (an estimated ~10 h on 2 CPU cores; not yet run on the embedded model):
-``.venv/bin/python bench/vs_heretic.py --work bench_out/vs_heretic_heldout --cli-check [--lock FILE]``.
+Run on the embedded model (2026-12-07, 2 CPU cores, fp32): the two searches about 55 min; scoring about 5 min
+per model per scorer on 300 + 100 prompts, so ~10 min a model. Scoring every front point (1 + 5 heretic + 44 of
+ours there) is ~8 h; ``--our-points matched`` scores only our points that face a heretic point (8 there, ~2.3 h):
+``.venv/bin/python bench/vs_heretic.py --work bench_out/vs_heretic_heldout --our-points matched [--lock FILE]``
+(``--cli-check`` adds one run of the real ``heretic --evaluate-model``, ~10 min; ``--scored-only`` reports on
+what is scored so far).
 Pipeline check in minutes (says the code runs, nothing about either tool): ``--model DIR --heretic-trials 3
 --heretic-startup 2 --n-dir 16 --n-val 8 --n-jbb 6 --n-extra 6 --n-harmless-test 6 --tokens 8 --our-search-s 30``.
 Results: WORK/vs_heretic_heldout.json and .png (copy them to docs/results/data/).
@@ -516,7 +520,9 @@ def report(args, work: Path, prompts: dict, heretic: dict, ours: dict, models: l
             sys.exit(f"error: heretic scored {m['name']} on other prompts than WORK/prompts.json holds")
         row = {**{k: v for k, v in m.items() if k != "path"}, "heretic_kl": h["kl"], "our_kl": o["kl"],
                "our_kl_ci": o["kl_ci"], f"our_kl_{KL_TOKENS}": o[f"kl_{KL_TOKENS}"],
-               "heretic_base_refusals": h["base_refusals"], "points": {}}
+               "heretic_base_refusals": h["base_refusals"], "points": {},
+               # the two scorers generate independently: heretic's marker rule on our text should give its verdicts
+               "markers_agree": sum(a == b for a, b in zip(h["verdicts"], o["judges"]["markers"]["refused"]))}
         for subset, mask in masks.items():
             if any(mask):
                 row["points"][subset] = {j: point(m, h, o, j, mask) for j in ("heretic", *JUDGES)}
@@ -605,6 +611,10 @@ def format_report(r: dict, subset: str = "all") -> str:
                      f"{m['heretic_kl']:>8.4f}  {_pt(p['substring']):<21}{_pt(p['markers']):<21}{_pt(p['meaning']):<21}"
                      f"{m['our_kl']:.4f} [{m['our_kl_ci'][0]:.4f},{m['our_kl_ci'][1]:.4f}]  {m[f'our_kl_{KL_TOKENS}']:>7.4f}")
     lines.append("")
+    agree = [m["markers_agree"] for m in r["models"] if "markers_agree" in m]
+    if agree:
+        lines.append(f"heretic's evaluator vs its marker rule on our generation: {min(agree)}–{max(agree)} of "
+                     f"{r['prompts']['heldout_n']} verdicts agree per model")
     pts = r.get("our_points")
     if pts and any(pts["unscored"].values()):
         lines.append(f"our front points scored ({pts['rule']}): {len(pts['scored'])}; not scored: "

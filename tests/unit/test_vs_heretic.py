@@ -545,6 +545,7 @@ def test_report_scores_both_fronts_by_every_judge_and_subset_and_plots(tmp_path,
     assert [c["dominated_by"] for c in r["verdicts"]["all/heretic/1/3"]["ours_over_heretic"]] == [["ours_trial_0"], []]
     assert r["seconds_per_trial"]["ratio"] == pytest.approx(120 / 32) and r["baseline"]["all"]["heretic"]["refusals"] == 5
     assert r["models"][0]["meaning_deflections"] == 2
+    assert [m["markers_agree"] for m in r["models"]] == [5, 5, 4, 5, 5, 6]  # heretic's verdicts vs markers on ours
     assert (work / "vs_heretic_heldout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((work / "vs_heretic_heldout.json").read_text())["verdicts"] == json.loads(json.dumps(r["verdicts"]))
     out = capsys.readouterr().out
