@@ -16,7 +16,7 @@ optimised on, and compared our bf16 trial with heretic's fp32 one):
    0.7, 0.5, 0.25, 0.12); nothing here is chosen from the held-out results. (History, said plainly: 0.85
    and 0.12 were added on 2026-12-06 after a run that scored on JailbreakBench, which is part of the
    held-out set here; the ``extra`` subset below — HarmBench test / StrongREJECT — never informed any choice.)
-   heretic runs with its defaults (no warm starts; 8 random start-up trials, then TPE).
+   heretic runs without warm starts: ``--heretic-trials`` (24), the first ``--heretic-startup`` (8) random, then TPE.
 3. **heretic's front is heretic's own saved models**: its menus are driven (heretic_driver.MenuDriver) so
    that it saves the merged model of every trial on its Pareto front. Ours: each front trial's edit is
    exported with ``refusal-atlas export`` (safetensors).
@@ -646,6 +646,7 @@ def plot(r: dict, path: Path, subset: str = "all") -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     judges = ("heretic", *JUDGES)
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey=True)
@@ -667,6 +668,7 @@ def plot(r: dict, path: Path, subset: str = "all") -> Path:
         base = r["baseline"][subset][judge]
         ax.axhline(base["rate"], color="grey", ls=":", label=f"unedited ({base['refusals']}/{base['n']})")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled minor ticks overlap
         who = "heretic's evaluator (its markers, its KL)" if judge == "heretic" else f"our generation, {judge} judge"
         ax.set_title(who, fontsize=9)
         ax.set_xlabel("first-token KL on harmless_test" + (" (heretic's)" if judge == "heretic" else " (ours)"), fontsize=8)
