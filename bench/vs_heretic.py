@@ -354,6 +354,11 @@ def scored(work: Path, name: str, who: str) -> Path:
     return work / "scores" / f"{name}.{who}.json"
 
 
+def fully_scored(work: Path, m: dict) -> bool:
+    """Both scorers' results for model ``m`` are saved."""
+    return scored(work, m["name"], "heretic").exists() and scored(work, m["name"], "ours").exists()
+
+
 def export_ours(run: str, m: dict) -> None:
     out = Path(m["path"])
     if model_saved(out):
@@ -441,7 +446,7 @@ class OurScorer:
 
 def score_all(args, work: Path, exe: Path, model_dir: Path, prompts: dict, ours: dict, models: list[dict]) -> None:
     """Each model scored by heretic's evaluator and by ours, ``--chunk`` models per heavy step."""
-    todo = [m for m in models if not (scored(work, m["name"], "heretic").exists() and scored(work, m["name"], "ours").exists())]
+    todo = [m for m in models if not fully_scored(work, m)]
     edir = heretic_eval_dir(args, work, prompts)
     for start in range(0, len(todo), args.chunk):
         chunk = todo[start: start + args.chunk]
@@ -509,12 +514,12 @@ def report(args, work: Path, prompts: dict, heretic: dict, ours: dict, models: l
     """Both fronts on the held-out prompts by every judge, the dominance verdicts, seconds per trial, budgets."""
     plist = prompts["heldout"]["prompts"]
     masks = {s: hp.subset_mask(plist, s) for s in hp.SUBSETS}
-    missing = [m for m in models if not (scored(work, m["name"], "heretic").exists() and scored(work, m["name"], "ours").exists())]
-    if any(m["tool"] != "ours" for m in missing):
-        sys.exit("error: not scored yet: " + ", ".join(m["name"] for m in missing if m["tool"] != "ours")
-                 + " (the unedited model and heretic's front are needed for any report)")
+    needed = [m["name"] for m in models if m["tool"] != "ours" and not fully_scored(work, m)]
+    if needed:
+        sys.exit(f"error: not scored yet: {', '.join(needed)} (the unedited model and heretic's front are needed "
+                 "for any report)")
     table = []
-    for m in (m for m in models if m not in missing):
+    for m in (m for m in models if fully_scored(work, m)):
         h, o = read_json(scored(work, m["name"], "heretic")), read_json(scored(work, m["name"], "ours"))
         if h["prompts"] != [p["text"] for p in plist]:
             sys.exit(f"error: heretic scored {m['name']} on other prompts than WORK/prompts.json holds")
@@ -702,7 +707,7 @@ def parse_args(argv: list[str] | None = None):
                     help="pipeline checks only: our 1× search seconds instead of heretic's wall time less our set-up")
     ap.add_argument("--our-points", choices=("all", "matched"), default="all",
                     help="our front points to score on held-out prompts: all, or those that face a heretic point "
-                         "(the lowest validation refusal at no more validation KL than it; chosen before any scoring)")
+                         "(the lowest validation refusal at no more validation KL than it; validation numbers only)")
     ap.add_argument("--chunk", type=int, default=6, help="models scored per heavy step")
     ap.add_argument("--lock", default=None, help="flock this file around each heavy step")
     ap.add_argument("--keep-models", action="store_true", help="keep our exports once scored")
